@@ -1,0 +1,141 @@
+"""Input rules of the contract: path and JSON body → `Deactivation`, or `InvalidRequest`.
+
+Every message names the field and the rule. Knows nothing of aiohttp.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.errors import InvalidRequest
+
+MAX_USER_ID_CHARS = 256
+MAX_JSON_DEPTH = 32
+CHANNEL_PATTERN = re.compile(r"[a-z0-9_]{1,32}")
+_SIMPLE_KEYS = frozenset({"userId", "channel"})
+_KORE_KEYS = frozenset({"userId", "status", "channel"})
+_BATCH_ITEM_KEYS = frozenset({"botId", "userId", "channel"})
+
+
+@dataclass(frozen=True, slots=True)
+class Deactivation:
+    bot_id: str
+    user_id: str
+    channel: str | None = None
+
+
+def parse_json(raw: bytes) -> Any:
+    """Strict JSON: UTF-8, no NaN/Infinity, bounded nesting and number size."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidRequest("body: not valid UTF-8") from None
+    if _too_deep(text):
+        raise InvalidRequest(f"body: JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidRequest(f"body: not valid JSON ({_short(exc)})") from None
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc)
+    if "integer string conversion" in text:
+        return "number too large"
+    return text.split(":")[0][:80]
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")
+
+
+def _too_deep(text: str) -> bool:
+    """Cheap bracket scan so a hostile body never reaches the recursive decoder."""
+    depth = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                return True
+        elif ch in "]}":
+            depth -= 1
+    return False
+
+
+class Validator:
+    """The contract's input rules, with the configured `bot_id_pattern`."""
+
+    def __init__(self, bot_id_pattern: str) -> None:
+        self._bot_id = re.compile(bot_id_pattern)
+
+    def bot_id(self, value: Any, field: str = "botId") -> str:
+        if not isinstance(value, str) or not value:
+            raise InvalidRequest(f"{field}: required, a string")
+        if value in (".", "..") or not self._bot_id.fullmatch(value):
+            raise InvalidRequest(f"{field}: must match {self._bot_id.pattern}")
+        return value
+
+    def simplified(self, bot_id: str, body: Any) -> Deactivation:
+        """`POST /v1/bots/{botId}/sessions/deactivate` with `{"userId", "channel"?}`."""
+        fields = _object(body, _SIMPLE_KEYS)
+        return Deactivation(bot_id, user_id(fields), channel(fields))
+
+    def kore_compatible(self, bot_id: str, body: Any) -> Deactivation:
+        """Kore.ai's own body: `{"userId", "status"?: "inactive", "channel"?}`."""
+        fields = _object(body, _KORE_KEYS)
+        if "status" in fields and fields["status"] != "inactive":
+            raise InvalidRequest('status: must be "inactive"')
+        return Deactivation(bot_id, user_id(fields), channel(fields))
+
+    def batch_item(self, item: Any, index: int) -> Deactivation:
+        prefix = f"items[{index}]."
+        fields = _object(item, _BATCH_ITEM_KEYS, prefix)
+        bot = self.bot_id(fields.get("botId"), prefix + "botId")
+        return Deactivation(bot, user_id(fields, prefix), channel(fields, prefix))
+
+
+def _object(body: Any, allowed: frozenset[str], prefix: str = "") -> dict[str, Any]:
+    if not isinstance(body, dict):
+        where = prefix.rstrip(".") or "body"
+        raise InvalidRequest(f"{where}: must be a JSON object")
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise InvalidRequest(f"{prefix}{unknown[0]}: unknown field")
+    return body
+
+
+def user_id(fields: dict[str, Any], prefix: str = "") -> str:
+    value = fields.get("userId")
+    name = prefix + "userId"
+    if not isinstance(value, str):
+        raise InvalidRequest(f"{name}: required, a string of 1–{MAX_USER_ID_CHARS} characters")
+    if not 1 <= len(value) <= MAX_USER_ID_CHARS:
+        raise InvalidRequest(f"{name}: 1–{MAX_USER_ID_CHARS} characters")
+    if any(unicodedata.category(ch) == "Cc" for ch in value):
+        raise InvalidRequest(f"{name}: must not contain control characters")
+    if any(0xD800 <= ord(ch) <= 0xDFFF for ch in value):
+        raise InvalidRequest(f"{name}: must be valid Unicode (lone surrogate)")
+    return value
+
+
+def channel(fields: dict[str, Any], prefix: str = "") -> str | None:
+    value = fields.get("channel")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not CHANNEL_PATTERN.fullmatch(value):
+        raise InvalidRequest(f"{prefix}channel: must match ^[a-z0-9_]{{1,32}}$")
+    return value
