@@ -126,6 +126,10 @@ class KoreClient:
         self._session = aiohttp.ClientSession(
             connector=connector, cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False,
             skip_auto_headers=("Accept-Encoding",), raise_for_status=False)
+        # aiohttp silently resends an idempotent request once when a kept-alive connection
+        # drops. Our own retry loop does that, counted in `attempts` and with a fresh jti, so
+        # the hidden resend is switched off (no public switch exists).
+        self._session._retry_connection = False
 
     async def close(self) -> None:
         if self._session is not None:

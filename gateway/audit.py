@@ -1,0 +1,573 @@
+"""The audit log: append-only JSON Lines, sequence-numbered and hash-chained.
+
+Owns the audit file: appends made durable (written and fsynced) before they are acknowledged,
+group commit, size-based rotation, start-up recovery and verification. It knows nothing of
+HTTP, JWTs or caller keys; what goes into a record is decided by its callers.
+
+Every line is one UTF-8 JSON object. `AuditLog.append` adds four fields to the caller's record:
+
+- ``ts``: RFC 3339 UTC with microseconds and ``Z`` (``2026-11-23T22:47:37.123456Z``);
+- ``seq``: 1, 2, 3 … with no gaps, continuing across rotated files;
+- ``prev``: the ``hash`` of the previous record; 64 zeros for the very first record;
+- ``hash``: the chain hash below.
+
+The canonical form of a record is its JSON without the ``hash`` key (so ``prev`` is inside it),
+keys sorted, no whitespace, non-ASCII characters kept as they are::
+
+    canonical = json.dumps(record_without_hash, sort_keys=True, separators=(",", ":"),
+                           ensure_ascii=False)
+    hash = sha256((prev + canonical).encode("utf-8")).hexdigest()
+
+The key order on disk (ts, seq, event, …, prev, hash) is for human readers only: the hash never
+depends on it. Past ``max_bytes`` the file is renamed to ``{stem}.{n:06d}{suffix}`` (oldest n = 1)
+and the chain goes on in a fresh file whose first ``prev`` is the last ``hash`` of the previous
+one; ``verify_files(rotated_files(path))`` checks the whole history.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import structlog
+
+from gateway.errors import AuditUnavailable
+
+__all__ = [
+    "ZERO_HASH",
+    "AuditLog",
+    "AuditOpenError",
+    "VerifyReport",
+    "canonical",
+    "chain_hash",
+    "hash_user_id",
+    "rotated_files",
+    "verify_files",
+]
+
+ZERO_HASH = "0" * 64
+DEFAULT_MAX_BYTES = 104_857_600
+
+_UNAVAILABLE = "audit log cannot be written"
+_OWN_KEYS = frozenset({"ts", "seq", "prev", "hash"})  # set by the log, never by a caller
+_HASH_RE = re.compile(r"[0-9a-f]{64}")
+_OPEN_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+_FILE_MODE = 0o640
+_TAIL_BLOCK = 8192
+
+log = structlog.get_logger(__name__)
+
+_Pending = tuple[dict[str, Any], "asyncio.Future[dict[str, Any]]"]
+_T = TypeVar("_T")
+
+
+def canonical(record: Mapping[str, Any]) -> str:
+    """The text the chain hash covers: the record without ``hash``, keys sorted, compact."""
+    body = {key: value for key, value in record.items() if key != "hash"}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def chain_hash(prev: str, canonical_text: str) -> str:
+    return hashlib.sha256((prev + canonical_text).encode("utf-8")).hexdigest()
+
+
+def hash_user_id(user_id: str) -> str:
+    return "sha256:" + hashlib.sha256(user_id.encode("utf-8")).hexdigest()
+
+
+class AuditOpenError(Exception):
+    """The audit path cannot be used at start-up; the message names the path and the reason."""
+
+
+class AuditLog:
+    """The append-only audit file: durable, group-committed, hash-chained appends.
+
+    File state (descriptor, size, last seq and hash) is only touched by `open()` at start-up
+    and then by one worker thread, so writes, fsyncs, rotation and reopening never block the
+    event loop and never run concurrently. Records are chained by that thread just before
+    they are written, so a failed batch leaves no gap: the next batch chains onto the last
+    durable record.
+    """
+
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        hash_user_ids: bool = False,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        fsync: bool = True,
+    ) -> None:
+        if max_bytes < 1:
+            raise ValueError("max_bytes must be positive")
+        self._path = Path(path)
+        self._hash_user_ids = hash_user_ids
+        self._max_bytes = max_bytes
+        self._fsync = fsync
+        self._fd: int | None = None
+        self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the current file
+        self._size = 0  # durable bytes of the current file
+        self._seq = 0  # seq of the last durable record
+        self._prev = ZERO_HASH  # hash of the last durable record
+        self._pending: list[_Pending] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit")
+        self._opened = self._closed = False
+        self._healthy = True
+        self._failed_errno: int | None = None  # last failure logged, to log each new one once
+        self.fsyncs = 0  # fsyncs of the log file: with group commit, fewer than records
+
+    @property
+    def path(self) -> Path:
+        """The current file; rotated files sit beside it (see `rotated_files`)."""
+        return self._path
+
+    @property
+    def healthy(self) -> bool:
+        """False after a failed write until a later write or `probe()` succeeds."""
+        return self._opened and self._healthy and not self._closed
+
+    def open(self) -> None:
+        """Open the file at start-up and recover ``seq`` and ``prev`` from its tail."""
+        if self._opened:
+            raise RuntimeError("audit log already opened")
+        try:
+            self._reopen()
+            self._seq, self._prev = self._recover()
+        except OSError as exc:
+            self._close_fd()
+            raise AuditOpenError(f"audit log {self._path}: {_reason(exc, self._path)}") from exc
+        except AuditOpenError:
+            self._close_fd()
+            raise
+        self._opened = True
+        log.info("audit.opened", path=str(self._path), seq=self._seq)
+
+    async def append(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        """Write `record` and return it as written, once it is durable.
+
+        Raises `AuditUnavailable` when it cannot be written (nothing of it stays in the file),
+        and `ValueError`/`TypeError` at once for a record that cannot be encoded as JSON.
+        """
+        if not self._opened:
+            raise RuntimeError("AuditLog.open() was not called")
+        if self._closed:
+            raise AuditUnavailable(_UNAVAILABLE)
+        prepared = self._prepare(record)
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        future.add_done_callback(_retrieve)  # a cancelled caller must not leave it unretrieved
+        self._pending.append((prepared, future))
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._drain())
+        # Shielded: a caller that stops waiting does not unmake a record already in a batch.
+        return await asyncio.shield(future)
+
+    async def probe(self) -> bool:
+        """For readiness: when unhealthy, try to make the file writable again (no record)."""
+        if self._healthy or self._closed or not self._opened:
+            return self.healthy
+        try:
+            await self._in_worker(self._probe_sync)
+        except OSError as exc:
+            self._note_failure(exc)
+            return False
+        self._note_success()
+        return True
+
+    async def close(self) -> None:
+        """Write everything pending, then close; later appends raise `AuditUnavailable`."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._flusher is not None:
+            await asyncio.shield(self._flusher)
+        await self._in_worker(self._close_fd)
+        self._worker.shutdown(wait=False)
+
+    # -- event-loop side ---------------------------------------------------------------------
+
+    def _prepare(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        """A copy in on-disk key order, with ``ts`` and placeholders for the chain fields."""
+        body = {key: value for key, value in record.items() if key not in _OWN_KEYS}
+        if self._hash_user_ids:
+            body = _with_user_id_hashed(body)
+        head: dict[str, Any] = {"ts": _now(), "seq": 0}
+        if "event" in body:
+            head["event"] = body.pop("event")
+        prepared = {**head, **body, "prev": ZERO_HASH, "hash": ""}
+        # Fail this caller now rather than the whole batch later.
+        _encode(prepared)
+        return prepared
+
+    async def _drain(self) -> None:
+        """The flusher: commit what is pending, batch after batch, until nothing is left."""
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                await self._commit(batch)
+        finally:
+            self._flusher = None
+
+    async def _commit(self, batch: list[_Pending]) -> None:
+        try:
+            await self._in_worker(self._write_batch, [record for record, _ in batch])
+        except OSError as exc:
+            self._note_failure(exc)
+            _reject(batch, exc)
+        except asyncio.CancelledError as exc:
+            _reject(batch, exc)
+            raise
+        except Exception as exc:  # a bug must fail its batch, not strand the callers
+            log.exception("audit.write_error", path=str(self._path))
+            _reject(batch, exc)
+        else:
+            self._note_success()
+            for record, future in batch:
+                if not future.done():
+                    future.set_result(record)
+
+    async def _in_worker(self, func: Callable[..., _T], *args: Any) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(self._worker, func, *args)
+
+    def _note_failure(self, exc: OSError) -> None:
+        if self._healthy or exc.errno != self._failed_errno:
+            code = errno.errorcode.get(exc.errno or 0)
+            log.error(
+                "audit.unwritable", path=str(self._path), error=_reason(exc, self._path), errno=code
+            )
+        self._healthy, self._failed_errno = False, exc.errno
+
+    def _note_success(self) -> None:
+        if not self._healthy:
+            log.info("audit.recovered", path=str(self._path), seq=self._seq)
+        self._healthy, self._failed_errno = True, None
+
+    # -- worker-thread side (and open() at start-up) -----------------------------------------
+
+    def _write_batch(self, records: list[dict[str, Any]]) -> None:
+        """Chain `records` onto the last durable one, write them at once and fsync."""
+        data = self._chain(records)
+        fd = self._writable_fd()
+        if self._size and self._size + len(data) > self._max_bytes:
+            fd = self._rotate()
+        try:
+            _write_all(fd, data)
+            if self._fsync:
+                os.fsync(fd)
+                self.fsyncs += 1
+        except OSError:
+            self._undo_partial(fd)
+            raise
+        self._size += len(data)
+        self._seq, self._prev = records[-1]["seq"], records[-1]["hash"]
+
+    def _chain(self, records: list[dict[str, Any]]) -> bytes:
+        seq, prev = self._seq, self._prev
+        for record in records:
+            seq += 1
+            record["seq"], record["prev"] = seq, prev
+            prev = record["hash"] = chain_hash(prev, canonical(record))
+        return b"".join(_encode(record) for record in records)
+
+    def _writable_fd(self) -> int:
+        """The open descriptor of the current file, reopened if lost, removed or replaced."""
+        if self._fd is not None and not self._still_current():
+            log.error("audit.reopened", path=str(self._path), reason="removed or replaced")
+            self._close_fd()
+            self._identity = None
+        if self._fd is None:
+            return self._reopen()
+        return self._fd
+
+    def _still_current(self) -> bool:
+        try:
+            st = os.stat(self._path)
+        except FileNotFoundError:
+            return False
+        return (st.st_dev, st.st_ino) == self._identity
+
+    def _reopen(self) -> int:
+        """Open the current file; if it is the one we had, cut away bytes never made durable."""
+        fd, st = _open_locked(self._path, fsync_dir=self._fsync)
+        same = (st.st_dev, st.st_ino) == self._identity
+        size = min(st.st_size, self._size) if same else st.st_size
+        try:
+            if st.st_size > size:
+                os.ftruncate(fd, size)
+        except OSError:
+            os.close(fd)
+            raise
+        self._fd, self._identity, self._size = fd, (st.st_dev, st.st_ino), size
+        return fd
+
+    def _undo_partial(self, fd: int) -> None:
+        """Cut the file back to its durable size and drop the descriptor: retries reopen."""
+        try:
+            os.ftruncate(fd, self._size)
+        except OSError:
+            pass  # _reopen() cuts it on the next attempt
+        self._close_fd()
+
+    def _rotate(self) -> int:
+        self._close_fd()
+        target = _rotated_path(self._path, _last_rotation(self._path) + 1)
+        os.rename(self._path, target)
+        self._identity = None
+        log.info("audit.rotated", path=str(self._path), rotated_to=str(target), seq=self._seq)
+        return self._reopen()  # fsyncs the directory: the rename and the new file are durable
+
+    def _probe_sync(self) -> None:
+        self._close_fd()  # a fresh descriptor: the old one may be what broke
+        fd = self._writable_fd()
+        if self._fsync:
+            os.fsync(fd)
+        stats = os.fstatvfs(fd)
+        if stats.f_blocks and not stats.f_bavail:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+    def _recover(self) -> tuple[int, str]:
+        """seq and hash of the last record, from this file's tail or the newest rotated file."""
+        assert self._fd is not None
+        end, last = _tail(self._fd, self._size)
+        if end < self._size:
+            # A crash tore the final line; it was never acknowledged, so it goes.
+            os.ftruncate(self._fd, end)
+            if self._fsync:
+                os.fsync(self._fd)
+            log.warning("audit.torn_line_truncated", path=str(self._path), bytes=self._size - end)
+            self._size = end
+        if last is not None:
+            return _last_record(last, self._path)
+        rotated = _rotated(self._path)
+        return _last_rotated_record(max(rotated)[1]) if rotated else (0, ZERO_HASH)
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyReport:
+    ok: bool
+    records: int  # records found intact before the first break (all of them when ok)
+    files: int  # files read, up to and including the one with the break
+    error: str | None = None  # the first break: "<path>:<line>: <what is wrong>"
+
+
+def verify_files(paths: Sequence[Path | str]) -> VerifyReport:
+    """Check the chain and the seq order over `paths`, in the order given (oldest first)."""
+    if not paths:
+        return VerifyReport(ok=False, records=0, files=0, error="no audit files given")
+    chain = _Chain()
+    for count, path in enumerate(paths, start=1):
+        error = _verify_file(Path(path), chain)
+        if error is not None:
+            return VerifyReport(ok=False, records=chain.records, files=count, error=error)
+    return VerifyReport(ok=True, records=chain.records, files=len(paths))
+
+
+def rotated_files(path: Path | str) -> list[Path]:
+    """The rotated files of a log, oldest first, then the current file if it exists."""
+    path = Path(path)
+    return [file for _, file in sorted(_rotated(path))] + ([path] if path.exists() else [])
+
+
+class _Break(Exception):
+    """What is wrong with one line of a chain."""
+
+
+@dataclass(slots=True)
+class _Chain:
+    seq: int = 0
+    prev: str = ZERO_HASH
+    records: int = 0
+
+    def advance(self, record: dict[str, Any]) -> None:
+        seq, prev, digest = record.get("seq"), record.get("prev"), record.get("hash")
+        if not isinstance(prev, str) or not isinstance(digest, str):
+            raise _Break("prev or hash missing")
+        if digest != chain_hash(prev, canonical(record)):
+            raise _Break("hash mismatch")
+        if type(seq) is not int or seq != self.seq + 1:
+            raise _Break(f"seq {seq} after {self.seq}" if self.seq else f"seq {seq}, expected 1")
+        if prev != self.prev:
+            first = "prev of the first record is not 64 zeros"
+            raise _Break("prev does not match the previous hash" if self.seq else first)
+        self.seq, self.prev, self.records = seq, digest, self.records + 1
+
+
+def _verify_file(path: Path, chain: _Chain) -> str | None:
+    """The first break in `path` as "<path>:<line>: <reason>", or None."""
+    try:
+        with path.open("rb") as lines:
+            for number, line in enumerate(lines, start=1):
+                try:
+                    chain.advance(_parse_line(line))
+                except _Break as brk:
+                    return f"{path}:{number}: {brk}"
+    except OSError as exc:
+        return f"{path}: {_reason(exc, path)}"
+    return None
+
+
+def _parse_line(line: bytes) -> dict[str, Any]:
+    if not line.endswith(b"\n"):
+        raise _Break("incomplete line (no newline at the end)")
+    if not line.strip():
+        raise _Break("blank line")
+    try:
+        record = json.loads(line, object_pairs_hook=_unique_keys)
+    except ValueError as exc:
+        raise _Break("not valid JSON") from exc
+    if not isinstance(record, dict):
+        raise _Break("not a JSON object")
+    return record
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # A duplicate key would let other JSON readers see a value the hash never covered.
+    record = dict(pairs)
+    if len(record) != len(pairs):
+        raise _Break("duplicate key")
+    return record
+
+
+def _tail(fd: int, size: int) -> tuple[int, bytes | None]:
+    """(offset just past the last newline, last complete line or None) of a file of `size`."""
+    block = _TAIL_BLOCK
+    while True:
+        start = max(0, size - block)
+        data = os.pread(fd, size - start, start)
+        last_nl = data.rfind(b"\n")
+        prev_nl = data.rfind(b"\n", 0, max(last_nl, 0))
+        if last_nl >= 0 and (prev_nl >= 0 or start == 0):
+            return start + last_nl + 1, data[prev_nl + 1 : last_nl]
+        if start == 0:
+            return 0, None
+        block *= 2
+
+
+def _last_record(line: bytes, path: Path) -> tuple[int, str]:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        record = None
+    seq = record.get("seq") if isinstance(record, dict) else None
+    digest = record.get("hash") if isinstance(record, dict) else None
+    if type(seq) is int and seq >= 1 and isinstance(digest, str) and _HASH_RE.fullmatch(digest):
+        return seq, digest
+    raise AuditOpenError(f"audit log {path}: the last record has no valid seq and hash")
+
+
+def _last_rotated_record(path: Path) -> tuple[int, str]:
+    with path.open("rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        end, last = _tail(file.fileno(), size)
+    if last is None or end != size:
+        raise AuditOpenError(f"audit log {path}: does not end with a complete record")
+    return _last_record(last, path)
+
+
+def _rotated(path: Path) -> list[tuple[int, Path]]:
+    pattern = re.compile(re.escape(path.stem) + r"\.(\d{6,})" + re.escape(path.suffix))
+    try:
+        names = os.listdir(path.parent)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return [(int(m[1]), path.parent / name) for name in names if (m := pattern.fullmatch(name))]
+
+
+def _last_rotation(path: Path) -> int:
+    return max((number for number, _ in _rotated(path)), default=0)
+
+
+def _rotated_path(path: Path, number: int) -> Path:
+    return path.with_name(f"{path.stem}.{number:06d}{path.suffix}")
+
+
+def _open_locked(path: Path, *, fsync_dir: bool) -> tuple[int, os.stat_result]:
+    """Open `path` for appending, creating it and its directories, under an exclusive lock."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as exc:  # a regular file where a directory should be
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), exc.filename) from exc
+    fd = os.open(path, _OPEN_FLAGS, _FILE_MODE)
+    try:
+        try:
+            # Two writers on one file would fork the chain.
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise OSError(exc.errno, "locked by another audit writer") from exc
+        if fsync_dir:
+            _fsync_dir(path.parent)  # the file's name is durable too
+        return fd, os.fstat(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written <= 0:
+            raise OSError(errno.EIO, "write made no progress")
+        view = view[written:]
+
+
+def _encode(record: Mapping[str, Any]) -> bytes:
+    text = json.dumps(record, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return (text + "\n").encode("utf-8")
+
+
+def _with_user_id_hashed(body: dict[str, Any]) -> dict[str, Any]:
+    """`body` with ``userId`` replaced, in place in the key order, by ``userIdHash``."""
+    hashed: dict[str, Any] = {}
+    for key, value in body.items():
+        if key == "userId":
+            key, value = "userIdHash", hash_user_id(value) if isinstance(value, str) else value
+        hashed[key] = value
+    return hashed
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _reject(batch: list[_Pending], cause: BaseException) -> None:
+    for _, future in batch:
+        if not future.done():
+            error = AuditUnavailable(_UNAVAILABLE)
+            error.__cause__ = cause
+            future.set_exception(error)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+def _reason(exc: OSError, path: Path) -> str:
+    reason = exc.strerror or str(exc)
+    if exc.filename is not None and str(exc.filename) != str(path):
+        reason += f" ({exc.filename})"
+    return reason

@@ -1,0 +1,178 @@
+"""`kore-gateway`: serve, sandbox, demo, hash-key, check-config, audit verify.
+
+The only module that calls `sys.exit`. Exit codes: 0 ok, 1 a check failed (audit verify),
+2 bad usage or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from gateway import __version__
+from gateway.audit import AuditOpenError, verify_files
+from gateway.auth import hash_key, new_key
+from gateway.config import Config, ConfigError, Secret, load_config
+
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "config" / "demo.toml"
+DEMO_KEY = "kgw_demo_local_only"  # the demo caller's key; config/demo.toml holds its hash
+DEMO_BOT = "st-demo-bot"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    try:
+        code = args.run(args)
+    except ConfigError as exc:
+        print(f"configuration error:\n{exc}", file=sys.stderr)
+        code = 2
+    except AuditOpenError as exc:
+        print(f"audit log error: {exc}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kore-gateway", description=(
+        "Authenticating gateway that closes Kore.ai bot sessions for internal callers."))
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the gateway")
+    _config_option(serve)
+    serve.add_argument("--workers", type=int, default=1, metavar="N",
+                       help="worker processes sharing the port (SO_REUSEPORT)")
+    serve.set_defaults(run=cmd_serve)
+
+    sandbox = commands.add_parser("sandbox", help="run a local Kore.ai session API emulator")
+    _sandbox_options(sandbox)
+    sandbox.set_defaults(run=cmd_sandbox)
+
+    demo = commands.add_parser("demo", help="gateway + sandbox on loopback, for a first look")
+    demo.add_argument("--config", default=str(DEMO_CONFIG), help="demo config (default: %(default)s)")
+    demo.add_argument("--sandbox-port", type=int, default=9090)
+    demo.set_defaults(run=cmd_demo)
+
+    hk = commands.add_parser("hash-key", help="print a new caller key and its key_sha256 line")
+    hk.add_argument("--stdin", action="store_true", help="hash a key read from stdin instead")
+    hk.set_defaults(run=cmd_hash_key)
+
+    check = commands.add_parser("check-config", help="validate a config file and exit")
+    _config_option(check)
+    check.set_defaults(run=cmd_check_config)
+
+    audit = commands.add_parser("audit", help="audit log tools")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
+    verify = audit_commands.add_parser("verify", help="verify the hash chain and seq order")
+    verify.add_argument("paths", nargs="+", type=Path, metavar="PATH",
+                        help="audit files, oldest first (rotated files, then the current one)")
+    verify.set_defaults(run=cmd_audit_verify)
+    return parser
+
+
+def _config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, metavar="PATH",
+                        help="config file (default: $GATEWAY_CONFIG)")
+
+
+def _sandbox_options(parser: argparse.ArgumentParser) -> None:
+    from gateway.sandbox import add_arguments
+
+    add_arguments(parser)
+    parser.add_argument("--config", default=None, metavar="PATH",
+                        help="take the Kore.ai apps (client IDs and keys) from a gateway config")
+    parser.add_argument("--client-id", default=None, help="a Kore.ai app client ID to accept")
+    parser.add_argument("--client-secret-env", default=None, metavar="VAR",
+                        help="environment variable holding that app's client secret")
+
+
+def resolve_config(path: str | None) -> Config:
+    chosen = path or os.environ.get("GATEWAY_CONFIG")
+    if not chosen:
+        raise ConfigError("<none>", ["no config file: pass --config PATH or set GATEWAY_CONFIG"])
+    return load_config(chosen)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from gateway.logs import configure
+    from gateway.server import serve
+
+    config = resolve_config(args.config)
+    if args.workers < 1:
+        print("--workers must be at least 1", file=sys.stderr)
+        return 2
+    configure(config.logging.level, config.logging.format)
+    return serve(config, args.workers)
+
+
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    from gateway.logs import configure
+    from gateway.sandbox import SandboxApp, run_sandbox, sandbox_from_args
+
+    configure()
+    apps: list[SandboxApp] = []
+    if args.config:
+        apps += [SandboxApp.from_kore_app(a) for a in load_config(args.config).apps]
+    if args.client_id:
+        secret = os.environ.get(args.client_secret_env or "", "")
+        if not secret:
+            print("--client-id needs --client-secret-env naming a set variable", file=sys.stderr)
+            return 2
+        apps.append(SandboxApp(client_id=args.client_id, key=Secret(secret).reveal()))
+    if not apps:
+        print("give --config or --client-id/--client-secret-env", file=sys.stderr)
+        return 2
+    host, port = _split(args.listen)
+    run_sandbox(sandbox_from_args(args, apps), host, port)
+    return 0
+
+
+def _split(listen: str) -> tuple[str, int]:
+    from gateway.config import split_listen
+
+    try:
+        return split_listen(listen)
+    except ValueError as exc:
+        raise SystemExit(f"--listen {listen}: {exc}") from None
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gateway.demo import run_demo
+    from gateway.logs import configure
+
+    config = load_config(args.config)
+    configure(config.logging.level, config.logging.format)
+    return asyncio.run(run_demo(config, args.sandbox_port, DEMO_KEY, DEMO_BOT))
+
+
+def cmd_hash_key(args: argparse.Namespace) -> int:
+    key = sys.stdin.readline().strip() if args.stdin else new_key()
+    if not key:
+        print("no key on stdin", file=sys.stderr)
+        return 2
+    if not args.stdin:
+        print(f"caller key (give it to the caller, store it nowhere else): {key}")
+    print(f'key_sha256 = "{hash_key(key)}"')
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = resolve_config(args.config)
+    print(f"{config.source}: OK ({len(config.apps)} app(s), {len(config.callers)} caller(s), "
+          f"listen {config.server.listen}, upstream {config.upstream.base_url})")
+    return 0
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    report = verify_files(args.paths)
+    if report.ok:
+        print(f"OK: {report.records} record(s) in {report.files} file(s), chain intact")
+        return 0
+    print(f"BROKEN: {report.error}", file=sys.stderr)
+    return 1

@@ -1,0 +1,135 @@
+"""The HTTP-free core of one deactivation: authorize → app → rate limit → audit(requested)
+→ upstream → audit(completed). Every ask ends with exactly one terminal audit record.
+
+Knows nothing of aiohttp: `app.py` parses the request into an `Ask` and renders the result.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from gateway.audit import AuditLog
+from gateway.auth import Caller
+from gateway.breaker import CircuitBreaker
+from gateway.config import KoreApp
+from gateway.errors import AuditUnavailable, GatewayError, UpstreamError
+from gateway.ratelimit import RateLimiter
+from gateway.tokens import TokenCache
+from gateway.upstream import CallTrace, KoreClient
+from gateway.validation import Deactivation
+
+log = structlog.get_logger(__name__)
+
+ROUTE_SIMPLE = "POST /v1/bots/{botId}/sessions/deactivate"
+ROUTE_BATCH = "POST /v1/sessions/deactivate"
+ROUTE_KORE = "PUT /api/public/bot/{botId}/session"
+MAX_RAW_CHARS = 256  # what a denied record keeps of an invalid value
+
+
+@dataclass(slots=True)
+class Ask:
+    """One deactivation as far as it is known; filled in as the request is parsed."""
+
+    request_id: str
+    route: str
+    started: float = field(default_factory=time.monotonic)
+    caller: str | None = None
+    bot_id: Any = None
+    user_id: Any = None
+    channel: Any = None
+
+    def learn(self, d: Deactivation) -> None:
+        self.bot_id, self.user_id, self.channel = d.bot_id, d.user_id, d.channel
+
+    def subject(self) -> dict[str, Any]:
+        return {"requestId": self.request_id, "caller": self.caller, "route": self.route,
+                "botId": _raw(self.bot_id), "userId": _raw(self.user_id),
+                "channel": _raw(self.channel)}
+
+    def duration_ms(self) -> float:
+        return round((time.monotonic() - self.started) * 1000, 3)
+
+
+def _raw(value: Any) -> Any:
+    if value is None or isinstance(value, str) and len(value) <= MAX_RAW_CHARS:
+        return value
+    return (value if isinstance(value, str) else repr(value))[:MAX_RAW_CHARS] + "…"
+
+
+class Deactivator:
+    """Carries one deactivation through the gateway; one instance per process."""
+
+    def __init__(self, *, audit: AuditLog, tokens: TokenCache, limiter: RateLimiter,
+                 client: KoreClient, breaker: CircuitBreaker, timeout_s: float) -> None:
+        self.audit = audit
+        self.tokens = tokens
+        self.limiter = limiter
+        self.client = client
+        self.breaker = breaker
+        self.timeout_s = timeout_s
+
+    async def deactivate(self, ask: Ask, caller: Caller, d: Deactivation) -> Any:
+        """Returns Kore.ai's answer body; raises GatewayError. Audits either way."""
+        deadline = ask.started + self.timeout_s
+        try:
+            caller.authorize(d.bot_id)
+            app = self.tokens.app_for(d.bot_id)
+            await self.limiter.acquire(d.bot_id, deadline)
+            self.breaker.before_call()
+        except GatewayError as exc:
+            await self.deny(ask, exc)
+            raise
+        try:
+            await self.audit.append({"event": "deactivate.requested", **ask.subject(),
+                                     "app": app.name})
+        except AuditUnavailable:
+            self.breaker.release()
+            await self.deny(ask, AuditUnavailable("the audit log cannot be written; "
+                                                  "nothing was sent to Kore.ai"))
+            raise
+        return await self._call(ask, app, d, deadline)
+
+    async def _call(self, ask: Ask, app: KoreApp, d: Deactivation, deadline: float) -> Any:
+        trace = CallTrace()
+        try:
+            body = await self.client.deactivate(app, d, ask.request_id, deadline, trace)
+        except UpstreamError as exc:
+            self.breaker.record(ok=exc.code not in ("upstream_unavailable", "upstream_timeout"))
+            await self._complete(ask, app.name, trace, exc.status, exc)
+            raise
+        self.breaker.record(ok=True)
+        await self._complete(ask, app.name, trace, 200, None)
+        return body
+
+    async def _complete(self, ask: Ask, app_name: str, trace: CallTrace, status: int,
+                        error: GatewayError | None) -> None:
+        record = {"event": "deactivate.completed", **ask.subject(), "app": app_name,
+                  **_result(ask, status, error, trace)}
+        try:
+            await self.audit.append(record)
+        except AuditUnavailable:
+            # The PUT went out and its requested record is durable; the caller must not
+            # believe a result we could not record, so it sees audit_unavailable and retries.
+            log.error("audit.completion_lost", request_id=ask.request_id, status=status)
+            raise AuditUnavailable("the call reached Kore.ai but its result could not be "
+                                   "audited; retry when the gateway is ready") from None
+
+    async def deny(self, ask: Ask, error: GatewayError) -> None:
+        """The terminal record of an ask stopped before going upstream (best effort)."""
+        record = {"event": "deactivate.denied", **ask.subject(), "app": None,
+                  **_result(ask, error.status, error, CallTrace())}
+        try:
+            await self.audit.append(record)
+        except AuditUnavailable:
+            log.error("audit.denial_lost", request_id=ask.request_id, error=error.code)
+
+
+def _result(ask: Ask, status: int, error: GatewayError | None,
+            trace: CallTrace) -> dict[str, Any]:
+    return {"outcome": "success" if error is None else error.outcome, "status": status,
+            "upstreamStatus": trace.upstream_status, "attempts": trace.attempts,
+            "durationMs": ask.duration_ms(), "error": None if error is None else error.code}

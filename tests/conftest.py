@@ -1,0 +1,164 @@
+"""Shared fixtures: a valid config in tmp_path, a settable clock, the real sandbox on a
+loopback port, the real gateway in front of it, a caller key and the audit records."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+import tomli_w
+from aiohttp.test_utils import TestClient, TestServer
+
+from gateway.app import create_app
+from gateway.auth import hash_key
+from gateway.config import Config, load_config
+from gateway.sandbox import KoreSandbox, SandboxApp
+
+CLIENT_ID = "cs-test-app"
+CLIENT_SECRET = "test-secret-for-sandbox-only-0123456789"
+CALLER_KEY = "kgw_test_caller_key"
+OTHER_KEY = "kgw_test_other_key"
+BOT = "st-test-bot"
+
+
+class FakeClock:
+    """A settable clock: token and limiter tests advance it instead of sleeping."""
+
+    def __init__(self, now: float = 1_800_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_structlog() -> Iterator[None]:
+    """`logs.configure()` caches loggers; every test starts from structlog's defaults."""
+    structlog.reset_defaults()
+    yield
+    structlog.reset_defaults()
+
+
+def base_settings(tmp_path: Path, base_url: str = "http://127.0.0.1:9") -> dict[str, Any]:
+    return {
+        "server": {"listen": "127.0.0.1:0"},
+        "upstream": {"base_url": base_url, "allow_insecure_http": True, "timeout_s": 5,
+                     "backoff_base_s": 0.01, "backoff_max_s": 0.05},
+        "audit": {"path": str(tmp_path / "audit" / "deactivations.jsonl")},
+        "apps": [{"name": "sessions", "client_id": CLIENT_ID, "client_secret": CLIENT_SECRET,
+                  "bots": ["st-*"]}],
+        "callers": [
+            {"name": "crm-service", "key_sha256": hash_key(CALLER_KEY), "bots": ["st-*"]},
+            {"name": "narrow-service", "key_sha256": hash_key(OTHER_KEY), "bots": ["st-own-*"]},
+        ],
+    }
+
+
+def merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def write_config(tmp_path: Path, settings: dict[str, Any], name: str = "gateway.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(tomli_w.dumps(settings), encoding="utf-8")
+    return path
+
+
+ConfigFactory = Callable[..., Config]
+
+
+@pytest.fixture
+def make_config(tmp_path: Path) -> ConfigFactory:
+    """`make_config(base_url, **tables)`: a loaded config with tables merged over the base."""
+    def factory(base_url: str = "http://127.0.0.1:9", **tables: Any) -> Config:
+        settings = merge(base_settings(tmp_path, base_url), tables)
+        return load_config(write_config(tmp_path, settings))
+    return factory
+
+
+class Sandbox:
+    """The real sandbox on a loopback port, with its recorded calls."""
+
+    def __init__(self, emulator: KoreSandbox, server: TestServer) -> None:
+        self.emulator, self.server = emulator, server
+        self.url = str(server.make_url("")).rstrip("/")
+
+    @property
+    def calls(self) -> list[Any]:
+        return self.emulator.calls
+
+    @property
+    def faults(self) -> Any:
+        return self.emulator.faults
+
+
+@pytest.fixture
+async def sandbox(aiohttp_server: Any) -> Sandbox:
+    emulator = KoreSandbox([SandboxApp(client_id=CLIENT_ID, key=CLIENT_SECRET)])
+    server = await aiohttp_server(emulator.create_app(), host="127.0.0.1")
+    return Sandbox(emulator, server)
+
+
+@pytest.fixture
+def config(make_config: ConfigFactory, sandbox: Sandbox) -> Config:
+    return make_config(sandbox.url)
+
+
+@pytest.fixture
+async def gateway(aiohttp_client: Any, config: Config) -> TestClient:
+    return await aiohttp_client(create_app(config), server_kwargs={"host": "127.0.0.1"})
+
+
+@pytest.fixture
+async def gateway_for(aiohttp_client: Any) -> Callable[[Config], Any]:
+    """Starts a gateway for a config the test built itself."""
+    async def start(config: Config) -> TestClient:
+        return await aiohttp_client(create_app(config), server_kwargs={"host": "127.0.0.1"})
+    return start
+
+
+@pytest.fixture
+def caller_key() -> str:
+    return CALLER_KEY
+
+
+@pytest.fixture
+def auth_headers() -> dict[str, str]:
+    return {"Authorization": f"Bearer {CALLER_KEY}"}
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture
+def audit_records(config: Config) -> Callable[[], list[dict[str, Any]]]:
+    return lambda: read_records(Path(config.audit.path))
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[Any]:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as s:
+        yield s
