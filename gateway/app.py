@@ -7,6 +7,7 @@ errors as the contract's JSON; JWT, audit and upstream details live in their own
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import re
 import time
@@ -22,6 +23,7 @@ from gateway.audit import AuditLog
 from gateway.auth import Authenticator, Caller
 from gateway.breaker import CircuitBreaker
 from gateway.config import Config
+from gateway.connection import handler_options
 from gateway.deactivation import ROUTE_BATCH, ROUTE_KORE, ROUTE_SIMPLE, Ask, Deactivator
 from gateway.errors import (
     GatewayError,
@@ -30,10 +32,17 @@ from gateway.errors import (
     NotFound,
     Overloaded,
     PayloadTooLarge,
+    RequestTimeout,
+    Unauthenticated,
     UnsupportedMediaType,
     UpstreamRejected,
 )
-from gateway.ratelimit import MemoryRateLimiter, RateLimiter, Unlimited
+from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from gateway.metrics import Metrics
+from gateway.openapi import document as openapi_document
+from gateway.ratelimit import MemoryRateLimiter, RateLimiter, Unlimited, spaced
+from gateway.ratelimit_redis import RedisRateLimiter
+from gateway.reload import ConfigChange, diff, live_config
 from gateway.tokens import TokenCache
 from gateway.upstream import KoreClient
 from gateway.validation import Deactivation, Validator, parse_json
@@ -47,36 +56,65 @@ READY_CACHE_S = 1.0  # readiness probes are cheap but not free: reuse a verdict 
 class Runtime:
     """Everything one process serves with; built at start-up, closed at shutdown."""
 
-    def __init__(self, config: Config, *, worker: int = 0, workers: int = 1) -> None:
+    def __init__(self, config: Config, *, worker: int = 0, workers: int = 1,
+                 metrics: Metrics | None = None) -> None:
         self.config = config
         self.worker, self.workers = worker, workers
+        self.metrics = metrics if metrics is not None else Metrics()
         self.auth = Authenticator(config.callers, config.server.auth)
         self.validator = Validator(config.upstream.bot_id_pattern)
         self.audit = AuditLog(audit_path(config, worker, workers),
                               hash_user_ids=config.audit.hash_user_ids,
-                              max_bytes=config.audit.max_bytes, fsync=config.audit.fsync)
-        self.tokens = TokenCache(config.apps)
-        self.limiter = make_limiter(config, workers)
-        self.client = KoreClient(config.upstream, self.tokens, self.limiter)
+                              max_bytes=config.audit.max_bytes, fsync=config.audit.fsync,
+                              metrics=self.metrics)
+        self.tokens = TokenCache(config.apps, metrics=self.metrics)
+        self.limiter = make_limiter(config, workers, self.metrics)
+        self.client = KoreClient(config.upstream, self.tokens, self.limiter,
+                                 metrics=self.metrics)
         self.breaker = CircuitBreaker(self.client.host,
                                       failures=config.upstream.breaker_failures,
-                                      cooldown_s=config.upstream.breaker_cooldown_s)
+                                      cooldown_s=config.upstream.breaker_cooldown_s,
+                                      metrics=self.metrics)
         self.deactivator = Deactivator(audit=self.audit, tokens=self.tokens,
                                        limiter=self.limiter, client=self.client,
                                        breaker=self.breaker, timeout_s=config.upstream.timeout_s)
         self.in_flight = 0
+        self.tasks: set[asyncio.Task[Any] | None] = set()  # handlers of in-flight requests
         self.draining = False
         self._ready: tuple[float, bool, dict[str, Any]] | None = None
 
     async def start(self) -> None:
         self.audit.open()
         await self.client.start()
+        await self.limiter.start()
 
     async def close(self) -> None:
         await self.client.close()
         await self.tokens.aclose()
         await self.limiter.aclose()
         await self.audit.close()
+
+    def reload(self, new: Config) -> ConfigChange:
+        """Takes new callers and apps (secrets included) in one step; other settings stay.
+
+        Synchronous, so no request sees half of it; a request already past authentication and
+        app selection finishes with the caller and app it started with.
+        """
+        change = diff(self.config, new)
+        self.auth = Authenticator(new.callers, self.config.server.auth)
+        self.tokens.reload(new.apps)
+        self.config = live_config(self.config, new)
+        self._ready = None
+        return change
+
+    async def cancel_in_flight(self, wait_s: float) -> None:
+        """Past `drain_s`: cancels the requests still running, each of which writes its
+        terminal record on the way out (`InFlight`), and waits for them up to `wait_s`."""
+        tasks = [task for task in self.tasks if task is not None and not task.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=wait_s)
 
     def admit(self) -> None:
         """Counts a deactivation request in, or sheds it (draining / over max_in_flight)."""
@@ -87,6 +125,7 @@ class Runtime:
             raise Overloaded("the gateway is at its in-flight limit; retry shortly",
                              retry_after_s=1)
         self.in_flight += 1
+        self.metrics.request_started()
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
         now = time.monotonic()
@@ -96,7 +135,7 @@ class Runtime:
                   "token": self.tokens.check(), "draining": self.draining}
         ok = checks["audit"] and checks["token"] and not self.draining
         detail = {"status": "ready" if ok else "not_ready", "checks": checks,
-                  "circuit": self.breaker.detail()}
+                  "circuit": self.breaker.detail(), "rateLimit": self.limiter.detail()}
         self._ready = (now, ok, detail)
         return ok, detail
 
@@ -109,10 +148,17 @@ def audit_path(config: Config, worker: int, workers: int) -> str:
     return str(path.with_name(f"{path.stem}-w{worker}{path.suffix}"))
 
 
-def make_limiter(config: Config, workers: int) -> RateLimiter:
-    if not config.rate_limit.enabled:
+def make_limiter(config: Config, workers: int, metrics: Metrics | None = None) -> RateLimiter:
+    """Memory: each of N workers takes 1/N of the budget. Redis: the budget is global, and
+    while Redis is lost each worker takes 1/N of the replica's `local_fallback_fraction`."""
+    rl = config.rate_limit
+    if not rl.enabled:
         return Unlimited()
-    return MemoryRateLimiter(config.rate_limit.windows, share=1 / workers)
+    if rl.backend == "redis":
+        return RedisRateLimiter(rl, fallback_share=rl.local_fallback_fraction / workers,
+                                metrics=metrics)
+    return MemoryRateLimiter(spaced(config.rate_limit.windows), share=1 / workers,
+                             metrics=metrics)
 
 
 RUNTIME = web.AppKey("runtime", Runtime)
@@ -127,6 +173,14 @@ def runtime(request: web.Request) -> Runtime:
 # --- middleware -------------------------------------------------------------------------
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def authorization_of(request: web.Request) -> str | None:
+    """The one Authorization header; repeated credentials are refused, never guessed between."""
+    values = request.headers.getall("Authorization", [])
+    if len(values) > 1:
+        raise Unauthenticated("send exactly one Authorization header")
+    return values[0] if values else None
 
 
 def request_id_of(request: web.Request) -> str:
@@ -144,9 +198,12 @@ async def envelope_middleware(request: web.Request, handler: Handler) -> web.Str
     try:
         response = await _handle(request, handler, request_id)
         response.headers["X-Request-ID"] = request_id
-        log.info("request", method=request.method, route=_route_of(request),
-                 status=response.status, caller=request.get(CALLER),
-                 duration_ms=round((time.monotonic() - started) * 1000, 3))
+        if response.status == 408 or runtime(request).draining:
+            response.force_close()  # a half-read body, or clients should move to another instance
+        route, caller, seconds = _route_of(request), request.get(CALLER), time.monotonic() - started
+        runtime(request).metrics.request(route, response.status, caller, seconds)
+        log.info("request", method=request.method, route=route, status=response.status,
+                 caller=caller, duration_ms=round(seconds * 1000, 3))
         return response
     finally:
         structlog.contextvars.unbind_contextvars("request_id")
@@ -197,8 +254,8 @@ def error_response(error: GatewayError, request_id: str, *,
 
 # --- deactivation routes --------------------------------------------------------------------
 
-async def read_json(request: web.Request, limit: int) -> Any:
-    """The body as JSON, per the content-type and size rules."""
+async def read_json(request: web.Request, limit: int, timeout_s: float) -> Any:
+    """The body as JSON, per the content-type and size rules, delivered within `timeout_s`."""
     if request.content_type != "application/json":
         raise UnsupportedMediaType("send the body as Content-Type: application/json")
     if request.charset and request.charset.lower() not in ("utf-8", "utf8"):
@@ -206,9 +263,14 @@ async def read_json(request: web.Request, limit: int) -> Any:
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"the body is larger than {limit} bytes")
     try:
-        raw = await request.read()
+        async with asyncio.timeout(timeout_s):
+            raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(f"the body is larger than {limit} bytes") from None
+    except TimeoutError:
+        # A client trickling its body would hold a request slot for ever.
+        raise RequestTimeout(f"the body did not arrive within {timeout_s:g} s "
+                             "(server.client_timeout_s)") from None
     return parse_json(raw)
 
 
@@ -219,11 +281,12 @@ async def _admitted(request: web.Request, ask: Ask, parse: Parse) -> tuple[Calle
     """Authenticate, authorize and validate one single-item request; audit a refusal."""
     rt = runtime(request)
     try:
-        caller = rt.auth.authenticate(request.headers.get("Authorization"))
+        caller = rt.auth.authenticate(authorization_of(request))
         ask.caller = request[CALLER] = caller.name
         bot_id = rt.validator.bot_id(ask.bot_id)
         caller.authorize(bot_id)
-        d = parse(bot_id, await read_json(request, rt.config.server.max_body_bytes))
+        d = parse(bot_id, await read_json(request, rt.config.server.max_body_bytes,
+                                          rt.config.server.client_timeout_s))
         ask.learn(d)
         return caller, d
     except GatewayError as exc:
@@ -236,6 +299,7 @@ class InFlight:
 
     def __init__(self, rt: Runtime, ask: Ask) -> None:
         self.rt, self.ask = rt, ask
+        self.task: asyncio.Task[Any] | None = None
 
     async def __aenter__(self) -> None:
         try:
@@ -243,9 +307,26 @@ class InFlight:
         except Overloaded as exc:
             await self.rt.deactivator.deny(self.ask, exc)
             raise
+        self.task = asyncio.current_task()
+        self.rt.tasks.add(self.task)
 
-    async def __aexit__(self, *_: object) -> None:
-        self.rt.in_flight -= 1
+    async def __aexit__(self, _type: object, exc: BaseException | None, _tb: object) -> None:
+        try:
+            if exc is not None and not isinstance(exc, GatewayError):
+                await self.rt.deactivator.abandon(self.ask, cut_short(exc))
+        finally:
+            self.rt.in_flight -= 1
+            self.rt.metrics.request_finished()
+            self.rt.tasks.discard(self.task)
+
+
+def cut_short(exc: BaseException) -> GatewayError:
+    """What the audit says of a request ended by something other than a GatewayError."""
+    if isinstance(exc, asyncio.CancelledError):
+        return Overloaded("the gateway shut down before this request finished; retry it")
+    if isinstance(exc, web.HTTPException):
+        return _from_http(exc)
+    return GatewayError("an unexpected error occurred; it has been logged")
 
 
 async def deactivate_simplified(request: web.Request) -> web.Response:
@@ -282,13 +363,15 @@ async def deactivate_batch(request: web.Request) -> web.Response:
     ask = Ask(request[REQUEST_ID], ROUTE_BATCH)
     async with InFlight(rt, ask):
         try:
-            caller = rt.auth.authenticate(request.headers.get("Authorization"))
+            caller = rt.auth.authenticate(authorization_of(request))
             ask.caller = request[CALLER] = caller.name
-            items = batch_items(await read_json(request, rt.config.server.max_body_bytes),
+            items = batch_items(await read_json(request, rt.config.server.max_body_bytes,
+                                                rt.config.server.client_timeout_s),
                                 rt.config.server.max_batch_items)
         except GatewayError as exc:
             await rt.deactivator.deny(ask, exc)
             raise
+        ask.settled = True  # a well-formed batch is audited through its items only
         results = await run_batch(rt, caller, ask, items)
     failed = sum(1 for r in results if not r["success"])
     return web.json_response({"results": results,
@@ -337,6 +420,11 @@ async def batch_item(rt: Runtime, caller: Caller, batch: Ask, index: int, item: 
         await rt.deactivator.deactivate(ask, caller, d)
     except GatewayError as exc:
         return {**result, "status": exc.status, "success": False, "error": exc.as_dict()}
+    except BaseException as exc:  # cancelled by a shutdown, or a bug: still one record
+        if not isinstance(exc, asyncio.CancelledError):
+            log.exception("batch.item_unexpected_error", request_id=ask.request_id)
+        await rt.deactivator.abandon(ask, cut_short(exc))
+        raise
     return {**result, "status": 200, "success": True}
 
 
@@ -351,18 +439,33 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response(detail, status=200 if ok else 503)
 
 
+async def metrics_text(request: web.Request) -> web.Response:
+    """Prometheus text format; with several workers, the sum over all of them."""
+    body = runtime(request).metrics.render()
+    return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document(runtime(request).config),
+                             dumps=lambda doc: json.dumps(doc, ensure_ascii=False))
+
+
 # --- assembly -------------------------------------------------------------------------------
 
-def create_app(config: Config, *, worker: int = 0, workers: int = 1) -> web.Application:
+def create_app(config: Config, *, worker: int = 0, workers: int = 1,
+               metrics: Metrics | None = None) -> web.Application:
     app = web.Application(middlewares=[envelope_middleware],
-                          client_max_size=config.server.max_body_bytes)
-    app[RUNTIME] = Runtime(config, worker=worker, workers=workers)
+                          client_max_size=config.server.max_body_bytes,
+                          handler_args=handler_options(config.server))
+    app[RUNTIME] = Runtime(config, worker=worker, workers=workers, metrics=metrics)
     app.cleanup_ctx.append(_lifecycle)
     app.router.add_post("/v1/bots/{botId}/sessions/deactivate", deactivate_simplified)
     app.router.add_post("/v1/sessions/deactivate", deactivate_batch)
     app.router.add_put("/api/public/bot/{botId}/session", deactivate_kore)
     app.router.add_get("/healthz", healthz, allow_head=True)
     app.router.add_get("/readyz", readyz, allow_head=True)
+    app.router.add_get("/metrics", metrics_text)
+    app.router.add_get("/openapi.json", openapi_json)
     return app
 
 

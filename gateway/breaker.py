@@ -12,6 +12,7 @@ from collections.abc import Callable
 import structlog
 
 from gateway.errors import UpstreamCircuitOpen
+from gateway.metrics import Metrics
 
 log = structlog.get_logger(__name__)
 
@@ -20,7 +21,8 @@ CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 
 class CircuitBreaker:
     def __init__(self, host: str, *, failures: int, cooldown_s: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 metrics: Metrics | None = None) -> None:
         self.host = host
         self.threshold = failures
         self.cooldown_s = cooldown_s
@@ -29,6 +31,8 @@ class CircuitBreaker:
         self.failures = 0
         self._opened_at = 0.0
         self._probing = False
+        self._metrics = metrics if metrics is not None else Metrics()
+        self._metrics.circuit_state(host, CLOSED)
 
     def before_call(self) -> None:
         """Raises `UpstreamCircuitOpen` unless a call may go out now."""
@@ -68,3 +72,4 @@ class CircuitBreaker:
         if state != self.state:
             log.warning("upstream.circuit_" + state, host=self.host, failures=self.failures)
         self.state = state
+        self._metrics.circuit_state(self.host, state)

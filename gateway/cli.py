@@ -1,4 +1,4 @@
-"""`kore-gateway`: serve, sandbox, demo, hash-key, check-config, audit verify.
+"""`kore-gateway`: serve, deactivate, sandbox, demo, hash-key, check-config, audit verify.
 
 The only module that calls `sys.exit`. Exit codes: 0 ok, 1 a check failed (audit verify),
 2 bad usage or configuration.
@@ -16,7 +16,10 @@ from pathlib import Path
 from gateway import __version__
 from gateway.audit import AuditOpenError, verify_files
 from gateway.auth import hash_key, new_key
+from gateway.bulk import add_arguments as add_bulk_arguments
 from gateway.config import Config, ConfigError, Secret, load_config
+from gateway.reload import DEFAULT_WATCH_S, MAX_WATCH_S, MIN_WATCH_S
+from gateway.server import ListenError
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "config" / "demo.toml"
 DEMO_KEY = "kgw_demo_local_only"  # the demo caller's key; config/demo.toml holds its hash
@@ -33,6 +36,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except AuditOpenError as exc:
         print(f"audit log error: {exc}", file=sys.stderr)
         code = 2
+    except ListenError as exc:
+        print(f"listen error: {exc}", file=sys.stderr)
+        code = 2
     except KeyboardInterrupt:
         code = 130
     sys.exit(code)
@@ -48,7 +54,17 @@ def _parser() -> argparse.ArgumentParser:
     _config_option(serve)
     serve.add_argument("--workers", type=int, default=1, metavar="N",
                        help="worker processes sharing the port (SO_REUSEPORT)")
+    serve.add_argument("--watch-config", type=float, nargs="?", const=DEFAULT_WATCH_S,
+                       default=None, metavar="SECONDS", help=(
+                           "also reload when the config file or a secret file it names "
+                           f"changes, checked every SECONDS (default {DEFAULT_WATCH_S:g}); "
+                           "SIGHUP always reloads"))
     serve.set_defaults(run=cmd_serve)
+
+    deactivate = commands.add_parser("deactivate", help=(
+        "close sessions through a running gateway: one user, or a CSV (resumable)"))
+    add_bulk_arguments(deactivate)
+    deactivate.set_defaults(run=cmd_deactivate)
 
     sandbox = commands.add_parser("sandbox", help="run a local Kore.ai session API emulator")
     _sandbox_options(sandbox)
@@ -107,8 +123,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.workers < 1:
         print("--workers must be at least 1", file=sys.stderr)
         return 2
+    watch = args.watch_config
+    if watch is not None and not MIN_WATCH_S <= watch <= MAX_WATCH_S:
+        print(f"--watch-config must be {MIN_WATCH_S:g}–{MAX_WATCH_S:g} seconds", file=sys.stderr)
+        return 2
     configure(config.logging.level, config.logging.format)
-    return serve(config, args.workers)
+    return serve(config, args.workers, watch_s=watch)
+
+
+def cmd_deactivate(args: argparse.Namespace) -> int:
+    from gateway.bulk import run_command
+    from gateway.rows import BulkError
+
+    try:
+        return run_command(args)
+    except BulkError as exc:
+        print(f"deactivate: {exc}", file=sys.stderr)
+        return 2
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:

@@ -109,8 +109,8 @@ class UpstreamConfig:
     ca_file: str | None = None
     backoff_base_s: float = 0.1  # exponential backoff with full jitter between attempts
     backoff_max_s: float = 2.0
-    breaker_failures: int = 5  # consecutive failed calls that open the circuit
-    breaker_cooldown_s: float = 10.0
+    breaker_failures: int = 20  # failed requests in a row (after retries) that open the circuit
+    breaker_cooldown_s: float = 5.0
     max_connections: int = 100
 
 
@@ -258,8 +258,12 @@ class _Table:
             return None
         return str((self.base_dir / value).resolve()) if value else value
 
-    def secret(self, name: str, *, required: bool) -> Secret | None:
+    def secret(self, name: str, *, required: bool, resolve: bool = True) -> Secret | None:
         forms = [f for f in (name, f"{name}_env", f"{name}_file") if f in self.data]
+        if not resolve:
+            for f in forms:
+                self.get(f, str, "")
+            return None
         if len(forms) > 1:
             self.fail(name, f"give only one of {name}, {name}_env, {name}_file")
             for f in forms:
@@ -424,11 +428,14 @@ def _audit(t: _Table) -> AuditConfig:
 
 def _rate_limit(t: _Table) -> RateLimitConfig:
     d = RateLimitConfig()
+    enabled = t.get("enabled", bool, d.enabled)
+    backend = t.choice("backend", d.backend, ("memory", "redis"))
     rl = RateLimitConfig(
-        enabled=t.get("enabled", bool, d.enabled),
-        backend=t.choice("backend", d.backend, ("memory", "redis")),
+        enabled=enabled,
+        backend=backend,
         windows=_windows(t, d.windows),
-        redis_url=t.secret("redis_url", required=False),
+        # The Redis URL is resolved only when Redis is used: a memory deployment need not set it.
+        redis_url=t.secret("redis_url", required=False, resolve=enabled and backend == "redis"),
         local_fallback_fraction=t.number("local_fallback_fraction", d.local_fallback_fraction,
                                          low=0, high=1),
         redis_timeout_s=t.number("redis_timeout_s", d.redis_timeout_s, low=0.01, high=10),
@@ -449,7 +456,7 @@ def _windows(t: _Table, default: tuple[tuple[int, float], ...]) -> tuple[tuple[i
         w = _Table(item, f"{t.key('windows')}[{i}]", t.problems, t.base_dir, t.env)
         calls = w.number("calls", 0, low=1, integer=True)
         per_s = w.number("per_s", 0.0, low=0.001)
-        if "calls" not in item or "per_s" not in item:
+        if isinstance(item, dict) and ("calls" not in item or "per_s" not in item):
             w.fail("", "needs both calls and per_s")
         w.finish()
         windows.append((calls, per_s))

@@ -41,6 +41,9 @@ class Ask:
     bot_id: Any = None
     user_id: Any = None
     channel: Any = None
+    app: str | None = None  # set once the requested record is durable: the ask went upstream
+    trace: CallTrace = field(default_factory=CallTrace)
+    settled: bool = False  # its terminal record was written (or attempted); never a second
 
     def learn(self, d: Deactivation) -> None:
         self.bot_id, self.user_id, self.channel = d.bot_id, d.user_id, d.channel
@@ -56,8 +59,15 @@ class Ask:
 
 def _raw(value: Any) -> Any:
     if value is None or isinstance(value, str) and len(value) <= MAX_RAW_CHARS:
-        return value
-    return (value if isinstance(value, str) else repr(value))[:MAX_RAW_CHARS] + "…"
+        return _encodable(value)
+    return _encodable((value if isinstance(value, str) else repr(value))[:MAX_RAW_CHARS] + "…")
+
+
+def _encodable(value: str | None) -> str | None:
+    """A refused value as UTF-8 can carry it: a lone surrogate is kept as its `\\udXXX` escape."""
+    if value is None:
+        return None
+    return value.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class Deactivator:
@@ -91,24 +101,30 @@ class Deactivator:
             await self.deny(ask, AuditUnavailable("the audit log cannot be written; "
                                                   "nothing was sent to Kore.ai"))
             raise
+        except BaseException:
+            self.breaker.release()  # a half-open probe slot must never be lost
+            raise
+        ask.app = app.name
         return await self._call(ask, app, d, deadline)
 
     async def _call(self, ask: Ask, app: KoreApp, d: Deactivation, deadline: float) -> Any:
-        trace = CallTrace()
         try:
-            body = await self.client.deactivate(app, d, ask.request_id, deadline, trace)
-        except UpstreamError as exc:
-            self.breaker.record(ok=exc.code not in ("upstream_unavailable", "upstream_timeout"))
-            await self._complete(ask, app.name, trace, exc.status, exc)
+            body = await self.client.deactivate(app, d, ask.request_id, deadline, ask.trace)
+        except GatewayError as exc:  # upstream errors, and a retry refused by the rate limit
+            self.breaker.record(ok=not is_outage(exc))
+            await self._complete(ask, exc.status, exc)
+            raise
+        except BaseException:
+            self.breaker.release()  # cut short (shutdown): `abandon` writes the record
             raise
         self.breaker.record(ok=True)
-        await self._complete(ask, app.name, trace, 200, None)
+        await self._complete(ask, 200, None)
         return body
 
-    async def _complete(self, ask: Ask, app_name: str, trace: CallTrace, status: int,
-                        error: GatewayError | None) -> None:
-        record = {"event": "deactivate.completed", **ask.subject(), "app": app_name,
-                  **_result(ask, status, error, trace)}
+    async def _complete(self, ask: Ask, status: int, error: GatewayError | None) -> None:
+        ask.settled = True
+        record = {"event": "deactivate.completed", **ask.subject(), "app": ask.app,
+                  **_result(ask, status, error, ask.trace)}
         try:
             await self.audit.append(record)
         except AuditUnavailable:
@@ -120,12 +136,31 @@ class Deactivator:
 
     async def deny(self, ask: Ask, error: GatewayError) -> None:
         """The terminal record of an ask stopped before going upstream (best effort)."""
+        ask.settled = True
         record = {"event": "deactivate.denied", **ask.subject(), "app": None,
                   **_result(ask, error.status, error, CallTrace())}
         try:
             await self.audit.append(record)
         except AuditUnavailable:
             log.error("audit.denial_lost", request_id=ask.request_id, error=error.code)
+
+    async def abandon(self, ask: Ask, error: GatewayError) -> None:
+        """The terminal record of an ask cut short (shutdown past drain_s, a bug), if none yet."""
+        if ask.settled:
+            return
+        if ask.app is None:
+            await self.deny(ask, error)
+            return
+        try:
+            await self._complete(ask, error.status, error)
+        except AuditUnavailable:
+            pass  # logged by _complete
+
+
+def is_outage(error: GatewayError) -> bool:
+    """Counts against the circuit breaker: Kore.ai failed or did not answer."""
+    return isinstance(error, UpstreamError) and error.code in ("upstream_unavailable",
+                                                               "upstream_timeout")
 
 
 def _result(ask: Ask, status: int, error: GatewayError | None,

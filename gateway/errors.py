@@ -54,6 +54,12 @@ class MethodNotAllowed(GatewayError):
     code, status, outcome = "method_not_allowed", 405, "rejected"
 
 
+class RequestTimeout(GatewayError):
+    """The client did not deliver its request body within `server.client_timeout_s`."""
+
+    code, status, outcome = "request_timeout", 408, "failed"
+
+
 class Unauthenticated(GatewayError):
     code, status, outcome = "unauthenticated", 401, "denied"
 
@@ -103,9 +109,11 @@ class UpstreamUnavailable(UpstreamError):
 
 
 class UpstreamCircuitOpen(UpstreamUnavailable):
-    """The circuit breaker for the upstream host is open: fail fast."""
+    """The circuit breaker for the upstream host is open: fail fast, nothing sent.
 
-    status = 503
+    Same status and code as the failures that opened it (the contract gives
+    `upstream_unavailable` 502 only); it adds a `Retry-After` until the next probe.
+    """
 
 
 class UpstreamRateLimited(UpstreamError):

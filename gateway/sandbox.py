@@ -203,6 +203,10 @@ class KoreSandbox:
         self._rng.seed(faults.seed)
         self._windows.clear()
 
+    def set_apps(self, apps: Sequence[SandboxApp]) -> None:
+        """Replaces the credentials accepted, as when a Kore.ai app's secret is regenerated."""
+        self._verifiers = {app.client_id: _verifier(app) for app in apps}
+
     def create_app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/healthz", self._healthz)

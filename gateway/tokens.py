@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from gateway.config import BOT_SESSIONS_SCOPE, KoreApp, Secret
 from gateway.errors import BotNotConfigured
+from gateway.metrics import Metrics
 
 log = structlog.get_logger(__name__)
 
@@ -121,9 +122,11 @@ class TokenCache:
     Apps with `jti = true` get a fresh token on every call, never cached.
     """
 
-    def __init__(self, apps: Sequence[KoreApp], *, clock: Clock = time.time) -> None:
+    def __init__(self, apps: Sequence[KoreApp], *, clock: Clock = time.time,
+                 metrics: Metrics | None = None) -> None:
         self._apps = tuple(apps)
         self._clock = clock
+        self._metrics = metrics if metrics is not None else Metrics()
         # An entry vanishes by itself once it has MIN_REMAINING_S or less to live.
         self._tokens: TLRUCache[str, Token, float] = TLRUCache(
             maxsize=max(len(self._apps), 1), ttu=_sendable_until, timer=clock)
@@ -143,6 +146,7 @@ class TokenCache:
             return self._mint(app)  # Enforce JTI: a token is good for one attempt only
         cached = self._cached(app)
         if cached is not None:
+            self._metrics.token_cache_hit(app.name)
             return cached
         # Minting is synchronous today; the lock keeps "one mint in flight" true should it
         # ever await (a KMS, a thread), and the re-check lets waiters reuse the winner's token.
@@ -155,6 +159,26 @@ class TokenCache:
             return  # a newer token replaced it: keep that one
         if self._tokens.pop(app.name, None) is not None:
             log.info("token.dropped", app=app.name)
+
+    def reload(self, apps: Sequence[KoreApp]) -> tuple[str, ...]:
+        """Takes a new set of apps; returns the names whose cached token was dropped.
+
+        An app whose settings or secret changed, or that went away, loses its cached token:
+        a token signed with a replaced secret is never sent again. Unchanged apps keep theirs.
+        """
+        fresh = {app.name: app for app in apps}
+        stale = tuple(a.name for a in self._apps if fresh.get(a.name) != a)
+        kept = {name: token for name in fresh if name not in stale
+                and (token := self._tokens.get(name)) is not None}
+        dropped = [name for name in stale if self._tokens.get(name) is not None]
+        self._apps = tuple(apps)
+        self._apps_by_bot.clear()
+        self._tokens = TLRUCache(maxsize=max(len(self._apps), 1), ttu=_sendable_until,
+                                 timer=self._clock)
+        self._tokens.update(kept)
+        for name in dropped:
+            log.info("token.dropped", app=name, reason="config_reload")
+        return stale
 
     def mints(self, app_name: str) -> int:
         return self._mints[app_name]
@@ -173,6 +197,8 @@ class TokenCache:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     def _cached(self, app: KoreApp) -> Token | None:
+        if app not in self._apps:
+            return None  # replaced by a reload: the cached token belongs to the new app
         token = self._tokens.get(app.name)
         if token is not None and self._in_renew_window(app, token):
             self._start_renewal(app)
@@ -198,12 +224,15 @@ class TokenCache:
                 log.warning("token.renewal_failed", app=app.name, error=str(exc))
 
     def _mint_and_store(self, app: KoreApp) -> Token:
-        token = self._tokens[app.name] = self._mint(app)
+        token = self._mint(app)
+        if app in self._apps:  # a request that began before a reload never caches its token
+            self._tokens[app.name] = token
         return token
 
     def _mint(self, app: KoreApp) -> Token:
         token = mint(app, self._clock())
         self._mints[app.name] += 1
+        self._metrics.token_minted(app.name)
         log.info("token.minted", app=app.name, ttl_s=app.token_ttl_s, jti_mode=app.jti)
         return token
 

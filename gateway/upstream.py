@@ -24,6 +24,7 @@ from yarl import URL
 
 from gateway.config import KoreApp, UpstreamConfig
 from gateway.errors import (
+    RateLimited,
     UpstreamAuthFailed,
     UpstreamError,
     UpstreamRateLimited,
@@ -31,6 +32,7 @@ from gateway.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from gateway.metrics import Metrics
 from gateway.ratelimit import RateLimiter
 from gateway.tokens import TokenCache
 from gateway.validation import Deactivation
@@ -110,8 +112,10 @@ class KoreClient:
     """Sends the session PUT; one instance (and one connection pool) per process."""
 
     def __init__(self, config: UpstreamConfig, tokens: TokenCache, limiter: RateLimiter, *,
-                 rng: Callable[[], float] = random.random) -> None:
+                 rng: Callable[[], float] = random.random,
+                 metrics: Metrics | None = None) -> None:
         self.config = config
+        self._metrics = metrics if metrics is not None else Metrics()
         self.tokens = tokens
         self.limiter = limiter
         self._rng = rng
@@ -146,9 +150,10 @@ class KoreClient:
         payload = request_body(d)
         counted = 0
         reminted = False
+        error: UpstreamError | None = None
         while True:
             if trace.attempts:
-                await self.limiter.acquire(d.bot_id, deadline)
+                await self._retry_slot(d.bot_id, deadline, error)
             token = await self.tokens.token(app)
             trace.attempts += 1
             try:
@@ -156,13 +161,13 @@ class KoreClient:
             except UpstreamTimeout:
                 raise
             except UpstreamError as exc:
-                error: UpstreamError = exc
+                error = exc
             else:
                 trace.upstream_status = answer.status
                 if answer.status in (401, 403) and not reminted:
                     # Our token was refused: drop it and try once with a fresh one.
                     self.tokens.drop(app, token)
-                    reminted = True
+                    reminted, error = True, None
                     log.warning("upstream.token_rejected", app=app.name, status=answer.status)
                     continue
                 judged = self._judge(answer)
@@ -171,6 +176,18 @@ class KoreClient:
                 error = judged
             counted += 1
             await self._before_retry(error, counted, deadline, request_id)
+
+    async def _retry_slot(self, bot_id: str, deadline: float, error: UpstreamError | None
+                          ) -> None:
+        """A rate-limit slot for the next attempt. Without one in time, the caller gets the
+        last attempt's error (`RateLimited` only when none failed: the re-mint after 401/403)."""
+        try:
+            await self.limiter.acquire(bot_id, deadline)
+        except RateLimited:
+            if error is None:
+                raise
+            log.info("upstream.retry_not_started", reason="rate_limit", error=error.code)
+            raise error from None
 
     def _judge(self, answer: Answer) -> UpstreamError | None:
         """None for a success, else the error this answer means."""
@@ -224,16 +241,20 @@ class KoreClient:
             raise UpstreamTimeout("Kore.ai did not answer within the deadline")
         assert self._session is not None, "KoreClient.start() was not called"
         headers = {"auth": token, "Content-Type": "application/json", "X-Request-ID": request_id}
+        started = time.monotonic()
         try:
             async with self._session.put(url, data=payload, headers=headers,
                                          timeout=aiohttp.ClientTimeout(total=remaining),
                                          allow_redirects=False) as resp:
                 raw = await resp.content.read(MAX_ANSWER_BYTES)
+                self._metrics.upstream_attempt(resp.status, time.monotonic() - started)
                 return Answer(resp.status, _decode(raw),
                               parse_retry_after(resp.headers.get("Retry-After")))
         except TimeoutError:
+            self._metrics.upstream_attempt("timeout", time.monotonic() - started)
             raise UpstreamTimeout("Kore.ai did not answer within the deadline") from None
         except aiohttp.ClientError as exc:
+            self._metrics.upstream_attempt("error", time.monotonic() - started)
             raise UpstreamUnavailable(f"Kore.ai could not be reached ({type(exc).__name__})"
                                       ) from None
 

@@ -6,6 +6,7 @@ Every message names the field and the rule. Knows nothing of aiohttp.
 from __future__ import annotations
 
 import json
+import math
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ def parse_json(raw: bytes) -> Any:
     if _too_deep(text):
         raise InvalidRequest(f"body: JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except (ValueError, RecursionError) as exc:
         raise InvalidRequest(f"body: not valid JSON ({_short(exc)})") from None
 
@@ -47,6 +48,14 @@ def _short(exc: Exception) -> str:
     if "integer string conversion" in text:
         return "number too large"
     return text.split(":")[0][:80]
+
+
+def _finite_float(text: str) -> float:
+    # 1e999 would become inf: not JSON any more once echoed back or written to the audit.
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError("number too large")
+    return value
 
 
 def _reject_constant(name: str) -> Any:
@@ -85,8 +94,12 @@ class Validator:
     def bot_id(self, value: Any, field: str = "botId") -> str:
         if not isinstance(value, str) or not value:
             raise InvalidRequest(f"{field}: required, a string")
-        if value in (".", "..") or not self._bot_id.fullmatch(value):
+        if value in (".", ".."):
+            raise InvalidRequest(f'{field}: "." and ".." are never valid bot IDs')
+        if not self._bot_id.fullmatch(value):
             raise InvalidRequest(f"{field}: must match {self._bot_id.pattern}")
+        if _has_lone_surrogate(value):  # cannot be percent-encoded upstream, whatever the pattern
+            raise InvalidRequest(f"{field}: must be valid Unicode (lone surrogate)")
         return value
 
     def simplified(self, bot_id: str, body: Any) -> Deactivation:
@@ -127,9 +140,13 @@ def user_id(fields: dict[str, Any], prefix: str = "") -> str:
         raise InvalidRequest(f"{name}: 1–{MAX_USER_ID_CHARS} characters")
     if any(unicodedata.category(ch) == "Cc" for ch in value):
         raise InvalidRequest(f"{name}: must not contain control characters")
-    if any(0xD800 <= ord(ch) <= 0xDFFF for ch in value):
+    if _has_lone_surrogate(value):
         raise InvalidRequest(f"{name}: must be valid Unicode (lone surrogate)")
     return value
+
+
+def _has_lone_surrogate(value: str) -> bool:
+    return any(0xD800 <= ord(ch) <= 0xDFFF for ch in value)
 
 
 def channel(fields: dict[str, Any], prefix: str = "") -> str | None:

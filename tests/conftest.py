@@ -17,6 +17,7 @@ from gateway.app import create_app
 from gateway.auth import hash_key
 from gateway.config import Config, load_config
 from gateway.sandbox import KoreSandbox, SandboxApp
+from tests.redis_fixtures import redis_server, redis_server_binary, silent_port  # noqa: F401
 
 CLIENT_ID = "cs-test-app"
 CLIENT_SECRET = "test-secret-for-sandbox-only-0123456789"
@@ -148,7 +149,8 @@ def auth_headers() -> dict[str, str]:
 def read_records(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines(): U+2028 is data
+    return [json.loads(line) for line in lines if line]
 
 
 @pytest.fixture

@@ -399,3 +399,55 @@ class TestSecrecy:
         ]
         assert token.value not in str(logs)
         assert HS256_SECRET not in str(logs)
+
+
+class TestReload:
+    """`TokenCache.reload`: a rotated secret's token is never sent again."""
+
+    async def test_changed_secret_drops_the_cached_token(
+            self, make_cache: Callable[..., TokenCache]) -> None:
+        old, new = hs_app(), hs_app(client_secret=Secret("rotated-" + "z" * 40))
+        cache = make_cache(old)
+        await cache.token(old)
+        with capture_logs() as logs:
+            assert cache.reload([new]) == ("main",)
+        token = await cache.token(new)
+        assert decode(token, "rotated-" + "z" * 40, "HS256")["appId"] == "cs-main"
+        assert cache.mints("main") == 2
+        assert {"event": "token.dropped", "app": "main", "reason": "config_reload",
+                "log_level": "info"} in logs
+
+    async def test_unchanged_app_keeps_its_token(
+            self, make_cache: Callable[..., TokenCache]) -> None:
+        keep, other = hs_app("keep"), hs_app("other")
+        cache = make_cache(keep, other)
+        first = await cache.token(keep)
+        assert cache.reload([keep, replace(other, token_ttl_s=300), hs_app("added")]) == (
+            "other",)
+        assert await cache.token(keep) is first
+        assert cache.mints("keep") == 1
+
+    async def test_app_chosen_before_a_reload_never_caches_its_token(
+            self, make_cache: Callable[..., TokenCache]) -> None:
+        """An in-flight request still holding the old app mints for itself only."""
+        old, new = hs_app(), hs_app(client_secret=Secret("rotated-" + "z" * 40))
+        cache = make_cache(old)
+        cache.reload([new])
+        stale = await cache.token(old)
+        decode(stale, HS256_SECRET, "HS256")  # signed with what the request started with
+        fresh = await cache.token(new)
+        assert fresh is not stale
+        decode(fresh, "rotated-" + "z" * 40, "HS256")
+        assert await cache.token(new) is fresh
+
+    async def test_bot_to_app_mapping_follows_the_new_apps(
+            self, make_cache: Callable[..., TokenCache]) -> None:
+        narrow = hs_app("narrow", bots=("st-a-*",))
+        cache = make_cache(narrow)
+        assert cache.app_for("st-a-1").name == "narrow"
+        with pytest.raises(BotNotConfigured):
+            cache.app_for("st-b-1")
+        cache.reload([narrow, hs_app("wide", bots=("st-*",))])
+        assert cache.app_for("st-b-1").name == "wide"
+        cache.reload([hs_app("wide", bots=("st-*",))])
+        assert cache.app_for("st-a-1").name == "wide"

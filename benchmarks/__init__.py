@@ -1,0 +1,1 @@
+"""Benchmarks of kore-session-gateway: `python -m benchmarks` (see benchmarks/__main__.py)."""

@@ -1,0 +1,337 @@
+"""One benchmark run: start stub, peer and gateway on loopback, drive them, collect figures.
+
+Phases, each bounded in time: start-up (ready times) → warm-up → `rounds` saturation rounds,
+nginx and gateway alternating (wrk; CPU time and RSS sampled around each) → `rounds` latency
+rounds at a fixed rate, direct-to-stub / nginx / gateway alternating → shut down (the gateway
+must exit 0 and every worker's audit chain must verify) → figures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import os
+import platform
+import secrets
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jwt
+
+from benchmarks import load, peers, stubs
+from benchmarks.nginx import nginx_binary
+from benchmarks.procs import RssSampler, Server, wait_status
+from benchmarks.report import targets
+from gateway.audit import verify_files
+
+MIB = 1024 * 1024
+START_TIMEOUT_S = 20.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    workers: int = 2
+    connections: int = 64
+    saturation_s: float = 8.0  # wrk takes whole seconds
+    warmup_s: float = 2.0
+    rounds: int = 3
+    rate: float = 200.0
+    latency_s: float = 5.0
+    stub: str = "auto"  # "auto", "nginx" or "sandbox"
+    label: str = "latest"
+
+
+@dataclass
+class Saturation:
+    rps: list[float] = field(default_factory=list)
+    ok: int = 0
+    requests: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    cpu_s: float = 0.0
+    p99_ms: list[float] = field(default_factory=list)
+    rss_peak: dict[int, int] = field(default_factory=dict)
+
+    def add(self, result: load.WrkResult, cpu_s: float, rss: dict[int, int]) -> None:
+        self.rps.append(result.rps)
+        self.ok += result.ok
+        self.requests += result.requests
+        for name, count in result.errors.items():
+            self.errors[name] = self.errors.get(name, 0) + count
+        self.cpu_s += cpu_s
+        self.p99_ms.append(result.p99_ms)
+        for pid, peak in rss.items():
+            self.rss_peak[pid] = max(self.rss_peak.get(pid, 0), peak)
+
+    def figures(self) -> dict[str, Any]:
+        return {"rps": round(statistics.median(self.rps), 1),
+                "rps_rounds": [round(r, 1) for r in self.rps],
+                "ok": self.ok, "requests": self.requests, "errors": self.errors,
+                "cpu_s": round(self.cpu_s, 3),
+                "wrk_p99_ms": round(statistics.median(self.p99_ms), 3)}
+
+    def cpu_us(self) -> float | None:
+        return round(self.cpu_s / self.ok * 1e6, 2) if self.ok else None
+
+
+class Bench:
+    def __init__(self, settings: Settings, directory: Path) -> None:
+        self.s = settings
+        self.dir = directory
+        self.kind = stubs.stub_kind(settings.stub)
+        self.with_peer = nginx_binary() is not None
+        self.creds = peers.Credentials(client_id="cs-bench-" + secrets.token_hex(4),
+                                       secret=secrets.token_urlsafe(32),
+                                       caller_key="kgw_bench_" + secrets.token_urlsafe(24))
+        self.static_jwt = _static_jwt(self.creds)
+        self.servers: dict[str, Server] = {}
+        self.gateway_requests = 0
+
+    # --- start-up -----------------------------------------------------------------------
+
+    async def start(self) -> dict[str, Any]:
+        stub = self.servers["stub"] = stubs.start_stub(
+            self.kind, self.dir / "stub", self.creds.client_id, self.creds.secret)
+        await wait_status(stub, "/healthz", START_TIMEOUT_S)
+        ready: dict[str, Any] = {"nginx": None}
+        if self.with_peer:
+            peer = self.servers["nginx"] = peers.start_peer(
+                self.dir / "nginx", self.s.workers, stub.url, self.static_jwt)
+            ready["nginx"] = round(await wait_status(peer, "/healthz", START_TIMEOUT_S), 3)
+        gw = self.servers["gateway"] = peers.start_gateway(
+            self.dir / "gateway", self.s.workers, stub.url, self.creds)
+        ready["gateway_first"] = round(await wait_status(gw, "/readyz", START_TIMEOUT_S), 3)
+        ready["gateway_all_workers"] = round(await self._all_listening(gw), 3)
+        return ready
+
+    async def _all_listening(self, gw: Server) -> float:
+        """Seconds from start until every worker has logged `gateway.listening` (and /readyz)."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if len(peers.gateway_log_events(gw.log, "gateway.listening")) >= self.s.workers:
+                return time.monotonic() - gw.started
+            await asyncio.sleep(0.005)
+        raise RuntimeError(f"not every gateway worker started; see {gw.log}")
+
+    # --- load ---------------------------------------------------------------------------
+
+    def requests(self) -> dict[str, load.Request]:
+        simple = f"/v1/bots/{peers.BOT}/sessions/deactivate"
+        body = b'{"userId":"u-1001","channel":"rtm"}'
+        json_type = {"Content-Type": "application/json"}
+        return {
+            "gateway": load.Request("POST", simple, body, {
+                **json_type, "Authorization": f"Bearer {self.creds.caller_key}"}),
+            "nginx": load.Request("POST", simple, body, json_type),
+            "direct": load.Request(
+                "PUT", f"/api/public/bot/{peers.BOT}/session",
+                b'{"userId":"u-1001","status":"inactive","channel":"rtm"}',
+                {**json_type, "auth": self.static_jwt}),
+        }
+
+    def saturate(self) -> dict[str, Saturation]:
+        requests = self.requests()
+        names = ["nginx", "gateway"] if self.with_peer else ["gateway"]
+        scripts = {n: load.wrk_script(requests[n], self.dir / f"{n}.lua") for n in names}
+        for name in names:  # warm-up: connection pools, the first JWT, page cache
+            result = self._wrk(name, scripts[name], self.s.warmup_s)
+            self._count(name, result.requests)
+        out = {name: Saturation() for name in names}
+        for _ in range(self.s.rounds):
+            for name in names:
+                server = self.servers[name]
+                before = server.cpu()
+                with RssSampler(server.workers()) as rss:
+                    result = self._wrk(name, scripts[name], self.s.saturation_s)
+                out[name].add(result, server.cpu() - before, rss.peak)
+                self._count(name, result.requests)
+        return out
+
+    def _wrk(self, name: str, script: Path, duration_s: float) -> load.WrkResult:
+        server = self.servers[name]
+        return load.run_wrk(server.url + self.requests()[name].path, script,
+                            connections=self.s.connections, duration_s=duration_s)
+
+    def _count(self, name: str, answered: int) -> None:
+        if name == "gateway":
+            self.gateway_requests += answered
+
+    async def latency(self) -> dict[str, dict[str, Any]]:
+        requests = self.requests()
+        urls = {"direct": self.servers["stub"].url, "gateway": self.servers["gateway"].url}
+        if self.with_peer:
+            urls["nginx"] = self.servers["nginx"].url
+        samples: dict[str, list[float]] = {name: [] for name in urls}
+        failed = dict.fromkeys(urls, 0)
+        late = dict.fromkeys(urls, 0.0)
+        for _ in range(self.s.rounds):
+            for name, url in urls.items():
+                host, port = url.removeprefix("http://").rsplit(":", 1)
+                result = await load.paced(host, int(port), requests[name], rate=self.s.rate,
+                                          duration_s=self.s.latency_s)
+                samples[name] += result.latencies_ms
+                failed[name] += result.failed
+                late[name] = max(late[name], result.late_ms_max)
+                self._count(name, result.sent)
+        return {name: {**load.summary(values), "failed": failed[name],
+                       "generator_late_ms_max": round(late[name], 3)}
+                for name, values in samples.items()}
+
+    # --- shut-down and the gateway's own record ------------------------------------------
+
+    def stop(self) -> dict[str, Any]:
+        codes = {}
+        for name in ("gateway", "nginx", "stub"):
+            if name in self.servers:
+                codes[name] = self.servers[name].stop()
+        return codes
+
+    def audit_check(self) -> dict[str, Any]:
+        files = sorted((self.dir / "gateway" / "audit").glob("*.jsonl"))
+        reports = {f.name: verify_files([f]) for f in files}
+        return {"files": len(files), "records": sum(r.records for r in reports.values()),
+                "chains_ok": bool(reports) and all(r.ok for r in reports.values()),
+                "errors": [r.error for r in reports.values() if not r.ok]}
+
+    def mints(self, elapsed_s: float) -> dict[str, Any]:
+        minted = peers.gateway_log_events(self.servers["gateway"].log, "token.minted")
+        per_worker: dict[str, int] = {}
+        for record in minted:
+            key = f"worker {record.get('worker', 0)}, app {record.get('app')}"
+            per_worker[key] = per_worker.get(key, 0) + 1
+        period = peers.TOKEN_TTL_S - min(peers.RENEW_BEFORE_S, peers.TOKEN_TTL_S / 2)
+        allowed = 1 + int(elapsed_s // period)  # per worker and app
+        over = sum(max(0, n - allowed) for n in per_worker.values())
+        per_10k = len(minted) / self.gateway_requests * 10_000 if self.gateway_requests else None
+        return {"mints": len(minted), "by_worker_and_app": per_worker,
+                "requests": self.gateway_requests, "per_10k": _round(per_10k, 3),
+                "renewal_period_s": period, "elapsed_s": round(elapsed_s, 1),
+                "allowed_per_worker_and_app": allowed, "over_allowed": over}
+
+
+def _static_jwt(creds: peers.Credentials) -> str:
+    """What the peer pastes into its config: one long-lived token, never renewed."""
+    now = int(time.time())
+    claims = {"appId": creds.client_id, "sub": "nginx-static", "iat": now, "exp": now + 86_400}
+    return jwt.encode(claims, creds.secret, algorithm="HS256", headers={"typ": "JWT"})
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def _ratio(a: float | None, b: float | None, digits: int = 3) -> float | None:
+    return round(a / b, digits) if a is not None and b else None
+
+
+async def run(settings: Settings, *, keep: bool = False) -> dict[str, Any]:
+    load.require_wrk()
+    with _run_dir(keep) as directory:
+        bench = Bench(settings, directory)
+        began = time.monotonic()
+        try:
+            ready = await bench.start()
+            gw = bench.servers["gateway"]
+            workers = gw.workers()
+            supervisor_rss = None if workers == [gw.proc.pid] else _rss_mib(gw.proc.pid)
+            saturation = await asyncio.to_thread(bench.saturate)
+            latency = await bench.latency()
+            elapsed = time.monotonic() - gw.started
+            mints = bench.mints(elapsed)
+        finally:
+            codes = bench.stop()
+        audit = bench.audit_check()
+        nginx_workers = ([p for p in saturation["nginx"].rss_peak]
+                         if "nginx" in saturation else [])
+        results = _figures(settings, bench, ready, saturation, latency, mints, audit, codes,
+                           workers, supervisor_rss, nginx_workers, directory)
+        results["duration_s"] = round(time.monotonic() - began, 1)
+        return results
+
+
+def _figures(settings: Settings, bench: Bench, ready: dict[str, Any],
+             saturation: dict[str, Saturation], latency: dict[str, dict[str, Any]],
+             mints: dict[str, Any], audit: dict[str, Any], codes: dict[str, Any],
+             workers: list[int], supervisor_rss: float | None, nginx_workers: list[int],
+             directory: Path) -> dict[str, Any]:
+    gw, ng = saturation["gateway"], saturation.get("nginx")
+    sat = {"gateway": gw.figures(), "nginx": ng.figures() if ng else {}}
+    sat["ratio"] = _ratio(sat["gateway"]["rps"], sat["nginx"].get("rps"))
+    cpu = {"gateway": gw.cpu_us(), "nginx": ng.cpu_us() if ng else None}
+    cpu["ratio"] = _ratio(cpu["gateway"], cpu["nginx"], 2)
+    lat: dict[str, Any] = {**latency}
+    lat.setdefault("nginx", {})
+    direct = latency["direct"]
+    lat["added_p50_ms"] = _round(latency["gateway"]["p50_ms"] - direct["p50_ms"], 3)
+    lat["added_p99_ms"] = _round(latency["gateway"]["p99_ms"] - direct["p99_ms"], 3)
+    if "nginx" in latency:
+        lat["nginx_added_p50_ms"] = _round(latency["nginx"]["p50_ms"] - direct["p50_ms"], 3)
+        lat["nginx_added_p99_ms"] = _round(latency["nginx"]["p99_ms"] - direct["p99_ms"], 3)
+    gw_rss = [round(gw.rss_peak.get(pid, 0) / MIB, 1) for pid in workers]
+    ng_rss = [round(ng.rss_peak[pid] / MIB, 1) for pid in nginx_workers] if ng else []
+    results: dict[str, Any] = {
+        "label": settings.label,
+        "when": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": _machine(directory),
+        "settings": {**settings.__dict__, "stub": bench.kind, "peer": bench.with_peer},
+        "saturation": sat,
+        "cpu_us_per_request": cpu,
+        "latency_200": lat,
+        "rss_mib": {"gateway_workers": gw_rss, "gateway_worker_max": max(gw_rss, default=0.0),
+                    "gateway_supervisor": supervisor_rss, "nginx_workers": ng_rss,
+                    "nginx_worker_max": max(ng_rss, default=None)},
+        "ready_s": ready,
+        "jwt": mints,
+        "audit": audit,
+        "exit_codes": codes,
+    }
+    results["targets"] = targets(results)
+    return results
+
+
+def _rss_mib(pid: int) -> float:
+    from benchmarks.procs import rss_bytes
+
+    return round(rss_bytes(pid) / MIB, 1)
+
+
+def _machine(directory: Path) -> dict[str, Any]:
+    def version(argv: list[str]) -> str | None:
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+        except OSError:
+            return None
+        lines = (done.stdout + done.stderr).strip().splitlines()
+        return lines[0] if lines else None
+
+    return {
+        "cpus": os.cpu_count(), "python": platform.python_version(),
+        "kernel": platform.release(),
+        "nginx": version([nginx_binary() or "nginx", "-v"]),
+        "wrk": version(["wrk", "-v"]),
+        "audit_fs": version(["stat", "-f", "-c", "%T", str(directory)]),
+        "uvloop": _installed("uvloop"), "orjson": _installed("orjson"),
+    }
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+@contextmanager
+def _run_dir(keep: bool) -> Iterator[Path]:
+    if keep:
+        path = Path(tempfile.mkdtemp(prefix="kgw-bench-"))
+        print(f"run directory (kept): {path}", flush=True)
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="kgw-bench-") as name:
+        yield Path(name)

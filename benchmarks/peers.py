@@ -1,0 +1,132 @@
+"""The two servers compared: the gateway (`kore-gateway serve --workers N`, every feature on)
+and its peer, nginx as the reverse proxy a platform team would otherwise deploy.
+
+The peer turns the simplified call (`POST /v1/bots/{botId}/sessions/deactivate`) into the
+Kore.ai PUT on the same stub and adds a static `auth` header (a long-lived JWT pasted into its
+config); the body passes through as sent. It has no caller keys, no input rules, no audit and no
+token renewal: it is the floor of what forwarding costs, not an equivalent product.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.nginx import start_nginx
+from benchmarks.procs import Server, free_port, start
+from gateway.auth import hash_key
+
+BOT = "st-bench-bot"
+APP = "bench"
+TOKEN_TTL_S = 600
+RENEW_BEFORE_S = 60
+NO_THROTTLE_WINDOW = (1_000_000_000, 60)  # on, but never the limit in a benchmark
+
+
+@dataclass(frozen=True)
+class Credentials:
+    client_id: str
+    secret: str
+    caller_key: str
+
+
+def start_peer(directory: Path, workers: int, stub_url: str, static_jwt: str) -> Server:
+    port = free_port()
+    upstream = stub_url.removeprefix("http://")
+    http = f"""    upstream kore {{
+        server {upstream};
+        keepalive 64;
+        keepalive_requests 1000000;
+    }}
+    server {{
+        listen 127.0.0.1:{port} reuseport backlog=4096;
+        location ~ ^/v1/bots/([^/]+)/sessions/deactivate$ {{
+            proxy_pass http://kore/api/public/bot/$1/session;
+            proxy_method PUT;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Authorization "";
+            proxy_set_header Content-Type application/json;
+            proxy_set_header auth "{static_jwt}";
+        }}
+        location = /healthz {{
+            return 200 'ok';
+        }}
+    }}"""
+    return start_nginx("nginx", directory, workers, http, f"http://127.0.0.1:{port}")
+
+
+def gateway_config(directory: Path, stub_url: str, creds: Credentials) -> Path:
+    """Every feature on: API keys, input rules, fsynced audit, cached JWT, rate limit."""
+    port = free_port()
+    calls, per_s = NO_THROTTLE_WINDOW
+    text = f"""[server]
+listen = "127.0.0.1:{port}"
+auth = "api-key"
+
+[upstream]
+base_url = {json.dumps(stub_url)}
+allow_insecure_http = true
+timeout_s = 10
+
+[audit]
+path = {json.dumps(str(directory / "audit" / "deactivations.jsonl"))}
+fsync = true
+
+[rate_limit]
+enabled = true
+backend = "memory"
+windows = [{{ calls = {calls}, per_s = {per_s} }}]
+
+[logging]
+level = "info"
+format = "json"
+
+[[apps]]
+name = "{APP}"
+client_id = {json.dumps(creds.client_id)}
+client_secret = {json.dumps(creds.secret)}
+token_ttl_s = {TOKEN_TTL_S}
+renew_before_s = {RENEW_BEFORE_S}
+jti = false
+bots = ["st-*"]
+
+[[callers]]
+name = "bench-caller"
+key_sha256 = "{hash_key(creds.caller_key)}"
+bots = ["st-*"]
+"""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "gateway.toml"
+    path.write_text(text)
+    return path
+
+
+def listen_url(config_path: Path) -> str:
+    for line in config_path.read_text().splitlines():
+        if line.startswith("listen = "):
+            return "http://" + json.loads(line.split("=", 1)[1])
+    raise ValueError(f"{config_path}: no listen line")
+
+
+def start_gateway(directory: Path, workers: int, stub_url: str, creds: Credentials) -> Server:
+    config = gateway_config(directory, stub_url, creds)
+    argv = [sys.executable, "-m", "gateway", "serve", "--config", str(config),
+            "--workers", str(workers)]
+    return start("gateway", argv, listen_url(config), directory / "gateway.log")
+
+
+def gateway_log_events(log: Path, event: str) -> list[dict[str, object]]:
+    """The gateway's JSON log lines for one event."""
+    found = []
+    for line in log.read_text(errors="replace").splitlines():
+        if f'"{event}"' in line:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("event") == event:
+                found.append(record)
+    return found

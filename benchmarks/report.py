@@ -1,0 +1,205 @@
+"""Results → targets, a markdown table, a PNG plot, and the README's Benchmarks block.
+
+`python -m benchmarks.report compare BEFORE.json AFTER.json` prints a before/after table.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+README_BEGIN = "<!-- benchmarks:begin (written by `python -m benchmarks`) -->"
+README_END = "<!-- benchmarks:end -->"
+
+# (key, what, limit, "max" = the figure must stay at or under the limit, "min" = at or over)
+TARGETS: tuple[tuple[str, str, float, str], ...] = (
+    ("cpu_ratio", "CPU time per deactivation, gateway ÷ nginx", 4.0, "max"),
+    ("added_p50_ms", "added latency at 200 req/s, p50 (ms)", 0.5, "max"),
+    ("added_p99_ms", "added latency at 200 req/s, p99 (ms)", 2.0, "max"),
+    ("throughput_ratio", "saturation throughput, gateway ÷ nginx", 0.30, "min"),
+    ("rss_mib_max", "RSS per worker under load (MiB)", 64.0, "max"),
+    ("ready_s", "start → /readyz 200, all workers (s)", 1.5, "max"),
+    ("mints_over_allowed", "JWT mints beyond one per app per renewal period", 0.0, "max"),
+)
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    figures = {
+        "cpu_ratio": results["cpu_us_per_request"].get("ratio"),
+        "added_p50_ms": results["latency_200"].get("added_p50_ms"),
+        "added_p99_ms": results["latency_200"].get("added_p99_ms"),
+        "throughput_ratio": results["saturation"].get("ratio"),
+        "rss_mib_max": results["rss_mib"]["gateway_worker_max"],
+        "ready_s": results["ready_s"]["gateway_all_workers"],
+        "mints_over_allowed": results["jwt"]["over_allowed"],
+    }
+    out = []
+    for key, what, limit, kind in TARGETS:
+        value = figures[key]
+        met = None if value is None else (value <= limit if kind == "max" else value >= limit)
+        out.append({"key": key, "what": what, "value": value, "limit": limit, "kind": kind,
+                    "met": met})
+    return out
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def _verdict(met: bool | None) -> str:
+    return {True: "met", False: "**missed**", None: "n/a"}[met]
+
+
+def markdown(results: dict[str, Any]) -> str:
+    sat, cpu, lat = results["saturation"], results["cpu_us_per_request"], results["latency_200"]
+    rss, ready, tok = results["rss_mib"], results["ready_s"], results["jwt"]
+    s = results["settings"]
+    n = s["workers"]
+    lines = [
+        f"Run `{results['label']}` at {results['when']}: {results['machine']['cpus']} cores, "
+        f"{n} worker(s) each, stub: {s['stub']}, wrk `-c{s['connections']}` "
+        f"{s['rounds']}×{s['saturation_s']:g} s, paced {s['rate']:g} req/s "
+        f"{s['rounds']}×{s['latency_s']:g} s per target.",
+        "",
+        "| figure | gateway | nginx | gateway ÷ nginx |",
+        "|---|---:|---:|---:|",
+        f"| saturation throughput (req/s, {n} workers) | {_fmt(sat['gateway']['rps'], 0)} "
+        f"| {_fmt(sat['nginx'].get('rps'), 0)} | {_fmt(sat.get('ratio'))} |",
+        f"| CPU time per deactivation (µs) | {_fmt(cpu['gateway'], 1)} "
+        f"| {_fmt(cpu.get('nginx'), 1)} | {_fmt(cpu.get('ratio'))} |",
+        f"| latency at {s['rate']:g} req/s, p50 / p99 (ms) "
+        f"| {_fmt(lat['gateway']['p50_ms'], 3)} / {_fmt(lat['gateway']['p99_ms'], 3)} "
+        f"| {_fmt(lat['nginx'].get('p50_ms'), 3)} / {_fmt(lat['nginx'].get('p99_ms'), 3)} | |",
+        f"| added over direct-to-stub, p50 / p99 (ms) "
+        f"| {_fmt(lat.get('added_p50_ms'), 3)} / {_fmt(lat.get('added_p99_ms'), 3)} "
+        f"| {_fmt(lat.get('nginx_added_p50_ms'), 3)} / {_fmt(lat.get('nginx_added_p99_ms'), 3)} | |",
+        f"| RSS per worker under load (MiB, max) | {_fmt(rss['gateway_worker_max'], 1)} "
+        f"| {_fmt(rss.get('nginx_worker_max'), 1)} | |",
+        f"| start → ready (s) | {_fmt(ready['gateway_all_workers'], 3)} "
+        f"| {_fmt(ready.get('nginx'), 3)} | |",
+        f"| JWT mints per 10,000 requests | {_fmt(tok['per_10k'], 2)} | – (static token) | |",
+        "",
+        f"Direct to the stub at {s['rate']:g} req/s: p50 {_fmt(lat['direct']['p50_ms'], 3)} ms, "
+        f"p99 {_fmt(lat['direct']['p99_ms'], 3)} ms.",
+        "",
+        "| target | figure | limit | verdict |",
+        "|---|---:|---:|---|",
+    ]
+    for t in results["targets"]:
+        sign = "≤" if t["kind"] == "max" else "≥"
+        lines.append(f"| {t['what']} | {_fmt(t['value'], 3)} | {sign} {t['limit']:g} "
+                     f"| {_verdict(t['met'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sat, cpu, lat = results["saturation"], results["cpu_us_per_request"], results["latency_200"]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.2))
+    names, colours = ["gateway", "nginx"], ["#3b6ea5", "#999999"]
+    _bars(axes[0], names, [sat["gateway"]["rps"], sat["nginx"].get("rps") or 0], colours,
+          f"saturation throughput (req/s, {results['settings']['workers']} workers)")
+    _bars(axes[1], names, [cpu["gateway"], cpu.get("nginx") or 0], colours,
+          "CPU time per deactivation (µs)")
+    targets_ = ["direct", "nginx", "gateway"]
+    x = range(len(targets_))
+    p50 = [lat[t].get("p50_ms") or 0 for t in targets_]
+    p99 = [lat[t].get("p99_ms") or 0 for t in targets_]
+    axes[2].bar([i - 0.2 for i in x], p50, 0.4, label="p50", color="#3b6ea5")
+    axes[2].bar([i + 0.2 for i in x], p99, 0.4, label="p99", color="#a53b3b")
+    axes[2].set_xticks(list(x), targets_)
+    axes[2].set_title(f"latency at {results['settings']['rate']:g} req/s (ms)", fontsize=10)
+    axes[2].legend()
+    fig.suptitle(f"kore-session-gateway vs nginx — {results['when']}", fontsize=11)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _bars(ax: Any, names: list[str], values: list[float], colours: list[str], title: str) -> None:
+    bars = ax.bar(names, values, color=colours)
+    ax.bar_label(bars, labels=[f"{v:,.0f}" if v >= 100 else f"{v:,.1f}" for v in values])
+    ax.set_title(title, fontsize=10)
+
+
+def write(results: dict[str, Any], out: Path) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    label = results["label"]
+    paths = {"json": out / f"{label}.json", "md": out / f"{label}.md",
+             "png": out / f"{label}.png"}
+    paths["json"].write_text(json.dumps(results, indent=2) + "\n")
+    paths["md"].write_text(markdown(results))
+    plot(results, paths["png"])
+    return paths
+
+
+def update_readme(readme: Path, table: str, image: str) -> bool:
+    """Replaces the block between the markers; False when the README has no such block."""
+    text = readme.read_text(encoding="utf-8")
+    pattern = re.compile(re.escape(README_BEGIN) + r".*?" + re.escape(README_END), re.S)
+    if not pattern.search(text):
+        return False
+    block = f"{README_BEGIN}\n{table}\n![benchmark]({image})\n{README_END}"
+    readme.write_text(pattern.sub(lambda _: block, text, count=1), encoding="utf-8")
+    return True
+
+
+# --- before / after ------------------------------------------------------------------------
+
+COMPARED: tuple[tuple[str, tuple[str, ...], int], ...] = (
+    ("saturation throughput, gateway (req/s)", ("saturation", "gateway", "rps"), 0),
+    ("saturation throughput, nginx (req/s)", ("saturation", "nginx", "rps"), 0),
+    ("throughput ratio gateway ÷ nginx", ("saturation", "ratio"), 3),
+    ("CPU per deactivation, gateway (µs)", ("cpu_us_per_request", "gateway"), 1),
+    ("CPU per deactivation, nginx (µs)", ("cpu_us_per_request", "nginx"), 1),
+    ("CPU ratio gateway ÷ nginx", ("cpu_us_per_request", "ratio"), 2),
+    ("added latency p50 at 200 req/s (ms)", ("latency_200", "added_p50_ms"), 3),
+    ("added latency p99 at 200 req/s (ms)", ("latency_200", "added_p99_ms"), 3),
+    ("RSS per worker, max (MiB)", ("rss_mib", "gateway_worker_max"), 1),
+    ("start → ready, all workers (s)", ("ready_s", "gateway_all_workers"), 3),
+    ("JWT mints per 10,000 requests", ("jwt", "per_10k"), 2),
+)
+
+
+def _dig(results: dict[str, Any], keys: Sequence[str]) -> Any:
+    value: Any = results
+    for key in keys:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+def compare(before: dict[str, Any], after: dict[str, Any]) -> str:
+    lines = [f"| figure | before (`{before['label']}`) | after (`{after['label']}`) |",
+             "|---|---:|---:|"]
+    for what, keys, digits in COMPARED:
+        lines.append(f"| {what} | {_fmt(_dig(before, keys), digits)} "
+                     f"| {_fmt(_dig(after, keys), digits)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str]) -> int:
+    if len(argv) != 3 or argv[0] != "compare":
+        print("usage: python -m benchmarks.report compare BEFORE.json AFTER.json",
+              file=sys.stderr)
+        return 2
+    before, after = (json.loads(Path(p).read_text()) for p in argv[1:])
+    print(compare(before, after), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,75 @@
+"""JSON text byte-identical to the standard library's, produced by orjson where that is proven.
+
+The audit chain hashes `json.dumps(record, sort_keys=True, separators=(",", ":"),
+ensure_ascii=False)` (the contract's definition), so a faster encoder may only be used where
+its output is the same, byte for byte. orjson's is for dicts (str keys, which both sort by code
+point) and lists of `str`, `bool`, `None`, `int`, and `float` in the range where both print the
+shortest round-trip digits in the same notation. Anything else, and any orjson error (an int
+past 64 bits, a lone surrogate), goes to the standard library: results never depend on which
+path ran. `tests/test_jsoncodec.py` checks the equivalence.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+try:
+    import orjson
+except ImportError:  # pragma: no cover - a dependency; without it, the standard library
+    orjson = None
+
+_SORTED = 0 if orjson is None else orjson.OPT_SORT_KEYS
+_MAX_DEPTH = 16
+_SCALARS = frozenset({str, int, bool, type(None)})  # an int past 64 bits makes orjson raise
+_CONTAINERS = frozenset({dict, list})
+_FLOAT_LOW, _FLOAT_HIGH = 1e-4, 1e16  # repr() switches to exponent notation outside this range
+
+
+def canonical(obj: Any) -> str:
+    """`json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)`."""
+    if orjson is not None and _plain(obj, 0):
+        try:
+            return str(orjson.dumps(obj, option=_SORTED), "utf-8")
+        except orjson.JSONEncodeError:
+            pass
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def compact_line(obj: Any) -> bytes:
+    """`json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)` + newline,
+    UTF-8 encoded; raises ValueError/TypeError for what the standard library refuses."""
+    if orjson is not None and _plain(obj, 0):
+        try:
+            return orjson.dumps(obj, option=orjson.OPT_APPEND_NEWLINE)
+        except orjson.JSONEncodeError:
+            pass
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return (text + "\n").encode("utf-8")
+
+
+def _plain(obj: Any, depth: int) -> bool:
+    """True when orjson's output for `obj` is known to equal the standard library's.
+
+    Keys need no check: orjson refuses a non-str key (and the standard library takes over)."""
+    kind = type(obj)
+    if kind is dict:
+        values: Any = obj.values()
+    elif kind is list:
+        values = obj
+    else:
+        return kind in _SCALARS or kind is float and _same_float(obj)
+    for value in values:  # a plain loop: this runs twice for every audit record
+        kind = type(value)
+        if kind in _SCALARS:
+            continue
+        if kind is float:
+            if not _same_float(value):
+                return False
+        elif kind not in _CONTAINERS or depth >= _MAX_DEPTH or not _plain(value, depth + 1):
+            return False
+    return True
+
+
+def _same_float(value: float) -> bool:
+    return value == 0.0 or _FLOAT_LOW <= abs(value) < _FLOAT_HIGH

@@ -1,0 +1,174 @@
+"""Prometheus metrics: the registry, every metric, and the text `GET /metrics` serves.
+
+The only module that imports `prometheus_client`. Other modules call the small methods of
+`Metrics` where a thing happens (a request answered, an upstream attempt, a token minted, an
+audit batch committed …) and never see a metric object. Each `Metrics` has its own registry
+unless one is given, so tests and several apps in one process never share counts.
+
+Several workers (`serve --workers N`) use prometheus-client's multiprocess mode: the supervisor
+points `PROMETHEUS_MULTIPROC_DIR` at a fresh directory before spawning them
+(`multiprocess_dir`), every worker writes its samples to memory-mapped files there, and
+whichever worker answers `/metrics` merges all of them. Counters and histograms are summed
+over workers (finished ones included); `in_flight` is summed and `circuit_state` is the
+maximum over live workers. In that mode a worker must hold a single `Metrics` (the runtime's):
+each instance keeps its own copy of a series' value and writes it whole to the shared file.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
+from prometheus_client.exposition import generate_latest
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # what generate_latest writes
+ANONYMOUS = "anonymous"  # the caller label of a request that was not authenticated
+CIRCUIT_STATES = {"closed": 0, "half_open": 1, "open": 2}  # kore_gateway_circuit_state values
+
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+AUDIT_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class Metrics:
+    """Every metric of one process, registered in `registry` (a private one by default)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self._requests = Counter(
+            "kore_gateway_requests_total", "HTTP requests answered, by route template, "
+            "status and caller (anonymous when not authenticated).",
+            ("route", "status", "caller"), registry=r)
+        self._request_seconds = Histogram(
+            "kore_gateway_request_duration_seconds", "Time from request to response in the "
+            "gateway, by route template.", ("route",), buckets=LATENCY_BUCKETS_S, registry=r)
+        self._upstream = Counter(
+            "kore_gateway_upstream_requests_total", "Attempts sent to Kore.ai, by its HTTP "
+            "status (timeout or error when there was none).", ("status",), registry=r)
+        self._upstream_seconds = Histogram(
+            "kore_gateway_upstream_latency_seconds", "Duration of one attempt sent to Kore.ai.",
+            buckets=LATENCY_BUCKETS_S, registry=r)
+        self._mints = Counter("kore_gateway_token_mints_total",
+                              "JWTs signed, by Kore.ai app.", ("app",), registry=r)
+        self._hits = Counter("kore_gateway_token_cache_hits_total",
+                             "Upstream attempts served by a cached JWT, by Kore.ai app.",
+                             ("app",), registry=r)
+        self._audit_seconds = Histogram(
+            "kore_gateway_audit_write_seconds", "Duration of one audit group commit "
+            "(write and fsync).", buckets=AUDIT_BUCKETS_S, registry=r)
+        self._audit_batch = Histogram(
+            "kore_gateway_audit_batch_records", "Records made durable by one audit group "
+            "commit.", buckets=BATCH_BUCKETS, registry=r)
+        self._audit_errors = Counter("kore_gateway_audit_write_errors_total",
+                                     "Audit group commits that failed.", registry=r)
+        self._waits = Counter("kore_gateway_ratelimit_waits_total", "Upstream calls that "
+                              "waited for the per-bot rate limit.", registry=r)
+        self._rejections = Counter("kore_gateway_ratelimit_rejections_total", "Calls refused "
+                                   "because the per-bot rate limit was spent.", registry=r)
+        self._in_flight = Gauge("kore_gateway_in_flight", "Deactivation requests being "
+                                "handled (compare with server.max_in_flight).",
+                                multiprocess_mode="livesum", registry=r)
+        self._circuit = Gauge("kore_gateway_circuit_state", "Circuit breaker of the upstream "
+                              "host: 0 closed, 1 half-open, 2 open (worst worker).", ("host",),
+                              multiprocess_mode="livemax", registry=r)
+        self._redis_fallback = Gauge(
+            "kore_gateway_ratelimit_redis_fallback", "1 while the Redis rate-limit backend is "
+            "unreachable and a local share of the budget is used, else 0 (worst worker).",
+            multiprocess_mode="livemax", registry=r)
+        # Label children are looked up once and kept: a request pays a dict lookup, no lock.
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def request(self, route: str, status: int, caller: str | None, seconds: float) -> None:
+        self._child(self._requests, route, str(status), caller or ANONYMOUS).inc()
+        self._child(self._request_seconds, route).observe(seconds)
+
+    def request_started(self) -> None:
+        self._in_flight.inc()
+
+    def request_finished(self) -> None:
+        self._in_flight.dec()
+
+    def upstream_attempt(self, status: int | str, seconds: float) -> None:
+        self._child(self._upstream, str(status)).inc()
+        self._upstream_seconds.observe(seconds)
+
+    def token_minted(self, app: str) -> None:
+        self._child(self._mints, app).inc()
+
+    def token_cache_hit(self, app: str) -> None:
+        self._child(self._hits, app).inc()
+
+    def audit_committed(self, records: int, seconds: float) -> None:
+        self._audit_batch.observe(records)
+        self._audit_seconds.observe(seconds)
+
+    def audit_failed(self) -> None:
+        self._audit_errors.inc()
+
+    def ratelimit_waited(self) -> None:
+        self._waits.inc()
+
+    def ratelimit_rejected(self) -> None:
+        self._rejections.inc()
+
+    def circuit_state(self, host: str, state: str) -> None:
+        self._child(self._circuit, host).set(CIRCUIT_STATES[state])
+
+    def ratelimit_redis_fallback(self, active: bool) -> None:
+        self._redis_fallback.set(1 if active else 0)
+
+    def render(self) -> bytes:
+        """The Prometheus text format: this registry, or every worker's samples merged."""
+        if not os.environ.get(MULTIPROC_ENV):
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
+        return generate_latest(merged)
+
+
+@contextmanager
+def multiprocess_dir(workers: int) -> Iterator[Path | None]:
+    """Multiprocess mode for the workers about to be spawned; enter it before spawning.
+
+    A `PROMETHEUS_MULTIPROC_DIR` set by the operator is used, emptied of old samples first.
+    Otherwise, with several workers, a fresh temporary directory is made and removed at exit.
+    """
+    given = os.environ.get(MULTIPROC_ENV)
+    if given:
+        path = Path(given)
+        path.mkdir(parents=True, exist_ok=True)
+        for stale in path.glob("*.db"):
+            stale.unlink()
+        yield path
+        return
+    if workers <= 1:
+        yield None
+        return
+    made = Path(tempfile.mkdtemp(prefix="kore-gateway-metrics-"))
+    os.environ[MULTIPROC_ENV] = str(made)
+    try:
+        yield made
+    finally:
+        os.environ.pop(MULTIPROC_ENV, None)
+        shutil.rmtree(made, ignore_errors=True)
+
+
+def worker_exited(pid: int) -> None:
+    """Drops a finished worker's live gauges; its counters still count in the sums."""
+    if os.environ.get(MULTIPROC_ENV):
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]

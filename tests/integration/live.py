@@ -1,0 +1,89 @@
+"""The real gateway (`server.make_runner`, as `serve` builds it) and the sandbox, served from a
+background thread with its own event loop: for tests that drive raw sockets synchronously
+(hypothesis) and for hostile clients that must not share the gateway's loop."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from gateway.app import RUNTIME, Runtime, create_app
+from gateway.config import Config
+from gateway.sandbox import KoreSandbox, SandboxApp
+from gateway.server import make_runner
+from tests.conftest import CLIENT_ID, CLIENT_SECRET
+
+START_TIMEOUT_S = 15.0
+
+
+@dataclass
+class Live:
+    port: int
+    sandbox: KoreSandbox
+    runtime: Runtime
+    loop: asyncio.AbstractEventLoop
+
+    def call(self, coro: Any, timeout_s: float = 10.0) -> Any:
+        """Runs `coro` on the gateway's loop (to read or change state safely) and waits."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def live_gateway(make_config: Any, **tables: Any) -> Iterator[Live]:
+    """`with live_gateway(make_config, server={…}) as live:` the gateway on `live.port`."""
+    sandbox = KoreSandbox([SandboxApp(client_id=CLIENT_ID, key=CLIENT_SECRET)])
+    sandbox_port, port = free_port(), free_port()
+    config: Config = make_config(f"http://127.0.0.1:{sandbox_port}",
+                                 **{"server": {"listen": f"127.0.0.1:{port}"}} | tables)
+    ready: list[Live] = []
+    started, stop = threading.Event(), threading.Event()
+    failures: list[BaseException] = []
+
+    async def serve() -> None:
+        upstream = web.AppRunner(sandbox.create_app(), access_log=None)
+        await upstream.setup()
+        await web.TCPSite(upstream, "127.0.0.1", sandbox_port).start()
+        app = create_app(config)
+        runner = make_runner(app, config)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        ready.append(Live(port, sandbox, app[RUNTIME], asyncio.get_running_loop()))
+        started.set()
+        try:
+            while not stop.is_set():
+                await asyncio.sleep(0.02)
+        finally:
+            await runner.cleanup()
+            await upstream.cleanup()
+
+    def main() -> None:
+        try:
+            asyncio.run(serve())
+        except BaseException as exc:  # reported to the test thread
+            failures.append(exc)
+            started.set()
+
+    thread = threading.Thread(target=main, name="live-gateway", daemon=True)
+    thread.start()
+    if not started.wait(START_TIMEOUT_S) or failures:
+        stop.set()
+        raise AssertionError(f"live gateway did not start: {failures}")
+    try:
+        yield ready[0]
+    finally:
+        stop.set()
+        thread.join(START_TIMEOUT_S)
+        assert not thread.is_alive(), "live gateway did not stop"

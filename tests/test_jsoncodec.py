@@ -1,0 +1,93 @@
+"""gateway.jsoncodec: byte for byte what the standard library writes, whichever path runs."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway import jsoncodec
+from gateway.audit import canonical
+
+SCALARS = (st.none() | st.booleans() | st.text()
+           | st.integers(min_value=-(2**70), max_value=2**70)
+           | st.floats(allow_nan=False, allow_infinity=False))
+VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4)
+                      | st.dictionaries(st.text(max_size=6), inner, max_size=4), max_leaves=12)
+RECORDS = st.dictionaries(st.text(max_size=12), VALUES, max_size=12)
+
+
+def stdlib_canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def stdlib_line(obj: Any) -> bytes:
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return (text + "\n").encode("utf-8")
+
+
+class TestCanonical:
+    @settings(max_examples=150, deadline=None)
+    @given(RECORDS)
+    def test_equals_the_contract_definition(self, record: dict[str, Any]) -> None:
+        assert jsoncodec.canonical(record) == stdlib_canonical(record)
+
+    def test_every_code_point_is_written_as_the_standard_library_writes_it(self) -> None:
+        points = [c for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF]
+        for start in range(0, len(points), 4096):
+            record = {"userId": "".join(map(chr, points[start:start + 4096]))}
+            assert jsoncodec.canonical(record) == stdlib_canonical(record)
+
+    @pytest.mark.parametrize("value", [
+        0.0, -0.0, 1e-4, 9.5e-5, 1e-5, 1e15, 1e16, 1.5e16, 1e300, 5e-324, 4.358, 0.1 + 0.2,
+        2**63 - 1, -(2**63), 2**64 - 1, 2**64, -(2**63) - 1, 10**40, True, None,
+    ])
+    def test_numbers_at_the_edges(self, value: Any) -> None:
+        record = {"durationMs": value, "nested": [value, {"v": value}]}
+        assert jsoncodec.canonical(record) == stdlib_canonical(record)
+
+    def test_nan_and_infinity_follow_the_standard_library(self) -> None:
+        record = {"a": math.nan, "b": math.inf, "c": -math.inf}
+        assert jsoncodec.canonical(record) == stdlib_canonical(record) == \
+            '{"a":NaN,"b":Infinity,"c":-Infinity}'
+
+    def test_subclasses_and_odd_keys_fall_back(self) -> None:
+        class Text(str):
+            pass
+
+        record: dict[Any, Any] = {Text("k"): Text("v"), "é": "ü", "𝄞": "z", "~": 1}
+        assert jsoncodec.canonical(record) == stdlib_canonical(record)
+        int_keys = {2: "b", 1: "a"}
+        assert jsoncodec.canonical(int_keys) == stdlib_canonical(int_keys) == '{"1":"a","2":"b"}'
+
+    def test_audit_canonical_leaves_out_the_hash(self) -> None:
+        record = {"seq": 1, "prev": "0" * 64, "hash": "abc", "durationMs": 1.25}
+        assert canonical(record) == '{"durationMs":1.25,"prev":"' + "0" * 64 + '","seq":1}'
+
+
+class TestCompactLine:
+    @settings(max_examples=150, deadline=None)
+    @given(RECORDS)
+    def test_equals_the_standard_library(self, record: dict[str, Any]) -> None:
+        assert jsoncodec.compact_line(record) == stdlib_line(record)
+
+    def test_keeps_key_order(self) -> None:
+        assert jsoncodec.compact_line({"ts": "t", "seq": 1, "a": None}) == \
+            b'{"ts":"t","seq":1,"a":null}\n'
+
+    @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+    def test_refuses_nan_and_infinity(self, value: float) -> None:
+        with pytest.raises(ValueError):
+            jsoncodec.compact_line({"durationMs": value})
+
+    def test_refuses_a_lone_surrogate(self) -> None:
+        with pytest.raises(ValueError):
+            jsoncodec.compact_line({"userId": "a\ud800b"})
+
+    def test_refuses_what_json_cannot_encode(self) -> None:
+        with pytest.raises(TypeError):
+            jsoncodec.compact_line({"x": object()})

@@ -1,0 +1,124 @@
+"""Tests for gateway.logs: the redaction processor and the configured JSON output."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import structlog
+
+from gateway.logs import REDACTED_KEYS, configure, redact
+
+JWT = ("eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJhcHBJZCI6ImNzLXRlc3QiLCJzdWIiOiJ4In0."
+       "SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c")
+KEY = "kgw_caller_key_do_not_log_0123456789"
+
+
+def run(**event: Any) -> dict[str, Any]:
+    return dict(redact(None, "info", dict(event)))
+
+
+def stderr_lines(capsys: pytest.CaptureFixture[str]) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in capsys.readouterr().err.splitlines() if line]
+
+
+class TestRedact:
+    @pytest.mark.parametrize("name", sorted(REDACTED_KEYS))
+    def test_secret_named_keys_masked(self, name: str) -> None:
+        assert run(event="e", **{name: "value-123"})[name] == "[redacted]"
+
+    @pytest.mark.parametrize("name", ["Authorization", "TOKEN", "Client_Secret", "JWT"])
+    def test_key_names_case_insensitive(self, name: str) -> None:
+        assert run(event="e", **{name: "value-123"})[name] == "[redacted]"
+
+    @pytest.mark.parametrize("value", [12345, None, b"bytes", ["a"], {"x": 1}])
+    def test_non_string_secret_values_masked(self, value: Any) -> None:
+        assert run(event="e", secret=value)["secret"] == "[redacted]"
+
+    @pytest.mark.parametrize("name", ["token", "secret", "authorization", "key"])
+    def test_the_style_guide_names_are_covered(self, name: str) -> None:
+        assert name in REDACTED_KEYS
+
+    def test_jwt_shaped_string_masked_anywhere(self) -> None:
+        out = run(event=f"sending {JWT} upstream", detail=f"auth={JWT}", jwtish=JWT)
+        assert JWT not in json.dumps(out)
+        assert out["jwtish"] == "[redacted-jwt]"
+        assert out["event"] == "sending [redacted-jwt] upstream"
+
+    @pytest.mark.parametrize("value", [f"Bearer {KEY}", f"bearer {KEY}", f"BEARER  {KEY}",
+                                       f"header was 'Authorization: Bearer {KEY}'"])
+    def test_bearer_key_masked(self, value: str) -> None:
+        out = run(event="e", header_text=value)
+        assert KEY not in out["header_text"] and "[redacted]" in out["header_text"]
+
+    def test_ordinary_values_untouched(self) -> None:
+        event = {"event": "deactivate.completed", "bot_id": "st-abc", "status": 200,
+                 "user_id": "u-1", "duration_ms": 12.5, "app": "sessions"}
+        assert run(**event) == event
+
+    def test_short_dotted_strings_not_taken_for_jwts(self) -> None:
+        assert run(event="e", version="eyJ.a.b")["version"] == "eyJ.a.b"
+
+    def test_nested_values_masked(self) -> None:
+        out = run(event="e", headers={"Authorization": f"Bearer {KEY}"}, tokens=[JWT])
+        text = json.dumps(out)
+        assert KEY not in text and JWT not in text
+
+
+class TestConfigure:
+    def test_token_value_never_printed(self, capsys: pytest.CaptureFixture[str]) -> None:
+        configure("info", "json")
+        structlog.get_logger("t").info("token.minted", token=JWT, app="sessions",
+                                       authorization=f"Bearer {KEY}", client_secret="s3cr3t!")
+        err = capsys.readouterr().err
+        assert JWT not in err and KEY not in err and "s3cr3t!" not in err
+        [line] = [json.loads(x) for x in err.splitlines()]
+        assert line["event"] == "token.minted" and line["app"] == "sessions"
+        assert line["token"] == "[redacted]" and line["level"] == "info"
+
+    def test_json_lines_with_utc_timestamp(self, capsys: pytest.CaptureFixture[str]) -> None:
+        configure("info", "json")
+        structlog.get_logger("t").info("request.done", status=200)
+        [line] = stderr_lines(capsys)
+        assert line["timestamp"].endswith("Z") and line["status"] == 200
+        assert capsys.readouterr().out == ""
+
+    def test_auto_format_is_json_off_a_terminal(self, capsys: pytest.CaptureFixture[str]) -> None:
+        configure()
+        structlog.get_logger("t").info("e", token="abc-secret")
+        [line] = stderr_lines(capsys)
+        assert line["token"] == "[redacted]"
+
+    def test_console_format_also_redacts(self, capsys: pytest.CaptureFixture[str]) -> None:
+        configure("info", "console")
+        structlog.get_logger("t").info("e", token="abc-secret-console", note=f"Bearer {KEY}")
+        err = capsys.readouterr().err
+        assert "abc-secret-console" not in err and KEY not in err
+
+    def test_level_filters(self, capsys: pytest.CaptureFixture[str]) -> None:
+        configure("warning", "json")
+        log = structlog.get_logger("t")
+        log.info("hidden")
+        log.warning("shown")
+        assert [line["event"] for line in stderr_lines(capsys)] == ["shown"]
+
+    def test_context_vars_merged(self, capsys: pytest.CaptureFixture[str]) -> None:
+        configure("info", "json")
+        structlog.contextvars.bind_contextvars(request_id="req-1")
+        try:
+            structlog.get_logger("t").info("e")
+        finally:
+            structlog.contextvars.clear_contextvars()
+        [line] = stderr_lines(capsys)
+        assert line["request_id"] == "req-1"
+
+    def test_exception_text_redacted(self, capsys: pytest.CaptureFixture[str]) -> None:
+        configure("info", "json")
+        try:
+            raise ValueError(f"upstream refused auth {JWT} for Bearer {KEY}")
+        except ValueError:
+            structlog.get_logger("t").exception("upstream.error")
+        err = capsys.readouterr().err
+        assert "upstream.error" in err
+        assert JWT not in err and KEY not in err
