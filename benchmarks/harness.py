@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import jwt
 
 from benchmarks import load, peers, stubs
@@ -32,6 +33,8 @@ from benchmarks.report import targets
 from gateway.audit import verify_files
 
 MIB = 1024 * 1024
+MINTS_METRIC = "kore_gateway_token_mints_total"
+BATCH_METRIC = "kore_gateway_audit_batch_records"
 START_TIMEOUT_S = 20.0
 
 
@@ -183,7 +186,16 @@ class Bench:
                        "generator_late_ms_max": round(late[name], 3)}
                 for name, values in samples.items()}
 
-    # --- shut-down and the gateway's own record ------------------------------------------
+    # --- the gateway's own record ----------------------------------------------------------
+
+    async def scrape(self) -> dict[str, float]:
+        """The gateway's /metrics (every worker's, merged), or {} when it has none."""
+        timeout = aiohttp.ClientTimeout(total=5)
+        async with (aiohttp.ClientSession(timeout=timeout) as session,
+                    session.get(self.servers["gateway"].url + "/metrics") as resp):
+            return peers.parse_metrics(await resp.text()) if resp.status == 200 else {}
+
+    # --- shut-down --------------------------------------------------------------------------
 
     def stop(self) -> dict[str, Any]:
         codes = {}
@@ -215,6 +227,13 @@ class Bench:
                 "allowed_per_worker_and_app": allowed, "over_allowed": over}
 
 
+def _per_commit(before: dict[str, float], after: dict[str, float]) -> float | None:
+    """Audit records made durable per group commit (write + fsync) between two scrapes."""
+    commits = after.get(BATCH_METRIC + "_count", 0.0) - before.get(BATCH_METRIC + "_count", 0.0)
+    records = after.get(BATCH_METRIC + "_sum", 0.0) - before.get(BATCH_METRIC + "_sum", 0.0)
+    return round(records / commits, 2) if commits > 0 else None
+
+
 def _static_jwt(creds: peers.Credentials) -> str:
     """What the peer pastes into its config: one long-lived token, never renewed."""
     now = int(time.time())
@@ -234,24 +253,31 @@ async def run(settings: Settings, *, keep: bool = False) -> dict[str, Any]:
     load.require_wrk()
     with _run_dir(keep) as directory:
         bench = Bench(settings, directory)
-        began = time.monotonic()
+        began, load_at_start = time.monotonic(), os.getloadavg()[0]
         try:
             ready = await bench.start()
             gw = bench.servers["gateway"]
             workers = gw.workers()
             supervisor_rss = None if workers == [gw.proc.pid] else _rss_mib(gw.proc.pid)
+            scrapes = [await bench.scrape()]
             saturation = await asyncio.to_thread(bench.saturate)
+            scrapes.append(await bench.scrape())
             latency = await bench.latency()
+            scrapes.append(await bench.scrape())
             elapsed = time.monotonic() - gw.started
             mints = bench.mints(elapsed)
+            mints["mints_from_metrics"] = scrapes[-1].get(MINTS_METRIC)
         finally:
             codes = bench.stop()
-        audit = bench.audit_check()
+        audit = {**bench.audit_check(),
+                 "records_per_commit_saturation": _per_commit(scrapes[0], scrapes[1]),
+                 f"records_per_commit_{settings.rate:g}_rps": _per_commit(scrapes[1], scrapes[2])}
         nginx_workers = ([p for p in saturation["nginx"].rss_peak]
                          if "nginx" in saturation else [])
         results = _figures(settings, bench, ready, saturation, latency, mints, audit, codes,
                            workers, supervisor_rss, nginx_workers, directory)
         results["duration_s"] = round(time.monotonic() - began, 1)
+        results["machine"]["loadavg_1m_at_start"] = round(load_at_start, 2)
         return results
 
 
@@ -317,6 +343,7 @@ def _machine(directory: Path) -> dict[str, Any]:
         "wrk": version(["wrk", "-v"]),
         "audit_fs": version(["stat", "-f", "-c", "%T", str(directory)]),
         "uvloop": _installed("uvloop"), "orjson": _installed("orjson"),
+        "loadavg_1m_at_end": round(os.getloadavg()[0], 2),  # other work on the machine
     }
 
 

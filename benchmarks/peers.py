@@ -130,3 +130,18 @@ def gateway_log_events(log: Path, event: str) -> list[dict[str, object]]:
             if record.get("event") == event:
                 found.append(record)
     return found
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text → {sample name: value summed over its labels}."""
+    sums: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name_labels, _, value = line.rpartition(" ")
+        name = name_labels.split("{", 1)[0]
+        try:
+            sums[name] = sums.get(name, 0.0) + float(value)
+        except ValueError:
+            continue
+    return sums

@@ -61,13 +61,17 @@ def _verdict(met: bool | None) -> str:
 def markdown(results: dict[str, Any]) -> str:
     sat, cpu, lat = results["saturation"], results["cpu_us_per_request"], results["latency_200"]
     rss, ready, tok = results["rss_mib"], results["ready_s"], results["jwt"]
+    audit = results["audit"]
+    paced_key = f"records_per_commit_{results['settings']['rate']:g}_rps"
     s = results["settings"]
     n = s["workers"]
     lines = [
         f"Run `{results['label']}` at {results['when']}: {results['machine']['cpus']} cores, "
         f"{n} worker(s) each, stub: {s['stub']}, wrk `-c{s['connections']}` "
         f"{s['rounds']}×{s['saturation_s']:g} s, paced {s['rate']:g} req/s "
-        f"{s['rounds']}×{s['latency_s']:g} s per target.",
+        f"{s['rounds']}×{s['latency_s']:g} s per target. Load average of the machine "
+        f"(1 min) {results['machine'].get('loadavg_1m_at_start')} at the start, "
+        f"{results['machine'].get('loadavg_1m_at_end')} at the end.",
         "",
         "| figure | gateway | nginx | gateway ÷ nginx |",
         "|---|---:|---:|---:|",
@@ -88,7 +92,12 @@ def markdown(results: dict[str, Any]) -> str:
         f"| JWT mints per 10,000 requests | {_fmt(tok['per_10k'], 2)} | – (static token) | |",
         "",
         f"Direct to the stub at {s['rate']:g} req/s: p50 {_fmt(lat['direct']['p50_ms'], 3)} ms, "
-        f"p99 {_fmt(lat['direct']['p99_ms'], 3)} ms.",
+        f"p99 {_fmt(lat['direct']['p99_ms'], 3)} ms. Audit records per group commit (one "
+        f"write + fsync): {_fmt(audit.get('records_per_commit_saturation'))} at saturation, "
+        f"{_fmt(audit.get(paced_key))} at "
+        f"{s['rate']:g} req/s. JWT mints: {tok['mints']} in {tok['requests']:,} requests "
+        f"({tok['allowed_per_worker_and_app']} allowed per worker and app in "
+        f"{tok['elapsed_s']:g} s).",
         "",
         "| target | figure | limit | verdict |",
         "|---|---:|---:|---|",

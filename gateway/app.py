@@ -81,7 +81,7 @@ class Runtime:
         self.in_flight = 0
         self.tasks: set[asyncio.Task[Any] | None] = set()  # handlers of in-flight requests
         self.draining = False
-        self._ready: tuple[float, bool, dict[str, Any]] | None = None
+        self._ready: tuple[float, dict[str, Any]] | None = None  # (when, checks)
 
     async def start(self) -> None:
         self.audit.open()
@@ -129,14 +129,18 @@ class Runtime:
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
         now = time.monotonic()
-        if self._ready and now - self._ready[0] < READY_CACHE_S and not self.draining:
-            return self._ready[1], self._ready[2]
-        checks = {"config": True, "audit": await self.audit.probe(),
-                  "token": self.tokens.check(), "draining": self.draining}
-        ok = checks["audit"] and checks["token"] and not self.draining
+        # The checks are reused for a moment; draining and a failed audit write show at once,
+        # and the circuit and rate-limit detail is always live.
+        cached = self._ready is not None and now - self._ready[0] < READY_CACHE_S
+        if not cached or self.draining or not self.audit.healthy:
+            checks = {"config": True, "audit": await self.audit.probe(),
+                      "token": self.tokens.check(), "draining": self.draining}
+            self._ready = (now, checks)
+        assert self._ready is not None
+        checks = self._ready[1]
+        ok = bool(checks["audit"] and checks["token"] and not self.draining)
         detail = {"status": "ready" if ok else "not_ready", "checks": checks,
                   "circuit": self.breaker.detail(), "rateLimit": self.limiter.detail()}
-        self._ready = (now, ok, detail)
         return ok, detail
 
 

@@ -57,6 +57,7 @@ DEFAULT_RETRY_AFTER_S = 1.0  # a 429/503 without a usable Retry-After
 MAX_ANSWER_BYTES = 65536
 CONNECT_BACKOFF_S = 0.5  # first wait after a connection error, doubled per attempt
 
+
 @dataclass(frozen=True, slots=True)
 class Options:
     url: str = DEFAULT_URL
@@ -164,13 +165,16 @@ class Sender:
     stop: Stop
     pacer: Pacer = field(default_factory=Pacer)
     run_id: str = field(default_factory=lambda: secrets.token_hex(4))
+    sending: dict[Row, str] = field(default_factory=dict)  # row → request ID of its attempt
 
     async def deliver(self, row: Row) -> Result:
         request_id = ""
         for attempt in range(1, self.options.max_attempts + 1):
             if await self.pacer.wait(self.stop):
                 return Result(row, NOT_DONE, "interrupted", request_id)
-            answer = await self.post(row, f"bulk-{self.run_id}-{row.line}-{attempt}")
+            self.sending[row] = f"bulk-{self.run_id}-{row.line}-{attempt}"
+            answer = await self.post(row, self.sending[row])
+            del self.sending[row]
             request_id = answer.request_id
             if answer.status == 401:
                 self.stop.stop("the gateway refused the key (401 unauthenticated)")
@@ -178,6 +182,8 @@ class Sender:
                 break
             self.pacer.hold(min(answer.wait_s * (1 if answer.status else 2 ** (attempt - 1)),
                                 self.options.max_wait_s))
+        if answer.status == 0:  # the gateway is gone: every other row would wait in vain
+            self.stop.stop(f"no answer from {self.options.url} after {attempt} attempt(s)")
         return Result(row, judge(answer), answer.code, request_id)
 
     async def post(self, row: Row, request_id: str) -> Answer:
@@ -277,7 +283,7 @@ async def _send_all(sender: Sender, rows: Iterator[Row], record: Callable[[Resul
             try:
                 result = await sender.deliver(row)
             except asyncio.CancelledError:
-                record(Result(row, NOT_DONE, "interrupted", ""))
+                record(Result(row, NOT_DONE, "interrupted", sender.sending.get(row, "")))
                 raise
             record(result)
 

@@ -51,7 +51,8 @@ class GuardedRequestHandler(RequestHandler):
     """aiohttp's connection handler plus a deadline on each request head.
 
     The timer starts when the connection opens and whenever the first byte of a new request
-    arrives while no request is being handled; a complete head stops it.
+    arrives while the connection waits for one; a complete head stops it. Idle time between
+    kept-alive requests is the keep-alive timer's business, not this one's.
     """
 
     def __init__(self, manager: web.Server, *, head_timeout_s: float, **kwargs: Any) -> None:
@@ -75,7 +76,12 @@ class GuardedRequestHandler(RequestHandler):
         super().connection_lost(exc)
 
     def _awaiting_head(self) -> bool:
-        return not self._messages and not self._request_in_progress
+        """No complete head queued, and none handled yet or the handler loop waits for one
+        (not while a handler runs or an unread body is drained after an early answer)."""
+        if self._messages:
+            return False
+        waiting = self._waiter is not None and not self._waiter.done()
+        return self._request_count == 0 or waiting
 
     def _arm_head_timer(self) -> None:
         loop = asyncio.get_running_loop()

@@ -36,6 +36,16 @@ def canonical(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+def compact(obj: Any) -> bytes:
+    """`json.dumps(obj, ensure_ascii=False, separators=(",", ":"))`, UTF-8 encoded."""
+    if orjson is not None and _plain(obj, 0):
+        try:
+            return orjson.dumps(obj)
+        except orjson.JSONEncodeError:
+            pass
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
 def compact_line(obj: Any) -> bytes:
     """`json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)` + newline,
     UTF-8 encoded; raises ValueError/TypeError for what the standard library refuses."""

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, values
 from prometheus_client.exposition import generate_latest
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -172,3 +172,10 @@ def worker_exited(pid: int) -> None:
     """Drops a finished worker's live gauges; its counters still count in the sums."""
     if os.environ.get(MULTIPROC_ENV):
         multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+
+
+def in_worker() -> None:
+    """First thing in a worker process. A forked worker inherits prometheus-client as the
+    supervisor imported it, before `multiprocess_dir` set the environment: pick its value
+    class again so that this worker's metrics go to the shared files."""
+    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]

@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from multiprocessing.context import BaseContext
@@ -26,9 +27,9 @@ from aiohttp import web
 
 from gateway import loop as event_loop
 from gateway.app import RUNTIME, create_app
-from gateway.config import Config
+from gateway.config import Config, with_changes
 from gateway.connection import GatewayRunner
-from gateway.metrics import multiprocess_dir, worker_exited
+from gateway.metrics import in_worker, multiprocess_dir, worker_exited
 from gateway.reload import Reloader
 
 log = structlog.get_logger(__name__)
@@ -70,7 +71,7 @@ async def run_worker(config: Config, *, worker: int = 0, workers: int = 1,
     if on_ready is not None:
         on_ready()
     stop = asyncio.Event()
-    _install_signals(stop, halt=app[RUNTIME].audit.halt)
+    _install_signals(stop, halt=app[RUNTIME].audit.halt, supervised=relay is not None)
     await stop.wait()
     await reloader.aclose()
     rt = app[RUNTIME]
@@ -87,8 +88,13 @@ async def run_worker(config: Config, *, worker: int = 0, workers: int = 1,
     return 0
 
 
-def _install_signals(stop: asyncio.Event, halt: Callable[[], bool]) -> None:
+def _install_signals(stop: asyncio.Event, halt: Callable[[], bool], *,
+                     supervised: bool = False) -> None:
+    """A supervised worker ignores SIGINT: Ctrl-C in a terminal reaches the whole process
+    group, and the supervisor turns it into one SIGTERM per worker (so the drain happens)."""
     loop = asyncio.get_running_loop()
+    if supervised:
+        loop.add_signal_handler(signal.SIGINT, lambda: None)
 
     def on_signal(signum: int) -> None:
         if stop.is_set():
@@ -97,7 +103,7 @@ def _install_signals(stop: asyncio.Event, halt: Callable[[], bool]) -> None:
             os._exit(128 + signum)
         stop.set()
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in (signal.SIGTERM,) if supervised else (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
 
 
@@ -105,8 +111,8 @@ def serve(config: Config, workers: int = 1, *, watch_s: float | None = None) -> 
     with multiprocess_dir(workers):  # set before spawning: the workers share their metrics
         if workers <= 1:
             return event_loop.run(run_worker(config, watch_s=watch_s))
-        _check_port_free(config)
-        ctx = multiprocessing.get_context("spawn")
+        config = _claim_port(config)
+        ctx = multiprocessing.get_context(start_method())
         relay = HangupRelay(ctx, workers)
         procs = [ctx.Process(target=_worker_main, args=(config, n, workers, watch_s, relay),
                              name=f"worker-{n}")
@@ -120,6 +126,7 @@ def _worker_main(config: Config, worker: int, workers: int, watch_s: float | Non
                  relay: HangupRelay) -> None:
     from gateway.logs import configure
 
+    in_worker()
     configure(config.logging.level, config.logging.format)
     structlog.contextvars.bind_contextvars(worker=worker)
     sys.exit(event_loop.run(run_worker(config, worker=worker, workers=workers,
@@ -154,7 +161,7 @@ def _supervise(procs: Sequence[multiprocessing.process.BaseProcess], relay: Hang
     def forward(signum: int, _frame: object) -> None:
         for proc in procs:
             if proc.pid is not None and proc.is_alive():
-                os.kill(proc.pid, signum)
+                os.kill(proc.pid, signal.SIGTERM)  # SIGINT too: workers drain on SIGTERM only
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
@@ -172,8 +179,24 @@ def _supervise(procs: Sequence[multiprocessing.process.BaseProcess], relay: Hang
     return max(codes)
 
 
-def _check_port_free(config: Config) -> None:
-    """SO_REUSEPORT would let workers share a port another program already holds."""
-    family = socket.AF_INET6 if ":" in config.server.host else socket.AF_INET
+def start_method() -> str:
+    """How workers start: "fork" copies the supervisor, modules already imported, so a worker
+    is ready in milliseconds rather than after a second of imports of its own ("spawn"); spawn
+    is kept for a supervisor in which some library started a thread, which a fork would copy
+    mid-use."""
+    return "fork" if threading.active_count() == 1 else "spawn"
+
+
+def _claim_port(config: Config) -> Config:
+    """SO_REUSEPORT would let workers share a port another program already holds: refuse it.
+
+    Port 0 is resolved here, once, so that every worker listens on the same port."""
+    host = config.server.host
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.bind((config.server.host, config.server.port))
+        probe.bind((host, config.server.port))
+        port = probe.getsockname()[1]
+    if port == config.server.port:
+        return config
+    listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return with_changes(config, server=with_changes(config.server, listen=listen))

@@ -22,6 +22,7 @@ import aiohttp
 import structlog
 from yarl import URL
 
+from gateway import jsoncodec
 from gateway.config import KoreApp, UpstreamConfig
 from gateway.errors import (
     RateLimited,
@@ -41,6 +42,7 @@ log = structlog.get_logger(__name__)
 
 MAX_ANSWER_BYTES = 65536  # Kore.ai's answers are small; never buffer an unbounded one
 MIN_ATTEMPT_S = 0.05  # a retry with less time than this before the deadline is not started
+STATIC_HEADERS = {"Content-Type": "application/json"}  # on every call, exactly once
 
 
 @dataclass(slots=True)
@@ -68,7 +70,7 @@ def request_body(d: Deactivation) -> bytes:
     body: dict[str, Any] = {"userId": d.user_id, "status": "inactive"}
     if d.channel is not None:
         body["channel"] = d.channel
-    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return jsoncodec.compact(body)
 
 
 def ssl_context(config: UpstreamConfig) -> ssl.SSLContext:
@@ -129,7 +131,8 @@ class KoreClient:
             enable_cleanup_closed=True)
         self._session = aiohttp.ClientSession(
             connector=connector, cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False,
-            skip_auto_headers=("Accept-Encoding",), raise_for_status=False)
+            skip_auto_headers=("Accept-Encoding",), raise_for_status=False,
+            headers=STATIC_HEADERS)  # built once; each call adds only `auth` and X-Request-ID
         # aiohttp silently resends an idempotent request once when a kept-alive connection
         # drops. Our own retry loop does that, counted in `attempts` and with a fresh jti, so
         # the hidden resend is switched off (no public switch exists).
@@ -240,7 +243,7 @@ class KoreClient:
         if remaining <= 0:
             raise UpstreamTimeout("Kore.ai did not answer within the deadline")
         assert self._session is not None, "KoreClient.start() was not called"
-        headers = {"auth": token, "Content-Type": "application/json", "X-Request-ID": request_id}
+        headers = {"auth": token, "X-Request-ID": request_id}
         started = time.monotonic()
         try:
             async with self._session.put(url, data=payload, headers=headers,

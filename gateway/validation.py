@@ -64,6 +64,8 @@ def _reject_constant(name: str) -> Any:
 
 def _too_deep(text: str) -> bool:
     """Cheap bracket scan so a hostile body never reaches the recursive decoder."""
+    if text.count("[") + text.count("{") <= MAX_JSON_DEPTH:
+        return False  # too few brackets to nest that deep: no need to walk it character by character
     depth = 0
     in_string = escaped = False
     for ch in text:

@@ -29,6 +29,7 @@ from gateway.rows import (
 )
 from gateway.sandbox import KoreSandbox, SandboxApp
 from tests.conftest import BOT, CALLER_KEY, CLIENT_ID, CLIENT_SECRET, Sandbox
+from tests.integration.test_crash import free_port
 
 WAIT_S = 20.0
 
@@ -220,6 +221,8 @@ class TestRun:
         assert (summary.not_done, summary.unsent) == (3, 7)
         lines = result_lines(path)
         assert [(r["status"], r["code"]) for r in lines] == [(NOT_DONE, "interrupted")] * 3
+        assert {r["requestId"] for r in lines} == {c.headers["X-Request-ID"]
+                                                   for c in sandbox.calls}
         assert path.read_text(encoding="utf-8").endswith("\n")
 
     async def test_a_refused_key_stops_the_run(self, start: Start, sandbox: Sandbox,
@@ -230,6 +233,14 @@ class TestRun:
         assert summary.not_done <= 2 and summary.unsent >= 18 and summary.exit_code() == 1
         assert not sandbox.calls
         assert {r["code"] for r in result_lines(tmp_path / "r.csv")} == {"unauthenticated"}
+
+    async def test_an_unreachable_gateway_stops_the_run(self, tmp_path: Path) -> None:
+        url = f"http://127.0.0.1:{free_port()}"
+        summary = await run(url, rows_of(10), tmp_path / "r.csv", concurrency=2,
+                            max_attempts=2)
+        assert summary.stopped_by and "no answer" in summary.stopped_by
+        assert (summary.not_done, summary.unsent) == (2, 8)
+        assert {r["code"] for r in result_lines(tmp_path / "r.csv")} == {"connection_error"}
 
 
 class TestReadRows:

@@ -31,7 +31,7 @@ from tests.conftest import CLIENT_SECRET, base_settings, merge, write_config
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "config" / "gateway.example.toml"
 DEMO = REPO / "config" / "demo.toml"
-CONTRACT = REPO.parent / "shared" / "spec" / "gateway-contract.md"
+CONTRACT_SAMPLE = Path(__file__).parent / "data" / "contract-sample.toml"
 SECRET_ENV = {"KORE_CLIENT_SECRET": "env-secret-value-0123456789abcdef"}
 
 Settings = dict[str, Any]
@@ -557,11 +557,7 @@ class TestShippedConfigs:
 
     @staticmethod
     def contract_sample() -> str:
-        text = CONTRACT.read_text(encoding="utf-8")
-        section = text[text.index("## 4. Configuration"):]
-        block = re.search(r"```toml\n(.*?)```", section, re.DOTALL)
-        assert block is not None
-        return block.group(1).replace("<64 hex>", "ab" * 32)
+        return CONTRACT_SAMPLE.read_text(encoding="utf-8").replace("<64 hex>", "ab" * 32)
 
     def test_contract_sample_accepted(self, tmp_path: Path) -> None:
         path = tmp_path / "gateway.toml"

@@ -91,3 +91,16 @@ class TestCompactLine:
     def test_refuses_what_json_cannot_encode(self) -> None:
         with pytest.raises(TypeError):
             jsoncodec.compact_line({"x": object()})
+
+
+class TestCompact:
+    @settings(max_examples=100, deadline=None)
+    @given(RECORDS)
+    def test_equals_the_standard_library(self, record: dict[str, Any]) -> None:
+        expected = json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        assert jsoncodec.compact(record) == expected
+
+    def test_the_upstream_body(self) -> None:
+        body = {"userId": "jane@example.com", "status": "inactive", "channel": "rtm"}
+        assert jsoncodec.compact(body) == \
+            b'{"userId":"jane@example.com","status":"inactive","channel":"rtm"}'

@@ -53,8 +53,8 @@ class Example:
 
     def mount(self, volume_kind: str) -> dict[str, Any]:
         """The gateway's one mount of a volume of `volume_kind` (configMap, secret, …)."""
-        mounts = [m for m in self.gateway["volumeMounts"]
-                  if volume_kind in self.volume(m["name"])]
+        mounts: list[dict[str, Any]] = [m for m in self.gateway["volumeMounts"]
+                                        if volume_kind in self.volume(m["name"])]
         assert len(mounts) == 1, f"expected one {volume_kind} mount, got {mounts}"
         return mounts[0]
 

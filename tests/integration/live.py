@@ -5,6 +5,7 @@ background thread with its own event loop: for tests that drive raw sockets sync
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import threading
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from gateway.config import Config
 from gateway.sandbox import KoreSandbox, SandboxApp
 from gateway.server import make_runner
 from tests.conftest import CLIENT_ID, CLIENT_SECRET
+from tests.integration.sides import AuditTrail
 
 START_TIMEOUT_S = 15.0
 
@@ -29,6 +31,10 @@ class Live:
     sandbox: KoreSandbox
     runtime: Runtime
     loop: asyncio.AbstractEventLoop
+
+    @property
+    def audit(self) -> AuditTrail:
+        return AuditTrail(self.runtime.audit.path)
 
     def call(self, coro: Any, timeout_s: float = 10.0) -> Any:
         """Runs `coro` on the gateway's loop (to read or change state safely) and waits."""
@@ -46,8 +52,8 @@ def live_gateway(make_config: Any, **tables: Any) -> Iterator[Live]:
     """`with live_gateway(make_config, server={…}) as live:` the gateway on `live.port`."""
     sandbox = KoreSandbox([SandboxApp(client_id=CLIENT_ID, key=CLIENT_SECRET)])
     sandbox_port, port = free_port(), free_port()
-    config: Config = make_config(f"http://127.0.0.1:{sandbox_port}",
-                                 **{"server": {"listen": f"127.0.0.1:{port}"}} | tables)
+    server = {"listen": f"127.0.0.1:{port}", **tables.pop("server", {})}
+    config: Config = make_config(f"http://127.0.0.1:{sandbox_port}", server=server, **tables)
     ready: list[Live] = []
     started, stop = threading.Event(), threading.Event()
     failures: list[BaseException] = []
@@ -72,7 +78,7 @@ def live_gateway(make_config: Any, **tables: Any) -> Iterator[Live]:
     def main() -> None:
         try:
             asyncio.run(serve())
-        except BaseException as exc:  # reported to the test thread
+        except Exception as exc:  # noqa: BLE001 (reported to the test thread)
             failures.append(exc)
             started.set()
 
@@ -87,3 +93,42 @@ def live_gateway(make_config: Any, **tables: Any) -> Iterator[Live]:
         stop.set()
         thread.join(START_TIMEOUT_S)
         assert not thread.is_alive(), "live gateway did not stop"
+
+
+@dataclass
+class RawAnswer:
+    status: int
+    head: str
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def send_raw(port: int, data: bytes, timeout_s: float = 10.0) -> RawAnswer:
+    """Writes `data` as is on a fresh connection and reads the answer until the server closes
+    (send `Connection: close`). Status 0: closed without an answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
+        sock.sendall(data)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    raw = b"".join(chunks)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    text = head.decode("latin-1")
+    if not text.startswith("HTTP/1."):
+        return RawAnswer(0, text, body)
+    return RawAnswer(int(text.split()[1]), text, _dechunk(text, body))
+
+
+def _dechunk(head: str, body: bytes) -> bytes:
+    if "transfer-encoding: chunked" not in head.lower():
+        return body
+    out, rest = b"", body
+    while rest:
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            break
+        out, rest = out + rest[:size], rest[size + 2:]
+    return out

@@ -1,0 +1,126 @@
+"""Bounded load through a faulty Kore.ai: every call ends as 200 or a contract error with no
+other 5xx, the audit verifies with exactly one terminal record per call and exact `attempts`;
+and a burst against Kore.ai's per-bot limits (scaled down) never causes an upstream 429."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from typing import Any
+
+from gateway.audit import rotated_files, verify_files
+from tests.faults.kore import AUTH, TERMINAL, calls_for, inject
+from tests.integration.sides import AuditTrail
+
+CALLS = 2000
+CONCURRENCY = 50
+BOTS = 50  # spreads the calls: Kore.ai's default budget (600 / 60 s) is per bot
+TIME_LIMIT_S = 30
+CONTRACT_ERRORS = {429: {"rate_limited"}, 502: {"upstream_unavailable", "upstream_auth_failed"},
+                   503: {"overloaded", "audit_unavailable", "upstream_unavailable"},
+                   504: {"upstream_timeout"}}
+
+
+async def run_calls(gateway: Any, plan: list[tuple[str, str]], concurrency: int
+                    ) -> dict[str, tuple[int, str | None, str | None]]:
+    """Each (request ID, botId) once, `concurrency` at a time: {rid: (status, code, RA)}."""
+    gate = asyncio.Semaphore(concurrency)
+    answers: dict[str, tuple[int, str | None, str | None]] = {}
+
+    async def one(rid: str, bot: str) -> None:
+        async with gate:
+            resp = await gateway.post(f"/v1/bots/{bot}/sessions/deactivate",
+                                      json={"userId": rid}, headers={**AUTH, "X-Request-ID": rid})
+            body = await resp.json()
+            code = body["error"]["code"] if resp.status != 200 else None
+            answers[rid] = (resp.status, code, resp.headers.get("Retry-After"))
+
+    await asyncio.gather(*(one(rid, bot) for rid, bot in plan))
+    return answers
+
+
+def expect_contract_answers(answers: dict[str, tuple[int, str | None, str | None]]) -> None:
+    for rid, (status, code, retry_after) in answers.items():
+        if status == 200:
+            continue
+        assert code in CONTRACT_ERRORS.get(status, set()), (rid, status, code)
+        if status in (429, 503):
+            assert retry_after is not None and int(retry_after) >= 1, (rid, status)
+
+
+def expect_one_terminal_record_each(audit: AuditTrail, rids: set[str]) -> list[dict[str, Any]]:
+    report = verify_files(rotated_files(audit.path))
+    assert report.ok, report.error
+    records = audit.expect_chain()
+    terminal = Counter(r["requestId"] for r in records if r["event"] in TERMINAL)
+    assert set(terminal) == rids and set(terminal.values()) == {1}
+    requested = Counter(r["requestId"] for r in records if r["event"] == "deactivate.requested")
+    completed = {r["requestId"] for r in records if r["event"] == "deactivate.completed"}
+    assert set(requested) == completed and set(requested.values()) <= {1}
+    return records
+
+
+async def test_load_through_a_failing_upstream(start_gateway: Any, sandbox: Any,
+                                               audit: AuditTrail) -> None:
+    inject(sandbox, error_rate=0.2, error_status=503, rate_429=0.05, retry_after_s=1, seed=42)
+    gateway = await start_gateway(upstream={"timeout_s": 5})
+    plan = [(f"load-{i}", f"st-load-{i % BOTS}") for i in range(CALLS)]
+    started = time.monotonic()
+    answers = await run_calls(gateway, plan, CONCURRENCY)
+    took = time.monotonic() - started
+
+    assert took < TIME_LIMIT_S
+    assert len(answers) == CALLS
+    expect_contract_answers(answers)
+    statuses = Counter(status for status, _, _ in answers.values())
+    assert statuses[200] >= CALLS * 0.9, statuses
+    records = expect_one_terminal_record_each(audit, set(answers))
+    completed = [r for r in records if r["event"] == "deactivate.completed"]
+    by_rid: dict[str, list[Any]] = {}
+    for call in sandbox.calls:
+        by_rid.setdefault(call.headers["x-request-id"], []).append(call)
+    for record in completed:
+        assert record["attempts"] == len(by_rid.get(record["requestId"], [])), record
+        assert record["status"] == answers[record["requestId"]][0]
+    assert sum(r["attempts"] for r in completed) == len(sandbox.calls)
+    assert len(sandbox.calls) > CALLS  # the faults really forced retries
+
+
+LIMIT = {"calls": 20, "per_s": 2}
+BURST = 150
+
+
+async def burst(start_gateway: Any, sandbox: Any, rate_limit: dict[str, Any],
+                max_attempts: int = 3) -> dict[str, tuple[int, str | None, str | None]]:
+    inject(sandbox, limits=[(LIMIT["calls"], LIMIT["per_s"])])
+    gateway = await start_gateway(upstream={"timeout_s": 3, "max_attempts": max_attempts},
+                                  rate_limit=rate_limit)
+    plan = [(f"burst-{i}", f"st-paced-{i % 2}") for i in range(BURST)]
+    return await run_calls(gateway, plan, CONCURRENCY)
+
+
+async def test_burst_against_kores_per_bot_limits_never_gets_an_upstream_429(
+        start_gateway: Any, sandbox: Any, audit: AuditTrail) -> None:
+    answers = await burst(start_gateway, sandbox, {"windows": [LIMIT]})
+
+    assert sandbox.emulator.stats()["upstream_429"] == 0
+    expect_contract_answers(answers)
+    statuses = Counter(status for status, _, _ in answers.values())
+    assert set(statuses) <= {200, 429}, statuses
+    # Each bot: one window's worth at once, a second after waiting, the rest refused.
+    assert 2 * LIMIT["calls"] <= statuses[200] <= 4 * LIMIT["calls"], statuses
+    records = expect_one_terminal_record_each(audit, set(answers))
+    for rid, (status, _, _) in answers.items():
+        if status == 429:  # refused by the gateway's own pacing: nothing went upstream
+            assert calls_for(sandbox, rid) == []
+    denied = [r for r in records if r["event"] == "deactivate.denied"]
+    assert len(denied) == statuses[429] and {r["error"] for r in denied} <= {"rate_limited"}
+
+
+async def test_the_same_burst_without_pacing_does_get_upstream_429s(
+        start_gateway: Any, sandbox: Any) -> None:
+    """The control: the sandbox's limits are real, so zero 429s above is the pacing's doing."""
+    answers = await burst(start_gateway, sandbox, {"enabled": False}, max_attempts=1)
+    assert sandbox.emulator.stats()["upstream_429"] > 0
+    assert any(status == 429 for status, _, _ in answers.values())
