@@ -3,8 +3,10 @@
 #   docker build -t kore-session-gateway .
 #   docker build --build-arg BASE_IMAGE=registry.internal/python:3.12-slim \
 #                --build-arg PIP_INDEX_URL=https://pypi.internal/simple -t kore-session-gateway .
-#   docker run --read-only -v /srv/kore-gateway:/var/lib/kore-gateway \
+#   docker run --read-only --stop-timeout 30 -v kore-gateway-audit:/var/lib/kore-gateway \
 #              -v $PWD/gateway.toml:/etc/kore-gateway/gateway.toml:ro kore-session-gateway
+#
+# README.md ("Operations") has the details; tests/docker/smoke.sh builds and checks the image.
 #
 # The base image needs Python >= 3.11 with venv and pip (python:3.1x-slim, or a Debian image with
 # python3-venv). Runs as uid/gid 10001, never writes outside /var/lib/kore-gateway (the audit

@@ -198,7 +198,7 @@ class Bench:
     # --- shut-down --------------------------------------------------------------------------
 
     def stop(self) -> dict[str, Any]:
-        codes = {}
+        codes: dict[str, Any] = {}
         for name in ("gateway", "nginx", "stub"):
             if name in self.servers:
                 codes[name] = self.servers[name].stop()
@@ -287,7 +287,7 @@ def _figures(settings: Settings, bench: Bench, ready: dict[str, Any],
              workers: list[int], supervisor_rss: float | None, nginx_workers: list[int],
              directory: Path) -> dict[str, Any]:
     gw, ng = saturation["gateway"], saturation.get("nginx")
-    sat = {"gateway": gw.figures(), "nginx": ng.figures() if ng else {}}
+    sat: dict[str, Any] = {"gateway": gw.figures(), "nginx": ng.figures() if ng else {}}
     sat["ratio"] = _ratio(sat["gateway"]["rps"], sat["nginx"].get("rps"))
     cpu = {"gateway": gw.cpu_us(), "nginx": ng.cpu_us() if ng else None}
     cpu["ratio"] = _ratio(cpu["gateway"], cpu["nginx"], 2)

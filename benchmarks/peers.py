@@ -107,7 +107,7 @@ bots = ["st-*"]
 def listen_url(config_path: Path) -> str:
     for line in config_path.read_text().splitlines():
         if line.startswith("listen = "):
-            return "http://" + json.loads(line.split("=", 1)[1])
+            return "http://" + str(json.loads(line.split("=", 1)[1]))
     raise ValueError(f"{config_path}: no listen line")
 
 

@@ -17,6 +17,7 @@ import os
 import pstats
 import secrets
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -40,7 +41,7 @@ def _drive(url: str, script: Path, seconds: float, connections: int, out: dict[s
         cpu, began = time.process_time(), time.monotonic()
         out["result"] = load.run_wrk(url, script, connections=connections, duration_s=seconds)
         out["cpu_s"], out["wall_s"] = time.process_time() - cpu, time.monotonic() - began
-    except BaseException as exc:  # reported by the main thread
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:  # for the main thread
         out["error"] = exc
     finally:
         os.kill(os.getpid(), signal.SIGTERM)

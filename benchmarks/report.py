@@ -59,54 +59,64 @@ def _verdict(met: bool | None) -> str:
 
 
 def markdown(results: dict[str, Any]) -> str:
-    sat, cpu, lat = results["saturation"], results["cpu_us_per_request"], results["latency_200"]
-    rss, ready, tok = results["rss_mib"], results["ready_s"], results["jwt"]
-    audit = results["audit"]
-    paced_key = f"records_per_commit_{results['settings']['rate']:g}_rps"
-    s = results["settings"]
-    n = s["workers"]
-    lines = [
-        f"Run `{results['label']}` at {results['when']}: {results['machine']['cpus']} cores, "
-        f"{n} worker(s) each, stub: {s['stub']}, wrk `-c{s['connections']}` "
-        f"{s['rounds']}×{s['saturation_s']:g} s, paced {s['rate']:g} req/s "
-        f"{s['rounds']}×{s['latency_s']:g} s per target. Load average of the machine "
-        f"(1 min) {results['machine'].get('loadavg_1m_at_start')} at the start, "
-        f"{results['machine'].get('loadavg_1m_at_end')} at the end.",
-        "",
-        "| figure | gateway | nginx | gateway ÷ nginx |",
-        "|---|---:|---:|---:|",
-        f"| saturation throughput (req/s, {n} workers) | {_fmt(sat['gateway']['rps'], 0)} "
-        f"| {_fmt(sat['nginx'].get('rps'), 0)} | {_fmt(sat.get('ratio'))} |",
-        f"| CPU time per deactivation (µs) | {_fmt(cpu['gateway'], 1)} "
-        f"| {_fmt(cpu.get('nginx'), 1)} | {_fmt(cpu.get('ratio'))} |",
-        f"| latency at {s['rate']:g} req/s, p50 / p99 (ms) "
-        f"| {_fmt(lat['gateway']['p50_ms'], 3)} / {_fmt(lat['gateway']['p99_ms'], 3)} "
-        f"| {_fmt(lat['nginx'].get('p50_ms'), 3)} / {_fmt(lat['nginx'].get('p99_ms'), 3)} | |",
-        f"| added over direct-to-stub, p50 / p99 (ms) "
-        f"| {_fmt(lat.get('added_p50_ms'), 3)} / {_fmt(lat.get('added_p99_ms'), 3)} "
-        f"| {_fmt(lat.get('nginx_added_p50_ms'), 3)} / {_fmt(lat.get('nginx_added_p99_ms'), 3)} | |",
-        f"| RSS per worker under load (MiB, max) | {_fmt(rss['gateway_worker_max'], 1)} "
-        f"| {_fmt(rss.get('nginx_worker_max'), 1)} | |",
-        f"| start → ready (s) | {_fmt(ready['gateway_all_workers'], 3)} "
-        f"| {_fmt(ready.get('nginx'), 3)} | |",
-        f"| JWT mints per 10,000 requests | {_fmt(tok['per_10k'], 2)} | – (static token) | |",
-        "",
-        f"Direct to the stub at {s['rate']:g} req/s: p50 {_fmt(lat['direct']['p50_ms'], 3)} ms, "
-        f"p99 {_fmt(lat['direct']['p99_ms'], 3)} ms. Audit records per group commit (one "
-        f"write + fsync): {_fmt(audit.get('records_per_commit_saturation'))} at saturation, "
-        f"{_fmt(audit.get(paced_key))} at "
-        f"{s['rate']:g} req/s. JWT mints: {tok['mints']} in {tok['requests']:,} requests "
-        f"({tok['allowed_per_worker_and_app']} allowed per worker and app in "
-        f"{tok['elapsed_s']:g} s).",
-        "",
-        "| target | figure | limit | verdict |",
-        "|---|---:|---:|---|",
-    ]
+    lines = [_header(results), "", "| figure | gateway | nginx | gateway ÷ nginx |",
+             "|---|---:|---:|---:|", *_rows(results), "", _notes(results), "",
+             "| target | figure | limit | verdict |", "|---|---:|---:|---|"]
     for t in results["targets"]:
         sign = "≤" if t["kind"] == "max" else "≥"
         lines.append(f"| {t['what']} | {_fmt(t['value'], 3)} | {sign} {t['limit']:g} "
                      f"| {_verdict(t['met'])} |")
     return "\n".join(lines) + "\n"
+
+
+def _header(results: dict[str, Any]) -> str:
+    s, machine = results["settings"], results["machine"]
+    return (f"Run `{results['label']}` at {results['when']}: {machine['cpus']} cores, "
+            f"{s['workers']} worker(s) each, stub: {s['stub']}, wrk `-c{s['connections']}` "
+            f"{s['rounds']}×{s['saturation_s']:g} s, paced {s['rate']:g} req/s "
+            f"{s['rounds']}×{s['latency_s']:g} s per target. Load average of the machine "
+            f"(1 min) {machine.get('loadavg_1m_at_start')} at the start, "
+            f"{machine.get('loadavg_1m_at_end')} at the end.")
+
+
+def _rows(results: dict[str, Any]) -> list[str]:
+    sat, cpu, lat = results["saturation"], results["cpu_us_per_request"], results["latency_200"]
+    rss, ready, tok = results["rss_mib"], results["ready_s"], results["jwt"]
+    gw, ng = lat["gateway"], lat["nginx"]
+    return [
+        (f"| saturation throughput (req/s, {results['settings']['workers']} workers) "
+         f"| {_fmt(sat['gateway']['rps'], 0)} | {_fmt(sat['nginx'].get('rps'), 0)} "
+         f"| {_fmt(sat.get('ratio'))} |"),
+        (f"| CPU time per deactivation (µs) | {_fmt(cpu['gateway'], 1)} "
+         f"| {_fmt(cpu.get('nginx'), 1)} | {_fmt(cpu.get('ratio'))} |"),
+        (f"| latency at {results['settings']['rate']:g} req/s, p50 / p99 (ms) "
+         f"| {_pair(gw.get('p50_ms'), gw.get('p99_ms'))} "
+         f"| {_pair(ng.get('p50_ms'), ng.get('p99_ms'))} | |"),
+        (f"| added over direct-to-stub, p50 / p99 (ms) "
+         f"| {_pair(lat.get('added_p50_ms'), lat.get('added_p99_ms'))} "
+         f"| {_pair(lat.get('nginx_added_p50_ms'), lat.get('nginx_added_p99_ms'))} | |"),
+        (f"| RSS per worker under load (MiB, max) | {_fmt(rss['gateway_worker_max'], 1)} "
+         f"| {_fmt(rss.get('nginx_worker_max'), 1)} | |"),
+        (f"| start → ready (s) | {_fmt(ready['gateway_all_workers'], 3)} "
+         f"| {_fmt(ready.get('nginx'), 3)} | |"),
+        f"| JWT mints per 10,000 requests | {_fmt(tok['per_10k'], 2)} | – (static token) | |",
+    ]
+
+
+def _pair(p50: float | None, p99: float | None) -> str:
+    return f"{_fmt(p50, 3)} / {_fmt(p99, 3)}"
+
+
+def _notes(results: dict[str, Any]) -> str:
+    s, lat, audit, tok = (results["settings"], results["latency_200"], results["audit"],
+                          results["jwt"])
+    paced = audit.get(f"records_per_commit_{s['rate']:g}_rps")
+    return (f"Direct to the stub at {s['rate']:g} req/s: p50 {_fmt(lat['direct']['p50_ms'], 3)} "
+            f"ms, p99 {_fmt(lat['direct']['p99_ms'], 3)} ms. Audit records per group commit "
+            f"(one write + fsync): {_fmt(audit.get('records_per_commit_saturation'))} at "
+            f"saturation, {_fmt(paced)} at {s['rate']:g} req/s. JWT mints: {tok['mints']} in "
+            f"{tok['requests']:,} requests ({tok['allowed_per_worker_and_app']} allowed per "
+            f"worker and app in {tok['elapsed_s']:g} s).")
 
 
 def plot(results: dict[str, Any], path: Path) -> Path:
@@ -159,7 +169,7 @@ def write(results: dict[str, Any], out: Path) -> dict[str, Path]:
 def update_readme(readme: Path, table: str, image: str) -> bool:
     """Replaces the block between the markers; False when the README has no such block."""
     text = readme.read_text(encoding="utf-8")
-    pattern = re.compile(re.escape(README_BEGIN) + r".*?" + re.escape(README_END), re.S)
+    pattern = re.compile(re.escape(README_BEGIN) + r".*?" + re.escape(README_END), re.DOTALL)
     if not pattern.search(text):
         return False
     block = f"{README_BEGIN}\n{table}\n![benchmark]({image})\n{README_END}"

@@ -401,18 +401,27 @@ async def run_batch(rt: Runtime, caller: Caller, batch: Ask, items: list[Any]
     gate = asyncio.Semaphore(rt.config.server.batch_concurrency)
 
     async def one(index: int, item: Any) -> dict[str, Any]:
-        async with gate:
-            return await batch_item(rt, caller, batch, index, item)
+        ask = item_ask(batch, caller, index, item)
+        try:
+            async with gate:
+                return await batch_item(rt, caller, ask, index, item)
+        except asyncio.CancelledError as exc:  # a shutdown: items not yet started too
+            await rt.deactivator.abandon(ask, cut_short(exc))
+            raise
 
     return list(await asyncio.gather(*(one(i, item) for i, item in enumerate(items))))
 
 
-async def batch_item(rt: Runtime, caller: Caller, batch: Ask, index: int, item: Any
-                     ) -> dict[str, Any]:
+def item_ask(batch: Ask, caller: Caller, index: int, item: Any) -> Ask:
     ask = Ask(f"{batch.request_id}.{index}", ROUTE_BATCH, caller=caller.name)
     if isinstance(item, dict):
         ask.bot_id, ask.user_id, ask.channel = (item.get(k) for k in ("botId", "userId",
                                                                       "channel"))
+    return ask
+
+
+async def batch_item(rt: Runtime, caller: Caller, ask: Ask, index: int, item: Any
+                     ) -> dict[str, Any]:
     result: dict[str, Any] = {"index": index, "botId": ask.bot_id, "userId": ask.user_id}
     try:
         try:
@@ -424,11 +433,11 @@ async def batch_item(rt: Runtime, caller: Caller, batch: Ask, index: int, item: 
         await rt.deactivator.deactivate(ask, caller, d)
     except GatewayError as exc:
         return {**result, "status": exc.status, "success": False, "error": exc.as_dict()}
-    except BaseException as exc:  # cancelled by a shutdown, or a bug: still one record
-        if not isinstance(exc, asyncio.CancelledError):
-            log.exception("batch.item_unexpected_error", request_id=ask.request_id)
-        await rt.deactivator.abandon(ask, cut_short(exc))
-        raise
+    except Exception as exc:  # a bug fails its item alone, still with one record
+        log.exception("batch.item_unexpected_error", request_id=ask.request_id)
+        error = cut_short(exc)
+        await rt.deactivator.abandon(ask, error)
+        return {**result, "status": error.status, "success": False, "error": error.as_dict()}
     return {**result, "status": 200, "success": True}
 
 

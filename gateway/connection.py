@@ -6,6 +6,9 @@ would hold its connection until the keep-alive timer. `GuardedRequestHandler` cl
 connection once its head is not complete `server.client_timeout_s` after its first byte (or
 after the connection opened), with a 408 in the contract's envelope. A slow *body* is bounded
 by `app.read_json`. Nothing here knows about deactivations.
+
+The guard reads three attributes of aiohttp's `RequestHandler` (`_messages`, `_waiter`,
+`_request_count`); tests/integration/test_hostile_input.py fails if an aiohttp upgrade moves them.
 """
 
 from __future__ import annotations

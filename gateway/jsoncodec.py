@@ -14,12 +14,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-try:
-    import orjson
-except ImportError:  # pragma: no cover - a dependency; without it, the standard library
-    orjson = None
+import orjson
 
-_SORTED = 0 if orjson is None else orjson.OPT_SORT_KEYS
 _MAX_DEPTH = 16
 _SCALARS = frozenset({str, int, bool, type(None)})  # an int past 64 bits makes orjson raise
 _CONTAINERS = frozenset({dict, list})
@@ -28,9 +24,9 @@ _FLOAT_LOW, _FLOAT_HIGH = 1e-4, 1e16  # repr() switches to exponent notation out
 
 def canonical(obj: Any) -> str:
     """`json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)`."""
-    if orjson is not None and _plain(obj, 0):
+    if _plain(obj, 0):
         try:
-            return str(orjson.dumps(obj, option=_SORTED), "utf-8")
+            return str(orjson.dumps(obj, option=orjson.OPT_SORT_KEYS), "utf-8")
         except orjson.JSONEncodeError:
             pass
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
@@ -38,7 +34,7 @@ def canonical(obj: Any) -> str:
 
 def compact(obj: Any) -> bytes:
     """`json.dumps(obj, ensure_ascii=False, separators=(",", ":"))`, UTF-8 encoded."""
-    if orjson is not None and _plain(obj, 0):
+    if _plain(obj, 0):
         try:
             return orjson.dumps(obj)
         except orjson.JSONEncodeError:
@@ -49,7 +45,7 @@ def compact(obj: Any) -> bytes:
 def compact_line(obj: Any) -> bytes:
     """`json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)` + newline,
     UTF-8 encoded; raises ValueError/TypeError for what the standard library refuses."""
-    if orjson is not None and _plain(obj, 0):
+    if _plain(obj, 0):
         try:
             return orjson.dumps(obj, option=orjson.OPT_APPEND_NEWLINE)
         except orjson.JSONEncodeError:

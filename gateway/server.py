@@ -112,7 +112,8 @@ def serve(config: Config, workers: int = 1, *, watch_s: float | None = None) -> 
         if workers <= 1:
             return event_loop.run(run_worker(config, watch_s=watch_s))
         config = _claim_port(config)
-        ctx = multiprocessing.get_context(start_method())
+        ctx = (multiprocessing.get_context("fork") if start_method() == "fork"
+               else multiprocessing.get_context("spawn"))
         relay = HangupRelay(ctx, workers)
         procs = [ctx.Process(target=_worker_main, args=(config, n, workers, watch_s, relay),
                              name=f"worker-{n}")
@@ -199,4 +200,5 @@ def _claim_port(config: Config) -> Config:
     if port == config.server.port:
         return config
     listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return with_changes(config, server=with_changes(config.server, listen=listen))
+    claimed: Config = with_changes(config, server=with_changes(config.server, listen=listen))
+    return claimed

@@ -234,7 +234,7 @@ class KoreClient:
 
     def _backoff(self, counted: int) -> float:
         """Exponential backoff with full jitter."""
-        cap = min(self.config.backoff_max_s, self.config.backoff_base_s * 2 ** (counted - 1))
+        cap = min(self.config.backoff_max_s, self.config.backoff_base_s * 2.0 ** (counted - 1))
         return self._rng() * cap
 
     async def _send(self, url: URL, token: str, payload: bytes, request_id: str,

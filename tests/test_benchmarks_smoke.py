@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,7 +24,7 @@ MISSING = [tool for tool in ("nginx", "wrk") if shutil.which(tool) is None
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     if MISSING:
         reason = (f"{' and '.join(MISSING)} not installed (apt-get install -y nginx wrk; "
                   ".ci/run installs them)")
@@ -34,16 +35,15 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     done = subprocess.run([sys.executable, "-m", "benchmarks", "--smoke", "--out", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=180, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    results: dict[str, object] = json.loads((out / "latest.json").read_text())
+    results: dict[str, Any] = json.loads((out / "latest.json").read_text())
     results["_out"] = str(out)
     results["_stdout"] = done.stdout
     return results
 
 
-def test_every_figure_is_measured(smoke: dict[str, object]) -> None:
-    r: dict[str, dict[str, object]] = smoke  # type: ignore[assignment]
+def test_every_figure_is_measured(smoke: dict[str, Any]) -> None:
+    r = smoke
     gateway, nginx = r["saturation"]["gateway"], r["saturation"]["nginx"]
-    assert isinstance(gateway, dict) and isinstance(nginx, dict)
     assert gateway["ok"] > 0 and nginx["ok"] > 0
     assert gateway["errors"]["status"] == 0 == nginx["errors"]["status"]
     for key in ("gateway", "nginx", "ratio"):
@@ -52,26 +52,25 @@ def test_every_figure_is_measured(smoke: dict[str, object]) -> None:
         latency = r["latency_200"][target]
         assert isinstance(latency, dict)
         assert latency["samples"] > 0 and latency["failed"] == 0 and latency["p99_ms"] > 0
-    assert len(r["rss_mib"]["gateway_workers"]) == 2  # type: ignore[arg-type]
-    assert 0 < r["ready_s"]["gateway_first"] <= r["ready_s"]["gateway_all_workers"]  # type: ignore[operator]
+    assert len(r["rss_mib"]["gateway_workers"]) == 2
+    assert 0 < r["ready_s"]["gateway_first"] <= r["ready_s"]["gateway_all_workers"]
     assert r["jwt"]["mints"] >= 1 and r["jwt"]["over_allowed"] == 0
     assert r["settings"]["stub"] == "nginx" and r["settings"]["peer"] is True
 
 
-def test_gateway_shut_down_cleanly_with_intact_audit_chains(smoke: dict[str, object]) -> None:
+def test_gateway_shut_down_cleanly_with_intact_audit_chains(smoke: dict[str, Any]) -> None:
     audit, codes = smoke["audit"], smoke["exit_codes"]
-    assert isinstance(audit, dict) and isinstance(codes, dict)
     assert codes["gateway"] == 0
     assert audit["chains_ok"] is True and audit["files"] == 2 and audit["records"] > 0
 
 
-def test_writes_json_table_and_plot(smoke: dict[str, object]) -> None:
-    out = Path(str(smoke["_out"]))
+def test_writes_json_table_and_plot(smoke: dict[str, Any]) -> None:
+    out = Path(smoke["_out"])
     table = (out / "latest.md").read_text()
     assert "| CPU time per deactivation (µs) |" in table
     assert table.count("| met |") + table.count("| **missed** |") == len(TARGETS)
     assert (out / "latest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| saturation throughput" in str(smoke["_stdout"])
+    assert "| saturation throughput" in smoke["_stdout"]
 
 
 def test_readme_block_is_replaced_between_its_markers(tmp_path: Path) -> None:

@@ -86,13 +86,20 @@ async def wait_for_mode(limiter: RedisRateLimiter, mode: str, timeout_s: float =
         await asyncio.sleep(0.05)
 
 
+async def granted_at(windows: RedisWindows, bot: str = BOT) -> list[float]:
+    """The grant times the longest window keeps, in seconds after the first of them."""
+    key = window_keys(bot, windows.windows)[-1]
+    times = [int(t) / 1e6 for t in await windows.client.lrange(key, 0, -1)]
+    return [round(t - times[0], 6) for t in times]
+
+
 class TestRedisWindows:
     async def test_grants_are_paced_then_wait_for_the_window(self, clients: Any) -> None:
         """5 per 10 s: five grants 0.1 s apart, the sixth once the first is 10 s (+margin) old."""
-        windows = RedisWindows(clients(), [(5, 10.0)])
+        windows = RedisWindows(clients(), [(5, 10.0), (100, 100.0)])
         waits = [(await windows.reserve(BOT, FAR))[1] for _ in range(6)]
-        assert waits[:5] == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4], abs=0.05)
-        assert waits[5] == pytest.approx(10.0 + MARGIN, abs=0.05)
+        assert await granted_at(windows) == [0.0, 0.1, 0.2, 0.3, 0.4, 10.0 + MARGIN]
+        assert waits[0] == 0.0 and 10.0 < waits[5] <= 10.0 + MARGIN
 
     async def test_refusal_reserves_nothing_and_tells_the_wait(self, clients: Any) -> None:
         client = clients()
@@ -100,10 +107,10 @@ class TestRedisWindows:
         for _ in range(2):
             await windows.reserve(BOT, FAR)
         granted, wait = await windows.reserve(BOT, 1.0)
-        assert not granted and wait == pytest.approx(10.0 + MARGIN, abs=0.05)
+        assert not granted and 9.5 < wait <= 10.0 + MARGIN
         assert await client.llen(window_keys(BOT, [(2, 10.0)])[0]) == 2
         granted, again = await windows.reserve(BOT, FAR)
-        assert granted and again == pytest.approx(wait, abs=0.05)
+        assert granted and wait - 0.5 < again <= wait
 
     async def test_window_boundary_on_the_redis_clock(self, clients: Any) -> None:
         """3 per 0.5 s: the 4th slot is 0.5 s + margin after the 1st; once past it, no wait."""
@@ -111,14 +118,15 @@ class TestRedisWindows:
         for _ in range(3):
             assert (await windows.reserve(BOT, FAR))[0]
         granted, wait = await windows.reserve(BOT, 0.0)
-        assert not granted and wait == pytest.approx(0.5 + MARGIN, abs=0.05)
+        assert not granted and 0.2 < wait <= 0.5 + MARGIN
         await asyncio.sleep(wait + 0.1)
         assert await windows.reserve(BOT, 0.0) == (True, 0.0)
 
     async def test_every_window_is_enforced(self, clients: Any) -> None:
-        windows = RedisWindows(clients(), [(2, 0.5), (3, 5.0)])
-        waits = [(await windows.reserve(BOT, FAR))[1] for _ in range(4)]
-        assert waits == pytest.approx([0.0, 0.1, 0.5 + MARGIN, 5.0 + MARGIN], abs=0.05)
+        windows = RedisWindows(clients(), [(2, 0.5), (3, 5.0), (100, 100.0)])
+        for _ in range(4):
+            await windows.reserve(BOT, FAR)
+        assert await granted_at(windows) == [0.0, 0.1, 0.5 + MARGIN, 5.0 + MARGIN]
 
     async def test_bots_are_independent(self, clients: Any) -> None:
         windows = RedisWindows(clients(), [(1, 10.0)])
@@ -156,13 +164,13 @@ class TestRedisRateLimiter:
         now = time.monotonic
         started = now()
         waits = [await limiter.acquire(BOT, now() + 5) for _ in range(2)]
-        assert waits == pytest.approx([0.0, 0.1], abs=0.05)
+        assert waits[0] == 0.0 and 0.0 < waits[1] <= 0.1
         asked = now()
         with pytest.raises(RateLimited) as refused:
             await limiter.acquire(BOT, now() + 0.3)
-        assert now() - asked < 0.2
-        assert refused.value.retry_after_s == pytest.approx(0.5 + MARGIN - (asked - started),
-                                                             abs=0.1)
+        assert now() - asked < 0.5  # refused at once, not after the ~0.9 s the slot is away
+        retry = refused.value.retry_after_s
+        assert retry is not None and 0.5 < retry <= 0.5 + MARGIN
         assert await limiter.acquire(BOT, now() + 5) > 0.3
         assert now() - started >= 0.5 + MARGIN - 0.05
         assert limiter.detail() == {"backend": "redis", "state": REDIS, "outages": 0}
@@ -185,7 +193,7 @@ class TestRedisRateLimiter:
     async def test_a_hung_redis_never_holds_an_ask_past_its_timeouts(
             self, silent_port: int) -> None:
         limiter = RedisRateLimiter(rl_config(f"redis://127.0.0.1:{silent_port}/0",
-                                             [(100, 1.0)], timeout_s=0.2), fallback_share=1.0)
+                                             [(100, 1.0)], timeout_s=0.5), fallback_share=1.0)
         try:
             latencies: list[float] = []
 
@@ -195,12 +203,12 @@ class TestRedisRateLimiter:
                 latencies.append(time.monotonic() - started)
 
             await asyncio.gather(*(ask() for _ in range(20)))
-            assert len(latencies) == 20 and max(latencies) < 2.0
+            assert len(latencies) == 20 and max(latencies) < 3.0  # 2 turns of the timeout
             await asyncio.sleep(1.0)
             await ask()  # the timeouts have lasted past LOSS_CONFIRM_S: Redis is lost
             assert limiter.mode == FALLBACK
             await asyncio.gather(*(ask() for _ in range(5)))
-            assert max(latencies[-5:]) < 0.1
+            assert max(latencies[-5:]) < 0.4  # no longer tried: well under the timeout
         finally:
             await limiter.aclose()
 

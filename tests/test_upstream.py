@@ -56,7 +56,7 @@ class TestParseRetryAfter:
 
 
 class TestSessionUrl:
-    @given(st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=40))
+    @given(st.text(st.characters(codec="utf-8"), min_size=1, max_size=40))
     def test_bot_id_is_one_percent_encoded_segment(self, bot_id: str) -> None:
         url = session_url(UpstreamConfig(base_url="https://kore.test"), bot_id)
         prefix, suffix = "/api/public/bot/", "/session"
@@ -174,7 +174,7 @@ class TestRetries:
         started = time.monotonic()
         with pytest.raises(UpstreamUnavailable):
             await call(client, config, trace)
-        assert time.monotonic() - started < 0.6 + 0.15  # never slept past the deadline
+        assert time.monotonic() - started < 0.6 + 0.4  # never slept past the deadline
         assert 2 <= trace.attempts == len(kore.arrivals) < 20
 
     async def test_retry_without_a_rate_limit_slot_reports_the_last_upstream_error(

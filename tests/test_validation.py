@@ -323,3 +323,16 @@ class TestProperties:
         max_leaves=20))
     def test_parse_json_round_trips_ordinary_json(self, value: Any) -> None:
         assert parse_json(json.dumps(value).encode("utf-8")) == value
+
+
+class TestCharacterScans:
+    """The userId scans are regexes; they must agree with Unicode's own categories."""
+
+    def test_control_chars_are_exactly_category_cc(self) -> None:
+        import unicodedata
+
+        from gateway.validation import CONTROL_CHARS
+
+        for point in range(0x110000):
+            ch = chr(point)
+            assert bool(CONTROL_CHARS.match(ch)) == (unicodedata.category(ch) == "Cc"), point

@@ -40,7 +40,7 @@ async def test_run_of_failures_opens_then_a_probe_closes(start_gateway: Any, san
         started = time.monotonic()
         resp = await gateway.post(URL, json=BODY, headers={**AUTH, "X-Request-ID": "fast"})
         await expect_error(resp, 502, "upstream_unavailable")
-        assert time.monotonic() - started < 0.2 and retry_after(resp) == 1
+        assert time.monotonic() - started < 1 and retry_after(resp) == 1
         assert calls_for(sandbox, "fast") == []
 
         inject(sandbox)  # Kore.ai is back

@@ -5,15 +5,21 @@ and a burst against Kore.ai's per-bot limits (scaled down) never causes an upstr
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from gateway.audit import rotated_files, verify_files
+from tests.conftest import read_records
 from tests.faults.kore import AUTH, TERMINAL, calls_for, inject
 from tests.integration.sides import AuditTrail
+from tests.integration.test_crash import REPO
 
 CALLS = 2000
+ROTATE_BYTES = 256 * 1024  # the log rotates several times during the run
 CONCURRENCY = 50
 BOTS = 50  # spreads the calls: Kore.ai's default budget (600 / 60 s) is per bot
 TIME_LIMIT_S = 30
@@ -50,9 +56,12 @@ def expect_contract_answers(answers: dict[str, tuple[int, str | None, str | None
 
 
 def expect_one_terminal_record_each(audit: AuditTrail, rids: set[str]) -> list[dict[str, Any]]:
-    report = verify_files(rotated_files(audit.path))
+    """Over every file of the log (rotated ones first): chain intact, one terminal each."""
+    files = rotated_files(audit.path)
+    report = verify_files(files)
     assert report.ok, report.error
-    records = audit.expect_chain()
+    records = [record for path in files for record in read_records(path)]
+    assert [r["seq"] for r in records] == list(range(1, len(records) + 1))
     terminal = Counter(r["requestId"] for r in records if r["event"] in TERMINAL)
     assert set(terminal) == rids and set(terminal.values()) == {1}
     requested = Counter(r["requestId"] for r in records if r["event"] == "deactivate.requested")
@@ -64,7 +73,7 @@ def expect_one_terminal_record_each(audit: AuditTrail, rids: set[str]) -> list[d
 async def test_load_through_a_failing_upstream(start_gateway: Any, sandbox: Any,
                                                audit: AuditTrail) -> None:
     inject(sandbox, error_rate=0.2, error_status=503, rate_429=0.05, retry_after_s=1, seed=42)
-    gateway = await start_gateway(upstream={"timeout_s": 5})
+    gateway = await start_gateway(upstream={"timeout_s": 5}, audit={"max_bytes": ROTATE_BYTES})
     plan = [(f"load-{i}", f"st-load-{i % BOTS}") for i in range(CALLS)]
     started = time.monotonic()
     answers = await run_calls(gateway, plan, CONCURRENCY)
@@ -85,6 +94,21 @@ async def test_load_through_a_failing_upstream(start_gateway: Any, sandbox: Any,
         assert record["status"] == answers[record["requestId"]][0]
     assert sum(r["attempts"] for r in completed) == len(sandbox.calls)
     assert len(sandbox.calls) > CALLS  # the faults really forced retries
+    expect_cli_verifies(rotated_files(audit.path), len(records))
+
+
+def expect_cli_verifies(files: list[Path], records: int) -> None:
+    """`kore-gateway audit verify` takes the rotated files oldest first, and only so."""
+    assert len(files) > 2  # the log rotated under load
+    command = [sys.executable, "-m", "gateway", "audit", "verify"]
+    ok = subprocess.run([*command, *map(str, files)], capture_output=True, text=True,
+                        check=False, cwd=REPO, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    assert f"OK: {records} record(s) in {len(files)} file(s)" in ok.stdout
+    swapped = [files[1], files[0], *files[2:]]
+    broken = subprocess.run([*command, *map(str, swapped)], capture_output=True, text=True,
+                            check=False, cwd=REPO, timeout=60)
+    assert broken.returncode == 1 and "BROKEN" in broken.stderr
 
 
 LIMIT = {"calls": 20, "per_s": 2}

@@ -8,15 +8,16 @@ import asyncio
 import time
 from typing import Any
 
+import aiohttp
 import pytest
 
 from gateway.app import RUNTIME
 from tests.conftest import BOT
-from tests.faults.kore import AUTH, expect_exact_attempts, inject
+from tests.faults.kore import AUTH, expect_exact_attempts, inject, wait_for
 from tests.integration.sides import AuditTrail, expect_error, retry_after
 
 URL = f"/v1/bots/{BOT}/sessions/deactivate"
-LATENCY_S = 0.5
+LATENCY_S = 1.0
 
 
 async def test_burst_past_max_in_flight_is_shed_at_once(start_gateway: Any, sandbox: Any,
@@ -68,3 +69,47 @@ async def test_unexpected_error_still_ends_with_one_terminal_record(
     assert (completed["status"], completed["error"], completed["attempts"]) == (
         500, "internal_error", 0)
     assert rt.in_flight == 0
+
+
+async def test_batch_cut_short_by_a_shutdown_audits_every_item(
+        start_gateway: Any, sandbox: Any, audit: AuditTrail) -> None:
+    """Items already sent end `completed`, items still queued end `denied`: none is lost."""
+    inject(sandbox, latency_ms=5000)
+    gateway = await start_gateway(server={"batch_concurrency": 2})
+    items = [{"botId": BOT, "userId": f"u-{i}"} for i in range(6)]
+    batch = asyncio.ensure_future(gateway.post("/v1/sessions/deactivate", json={"items": items},
+                                               headers={**AUTH, "X-Request-ID": "big"}))
+    await wait_for(lambda: len(sandbox.calls) == 2, what="the first items in flight")
+    await gateway.app[RUNTIME].cancel_in_flight(wait_s=2)
+    with pytest.raises(aiohttp.ClientError):
+        await batch
+    records = audit.expect_chain()
+    for i in range(6):
+        record = expect_exact_attempts(records, sandbox, f"big.{i}")
+        assert (record["status"], record["error"]) == (503, "overloaded")
+        assert record["event"] == ("deactivate.completed" if i < 2 else "deactivate.denied")
+
+
+async def test_bug_in_one_batch_item_fails_that_item_alone(
+        start_gateway: Any, sandbox: Any, audit: AuditTrail,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    gateway = await start_gateway()
+    client = gateway.app[RUNTIME].client
+    real = client.deactivate
+
+    async def flaky_code(app: Any, d: Any, *args: Any) -> Any:
+        if d.user_id == "boom":
+            raise RuntimeError("a bug")
+        return await real(app, d, *args)
+
+    monkeypatch.setattr(client, "deactivate", flaky_code)
+    items = [{"botId": BOT, "userId": "boom"}, {"botId": BOT, "userId": "fine"}]
+    resp = await gateway.post("/v1/sessions/deactivate", json={"items": items},
+                              headers={**AUTH, "X-Request-ID": "mixed"})
+    assert resp.status == 200
+    results = (await resp.json())["results"]
+    assert [(r["status"], (r.get("error") or {}).get("code")) for r in results] == [
+        (500, "internal_error"), (200, None)]
+    records = audit.expect_chain()
+    assert expect_exact_attempts(records, sandbox, "mixed.0")["error"] == "internal_error"
+    assert expect_exact_attempts(records, sandbox, "mixed.1")["outcome"] == "success"

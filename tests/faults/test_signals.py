@@ -44,10 +44,11 @@ async def test_sigterm_drains_in_flight_calls_and_sheds_new_ones(sandbox: Any,
             gw.signal(signal.SIGTERM)
             started = time.monotonic()
             await wait_for_not_ready(session, gw.url)
-            assert time.monotonic() - started < 1  # at once, not after the drain
+            assert time.monotonic() - started < 2  # at once, not after the drain (20 s)
             status, body, headers = await post(session, gw.url, "late")
             assert (status, body["error"]["code"]) == (503, "overloaded")
             assert int(headers["Retry-After"]) >= 1
+            assert headers["Connection"].lower() == "close"  # move on to another instance
             assert [(await call)[0] for call in calls] == [200] * IN_FLIGHT
         assert gw.wait(timeout_s=15) == 0
     finally:
@@ -116,7 +117,7 @@ async def test_second_signal_exits_at_once_without_a_torn_line(sandbox: Any,
             started = time.monotonic()
             gw.signal(signal.SIGINT)
             assert gw.wait(timeout_s=5) == 128 + signal.SIGINT
-            assert time.monotonic() - started < 2.5
+            assert time.monotonic() - started < 4  # not the 8 s the calls in flight need
             await asyncio.gather(*calls, *shed)
     finally:
         gw.stop()

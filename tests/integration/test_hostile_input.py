@@ -111,7 +111,7 @@ class TestSlowClients:
             for _ in range(2):
                 for piece in (b"GET /healthz HTTP/1.1\r\n", b"Host: 127.0.0.1\r\n", b"\r\n"):
                     writer.write(piece)
-                    await asyncio.sleep(CLIENT_TIMEOUT_S / 5)
+                    await asyncio.sleep(CLIENT_TIMEOUT_S / 10)
                 status = await reader.readline()
                 assert status.startswith(b"HTTP/1.1 200"), status
                 length = 0
@@ -241,6 +241,7 @@ class TestPathSegments:
             assert calls == []
             return
         [call] = calls
+        assert call.bot_id is not None
         assert call.path == f"/api/public/bot/{quote(call.bot_id, safe='')}/session"
         [requested] = [r for r in permissive.audit.records()
                        if r["requestId"] == rid and r["event"] == "deactivate.requested"]

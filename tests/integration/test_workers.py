@@ -77,7 +77,7 @@ async def burst(url: str, count: int) -> list[int]:
 
 
 def requested_times(path: Path) -> list[float]:
-    return sorted(datetime.datetime.fromisoformat(r["ts"].replace("Z", "+00:00")).timestamp()
+    return sorted(datetime.datetime.fromisoformat(r["ts"]).timestamp()
                   for r in read_records(path) if r["event"] == "deactivate.requested")
 
 
