@@ -342,7 +342,7 @@ def _machine(directory: Path) -> dict[str, Any]:
         "nginx": version([nginx_binary() or "nginx", "-v"]),
         "wrk": version(["wrk", "-v"]),
         "audit_fs": version(["stat", "-f", "-c", "%T", str(directory)]),
-        "uvloop": _installed("uvloop"), "orjson": _installed("orjson"),
+        "uvloop_installed": _installed("uvloop"), "orjson_installed": _installed("orjson"),
         "loadavg_1m_at_end": round(os.getloadavg()[0], 2),  # other work on the machine
     }
 

@@ -47,7 +47,8 @@ def _drive(url: str, script: Path, seconds: float, connections: int, out: dict[s
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def profile(seconds: float, connections: int, top: int, directory: Path) -> str:
+def profile(seconds: float, connections: int, top: int, directory: Path,
+            save: Path | None = None) -> str:
     from gateway import loop as event_loop
     from gateway.config import load_config
     from gateway.logs import configure
@@ -85,6 +86,8 @@ def profile(seconds: float, connections: int, top: int, directory: Path) -> str:
         stub.stop()
     if "error" in out:
         raise RuntimeError(f"load failed: {out['error']}")
+    if save is not None:
+        profiler.dump_stats(save)  # for pstats, snakeviz …
     return _report(profiler, out, top)
 
 
@@ -108,10 +111,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--top", type=int, default=35, help="functions listed per table")
+    parser.add_argument("--save", type=Path, default=None, metavar="PATH",
+                        help="also write the raw cProfile stats there")
     args = parser.parse_args(argv)
     load.require_wrk()
     with tempfile.TemporaryDirectory(prefix="kgw-profile-") as name:
-        print(profile(args.seconds, args.connections, args.top, Path(name)))
+        print(profile(args.seconds, args.connections, args.top, Path(name), args.save))
     return 0
 
 

@@ -130,8 +130,11 @@ def plot(results: dict[str, Any], path: Path) -> Path:
     names, colours = ["gateway", "nginx"], ["#3b6ea5", "#999999"]
     _bars(axes[0], names, [sat["gateway"]["rps"], sat["nginx"].get("rps") or 0], colours,
           f"saturation throughput (req/s, {results['settings']['workers']} workers)")
+    _target(axes[0], 0.30 * (sat["nginx"].get("rps") or 0), "target: ≥ 0.30 × nginx",
+            "upper left")
     _bars(axes[1], names, [cpu["gateway"], cpu.get("nginx") or 0], colours,
           "CPU time per deactivation (µs)")
+    _target(axes[1], 4.0 * (cpu.get("nginx") or 0), "target: ≤ 4 × nginx", "upper right")
     targets_ = ["direct", "nginx", "gateway"]
     x = range(len(targets_))
     p50 = [lat[t].get("p50_ms") or 0 for t in targets_]
@@ -149,8 +152,15 @@ def plot(results: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def _target(ax: Any, value: float, label: str, where: str) -> None:
+    if value > 0:
+        ax.axhline(value, color="#2a8a2a", linestyle="--", linewidth=1, label=label)
+        ax.legend(loc=where, fontsize=8)
+
+
 def _bars(ax: Any, names: list[str], values: list[float], colours: list[str], title: str) -> None:
     bars = ax.bar(names, values, color=colours)
+    ax.margins(y=0.12)
     ax.bar_label(bars, labels=[f"{v:,.0f}" if v >= 100 else f"{v:,.1f}" for v in values])
     ax.set_title(title, fontsize=10)
 
