@@ -208,6 +208,7 @@ class Bench:
         files = sorted((self.dir / "gateway" / "audit").glob("*.jsonl"))
         reports = {f.name: verify_files([f]) for f in files}
         return {"files": len(files), "records": sum(r.records for r in reports.values()),
+                "records_by_file": {name: r.records for name, r in reports.items()},
                 "chains_ok": bool(reports) and all(r.ok for r in reports.values()),
                 "errors": [r.error for r in reports.values() if not r.ok]}
 
@@ -253,6 +254,9 @@ async def run(settings: Settings, *, keep: bool = False) -> dict[str, Any]:
     load.require_wrk()
     with _run_dir(keep) as directory:
         bench = Bench(settings, directory)
+        if not bench.with_peer:
+            print(f"nginx is not installed ({load.INSTALL_HINT}): the sandbox is the stub and "
+                  "there is no peer to compare with", flush=True)
         began, load_at_start = time.monotonic(), os.getloadavg()[0]
         try:
             ready = await bench.start()

@@ -11,10 +11,10 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from pathlib import Path
-from urllib.parse import urlsplit
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization

@@ -12,7 +12,7 @@ import asyncio
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 from cachetools import TLRUCache
@@ -83,7 +83,7 @@ class MemoryRateLimiter:
 
     def __init__(self, windows: Windows, *, share: float = 1.0,
                  clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], object] = asyncio.sleep,
+                 sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
                  metrics: Metrics | None = None) -> None:
         self.windows = scaled(windows, share)
         self._metrics = metrics if metrics is not None else Metrics()

@@ -55,6 +55,8 @@ def test_every_figure_is_measured(smoke: dict[str, Any]) -> None:
     assert len(r["rss_mib"]["gateway_workers"]) == 2
     assert 0 < r["ready_s"]["gateway_first"] <= r["ready_s"]["gateway_all_workers"]
     assert r["jwt"]["mints"] >= 1 and r["jwt"]["over_allowed"] == 0
+    assert r["jwt"]["mints_from_metrics"] == r["jwt"]["mints"]  # logs and /metrics agree
+    assert r["audit"]["records_per_commit_saturation"] >= 1
     assert r["settings"]["stub"] == "nginx" and r["settings"]["peer"] is True
 
 

@@ -122,3 +122,26 @@ class TestConfigure:
         err = capsys.readouterr().err
         assert "upstream.error" in err
         assert JWT not in err and KEY not in err
+
+
+class TestOneWritePerLine:
+    """Workers share stderr: a line and its newline must reach it in one write()."""
+
+    def test_each_line_is_written_whole(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        writes: list[str] = []
+
+        class Recorder:
+            def write(self, text: str) -> int:
+                writes.append(text)
+                return len(text)
+
+            def flush(self) -> None:
+                pass
+
+        monkeypatch.setattr("sys.stderr", Recorder())
+        configure("info", "json")
+        structlog.get_logger("t").info("first", n=1)
+        structlog.get_logger("t").warning("second", n=2)
+        assert len(writes) == 2
+        assert all(w.endswith("\n") and w.count("\n") == 1 for w in writes)
+        assert [json.loads(w)["event"] for w in writes] == ["first", "second"]

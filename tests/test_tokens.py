@@ -28,24 +28,12 @@ from gateway.tokens import (
     mint,
     select_app,
 )
+from tests.conftest import FakeClock
 
 T0 = 1_700_000_000.25
 HS256_SECRET = "hs256-secret-" + "x" * 40  # ≥ 32 bytes: PyJWT warns below the digest size
 HS512_SECRET = "hs512-secret-" + "y" * 60  # ≥ 64 bytes
 BROKEN_PEM = "-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n"
-
-
-class FakeClock:
-    """A settable clock: TTL tests move time instead of sleeping."""
-
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture
