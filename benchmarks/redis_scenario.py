@@ -35,6 +35,7 @@ from typing import Any, Self
 
 import aiohttp
 
+from benchmarks.procs import free_port
 from gateway.audit import verify_files
 from gateway.auth import hash_key
 
@@ -71,12 +72,6 @@ class Scenario:
 
 QUICK = Scenario(bots=4, deactivations=160, calls=20, per_s=2.0, concurrency=40,
                  timeout_s=10.0, max_run_s=30.0)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def redis_binary() -> str | None:

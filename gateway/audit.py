@@ -1,43 +1,33 @@
 """The audit log: append-only JSON Lines, sequence-numbered and hash-chained.
 
-Owns the audit file: appends made durable (written and fsynced) before they are acknowledged,
-group commit, size-based rotation, start-up recovery and verification. It knows nothing of
-HTTP, JWTs or caller keys; what goes into a record is decided by its callers.
+Owns appending to the audit file: appends made durable (written and fsynced) before they are
+acknowledged, group commit, size-based rotation and start-up recovery. It knows nothing of
+HTTP, JWTs or caller keys; what goes into a record is decided by its callers. What the chain
+hash covers and how files are verified is `audit_chain.py`'s, file names, locking and tail
+reading `audit_files.py`'s; their public names are re-exported here.
 
 Every line is one UTF-8 JSON object. `AuditLog.append` adds four fields to the caller's record:
 
 - ``ts``: RFC 3339 UTC with microseconds and ``Z`` (``2026-11-23T22:47:37.123456Z``);
 - ``seq``: 1, 2, 3 … with no gaps, continuing across rotated files;
 - ``prev``: the ``hash`` of the previous record; 64 zeros for the very first record;
-- ``hash``: the chain hash below.
+- ``hash``: ``sha256(prev + canonical)`` (see `audit_chain`).
 
-The canonical form of a record is its JSON without the ``hash`` key (so ``prev`` is inside it),
-keys sorted, no whitespace, non-ASCII characters kept as they are::
-
-    canonical = json.dumps(record_without_hash, sort_keys=True, separators=(",", ":"),
-                           ensure_ascii=False)
-    hash = sha256((prev + canonical).encode("utf-8")).hexdigest()
-
-The key order on disk (ts, seq, event, …, prev, hash) is for human readers only: the hash never
-depends on it. Past ``max_bytes`` the file is renamed to ``{stem}.{n:06d}{suffix}`` (oldest n = 1)
-and the chain goes on in a fresh file whose first ``prev`` is the last ``hash`` of the previous
-one; ``verify_files(rotated_files(path))`` checks the whole history.
+Past ``max_bytes`` the file is renamed to ``{stem}.{n:06d}{suffix}`` (oldest n = 1) and the
+chain goes on in a fresh file whose first ``prev`` is the last ``hash`` of the previous one;
+``verify_files(rotated_files(path))`` checks the whole history.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
-import fcntl
 import hashlib
-import json
 import os
-import re
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -45,6 +35,19 @@ from typing import Any, TypeVar
 import structlog
 
 from gateway import jsoncodec
+from gateway.audit_chain import ZERO_HASH, VerifyReport, canonical, chain_hash, verify_files
+from gateway.audit_files import (
+    AuditOpenError,
+    error_reason,
+    last_record,
+    last_rotated_record,
+    last_rotation,
+    open_locked,
+    rotated,
+    rotated_files,
+    rotated_path,
+    tail,
+)
 from gateway.errors import AuditUnavailable
 from gateway.metrics import Metrics
 
@@ -60,15 +63,10 @@ __all__ = [
     "verify_files",
 ]
 
-ZERO_HASH = "0" * 64
 DEFAULT_MAX_BYTES = 104_857_600
 
 _UNAVAILABLE = "audit log cannot be written"
 _OWN_KEYS = frozenset({"ts", "seq", "prev", "hash"})  # set by the log, never by a caller
-_HASH_RE = re.compile(r"[0-9a-f]{64}")
-_OPEN_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-_FILE_MODE = 0o640
-_TAIL_BLOCK = 8192
 _PROBE_BYTE = b" "  # never a newline: if left behind by a crash, start-up cuts it as a torn line
 HALT_WAIT_S = 2.0
 
@@ -78,22 +76,8 @@ _Pending = tuple[dict[str, Any], "asyncio.Future[dict[str, Any]]"]
 _T = TypeVar("_T")
 
 
-def canonical(record: Mapping[str, Any]) -> str:
-    """The text the chain hash covers: the record without ``hash``, keys sorted, compact."""
-    body = {key: value for key, value in record.items() if key != "hash"}
-    return jsoncodec.canonical(body)  # byte-identical to the json.dumps above, faster
-
-
-def chain_hash(prev: str, canonical_text: str) -> str:
-    return hashlib.sha256((prev + canonical_text).encode("utf-8")).hexdigest()
-
-
 def hash_user_id(user_id: str) -> str:
     return "sha256:" + hashlib.sha256(user_id.encode("utf-8")).hexdigest()
-
-
-class AuditOpenError(Exception):
-    """The audit path cannot be used at start-up; the message names the path and the reason."""
 
 
 class AuditLog:
@@ -155,7 +139,8 @@ class AuditLog:
             self._seq, self._prev = self._recover()
         except OSError as exc:
             self._close_fd()
-            raise AuditOpenError(f"audit log {self._path}: {_reason(exc, self._path)}") from exc
+            reason = error_reason(exc, self._path)
+            raise AuditOpenError(f"audit log {self._path}: {reason}") from exc
         except AuditOpenError:
             self._close_fd()
             raise
@@ -263,9 +248,8 @@ class AuditLog:
     def _note_failure(self, exc: OSError) -> None:
         if self._healthy or exc.errno != self._failed_errno:
             code = errno.errorcode.get(exc.errno or 0)
-            log.error(
-                "audit.unwritable", path=str(self._path), error=_reason(exc, self._path), errno=code
-            )
+            log.error("audit.unwritable", path=str(self._path),
+                      error=error_reason(exc, self._path), errno=code)
         self._healthy, self._failed_errno = False, exc.errno
 
     def _note_success(self) -> None:
@@ -320,7 +304,7 @@ class AuditLog:
 
     def _reopen(self) -> int:
         """Open the current file; if it is the one we had, cut away bytes never made durable."""
-        fd, st = _open_locked(self._path, fsync_dir=self._fsync)
+        fd, st = open_locked(self._path, fsync_dir=self._fsync)
         same = (st.st_dev, st.st_ino) == self._identity
         size = min(st.st_size, self._size) if same else st.st_size
         try:
@@ -342,7 +326,7 @@ class AuditLog:
 
     def _rotate(self) -> int:
         self._close_fd()
-        target = _rotated_path(self._path, _last_rotation(self._path) + 1)
+        target = rotated_path(self._path, last_rotation(self._path) + 1)
         os.rename(self._path, target)
         self._identity = None
         log.info("audit.rotated", path=str(self._path), rotated_to=str(target), seq=self._seq)
@@ -372,7 +356,7 @@ class AuditLog:
     def _recover(self) -> tuple[int, str]:
         """seq and hash of the last record, from this file's tail or the newest rotated file."""
         assert self._fd is not None
-        end, last = _tail(self._fd, self._size)
+        end, last = tail(self._fd, self._size)
         if end < self._size:
             # A crash tore the final line; it was never acknowledged, so it goes.
             os.ftruncate(self._fd, end)
@@ -381,177 +365,9 @@ class AuditLog:
             log.warning("audit.torn_line_truncated", path=str(self._path), bytes=self._size - end)
             self._size = end
         if last is not None:
-            return _last_record(last, self._path)
-        rotated = _rotated(self._path)
-        return _last_rotated_record(max(rotated)[1]) if rotated else (0, ZERO_HASH)
-
-
-@dataclass(frozen=True, slots=True)
-class VerifyReport:
-    ok: bool
-    records: int  # records found intact before the first break (all of them when ok)
-    files: int  # files read, up to and including the one with the break
-    error: str | None = None  # the first break: "<path>:<line>: <what is wrong>"
-
-
-def verify_files(paths: Sequence[Path | str]) -> VerifyReport:
-    """Check the chain and the seq order over `paths`, in the order given (oldest first)."""
-    if not paths:
-        return VerifyReport(ok=False, records=0, files=0, error="no audit files given")
-    chain = _Chain()
-    for count, path in enumerate(paths, start=1):
-        error = _verify_file(Path(path), chain)
-        if error is not None:
-            return VerifyReport(ok=False, records=chain.records, files=count, error=error)
-    return VerifyReport(ok=True, records=chain.records, files=len(paths))
-
-
-def rotated_files(path: Path | str) -> list[Path]:
-    """The rotated files of a log, oldest first, then the current file if it exists."""
-    path = Path(path)
-    return [file for _, file in sorted(_rotated(path))] + ([path] if path.exists() else [])
-
-
-class _Break(Exception):
-    """What is wrong with one line of a chain."""
-
-
-@dataclass(slots=True)
-class _Chain:
-    seq: int = 0
-    prev: str = ZERO_HASH
-    records: int = 0
-
-    def advance(self, record: dict[str, Any]) -> None:
-        seq, prev, digest = record.get("seq"), record.get("prev"), record.get("hash")
-        if not isinstance(prev, str) or not isinstance(digest, str):
-            raise _Break("prev or hash missing")
-        if digest != chain_hash(prev, canonical(record)):
-            raise _Break("hash mismatch")
-        if type(seq) is not int or seq != self.seq + 1:
-            raise _Break(f"seq {seq} after {self.seq}" if self.seq else f"seq {seq}, expected 1")
-        if prev != self.prev:
-            first = "prev of the first record is not 64 zeros"
-            raise _Break("prev does not match the previous hash" if self.seq else first)
-        self.seq, self.prev, self.records = seq, digest, self.records + 1
-
-
-def _verify_file(path: Path, chain: _Chain) -> str | None:
-    """The first break in `path` as "<path>:<line>: <reason>", or None."""
-    try:
-        with path.open("rb") as lines:
-            for number, line in enumerate(lines, start=1):
-                try:
-                    chain.advance(_parse_line(line))
-                except _Break as brk:
-                    return f"{path}:{number}: {brk}"
-    except OSError as exc:
-        return f"{path}: {_reason(exc, path)}"
-    return None
-
-
-def _parse_line(line: bytes) -> dict[str, Any]:
-    if not line.endswith(b"\n"):
-        raise _Break("incomplete line (no newline at the end)")
-    if not line.strip():
-        raise _Break("blank line")
-    try:
-        record = json.loads(line, object_pairs_hook=_unique_keys)
-    except ValueError as exc:
-        raise _Break("not valid JSON") from exc
-    if not isinstance(record, dict):
-        raise _Break("not a JSON object")
-    return record
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # A duplicate key would let other JSON readers see a value the hash never covered.
-    record = dict(pairs)
-    if len(record) != len(pairs):
-        raise _Break("duplicate key")
-    return record
-
-
-def _tail(fd: int, size: int) -> tuple[int, bytes | None]:
-    """(offset just past the last newline, last complete line or None) of a file of `size`."""
-    block = _TAIL_BLOCK
-    while True:
-        start = max(0, size - block)
-        data = os.pread(fd, size - start, start)
-        last_nl = data.rfind(b"\n")
-        prev_nl = data.rfind(b"\n", 0, max(last_nl, 0))
-        if last_nl >= 0 and (prev_nl >= 0 or start == 0):
-            return start + last_nl + 1, data[prev_nl + 1 : last_nl]
-        if start == 0:
-            return 0, None
-        block *= 2
-
-
-def _last_record(line: bytes, path: Path) -> tuple[int, str]:
-    try:
-        record = json.loads(line)
-    except ValueError:
-        record = None
-    seq = record.get("seq") if isinstance(record, dict) else None
-    digest = record.get("hash") if isinstance(record, dict) else None
-    if type(seq) is int and seq >= 1 and isinstance(digest, str) and _HASH_RE.fullmatch(digest):
-        return seq, digest
-    raise AuditOpenError(f"audit log {path}: the last record has no valid seq and hash")
-
-
-def _last_rotated_record(path: Path) -> tuple[int, str]:
-    with path.open("rb") as file:
-        size = os.fstat(file.fileno()).st_size
-        end, last = _tail(file.fileno(), size)
-    if last is None or end != size:
-        raise AuditOpenError(f"audit log {path}: does not end with a complete record")
-    return _last_record(last, path)
-
-
-def _rotated(path: Path) -> list[tuple[int, Path]]:
-    pattern = re.compile(re.escape(path.stem) + r"\.(\d{6,})" + re.escape(path.suffix))
-    try:
-        names = os.listdir(path.parent)
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    return [(int(m[1]), path.parent / name) for name in names if (m := pattern.fullmatch(name))]
-
-
-def _last_rotation(path: Path) -> int:
-    return max((number for number, _ in _rotated(path)), default=0)
-
-
-def _rotated_path(path: Path, number: int) -> Path:
-    return path.with_name(f"{path.stem}.{number:06d}{path.suffix}")
-
-
-def _open_locked(path: Path, *, fsync_dir: bool) -> tuple[int, os.stat_result]:
-    """Open `path` for appending, creating it and its directories, under an exclusive lock."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except FileExistsError as exc:  # a regular file where a directory should be
-        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), exc.filename) from exc
-    fd = os.open(path, _OPEN_FLAGS, _FILE_MODE)
-    try:
-        try:
-            # Two writers on one file would fork the chain.
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            raise OSError(exc.errno, "locked by another audit writer") from exc
-        if fsync_dir:
-            _fsync_dir(path.parent)  # the file's name is durable too
-        return fd, os.fstat(fd)
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+            return last_record(last, self._path)
+        older = rotated(self._path)
+        return last_rotated_record(max(older)[1]) if older else (0, ZERO_HASH)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -592,10 +408,3 @@ def _reject(batch: list[_Pending], cause: BaseException) -> None:
 def _retrieve(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()
-
-
-def _reason(exc: OSError, path: Path) -> str:
-    reason = exc.strerror or str(exc)
-    if exc.filename is not None and str(exc.filename) != str(path):
-        reason += f" ({exc.filename})"
-    return reason

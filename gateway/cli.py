@@ -16,7 +16,7 @@ from pathlib import Path
 from gateway import __version__
 from gateway.audit import AuditOpenError, verify_files
 from gateway.auth import hash_key, new_key
-from gateway.bulk import add_arguments as add_bulk_arguments
+from gateway.bulk_cli import add_arguments as add_bulk_arguments
 from gateway.config import Config, ConfigError, Secret, load_config
 from gateway.reload import DEFAULT_WATCH_S, MAX_WATCH_S, MIN_WATCH_S
 from gateway.server import ListenError
@@ -98,7 +98,7 @@ def _config_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _sandbox_options(parser: argparse.ArgumentParser) -> None:
-    from gateway.sandbox import add_arguments
+    from gateway.sandbox_cli import add_arguments
 
     add_arguments(parser)
     parser.add_argument("--config", default=None, metavar="PATH",
@@ -132,7 +132,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_deactivate(args: argparse.Namespace) -> int:
-    from gateway.bulk import run_command
+    from gateway.bulk_cli import run_command
     from gateway.rows import BulkError
 
     try:
@@ -144,7 +144,8 @@ def cmd_deactivate(args: argparse.Namespace) -> int:
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
     from gateway.logs import configure
-    from gateway.sandbox import SandboxApp, run_sandbox, sandbox_from_args
+    from gateway.sandbox import SandboxApp
+    from gateway.sandbox_cli import run_sandbox, sandbox_from_args
 
     configure()
     apps: list[SandboxApp] = []

@@ -3,7 +3,9 @@
 It verifies the JWT as Kore.ai would (its own PyJWT checks: `appId`, algorithm, signature,
 `exp`, `iat`, optional `jti` replay), checks path and body, answers in Kore.ai's error shape
 `{"errors": [{"msg", "code"}]}`, records every call to a session path and injects faults.
-It leaves token minting to `tokens.py` and the upstream client to `upstream.py`.
+The JWT checks are `sandbox_jwt.py`'s, the fault values `sandbox_faults.py`'s and the
+`kore-gateway sandbox` command `sandbox_cli.py`'s; token minting is `tokens.py`'s and the
+upstream client `upstream.py`'s.
 
 A call to a session path is handled in this order:
 
@@ -26,84 +28,42 @@ tests in other processes read calls and stats and change faults.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import dataclasses
-import ipaddress
 import json
 import math
 import random
 import re
-import socket
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn
+from typing import Any, NoReturn
 from urllib.parse import unquote
 
-import jwt
 from aiohttp import web
-from cachetools import TLRUCache
-from cryptography.hazmat.primitives import serialization
 
-if TYPE_CHECKING:
-    from gateway.config import KoreApp
+from gateway.sandbox_faults import FaultError, Faults, checked_faults
+from gateway.sandbox_jwt import SandboxApp, TokenChecker, TokenRejected
+
+__all__ = [
+    "DEFAULT_KNOWN_BOTS",
+    "DEFAULT_SESSION_PATH",
+    "NOT_ANSWERED",
+    "Faults",
+    "Headers",
+    "KoreSandbox",
+    "RecordedCall",
+    "SandboxApp",
+    "compile_path",
+]
 
 DEFAULT_SESSION_PATH = "/api/public/bot/{botId}/session"
 DEFAULT_KNOWN_BOTS = ("st-*",)
-DEFAULT_LISTEN = "127.0.0.1:9090"
-MAX_IAT_SKEW_S = 60.0  # Kore.ai accepts a token issued at most this far in its future
-MAX_REMEMBERED_JTIS = 100_000  # bounded replay memory; the least recently seen go first
 NOT_ANSWERED = 0  # RecordedCall.status while in flight, and for ever when dropped
-ALGORITHMS = ("HS256", "HS512", "RS256", "RS512")
 BODY_FIELDS = frozenset({"userId", "status", "channel"})
-
-
-@dataclass
-class SandboxApp:
-    """Credentials Kore.ai knows: HS* → the client secret; RS* → the PEM public key."""
-
-    client_id: str
-    key: str = field(repr=False)
-    algorithm: str = "HS256"
-
-    @classmethod
-    def from_kore_app(cls, app: KoreApp) -> SandboxApp:
-        if app.algorithm.startswith("HS"):
-            if app.client_secret is None:
-                raise ValueError(f"app {app.name!r}: {app.algorithm} needs a client secret")
-            return cls(app.client_id, app.client_secret.reveal(), app.algorithm)
-        if app.private_key is None:
-            raise ValueError(f"app {app.name!r}: {app.algorithm} needs a private key")
-        return cls(app.client_id, _public_pem(app.private_key.reveal()), app.algorithm)
-
-
-def _public_pem(private_pem: str) -> str:
-    private_key = serialization.load_pem_private_key(private_pem.encode(), password=None)
-    return (
-        private_key.public_key()
-        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        .decode()
-    )
-
-
-@dataclass
-class Faults:
-    """Injected faults; every default is "no fault". Mutable at run time."""
-
-    latency_ms: float = 0.0
-    error_status: int = 500  # the status of fail_first and error_rate
-    error_rate: float = 0.0
-    fail_first: int = 0  # counts down as it fires
-    rate_429: float = 0.0
-    retry_after_s: float = 1.0  # sent with rate_429, rounded up to whole seconds
-    drop_rate: float = 0.0
-    reject_token_next: int = 0  # counts down as it fires
-    limits: list[tuple[int, float]] = field(default_factory=list)  # per bot: (calls, per_s)
-    seed: int | None = None
 
 
 class Headers(dict[str, str]):
@@ -134,11 +94,6 @@ class RecordedCall:
     claims: dict[str, Any] | None  # set once the JWT is verified
     status: int
     at: float
-
-
-class _Verifier(NamedTuple):
-    algorithm: str
-    key: Any  # bytes for HS*, a loaded public key for RS*
 
 
 class _KoreError(Exception):
@@ -179,14 +134,10 @@ class KoreSandbox:
         faults: Faults | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._verifiers = {app.client_id: _verifier(app) for app in apps}
-        self._enforce_jti = enforce_jti
-        self._paths = [_compile_path(template) for template in session_paths]
+        self._tokens = TokenChecker(apps, enforce_jti=enforce_jti, clock=clock)
+        self._paths = [compile_path(template) for template in session_paths]
         self._known_bots = tuple(known_bots)
         self._clock = clock
-        self._seen_jtis: TLRUCache[tuple[str, str], float] = TLRUCache(
-            MAX_REMEMBERED_JTIS, _jti_expiry, timer=clock
-        )
         self._windows: dict[tuple[str, int, float], deque[float]] = {}
         self._by_status: Counter[int] = Counter()
         self._rng = random.Random()
@@ -205,7 +156,7 @@ class KoreSandbox:
 
     def set_apps(self, apps: Sequence[SandboxApp]) -> None:
         """Replaces the credentials accepted, as when a Kore.ai app's secret is regenerated."""
-        self._verifiers = {app.client_id: _verifier(app) for app in apps}
+        self._tokens.set_apps(apps)
 
     def create_app(self) -> web.Application:
         app = web.Application()
@@ -268,7 +219,10 @@ class KoreSandbox:
         if request.method != "PUT":
             raise _KoreError(405, "Method Not Allowed", {"Allow": "PUT"})
         await self._apply_faults(request, call)
-        call.claims = self._verify_token(request.headers.get("auth"))
+        try:
+            call.claims = self._tokens.check(request.headers.get("auth"))
+        except TokenRejected as rejected:
+            raise _unauthorized(str(rejected)) from None
         _check_body(request.content_type, raw)
         if not any(fnmatchcase(call.bot_id or "", glob) for glob in self._known_bots):
             raise _KoreError(404, "Bot not found")
@@ -322,47 +276,6 @@ class KoreSandbox:
             window.popleft()
         return window
 
-    # --- the JWT -------------------------------------------------------------------------
-
-    def _verify_token(self, token: str | None) -> dict[str, Any]:
-        if not token:
-            raise _unauthorized("Missing auth header")
-        try:
-            header = jwt.get_unverified_header(token)
-            app_id = jwt.decode(token, options={"verify_signature": False}).get("appId")
-        except jwt.PyJWTError:
-            raise _unauthorized("Invalid token") from None
-        if not isinstance(app_id, str) or app_id not in self._verifiers:
-            raise _unauthorized("Unknown appId")
-        verifier = self._verifiers[app_id]
-        if header.get("alg") != verifier.algorithm:
-            raise _unauthorized("Algorithm mismatch")
-        claims = _decode(token, verifier)
-        self._check_times(claims)
-        if self._enforce_jti:
-            self._check_jti(app_id, claims)
-        return claims
-
-    def _check_times(self, claims: dict[str, Any]) -> None:
-        now = self._clock()
-        exp, iat, nbf = claims["exp"], claims["iat"], claims.get("nbf", 0)
-        if not all(_is_number(value) for value in (exp, iat, nbf)):
-            raise _unauthorized("Invalid exp, iat or nbf claim")
-        if exp <= now:
-            raise _unauthorized("Token expired")
-        if iat > now + MAX_IAT_SKEW_S:
-            raise _unauthorized("Token issued in the future")
-        if nbf > now:
-            raise _unauthorized("Token not yet valid")
-
-    def _check_jti(self, app_id: str, claims: dict[str, Any]) -> None:
-        jti = claims.get("jti")
-        if not isinstance(jti, str) or not jti:
-            raise _unauthorized("Missing claim: jti")
-        if (app_id, jti) in self._seen_jtis:
-            raise _unauthorized("JTI already used")
-        self._seen_jtis[(app_id, jti)] = float(claims["exp"])
-
     # --- control routes ------------------------------------------------------------------
 
     async def _healthz(self, request: web.Request) -> web.Response:
@@ -382,9 +295,9 @@ class KoreSandbox:
     async def _put_faults(self, request: web.Request) -> web.Response:
         try:
             patch = await request.json()
-            changes = _checked_faults(patch)
-        except _KoreError as error:
-            return error.response()
+            changes = checked_faults(patch)
+        except FaultError as error:
+            return _bad_request(str(error)).response()
         except ValueError:
             return _bad_request("body: must be a JSON object").response()
         for name, value in changes.items():
@@ -399,26 +312,11 @@ class KoreSandbox:
         return web.json_response(self.stats())
 
 
-def _verifier(app: SandboxApp) -> _Verifier:
-    if app.algorithm not in ALGORITHMS:
-        raise ValueError(f"app {app.client_id!r}: algorithm must be one of {ALGORITHMS}")
-    if app.algorithm.startswith("HS"):
-        return _Verifier(app.algorithm, app.key.encode())
-    try:
-        return _Verifier(app.algorithm, serialization.load_pem_public_key(app.key.encode()))
-    except ValueError:
-        raise ValueError(f"app {app.client_id!r}: key is not a PEM public key") from None
-
-
-def _compile_path(template: str) -> re.Pattern[str]:
+def compile_path(template: str) -> re.Pattern[str]:
     before, found, after = template.partition("{botId}")
     if not template.startswith("/") or not found or "{" in before + after:
         raise ValueError(f"session path {template!r}: must start with / and hold {{botId}} once")
     return re.compile(re.escape(before) + "(?P<botId>[^/]+)" + re.escape(after))
-
-
-def _jti_expiry(_key: tuple[str, str], exp: float, _now: float) -> float:
-    return exp
 
 
 def _headers(request: web.Request) -> Headers:
@@ -452,35 +350,6 @@ def _reason(status: int) -> str:
         return "Error"
 
 
-def _decode(token: str, verifier: _Verifier) -> dict[str, Any]:
-    # Time claims are checked on the sandbox clock (`_check_times`), not PyJWT's.
-    options = {
-        "require": ["exp", "iat"],
-        "verify_exp": False,
-        "verify_iat": False,
-        "verify_nbf": False,
-        "verify_aud": False,
-    }
-    try:
-        claims: dict[str, Any] = jwt.decode(
-            token,
-            verifier.key,
-            algorithms=[verifier.algorithm],
-            options=options,  # type: ignore[arg-type]
-        )
-    except jwt.MissingRequiredClaimError as error:
-        raise _unauthorized(f"Missing claim: {error.claim}") from None
-    except jwt.InvalidSignatureError:
-        raise _unauthorized("Invalid signature") from None
-    except jwt.PyJWTError:
-        raise _unauthorized("Invalid token") from None
-    return claims
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _check_body(content_type: str, raw: bytes) -> None:
     if content_type != "application/json":
         raise _bad_request("Content-Type: must be application/json")
@@ -498,196 +367,3 @@ def _check_body(content_type: str, raw: bytes) -> None:
         raise _bad_request('status: must be "inactive"')
     if not isinstance(body.get("channel", ""), str):
         raise _bad_request("channel: must be a string")
-
-
-# --- fault values: shared by PUT /__sandbox/faults and the CLI flags -------------------------
-
-
-def _number(low: float, high: float = math.inf) -> Callable[[Any], float]:
-    def check(value: Any) -> float:
-        if isinstance(value, bool):
-            raise TypeError("must be a number")
-        number = float(value)
-        if not (math.isfinite(number) and low <= number <= high):
-            raise ValueError(f"must be a number from {low:g} to {high:g}")
-        return number
-
-    return check
-
-
-def _integer(low: int, high: int) -> Callable[[Any], int]:
-    def check(value: Any) -> int:
-        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-            raise ValueError("must be an integer")
-        number = int(value)
-        if not low <= number <= high:
-            raise ValueError(f"must be an integer from {low} to {high}")
-        return number
-
-    return check
-
-
-def _seed(value: Any) -> int | None:
-    return None if value is None else _integer(-(2**63), 2**63 - 1)(value)
-
-
-def _limit(item: Any) -> tuple[int, float]:
-    """One window: "CALLS/PER_S", [calls, per_s] or {"calls": …, "per_s": …}."""
-    if isinstance(item, str) and "/" in item:
-        calls, _, per_s = item.partition("/")
-    elif isinstance(item, Mapping) and set(item) == {"calls", "per_s"}:
-        calls, per_s = item["calls"], item["per_s"]
-    elif isinstance(item, list | tuple) and len(item) == 2:
-        calls, per_s = item
-    else:
-        raise ValueError("a limit is CALLS/PER_S, [calls, per_s] or {calls, per_s}")
-    return _integer(1, 10**9)(calls), _number(0.001)(per_s)
-
-
-def _limits(value: Any) -> list[tuple[int, float]]:
-    if not isinstance(value, list):
-        raise TypeError("must be a list of limits")
-    return [_limit(item) for item in value]
-
-
-_RATE = _number(0.0, 1.0)
-_FAULT_CHECKS: dict[str, Callable[[Any], Any]] = {
-    "latency_ms": _number(0.0),
-    "error_status": _integer(400, 599),
-    "error_rate": _RATE,
-    "fail_first": _integer(0, 10**9),
-    "rate_429": _RATE,
-    "retry_after_s": _number(0.0),
-    "drop_rate": _RATE,
-    "reject_token_next": _integer(0, 10**9),
-    "limits": _limits,
-    "seed": _seed,
-}
-
-
-def _checked_faults(patch: Any) -> dict[str, Any]:
-    """A partial update of `Faults`, every value checked; nothing is applied on an error."""
-    if not isinstance(patch, dict):
-        raise _bad_request("body: must be a JSON object")
-    checked = {}
-    for name, value in patch.items():
-        if name not in _FAULT_CHECKS:
-            raise _bad_request(f"{name}: unknown field")
-        try:
-            checked[name] = _FAULT_CHECKS[name](value)
-        except (TypeError, ValueError) as error:
-            raise _bad_request(f"{name}: {error}") from None
-    return checked
-
-
-# --- command line ----------------------------------------------------------------------------
-
-_FAULT_FLAGS = {
-    "latency_ms": "milliseconds added before answering each call",
-    "error_status": "status of --fail-first and --error-rate answers (default 500)",
-    "error_rate": "fraction of calls answered with --error-status",
-    "fail_first": "the first N calls are answered with --error-status",
-    "rate_429": "fraction of calls answered 429 with Retry-After",
-    "retry_after_s": "Retry-After sent with --rate-429 (default 1)",
-    "drop_rate": "fraction of calls whose connection is closed without an answer",
-    "reject_token_next": "the next N calls get 401 as if the token were rejected",
-}
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `kore-gateway sandbox` flags; `--listen` stays "HOST:PORT" text, checked for loopback."""
-    parser.add_argument(
-        "--listen",
-        type=_arg(_listen_address),
-        default=DEFAULT_LISTEN,
-        metavar="HOST:PORT",
-        help="loopback address (default 127.0.0.1:9090)",
-    )
-    parser.add_argument(
-        "--enforce-jti",
-        action="store_true",
-        help='reject a token without a "jti" or with one seen before',
-    )
-    for name, help_text in _FAULT_FLAGS.items():
-        flag = "--" + name.replace("_", "-")
-        parser.add_argument(flag, type=_arg(_FAULT_CHECKS[name]), help=help_text)
-    parser.add_argument(
-        "--limit",
-        dest="limits",
-        action="append",
-        type=_arg(_limit),
-        metavar="CALLS/PER_S",
-        help="per-bot window, repeatable (e.g. 600/60)",
-    )
-    parser.add_argument(
-        "--known-bot",
-        action="append",
-        metavar="GLOB",
-        help="botId glob that exists, repeatable (default st-*)",
-    )
-    parser.add_argument(
-        "--session-path",
-        action="append",
-        type=_arg(_session_path),
-        metavar="TEMPLATE",
-        help=f"repeatable (default {DEFAULT_SESSION_PATH})",
-    )
-    parser.add_argument("--seed", type=_arg(_seed), help="seed of the fault dice")
-
-
-def sandbox_from_args(args: argparse.Namespace, apps: Sequence[SandboxApp]) -> KoreSandbox:
-    given = {name: getattr(args, name, None) for name in _FAULT_CHECKS}
-    faults = Faults(**{name: value for name, value in given.items() if value is not None})
-    return KoreSandbox(
-        apps,
-        enforce_jti=args.enforce_jti,
-        session_paths=args.session_path or (DEFAULT_SESSION_PATH,),
-        known_bots=args.known_bot or DEFAULT_KNOWN_BOTS,
-        faults=faults,
-    )
-
-
-def run_sandbox(sandbox: KoreSandbox, host: str, port: int) -> None:
-    """Serve until interrupted; the socket is bound first so the printed URL is real."""
-    if not _is_loopback(host):
-        raise ValueError(f"sandbox listen address {host!r}: must be loopback")
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.create_server((host, port), family=family)
-    url = f"http://{f'[{host}]' if ':' in host else host}:{sock.getsockname()[1]}"
-    web.run_app(
-        sandbox.create_app(),
-        sock=sock,
-        print=lambda _banner: print(f"sandbox listening on {url}", flush=True),
-    )
-
-
-def _arg(check: Callable[[Any], Any]) -> Callable[[str], Any]:
-    def parse(text: str) -> Any:
-        try:
-            return check(text)
-        except (TypeError, ValueError) as error:
-            raise argparse.ArgumentTypeError(str(error)) from None
-
-    return parse
-
-
-def _listen_address(text: str) -> str:
-    host, _, port = text.rpartition(":")
-    if not _is_loopback(host.removeprefix("[").removesuffix("]")):
-        raise ValueError(f"{text!r}: must be HOST:PORT on loopback (127.0.0.0/8, ::1, localhost)")
-    _integer(0, 65535)(port)
-    return text
-
-
-def _session_path(template: str) -> str:
-    _compile_path(template)
-    return template
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

@@ -15,7 +15,6 @@ from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
 from benchmarks.redis_scenario import free_port
-from gateway.app import make_limiter
 from gateway.config import Config, RateLimitConfig, Secret
 from gateway.errors import RateLimited
 from gateway.metrics import Metrics
@@ -27,6 +26,7 @@ from gateway.ratelimit_redis import (
     RedisWindows,
     window_keys,
 )
+from gateway.runtime import make_limiter
 from tests.redis_fixtures import RedisServer
 
 BOT = "st-redis-bot"

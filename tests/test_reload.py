@@ -17,7 +17,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from structlog.testing import capture_logs
 
 from gateway import reload as reload_module
-from gateway.app import Runtime
 from gateway.auth import hash_key
 from gateway.config import KoreApp, Secret, load_config
 from gateway.errors import Unauthenticated
@@ -30,6 +29,7 @@ from gateway.reload import (
     restart_only_changes,
     watched_files,
 )
+from gateway.runtime import Runtime
 from tests.conftest import CALLER_KEY, CLIENT_SECRET, base_settings, merge, write_config
 
 NEW_KEY = "kgw_test_new_caller_key"

@@ -16,13 +16,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from yarl import URL
 
 from gateway.config import KoreApp, Secret
-from gateway.sandbox import (
-    Faults,
-    KoreSandbox,
-    SandboxApp,
-    add_arguments,
-    sandbox_from_args,
-)
+from gateway.sandbox import Faults, KoreSandbox, SandboxApp
+from gateway.sandbox_cli import add_arguments, sandbox_from_args
 
 HS_ID, RS_ID = "cs-test", "cs-rsa"
 SECRET = "test-secret-" + "0123456789abcdef" * 4  # ≥ 64 bytes: no PyJWT key-length warning

@@ -15,8 +15,9 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.app import RUNTIME, Runtime, create_app
+from gateway.app import RUNTIME, create_app
 from gateway.config import Config
+from gateway.runtime import Runtime
 from gateway.sandbox import KoreSandbox, SandboxApp
 from gateway.server import make_runner
 from tests.conftest import CLIENT_ID, CLIENT_SECRET

@@ -1,0 +1,107 @@
+"""The sandbox's fault knobs: `Faults` and the check of every value, shared by
+PUT /__sandbox/faults and the `kore-gateway sandbox` flags. Firing them is `sandbox.py`'s.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Faults:
+    """Injected faults; every default is "no fault". Mutable at run time."""
+
+    latency_ms: float = 0.0
+    error_status: int = 500  # the status of fail_first and error_rate
+    error_rate: float = 0.0
+    fail_first: int = 0  # counts down as it fires
+    rate_429: float = 0.0
+    retry_after_s: float = 1.0  # sent with rate_429, rounded up to whole seconds
+    drop_rate: float = 0.0
+    reject_token_next: int = 0  # counts down as it fires
+    limits: list[tuple[int, float]] = field(default_factory=list)  # per bot: (calls, per_s)
+    seed: int | None = None
+
+
+class FaultError(Exception):
+    """A fault value refused; the message names the field and the rule."""
+
+
+def number_in(low: float, high: float = math.inf) -> Callable[[Any], float]:
+    def check(value: Any) -> float:
+        if isinstance(value, bool):
+            raise TypeError("must be a number")
+        number = float(value)
+        if not (math.isfinite(number) and low <= number <= high):
+            raise ValueError(f"must be a number from {low:g} to {high:g}")
+        return number
+
+    return check
+
+
+def integer_in(low: int, high: int) -> Callable[[Any], int]:
+    def check(value: Any) -> int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError("must be an integer")
+        number = int(value)
+        if not low <= number <= high:
+            raise ValueError(f"must be an integer from {low} to {high}")
+        return number
+
+    return check
+
+
+def _seed(value: Any) -> int | None:
+    return None if value is None else integer_in(-(2**63), 2**63 - 1)(value)
+
+
+def parse_limit(item: Any) -> tuple[int, float]:
+    """One window: "CALLS/PER_S", [calls, per_s] or {"calls": …, "per_s": …}."""
+    if isinstance(item, str) and "/" in item:
+        calls, _, per_s = item.partition("/")
+    elif isinstance(item, Mapping) and set(item) == {"calls", "per_s"}:
+        calls, per_s = item["calls"], item["per_s"]
+    elif isinstance(item, list | tuple) and len(item) == 2:
+        calls, per_s = item
+    else:
+        raise ValueError("a limit is CALLS/PER_S, [calls, per_s] or {calls, per_s}")
+    return integer_in(1, 10**9)(calls), number_in(0.001)(per_s)
+
+
+def _limits(value: Any) -> list[tuple[int, float]]:
+    if not isinstance(value, list):
+        raise TypeError("must be a list of limits")
+    return [parse_limit(item) for item in value]
+
+
+_RATE = number_in(0.0, 1.0)
+FAULT_CHECKS: dict[str, Callable[[Any], Any]] = {
+    "latency_ms": number_in(0.0),
+    "error_status": integer_in(400, 599),
+    "error_rate": _RATE,
+    "fail_first": integer_in(0, 10**9),
+    "rate_429": _RATE,
+    "retry_after_s": number_in(0.0),
+    "drop_rate": _RATE,
+    "reject_token_next": integer_in(0, 10**9),
+    "limits": _limits,
+    "seed": _seed,
+}
+
+
+def checked_faults(patch: Any) -> dict[str, Any]:
+    """A partial update of `Faults`, every value checked; nothing is applied on an error."""
+    if not isinstance(patch, dict):
+        raise FaultError("body: must be a JSON object")
+    checked = {}
+    for name, value in patch.items():
+        if name not in FAULT_CHECKS:
+            raise FaultError(f"{name}: unknown field")
+        try:
+            checked[name] = FAULT_CHECKS[name](value)
+        except (TypeError, ValueError) as error:
+            raise FaultError(f"{name}: {error}") from None
+    return checked
