@@ -170,8 +170,11 @@ async def _admitted(request: web.Request, ask: Ask, parse: Parse) -> tuple[Calle
         ask.caller = request[CALLER] = caller.name
         bot_id = rt.validator.bot_id(ask.bot_id)
         caller.authorize(bot_id)
-        d = parse(bot_id, await read_json(request, rt.config.server.max_body_bytes,
-                                          rt.config.server.client_timeout_s))
+        body = await read_json(request, rt.config.server.max_body_bytes,
+                               rt.config.server.client_timeout_s)
+        if isinstance(body, dict):  # a refusal still records what was asked
+            ask.user_id, ask.channel = body.get("userId"), body.get("channel")
+        d = parse(bot_id, body)
         ask.learn(d)
         return caller, d
     except GatewayError as exc:
@@ -234,7 +237,7 @@ async def deactivate_kore(request: web.Request) -> web.Response:
             body = await rt.deactivator.deactivate(ask, caller, d)
         except UpstreamRejected as exc:
             return kore_passthrough(exc)
-    return web.json_response(body)
+    return web.json_response(body, status=ask.trace.upstream_status or 200)  # Kore.ai's own
 
 
 def kore_passthrough(exc: UpstreamRejected) -> web.Response:

@@ -168,8 +168,10 @@ class AuditLog:
 
     async def probe(self) -> bool:
         """For readiness: when unhealthy, try to make the file writable again (no record)."""
-        if self._healthy or self._closed or not self._opened:
+        if self._closed or not self._opened:
             return self.healthy
+        if self._healthy and self._still_current():
+            return True  # a moved or replaced file (or directory) is noticed before a write
         try:
             await self._in_worker(self._probe_sync)
         except OSError as exc:
@@ -298,7 +300,7 @@ class AuditLog:
     def _still_current(self) -> bool:
         try:
             st = os.stat(self._path)
-        except FileNotFoundError:
+        except OSError:  # removed, or a directory on the way replaced by a file
             return False
         return (st.st_dev, st.st_ino) == self._identity
 

@@ -128,7 +128,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"--watch-config must be {MIN_WATCH_S:g}–{MAX_WATCH_S:g} seconds", file=sys.stderr)
         return 2
     configure(config.logging.level, config.logging.format)
-    return serve(config, args.workers, watch_s=watch)
+    try:
+        return serve(config, args.workers, watch_s=watch)
+    except AuditOpenError as exc:  # named as a config problem: the key and the file to fix
+        raise ConfigError(config.source, [f"audit.path: {exc}"]) from None
 
 
 def cmd_deactivate(args: argparse.Namespace) -> int:

@@ -275,8 +275,8 @@ def _anchored(pattern: str) -> str:
 
 
 def _input_schemas(config: Config) -> dict[str, Any]:
-    channel = {"type": ["string", "null"], "pattern": "^[a-z0-9_]{1,32}$",
-               "description": "Optional; null is the same as none."}
+    channel = {"type": "string", "pattern": "^[a-z0-9_]{1,32}$",
+               "description": "Optional: leave the key out for no channel (null is refused)."}
     user_id = {"type": "string", "minLength": 1, "maxLength": 256,
                "not": {"pattern": "[\\u0000-\\u001F\\u007F-\\u009F]"},
                "description": "1–256 characters, no control characters (Cc), no lone "
@@ -312,7 +312,9 @@ def _output_schemas() -> dict[str, Any]:
     return {
         "DeactivateResponse": _closed({
             "success": {"const": True}, "botId": _ref("schemas", "BotId"),
-            "userId": _ref("schemas", "UserId"), "channel": _ref("schemas", "Channel"),
+            "userId": _ref("schemas", "UserId"),
+            "channel": {"type": ["string", "null"], "pattern": "^[a-z0-9_]{1,32}$",
+                        "description": "The channel given, null when none was."},
             "requestId": _ref("schemas", "RequestId")},
             ["success", "botId", "userId", "channel", "requestId"]),
         "BatchResult": {

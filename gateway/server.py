@@ -27,6 +27,7 @@ from aiohttp import web
 
 from gateway import loop as event_loop
 from gateway.app import RUNTIME, create_app
+from gateway.audit import AuditOpenError
 from gateway.config import Config, with_changes
 from gateway.connection import GatewayRunner
 from gateway.metrics import in_worker, multiprocess_dir, worker_exited
@@ -130,8 +131,16 @@ def _worker_main(config: Config, worker: int, workers: int, watch_s: float | Non
     in_worker()
     configure(config.logging.level, config.logging.format)
     structlog.contextvars.bind_contextvars(worker=worker)
-    sys.exit(event_loop.run(run_worker(config, worker=worker, workers=workers,
-                                       watch_s=watch_s, relay=relay)))
+    try:
+        code = event_loop.run(run_worker(config, worker=worker, workers=workers,
+                                         watch_s=watch_s, relay=relay))
+    except AuditOpenError as exc:  # a clear line, not a traceback from every worker
+        print(f"configuration error:\n{config.source}: audit.path: {exc}", file=sys.stderr)
+        code = 2
+    except ListenError as exc:
+        print(f"listen error: {exc}", file=sys.stderr)
+        code = 2
+    sys.exit(code)
 
 
 class HangupRelay:

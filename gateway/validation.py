@@ -154,9 +154,9 @@ def _has_lone_surrogate(value: str) -> bool:
 
 
 def channel(fields: dict[str, Any], prefix: str = "") -> str | None:
-    value = fields.get("channel")
-    if value is None:
+    if "channel" not in fields:
         return None
+    value = fields["channel"]
     if not isinstance(value, str) or not CHANNEL_PATTERN.fullmatch(value):
         raise InvalidRequest(f"{prefix}channel: must match ^[a-z0-9_]{{1,32}}$")
     return value

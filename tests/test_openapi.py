@@ -145,7 +145,7 @@ class TestDocument:
 BODY_CASES = [
     ({"userId": "u-1"}, True),
     ({"userId": "u-1", "channel": "rtm"}, True),
-    ({"userId": "u-1", "channel": None}, True),
+    ({"userId": "u-1", "channel": None}, False),
     ({"userId": "ü" * 256}, True),
     ({"userId": "x" * 257}, False),
     ({"userId": ""}, False),

@@ -336,3 +336,9 @@ class TestCharacterScans:
         for point in range(0x110000):
             ch = chr(point)
             assert bool(CONTROL_CHARS.match(ch)) == (unicodedata.category(ch) == "Cc"), point
+
+
+def test_null_channel_is_refused_not_taken_for_none() -> None:
+    """`channel` is optional as a key; when present it must be a string matching the rule."""
+    with pytest.raises(InvalidRequest, match="channel"):
+        Validator(r"^st-[A-Za-z0-9-]{1,100}$").simplified("st-1", {"userId": "u", "channel": None})
