@@ -21,7 +21,7 @@ class TestTargetUrl:
         ("[::]:9000", "http://[::1]:9000/healthz"),
         ("[::1]:9000", "http://[::1]:9000/healthz"),
         ("localhost:8081", "http://localhost:8081/healthz"),
-        ("10.1.2.3:80", "http://10.1.2.3:80/healthz"),
+        ("192.0.2.10:80", "http://192.0.2.10:80/healthz"),  # documentation address: parsed only
     ], ids=["loopback", "ipv4-wildcard", "ipv6-wildcard", "ipv6-loopback", "name", "pod-ip"])
     def test_listen_address_becomes_url(self, listen: str, url: str) -> None:
         assert target_url(listen) == url
