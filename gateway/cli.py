@@ -102,7 +102,8 @@ def _sandbox_options(parser: argparse.ArgumentParser) -> None:
 
     add_arguments(parser)
     parser.add_argument("--config", default=None, metavar="PATH",
-                        help="take the Kore.ai apps (client IDs and keys) from a gateway config")
+                        help="take the Kore.ai apps (client IDs and keys) from a gateway config "
+                        "(default: $GATEWAY_CONFIG)")
     parser.add_argument("--client-id", default=None, help="a Kore.ai app client ID to accept")
     parser.add_argument("--client-secret-env", default=None, metavar="VAR",
                         help="environment variable holding that app's client secret")
@@ -152,8 +153,9 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
 
     configure()
     apps: list[SandboxApp] = []
-    if args.config:
-        apps += [SandboxApp.from_kore_app(a) for a in load_config(args.config).apps]
+    config_path = args.config or (None if args.client_id else os.environ.get("GATEWAY_CONFIG"))
+    if config_path:  # the apps of the gateway it stands in front of
+        apps += [SandboxApp.from_kore_app(a) for a in load_config(config_path).apps]
     if args.client_id:
         secret = os.environ.get(args.client_secret_env or "", "")
         if not secret:
@@ -161,7 +163,8 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
             return 2
         apps.append(SandboxApp(client_id=args.client_id, key=Secret(secret).reveal()))
     if not apps:
-        print("give --config or --client-id/--client-secret-env", file=sys.stderr)
+        print("give --config (or set GATEWAY_CONFIG) or --client-id/--client-secret-env",
+              file=sys.stderr)
         return 2
     host, port = _split(args.listen)
     run_sandbox(sandbox_from_args(args, apps), host, port)

@@ -298,3 +298,28 @@ class TestServe:
         assert str(port) in result.stderr
         assert_no_traceback(result)
         assert "Unclosed" not in result.stderr
+
+
+class TestSandbox:
+    def test_sandbox_takes_its_apps_from_gateway_config(self, good_config: Path) -> None:
+        """With neither --config nor --client-id, the apps come from $GATEWAY_CONFIG."""
+        port = free_port()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "sandbox", "--listen", f"127.0.0.1:{port}"],
+            cwd=REPO, env=clean_env(GATEWAY_CONFIG=str(good_config)),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            assert f"127.0.0.1:{port}" in line, line
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as resp:
+                assert resp.status == 200
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=STOP_TIMEOUT_S)
+
+    def test_sandbox_without_any_app_is_a_usage_error(self) -> None:
+        result = gateway("sandbox", "--listen", "127.0.0.1:0")
+        assert result.returncode == 2
+        assert "GATEWAY_CONFIG" in result.stderr
+        assert_no_traceback(result)
