@@ -249,7 +249,7 @@ class KoreClient:
             async with self._session.put(url, data=payload, headers=headers,
                                          timeout=aiohttp.ClientTimeout(total=remaining),
                                          allow_redirects=False) as resp:
-                raw = await resp.content.read(MAX_ANSWER_BYTES)
+                raw = await read_bounded(resp.content, MAX_ANSWER_BYTES)
                 self._metrics.upstream_attempt(resp.status, time.monotonic() - started)
                 return Answer(resp.status, _decode(raw),
                               parse_retry_after(resp.headers.get("Retry-After")))
@@ -260,6 +260,19 @@ class KoreClient:
             self._metrics.upstream_attempt("error", time.monotonic() - started)
             raise UpstreamUnavailable(f"Kore.ai could not be reached ({type(exc).__name__})"
                                       ) from None
+
+
+async def read_bounded(stream: aiohttp.StreamReader, limit: int) -> bytes:
+    """The whole answer up to `limit` bytes: one `read()` may return only the first chunk."""
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = await stream.read(limit - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 def _decode(raw: bytes) -> Any:

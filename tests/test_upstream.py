@@ -3,6 +3,7 @@ inside one deadline against a scripted local upstream (a real aiohttp server on 
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -200,3 +201,29 @@ class TestBackoff:
                             rng=lambda: next(draws))
         assert [client._backoff(counted) for _ in range(3)] == pytest.approx(
             [0.0, cap / 2, cap])
+
+
+class TestAnswerReading:
+    async def test_answer_split_over_several_chunks_is_read_whole(
+            self, aiohttp_server: Any, make_config: Any) -> None:
+        """A chunked answer arriving in pieces is still `{"success": true}`, not a 502."""
+        async def handle(request: web.Request) -> web.StreamResponse:
+            resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+            resp.enable_chunked_encoding()
+            await resp.prepare(request)
+            await resp.write(b'{"succ')
+            await asyncio.sleep(0.05)
+            await resp.write(b'ess": true}')
+            await resp.write_eof()
+            return resp
+
+        app = web.Application()
+        app.router.add_put("/api/public/bot/{botId}/session", handle)
+        server = await aiohttp_server(app, host="127.0.0.1")
+        config = make_config(str(server.make_url("")).rstrip("/"))
+        client = KoreClient(config.upstream, TokenCache(config.apps), Unlimited())
+        await client.start()
+        try:
+            assert await call(client, config, CallTrace()) == {"success": True}
+        finally:
+            await client.close()
