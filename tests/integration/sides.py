@@ -217,3 +217,9 @@ async def raw_http(port: int, method: str, target: str, headers: Mapping[str, st
         parsed.add(name.strip(), value.strip())
     length = int(parsed.get("Content-Length", len(rest)))
     return RawResponse(int(status_line.split()[1]), parsed, rest[:length])
+
+
+def set_faults(sandbox: Any, **faults: Any) -> None:
+    """Sets the in-process sandbox's fault knobs for the next calls."""
+    for name, value in faults.items():
+        setattr(sandbox.faults, name, value)

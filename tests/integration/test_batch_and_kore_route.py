@@ -22,6 +22,7 @@ from tests.integration.sides import (
     request_id,
     requested,
     retry_after,
+    set_faults,
 )
 
 BATCH = "/v1/sessions/deactivate"
@@ -29,11 +30,6 @@ KORE = f"/api/public/bot/{BOT}/session"
 AUTH = {"Authorization": f"Bearer {CALLER_KEY}"}
 OTHER = {"Authorization": f"Bearer {OTHER_KEY}"}
 RESULT_KEYS = {"index", "botId", "userId", "status", "success"}
-
-
-def set_faults(sandbox: Any, **faults: Any) -> None:
-    for name, value in faults.items():
-        setattr(sandbox.faults, name, value)
 
 
 def ok_item(rid: str, route: str = ROUTE_BATCH, **fields: Any) -> list[dict[str, Any]]:

@@ -27,16 +27,12 @@ from tests.integration.sides import (
     request_id,
     requested,
     retry_after,
+    set_faults,
 )
 
 URL = f"/v1/bots/{BOT}/sessions/deactivate"
 AUTH = {"Authorization": f"Bearer {CALLER_KEY}"}
 BODY = {"userId": "u-1"}
-
-
-def set_faults(sandbox: Any, **faults: Any) -> None:
-    for name, value in faults.items():
-        setattr(sandbox.faults, name, value)
 
 
 def expect_calls(sandbox: Any, count: int, rid: str) -> list[Any]:
