@@ -54,7 +54,7 @@ EXPOSE 8080
 # Probes /healthz on the config's own listen address (a wildcard address over loopback), with a
 # standard-library-only entry point that costs a few tens of milliseconds of CPU per probe.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=15s --retries=3 \
-    CMD ["python", "-m", "gateway.healthcheck"]
+    CMD ["python", "-m", "gateway.http.healthcheck"]
 # SIGTERM (the default stop signal) drains for up to server.drain_s: give `docker stop -t` or
 # the orchestrator's grace period more than that.
 ENTRYPOINT ["kore-gateway"]

@@ -30,7 +30,7 @@ from benchmarks import load, peers, stubs
 from benchmarks.nginx import nginx_binary
 from benchmarks.procs import RssSampler, Server, wait_status
 from benchmarks.report import targets
-from gateway.audit import verify_files
+from gateway.audit.log import verify_files
 
 MIB = 1024 * 1024
 MINTS_METRIC = "kore_gateway_token_mints_total"

@@ -49,10 +49,10 @@ def _drive(url: str, script: Path, seconds: float, connections: int, out: dict[s
 
 def profile(seconds: float, connections: int, top: int, directory: Path,
             save: Path | None = None) -> str:
-    from gateway import loop as event_loop
-    from gateway.config import load_config
+    from gateway.config.loader import load_config
+    from gateway.http import loop as event_loop
+    from gateway.http.server import run_worker
     from gateway.logs import configure
-    from gateway.server import run_worker
 
     creds = peers.Credentials("cs-profile", secrets.token_urlsafe(32), "kgw_" + secrets.token_hex(16))
     stub: Server = stubs.start_stub(stubs.stub_kind("auto"), directory / "stub", creds.client_id,

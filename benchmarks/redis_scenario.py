@@ -36,7 +36,7 @@ from typing import Any, Self
 import aiohttp
 
 from benchmarks.procs import free_port
-from gateway.audit import verify_files
+from gateway.audit.log import verify_files
 from gateway.auth import hash_key
 
 REPO = Path(__file__).resolve().parent.parent

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
-from gateway.config import CallerConfig
+from gateway.config.model import CallerConfig
 from gateway.errors import Forbidden, Unauthenticated
 
 KEY_BYTES = 32

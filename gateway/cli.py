@@ -14,12 +14,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gateway import __version__
-from gateway.audit import AuditOpenError, verify_files
+from gateway.audit.log import AuditOpenError, verify_files
 from gateway.auth import hash_key, new_key
-from gateway.bulk_cli import add_arguments as add_bulk_arguments
-from gateway.config import Config, ConfigError, Secret, load_config
-from gateway.reload import DEFAULT_WATCH_S, MAX_WATCH_S, MIN_WATCH_S
-from gateway.server import ListenError
+from gateway.bulk.cli import add_arguments as add_bulk_arguments
+from gateway.config.loader import load_config
+from gateway.config.model import Config, ConfigError, Secret
+from gateway.http.reload import DEFAULT_WATCH_S, MAX_WATCH_S, MIN_WATCH_S
+from gateway.http.server import ListenError
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "config" / "demo.toml"
 DEMO_KEY = "kgw_demo_local_only"  # the demo caller's key; config/demo.toml holds its hash
@@ -98,7 +99,7 @@ def _config_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _sandbox_options(parser: argparse.ArgumentParser) -> None:
-    from gateway.sandbox_cli import add_arguments
+    from gateway.sandbox.cli import add_arguments
 
     add_arguments(parser)
     parser.add_argument("--config", default=None, metavar="PATH",
@@ -117,8 +118,8 @@ def resolve_config(path: str | None) -> Config:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from gateway.http.server import serve
     from gateway.logs import configure
-    from gateway.server import serve
 
     config = resolve_config(args.config)
     if args.workers < 1:
@@ -136,8 +137,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_deactivate(args: argparse.Namespace) -> int:
-    from gateway.bulk_cli import run_command
-    from gateway.rows import BulkError
+    from gateway.bulk.cli import run_command
+    from gateway.bulk.rows import BulkError
 
     try:
         return run_command(args)
@@ -148,8 +149,8 @@ def cmd_deactivate(args: argparse.Namespace) -> int:
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
     from gateway.logs import configure
-    from gateway.sandbox import SandboxApp
-    from gateway.sandbox_cli import run_sandbox, sandbox_from_args
+    from gateway.sandbox.cli import run_sandbox, sandbox_from_args
+    from gateway.sandbox.server import SandboxApp
 
     configure()
     apps: list[SandboxApp] = []
@@ -172,7 +173,7 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
 
 
 def _split(listen: str) -> tuple[str, int]:
-    from gateway.config import split_listen
+    from gateway.config.model import split_listen
 
     try:
         return split_listen(listen)

@@ -12,14 +12,14 @@ from typing import Any
 
 import structlog
 
-from gateway.audit import AuditLog
+from gateway.audit.log import AuditLog
 from gateway.auth import Caller
 from gateway.breaker import CircuitBreaker
-from gateway.config import KoreApp
+from gateway.config.model import KoreApp
 from gateway.errors import AuditUnavailable, GatewayError, UpstreamError
-from gateway.ratelimit import RateLimiter
-from gateway.tokens import TokenCache
-from gateway.upstream import CallTrace, KoreClient
+from gateway.kore.client import CallTrace, KoreClient
+from gateway.kore.tokens import TokenCache
+from gateway.ratelimit.memory import RateLimiter
 from gateway.validation import Deactivation
 
 log = structlog.get_logger(__name__)

@@ -8,9 +8,9 @@ import sys
 
 from aiohttp import web
 
-from gateway.config import Config, with_changes
-from gateway.sandbox import KoreSandbox, SandboxApp
-from gateway.server import run_worker
+from gateway.config.model import Config, with_changes
+from gateway.http.server import run_worker
+from gateway.sandbox.server import KoreSandbox, SandboxApp
 
 
 def curl_line(config: Config, key: str, bot_id: str) -> str:

@@ -13,10 +13,11 @@ import structlog
 import tomli_w
 from aiohttp.test_utils import TestClient, TestServer
 
-from gateway.app import create_app
 from gateway.auth import hash_key
-from gateway.config import Config, load_config
-from gateway.sandbox import KoreSandbox, SandboxApp
+from gateway.config.loader import load_config
+from gateway.config.model import Config
+from gateway.http.app import create_app
+from gateway.sandbox.server import KoreSandbox, SandboxApp
 from tests.redis_fixtures import redis_server, redis_server_binary, silent_port  # noqa: F401
 
 CLIENT_ID = "cs-test-app"

@@ -7,7 +7,7 @@ import hashlib
 import pytest
 
 from gateway.auth import LOCAL_CALLER, Authenticator, Caller, hash_key, new_key
-from gateway.config import CallerConfig
+from gateway.config.model import CallerConfig
 from gateway.errors import Forbidden, Unauthenticated
 
 CRM_KEY = "kgw_crm_key_0123456789"

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from gateway import __version__
-from gateway.audit import AuditLog
+from gateway.audit.log import AuditLog
 from tests.conftest import base_settings, merge, write_config
 
 REPO = Path(__file__).resolve().parent.parent

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.audit import verify_files
+from gateway.audit.log import verify_files
 from tests.conftest import read_records
 from tests.integration.test_crash import free_port
 

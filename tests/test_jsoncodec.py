@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway import jsoncodec
-from gateway.audit import canonical
+from gateway.audit.log import canonical
 
 SCALARS = (st.none() | st.booleans() | st.text()
            | st.integers(min_value=-(2**70), max_value=2**70)

@@ -18,8 +18,9 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from gateway.app import create_app
-from gateway.config import Config, is_loopback, load_config
+from gateway.config.loader import load_config
+from gateway.config.model import Config, is_loopback
+from gateway.http.app import create_app
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFEST = REPO / "config" / "kubernetes" / "gateway-sidecar.yaml"
@@ -102,7 +103,7 @@ def config(example: Example, tmp_path: Path) -> Config:
 def probe_urls(container: dict[str, Any]) -> Iterator[tuple[str, str]]:
     for name in PROBES:
         command = container[name]["exec"]["command"]
-        assert command[:3] == ["python", "-m", "gateway.healthcheck"], command
+        assert command[:3] == ["python", "-m", "gateway.http.healthcheck"], command
         yield name, command[3]
 
 

@@ -11,13 +11,13 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.audit import AuditLog
+from gateway.audit.log import AuditLog
 from gateway.breaker import CircuitBreaker
-from gateway.config import KoreApp, Secret
+from gateway.config.model import KoreApp, Secret
 from gateway.errors import AuditUnavailable, RateLimited
+from gateway.kore.tokens import TokenCache
 from gateway.metrics import MULTIPROC_ENV, Metrics, multiprocess_dir
-from gateway.ratelimit import MemoryRateLimiter
-from gateway.tokens import TokenCache
+from gateway.ratelimit.memory import MemoryRateLimiter
 from tests.conftest import FakeClock
 
 SECRET = "metrics-test-secret-" + "0123456789abcdef" * 4

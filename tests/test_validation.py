@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from gateway.config import DEFAULT_BOT_ID_PATTERN
+from gateway.config.model import DEFAULT_BOT_ID_PATTERN
 from gateway.errors import InvalidRequest
 from gateway.validation import MAX_JSON_DEPTH, Deactivation, Validator, parse_json
 

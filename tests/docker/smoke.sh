@@ -122,7 +122,7 @@ ok "HEALTHCHECK: $(docker inspect -f '{{(index .State.Health.Log 0).Output}}' "$
 ok "running as uid $(docker exec "$NAME" id -u), root filesystem read-only: $(docker inspect -f '{{.HostConfig.ReadonlyRootfs}}' "$NAME")"
 curl -fsS "http://127.0.0.1:$GATEWAY_PORT/readyz" >"$WORK/readyz.json" || fail "/readyz not 200: $(cat "$WORK/readyz.json")"
 ok "/readyz 200 $(cat "$WORK/readyz.json")"
-ok "probe by path, port from the mounted config: $(docker exec "$NAME" python -m gateway.healthcheck /readyz | cut -c1-60)…"
+ok "probe by path, port from the mounted config: $(docker exec "$NAME" python -m gateway.http.healthcheck /readyz | cut -c1-60)…"
 
 step "deactivation through the container"
 status=$(curl -sS -o "$WORK/resp.json" -w '%{http_code}' -X POST \

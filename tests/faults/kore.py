@@ -7,7 +7,7 @@ import asyncio
 import time
 from typing import Any
 
-from gateway.sandbox import NOT_ANSWERED, Faults
+from gateway.sandbox.server import NOT_ANSWERED, Faults
 from tests.conftest import CALLER_KEY
 
 AUTH = {"Authorization": f"Bearer {CALLER_KEY}"}

@@ -17,8 +17,8 @@ import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
-from gateway import audit as audit_module
-from gateway.audit import AuditLog, verify_files
+from gateway.audit import log as audit_module
+from gateway.audit.log import AuditLog, verify_files
 from tests.conftest import BOT
 from tests.faults.kore import AUTH, expect_exact_attempts, wait_for
 from tests.faults.process import GatewayProcess, post

@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 from structlog.testing import capture_logs
 
-from gateway.app import RUNTIME
+from gateway.http.app import RUNTIME
 from tests.conftest import BOT
 from tests.faults.kore import AUTH, calls_for, expect_exact_attempts, inject, wait_for
 from tests.integration.sides import AuditTrail, expect_error, retry_after

@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from gateway.audit import rotated_files, verify_files
+from gateway.audit.log import rotated_files, verify_files
 from tests.conftest import read_records
 from tests.faults.kore import AUTH, TERMINAL, calls_for, inject
 from tests.integration.sides import AuditTrail

@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway.audit import verify_files
+from gateway.audit.log import verify_files
 from tests.faults.kore import inject, terminal_records, wait_for
 from tests.faults.process import GatewayProcess, post
 from tests.integration.live import send_raw

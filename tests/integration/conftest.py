@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from gateway.sandbox import KoreSandbox, SandboxApp
+from gateway.sandbox.server import KoreSandbox, SandboxApp
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, Sandbox
 from tests.integration.sides import AuditTrail
 

@@ -15,11 +15,11 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.app import RUNTIME, create_app
-from gateway.config import Config
-from gateway.runtime import Runtime
-from gateway.sandbox import KoreSandbox, SandboxApp
-from gateway.server import make_runner
+from gateway.config.model import Config
+from gateway.http.app import RUNTIME, create_app
+from gateway.http.runtime import Runtime
+from gateway.http.server import make_runner
+from gateway.sandbox.server import KoreSandbox, SandboxApp
 from tests.conftest import CLIENT_ID, CLIENT_SECRET
 from tests.integration.sides import AuditTrail
 

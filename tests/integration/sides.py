@@ -16,7 +16,7 @@ from urllib.parse import quote
 import jwt
 from multidict import CIMultiDict
 
-from gateway.audit import rotated_files, verify_files
+from gateway.audit.log import rotated_files, verify_files
 from tests.conftest import CALLER_KEY, CLIENT_ID, CLIENT_SECRET, OTHER_KEY
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")

@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway.audit import verify_files
+from gateway.audit.log import verify_files
 from tests.conftest import BOT, CALLER_KEY, base_settings, merge, read_records, write_config
 
 REPO = Path(__file__).resolve().parents[2]

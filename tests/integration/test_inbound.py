@@ -11,7 +11,7 @@ from urllib.parse import quote
 
 import pytest
 
-from gateway.config import load_config
+from gateway.config.loader import load_config
 from tests.conftest import (
     BOT,
     CALLER_KEY,

@@ -10,7 +10,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.app import create_app
+from gateway.http.app import create_app
 from gateway.metrics import Metrics
 from tests.conftest import BOT, OTHER_KEY
 from tests.integration.conftest import StartGateway

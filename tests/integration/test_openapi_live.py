@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from gateway.openapi import document
-from gateway.sandbox import KoreSandbox, SandboxApp
+from gateway.http.openapi import document
+from gateway.sandbox.server import KoreSandbox, SandboxApp
 from tests.conftest import BOT, CLIENT_ID, CLIENT_SECRET, OTHER_KEY
 from tests.integration.conftest import StartGateway
 from tests.test_openapi import documented_schema, schema_errors

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from gateway.app import RUNTIME
+from gateway.http.app import RUNTIME
 from tests.conftest import BOT, CALLER_KEY, CLIENT_ID, CLIENT_SECRET
 from tests.integration.sides import (
     ROUTE_BATCH,
@@ -181,7 +181,7 @@ class TestUpstreamAuth:
                                                                    sandbox: Any) -> None:
         """Without jti a token minted in the same second may be byte-identical (same claims):
         what matters is that the refused one left the cache and a new one was signed."""
-        from gateway.app import RUNTIME
+        from gateway.http.app import RUNTIME
 
         tokens = gateway.app[RUNTIME].tokens
         set_faults(sandbox, reject_token_next=1)

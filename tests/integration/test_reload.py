@@ -20,7 +20,7 @@ import jwt
 import pytest
 
 from gateway.auth import hash_key
-from gateway.sandbox import SandboxApp
+from gateway.sandbox.server import SandboxApp
 from tests.conftest import (
     BOT,
     CALLER_KEY,

@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway.audit import verify_files
+from gateway.audit.log import verify_files
 from tests.conftest import BOT, CALLER_KEY, base_settings, merge, read_records, write_config
 from tests.integration.test_crash import REPO, wait_healthy
 

@@ -1,0 +1,4 @@
+"""The audit wing: the durable JSON Lines log (`log`), its hash chain (`chain`), its files (`files`).
+
+It never sees a JWT, a key, or HTTP.
+"""

@@ -1,0 +1,189 @@
+"""The configuration model: frozen dataclasses, one per TOML table, plus `Secret` and `ConfigError`.
+
+It imports nothing of the gateway; `tables.py` builds these from a checked file and `loader.py`
+is the one way in (`load_config`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+DEFAULT_SUBJECT = "kore-session-gateway"
+DEFAULT_SCOPES = ("Bot Sessions",)
+BOT_SESSIONS_SCOPE = "Bot Sessions"
+ALGORITHMS = ("HS256", "HS512", "RS256", "RS512")
+
+
+class Secret:
+    """A secret value that never shows itself in `repr`, `str` or logs."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True, slots=True)
+class KoreApp:
+    """A Kore.ai app whose credentials sign the JWT."""
+
+    name: str
+    client_id: str
+    algorithm: str = "HS256"
+    client_secret: Secret | None = None  # HS*
+    private_key: Secret | None = None  # RS*: PEM text
+    token_ttl_s: int = 600
+    jti: bool = False
+    subject: str = DEFAULT_SUBJECT
+    scopes: tuple[str, ...] = DEFAULT_SCOPES
+    bots: tuple[str, ...] = ("*",)
+    extra_claims: Mapping[str, Any] = field(default_factory=dict)
+    renew_before_s: int = 60  # a cached token is renewed this long before it expires
+
+
+DEFAULT_LISTEN = "127.0.0.1:8080"
+DEFAULT_BASE_URL = "https://bots.kore.ai"
+DEFAULT_SESSION_PATH = "/api/public/bot/{botId}/session"
+DEFAULT_BOT_ID_PATTERN = r"^st-[A-Za-z0-9-]{1,100}$"
+DEFAULT_AUDIT_PATH = "audit/deactivations.jsonl"
+DEFAULT_WINDOWS = ((600, 60.0), (18000, 3600.0))
+MAX_JTI_TTL_S = 3600
+MIN_TOKEN_TTL_S = 30  # a token must outlive the 10 s "never sent" margin by a useful amount
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    listen: str = DEFAULT_LISTEN
+    auth: str = "api-key"  # "api-key" or "none" (loopback listen only)
+    max_body_bytes: int = 65536
+    max_batch_items: int = 1000
+    max_in_flight: int = 1000
+    drain_s: float = 20.0
+    batch_concurrency: int = 16  # batch items sent upstream at once
+    client_timeout_s: float = 15.0  # a client must deliver its request within this time
+    max_header_bytes: int = 8190  # one header line / field, aiohttp's parser limit
+    max_headers: int = 64
+
+    @property
+    def host(self) -> str:
+        return split_listen(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return split_listen(self.listen)[1]
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    base_url: str = DEFAULT_BASE_URL
+    session_path: str = DEFAULT_SESSION_PATH
+    bot_id_pattern: str = DEFAULT_BOT_ID_PATTERN
+    timeout_s: float = 10.0  # whole deadline for one caller request, retries included
+    max_attempts: int = 3
+    allow_insecure_http: bool = False
+    ca_file: str | None = None
+    backoff_base_s: float = 0.1  # exponential backoff with full jitter between attempts
+    backoff_max_s: float = 2.0
+    breaker_failures: int = 20  # failed requests in a row (after retries) that open the circuit
+    breaker_cooldown_s: float = 5.0
+    max_connections: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class AuditConfig:
+    path: str = DEFAULT_AUDIT_PATH
+    hash_user_ids: bool = False
+    max_bytes: int = 104857600
+    fsync: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitConfig:
+    enabled: bool = True
+    backend: str = "memory"  # or "redis"
+    windows: tuple[tuple[int, float], ...] = DEFAULT_WINDOWS  # (calls, per_s)
+    redis_url: Secret | None = None
+    local_fallback_fraction: float = 0.5  # share of the budget used while Redis is down
+    redis_timeout_s: float = 0.25
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    level: str = "info"
+    format: str = "auto"  # "json", "console" or "auto" (console on a terminal)
+
+
+@dataclass(frozen=True, slots=True)
+class CallerConfig:
+    name: str
+    key_sha256: str = field(repr=False)
+    bots: tuple[str, ...] = ("*",)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig = ServerConfig()
+    upstream: UpstreamConfig = UpstreamConfig()
+    audit: AuditConfig = AuditConfig()
+    rate_limit: RateLimitConfig = RateLimitConfig()
+    logging: LoggingConfig = LoggingConfig()
+    apps: tuple[KoreApp, ...] = ()
+    callers: tuple[CallerConfig, ...] = ()
+    source: str = "<defaults>"
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """`host:port` or `[v6]:port` → (host, port); raises ValueError."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host:
+        raise ValueError("expected HOST:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    number = int(port)
+    if not 0 <= number <= 65535:
+        raise ValueError("port must be 0-65535")
+    return host, number
+
+
+def with_changes(obj: Any, **changes: Any) -> Any:
+    """`dataclasses.replace`, named for call sites that tweak a loaded config."""
+    return dataclasses.replace(obj, **changes)
+
+
+class ConfigError(Exception):
+    """Every problem of one config file, each naming the file and the key."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__("\n".join(f"{source}: {p}" for p in problems))
+
+
+_LOOPBACK_NAMES = {"localhost", "::1"}
+
+
+def is_loopback(host: str) -> bool:
+    if host in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,292 @@
+"""The gateway's config tables: one reader per TOML table, then the checks across tables.
+
+Turns the parsed TOML of one file into a `Config`, every key read through `toml_table.Table`
+(secrets resolved, types and ranges checked) and every problem collected into one
+`ConfigError`. The dataclasses, `Secret` and `load_config` itself are `config.py`'s.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+
+from gateway.config.model import (
+    ALGORITHMS,
+    DEFAULT_SCOPES,
+    DEFAULT_SUBJECT,
+    MAX_JTI_TTL_S,
+    MIN_TOKEN_TTL_S,
+    AuditConfig,
+    CallerConfig,
+    Config,
+    ConfigError,
+    KoreApp,
+    LoggingConfig,
+    RateLimitConfig,
+    ServerConfig,
+    UpstreamConfig,
+    is_loopback,
+    split_listen,
+)
+from gateway.config.toml import Table
+
+
+def read_tables(raw: dict[str, Any], source: str, base_dir: Path, env: Mapping[str, str]
+                ) -> Config:
+    """The `Config` of one parsed TOML file; raises ConfigError listing every problem."""
+    problems: list[str] = []
+    root = Table(raw, "", problems, base_dir, env)
+
+    def sub(name: str) -> Table:
+        return Table(root.get(name, dict, {}), name, problems, base_dir, env)
+
+    config = Config(
+        server=_server(sub("server")),
+        upstream=_upstream(sub("upstream")),
+        audit=_audit(sub("audit")),
+        rate_limit=_rate_limit(sub("rate_limit")),
+        logging=_logging(sub("logging")),
+        apps=_apps(root, problems, base_dir, env),
+        callers=_callers(root, problems, base_dir, env),
+        source=source,
+    )
+    root.finish()
+    problems.extend(_check_config(config))
+    if problems:
+        raise ConfigError(source, problems)
+    return config
+
+
+def _server(t: Table) -> ServerConfig:
+    d = ServerConfig()
+    listen = t.get("listen", str, d.listen)
+    try:
+        split_listen(listen)
+    except ValueError as exc:
+        t.fail("listen", f"{exc} (e.g. \"127.0.0.1:8080\")")
+        listen = d.listen
+    server = ServerConfig(
+        listen=listen,
+        auth=t.choice("auth", d.auth, ("api-key", "none")),
+        max_body_bytes=t.number("max_body_bytes", d.max_body_bytes, low=1, integer=True),
+        max_batch_items=t.number("max_batch_items", d.max_batch_items, low=1, integer=True),
+        max_in_flight=t.number("max_in_flight", d.max_in_flight, low=1, integer=True),
+        drain_s=t.number("drain_s", d.drain_s, low=0),
+        batch_concurrency=t.number("batch_concurrency", d.batch_concurrency, low=1,
+                                   integer=True),
+        client_timeout_s=t.number("client_timeout_s", d.client_timeout_s, low=0.1),
+        max_header_bytes=t.number("max_header_bytes", d.max_header_bytes, low=256,
+                                  integer=True),
+        max_headers=t.number("max_headers", d.max_headers, low=8, integer=True),
+    )
+    if server.auth == "none" and not is_loopback(server.host):
+        t.fail("auth", f'"none" is allowed only on a loopback listen address, not {server.host}')
+    t.finish()
+    return server
+
+
+def _upstream(t: Table) -> UpstreamConfig:
+    d = UpstreamConfig()
+    up = UpstreamConfig(
+        base_url=t.get("base_url", str, d.base_url).rstrip("/"),
+        session_path=t.get("session_path", str, d.session_path),
+        bot_id_pattern=t.get("bot_id_pattern", str, d.bot_id_pattern),
+        timeout_s=t.number("timeout_s", d.timeout_s, low=0.01),
+        max_attempts=t.number("max_attempts", d.max_attempts, low=1, high=20, integer=True),
+        allow_insecure_http=t.get("allow_insecure_http", bool, d.allow_insecure_http),
+        ca_file=t.path("ca_file", None),
+        backoff_base_s=t.number("backoff_base_s", d.backoff_base_s, low=0),
+        backoff_max_s=t.number("backoff_max_s", d.backoff_max_s, low=0),
+        breaker_failures=t.number("breaker_failures", d.breaker_failures, low=1, integer=True),
+        breaker_cooldown_s=t.number("breaker_cooldown_s", d.breaker_cooldown_s, low=0),
+        max_connections=t.number("max_connections", d.max_connections, low=1, integer=True),
+    )
+    _check_base_url(t, up)
+    if up.session_path.count("{botId}") != 1 or not up.session_path.startswith("/"):
+        t.fail("session_path", 'must start with "/" and contain "{botId}" exactly once')
+    try:
+        re.compile(up.bot_id_pattern)
+    except re.error as exc:
+        t.fail("bot_id_pattern", f"not a valid regular expression: {exc}")
+    if up.ca_file and not Path(up.ca_file).is_file():
+        t.fail("ca_file", f"{up.ca_file} is not a readable file")
+    t.finish()
+    return up
+
+
+def _check_base_url(t: Table, up: UpstreamConfig) -> None:
+    parts = urlsplit(up.base_url)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        t.fail("base_url", "must be an absolute URL such as \"https://bots.kore.ai\"")
+    elif parts.scheme == "http" and not up.allow_insecure_http:
+        t.fail("base_url", "must use https:// (set upstream.allow_insecure_http = true "
+               "only for a local sandbox)")
+    elif parts.query or parts.fragment:
+        t.fail("base_url", "must not have a query or fragment")
+
+
+def _audit(t: Table) -> AuditConfig:
+    d = AuditConfig()
+    audit = AuditConfig(
+        path=t.path("path", d.path) or "",
+        hash_user_ids=t.get("hash_user_ids", bool, d.hash_user_ids),
+        max_bytes=t.number("max_bytes", d.max_bytes, low=1024, integer=True),
+        fsync=t.get("fsync", bool, d.fsync),
+    )
+    if not audit.path:
+        t.fail("path", "must not be empty")
+    t.finish()
+    return audit
+
+
+def _rate_limit(t: Table) -> RateLimitConfig:
+    d = RateLimitConfig()
+    enabled = t.get("enabled", bool, d.enabled)
+    backend = t.choice("backend", d.backend, ("memory", "redis"))
+    rl = RateLimitConfig(
+        enabled=enabled,
+        backend=backend,
+        windows=_windows(t, d.windows),
+        # The Redis URL is resolved only when Redis is used: a memory deployment need not set it.
+        redis_url=t.secret("redis_url", required=False, resolve=enabled and backend == "redis"),
+        local_fallback_fraction=t.number("local_fallback_fraction", d.local_fallback_fraction,
+                                         low=0, high=1),
+        redis_timeout_s=t.number("redis_timeout_s", d.redis_timeout_s, low=0.01, high=10),
+    )
+    if rl.enabled and rl.backend == "redis" and rl.redis_url is None:
+        t.fail("redis_url", 'is required when backend = "redis" (as redis_url, redis_url_env '
+               "or redis_url_file)")
+    t.finish()
+    return rl
+
+
+def _windows(t: Table, default: tuple[tuple[int, float], ...]) -> tuple[tuple[int, float], ...]:
+    raw = t.get("windows", list, None)
+    if raw is None:
+        return default
+    windows = []
+    for i, item in enumerate(raw):
+        w = Table(item, f"{t.key('windows')}[{i}]", t.problems, t.base_dir, t.env)
+        calls = w.number("calls", 0, low=1, integer=True)
+        per_s = w.number("per_s", 0.0, low=0.001)
+        if isinstance(item, dict) and ("calls" not in item or "per_s" not in item):
+            w.fail("", "needs both calls and per_s")
+        w.finish()
+        windows.append((calls, per_s))
+    if not windows:
+        t.fail("windows", "must list at least one window (or set enabled = false)")
+        return default
+    return tuple(windows)
+
+
+def _logging(t: Table) -> LoggingConfig:
+    d = LoggingConfig()
+    cfg = LoggingConfig(
+        level=t.choice("level", d.level, ("debug", "info", "warning", "error")),
+        format=t.choice("format", d.format, ("auto", "json", "console")),
+    )
+    t.finish()
+    return cfg
+
+
+def _array(root: Table, name: str) -> list[Any]:
+    value = root.get(name, list, [])
+    return list(value)
+
+
+def _apps(root: Table, problems: list[str], base: Path, env: Mapping[str, str]
+          ) -> tuple[KoreApp, ...]:
+    apps = [_app(Table(item, f"apps[{i}]", problems, base, env))
+            for i, item in enumerate(_array(root, "apps"))]
+    return tuple(a for a in apps if a is not None)
+
+
+def _app(t: Table) -> KoreApp | None:
+    name = t.get("name", str, "")
+    client_id = t.get("client_id", str, "")
+    algorithm = t.choice("algorithm", "HS256", ALGORITHMS)
+    hs = algorithm.startswith("HS")
+    app = KoreApp(
+        name=name,
+        client_id=client_id,
+        algorithm=algorithm,
+        client_secret=t.secret("client_secret", required=hs),
+        private_key=t.secret("private_key", required=not hs),
+        token_ttl_s=t.number("token_ttl_s", 600, low=MIN_TOKEN_TTL_S, high=86400, integer=True),
+        jti=t.get("jti", bool, False),
+        subject=t.get("subject", str, DEFAULT_SUBJECT),
+        scopes=t.strings("scopes", DEFAULT_SCOPES),
+        bots=t.strings("bots", ("*",)),
+        extra_claims=t.get("extra_claims", dict, {}),
+        renew_before_s=t.number("renew_before_s", 60, low=0, integer=True),
+    )
+    if not name:
+        t.fail("name", "is required")
+    if not client_id:
+        t.fail("client_id", "is required (the Kore.ai app's client ID, cs-…)")
+    if app.jti and app.token_ttl_s > MAX_JTI_TTL_S:
+        t.fail("token_ttl_s", f"at most {MAX_JTI_TTL_S} when jti = true")
+    if not hs and app.client_secret is not None:
+        t.fail("client_secret", f"is not used with {algorithm}; give private_key_file instead")
+    if hs and app.private_key is not None:
+        t.fail("private_key", f"is not used with {algorithm}; give client_secret instead")
+    _check_key(t, app)
+    t.finish()
+    return app
+
+
+def _check_key(t: Table, app: KoreApp) -> None:
+    if app.private_key is None or app.algorithm.startswith("HS"):
+        return
+    try:
+        serialization.load_pem_private_key(app.private_key.reveal().encode(), password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        t.fail("private_key", "is not an unencrypted PEM private key")
+
+
+def _callers(root: Table, problems: list[str], base: Path, env: Mapping[str, str]
+             ) -> tuple[CallerConfig, ...]:
+    callers = []
+    for i, item in enumerate(_array(root, "callers")):
+        t = Table(item, f"callers[{i}]", problems, base, env)
+        caller = CallerConfig(
+            name=t.get("name", str, ""),
+            key_sha256=t.get("key_sha256", str, "").lower(),
+            bots=t.strings("bots", ("*",)),
+        )
+        if not caller.name:
+            t.fail("name", "is required")
+        if not re.fullmatch(r"[0-9a-f]{64}", caller.key_sha256):
+            t.fail("key_sha256", "must be 64 hex digits (see `kore-gateway hash-key`)")
+        t.finish()
+        callers.append(caller)
+    return tuple(callers)
+
+
+def _check_config(config: Config) -> list[str]:
+    problems = []
+    if not config.apps:
+        problems.append("apps: at least one [[apps]] entry is required")
+    problems += _duplicates("apps", [a.name for a in config.apps])
+    problems += _duplicates("callers", [c.name for c in config.callers])
+    problems += _duplicates("callers", [c.key_sha256 for c in config.callers], what="key_sha256")
+    if config.server.auth == "api-key" and not config.callers:
+        problems.append('callers: at least one [[callers]] entry is required when '
+                        'server.auth = "api-key"')
+    return problems
+
+
+def _duplicates(table: str, values: list[str], what: str = "name") -> list[str]:
+    seen: set[str] = set()
+    out = []
+    for i, value in enumerate(values):
+        if value and value in seen:
+            out.append(f"{table}[{i}].{what}: duplicate value")
+        seen.add(value)
+    return out

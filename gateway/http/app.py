@@ -1,0 +1,375 @@
+"""create_app(): the aiohttp application — AppKeys, middleware, handlers, cleanup_ctx.
+
+Parses HTTP into the core's terms (`Ask`, `Caller`, `Deactivation`) and renders results and
+errors as the contract's JSON; the parts a request uses are `runtime.py`'s `Runtime`, and JWT,
+audit and upstream details live in their own modules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from gateway.auth import Caller
+from gateway.config.model import Config
+from gateway.deactivation import ROUTE_BATCH, ROUTE_KORE, ROUTE_SIMPLE, Ask
+from gateway.errors import (
+    GatewayError,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    Overloaded,
+    PayloadTooLarge,
+    RequestTimeout,
+    Unauthenticated,
+    UnsupportedMediaType,
+    UpstreamRejected,
+)
+from gateway.http.connection import handler_options
+from gateway.http.openapi import document as openapi_document
+from gateway.http.runtime import Runtime
+from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from gateway.metrics import Metrics
+from gateway.validation import Deactivation, parse_json
+
+log = structlog.get_logger(__name__)
+
+REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+RUNTIME = web.AppKey("runtime", Runtime)
+REQUEST_ID = web.RequestKey("request_id", str)
+CALLER = web.RequestKey("caller", str)
+
+
+def runtime(request: web.Request) -> Runtime:
+    return request.app[RUNTIME]
+
+
+# --- middleware -------------------------------------------------------------------------
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def authorization_of(request: web.Request) -> str | None:
+    """The one Authorization header; repeated credentials are refused, never guessed between."""
+    values = request.headers.getall("Authorization", [])
+    if len(values) > 1:
+        raise Unauthenticated("send exactly one Authorization header")
+    return values[0] if values else None
+
+
+def request_id_of(request: web.Request) -> str:
+    given = request.headers.get("X-Request-ID", "")
+    return given if REQUEST_ID_PATTERN.fullmatch(given) else uuid.uuid4().hex
+
+
+@web.middleware
+async def envelope_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Request ID, one access line per request, and every error as the contract envelope."""
+    started = time.monotonic()
+    request_id = request_id_of(request)
+    request[REQUEST_ID] = request_id
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    try:
+        response = await _handle(request, handler, request_id)
+        response.headers["X-Request-ID"] = request_id
+        if response.status == 408 or runtime(request).draining:
+            response.force_close()  # a half-read body, or clients should move to another instance
+        route, caller, seconds = _route_of(request), request.get(CALLER), time.monotonic() - started
+        runtime(request).metrics.request(route, response.status, caller, seconds)
+        log.info("request", method=request.method, route=route, status=response.status,
+                 caller=caller, duration_ms=round(seconds * 1000, 3))
+        return response
+    finally:
+        structlog.contextvars.unbind_contextvars("request_id")
+
+
+async def _handle(request: web.Request, handler: Handler, request_id: str) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except GatewayError as exc:
+        return error_response(exc, request_id)
+    except web.HTTPException as exc:
+        return error_response(_from_http(exc), request_id, allow=exc.headers.get("Allow"))
+    except Exception:
+        log.exception("request.unexpected_error", route=_route_of(request))
+        err = GatewayError("an unexpected error occurred; it has been logged")
+        return error_response(err, request_id)
+
+
+def _route_of(request: web.Request) -> str:
+    info = request.match_info.route.resource
+    return info.canonical if info is not None else "unmatched"
+
+
+def _from_http(exc: web.HTTPException) -> GatewayError:
+    if exc.status == 405:
+        return MethodNotAllowed("this method is not allowed on this route")
+    if exc.status == 413:
+        return PayloadTooLarge("the body is larger than server.max_body_bytes")
+    if exc.status == 404:
+        return NotFound("no such route")
+    error = InvalidRequest(exc.reason or "bad request")
+    error.status = exc.status
+    return error
+
+
+def error_response(error: GatewayError, request_id: str, *,
+                   allow: str | None = None) -> web.Response:
+    body = {"error": {**error.as_dict(), "requestId": request_id}}
+    response = web.json_response(body, status=error.status)
+    if error.retry_after_s is not None:
+        response.headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s)))
+    if error.status == 401:
+        response.headers["WWW-Authenticate"] = "Bearer"
+    if allow:
+        response.headers["Allow"] = allow
+    return response
+
+
+# --- deactivation routes --------------------------------------------------------------------
+
+async def read_json(request: web.Request, limit: int, timeout_s: float) -> Any:
+    """The body as JSON, per the content-type and size rules, delivered within `timeout_s`."""
+    if request.content_type != "application/json":
+        raise UnsupportedMediaType("send the body as Content-Type: application/json")
+    if request.charset and request.charset.lower() not in ("utf-8", "utf8"):
+        raise UnsupportedMediaType("the body must be UTF-8 encoded JSON")
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"the body is larger than {limit} bytes")
+    try:
+        async with asyncio.timeout(timeout_s):
+            raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge(f"the body is larger than {limit} bytes") from None
+    except TimeoutError:
+        # A client trickling its body would hold a request slot for ever.
+        raise RequestTimeout(f"the body did not arrive within {timeout_s:g} s "
+                             "(server.client_timeout_s)") from None
+    return parse_json(raw)
+
+
+Parse = Callable[[str, Any], Deactivation]
+
+
+async def _admitted(request: web.Request, ask: Ask, parse: Parse) -> tuple[Caller, Deactivation]:
+    """Authenticate, authorize and validate one single-item request; audit a refusal."""
+    rt = runtime(request)
+    try:
+        caller = rt.auth.authenticate(authorization_of(request))
+        ask.caller = request[CALLER] = caller.name
+        bot_id = rt.validator.bot_id(ask.bot_id)
+        caller.authorize(bot_id)
+        body = await read_json(request, rt.config.server.max_body_bytes,
+                               rt.config.server.client_timeout_s)
+        if isinstance(body, dict):  # a refusal still records what was asked
+            ask.user_id, ask.channel = body.get("userId"), body.get("channel")
+        d = parse(bot_id, body)
+        ask.learn(d)
+        return caller, d
+    except GatewayError as exc:
+        await rt.deactivator.deny(ask, exc)
+        raise
+
+
+class InFlight:
+    """`async with InFlight(rt, ask)`: counts the request, sheds it (audited) when full."""
+
+    def __init__(self, rt: Runtime, ask: Ask) -> None:
+        self.rt, self.ask = rt, ask
+        self.task: asyncio.Task[Any] | None = None
+
+    async def __aenter__(self) -> None:
+        try:
+            self.rt.admit()
+        except Overloaded as exc:
+            await self.rt.deactivator.deny(self.ask, exc)
+            raise
+        self.task = asyncio.current_task()
+        self.rt.tasks.add(self.task)
+
+    async def __aexit__(self, _type: object, exc: BaseException | None, _tb: object) -> None:
+        try:
+            if exc is not None and not isinstance(exc, GatewayError):
+                await self.rt.deactivator.abandon(self.ask, cut_short(exc))
+        finally:
+            self.rt.in_flight -= 1
+            self.rt.metrics.request_finished()
+            self.rt.tasks.discard(self.task)
+
+
+def cut_short(exc: BaseException) -> GatewayError:
+    """What the audit says of a request ended by something other than a GatewayError."""
+    if isinstance(exc, asyncio.CancelledError):
+        return Overloaded("the gateway shut down before this request finished; retry it")
+    if isinstance(exc, web.HTTPException):
+        return _from_http(exc)
+    return GatewayError("an unexpected error occurred; it has been logged")
+
+
+async def deactivate_simplified(request: web.Request) -> web.Response:
+    rt = runtime(request)
+    ask = Ask(request[REQUEST_ID], ROUTE_SIMPLE, bot_id=request.match_info["botId"])
+    async with InFlight(rt, ask):
+        caller, d = await _admitted(request, ask, rt.validator.simplified)
+        await rt.deactivator.deactivate(ask, caller, d)
+    return web.json_response({"success": True, "botId": d.bot_id, "userId": d.user_id,
+                              "channel": d.channel, "requestId": ask.request_id})
+
+
+async def deactivate_kore(request: web.Request) -> web.Response:
+    """Kore.ai's own route and body; Kore.ai's 400/404 pass through as Kore.ai sent them."""
+    rt = runtime(request)
+    ask = Ask(request[REQUEST_ID], ROUTE_KORE, bot_id=request.match_info["botId"])
+    async with InFlight(rt, ask):
+        caller, d = await _admitted(request, ask, rt.validator.kore_compatible)
+        try:
+            body = await rt.deactivator.deactivate(ask, caller, d)
+        except UpstreamRejected as exc:
+            return kore_passthrough(exc)
+    return web.json_response(body, status=ask.trace.upstream_status or 200)  # Kore.ai's own
+
+
+def kore_passthrough(exc: UpstreamRejected) -> web.Response:
+    if isinstance(exc.upstream_body, dict | list):
+        return web.json_response(exc.upstream_body, status=exc.status)
+    return web.Response(text=str(exc.upstream_body or ""), status=exc.status)
+
+
+async def deactivate_batch(request: web.Request) -> web.Response:
+    rt = runtime(request)
+    ask = Ask(request[REQUEST_ID], ROUTE_BATCH)
+    async with InFlight(rt, ask):
+        try:
+            caller = rt.auth.authenticate(authorization_of(request))
+            ask.caller = request[CALLER] = caller.name
+            items = batch_items(await read_json(request, rt.config.server.max_body_bytes,
+                                                rt.config.server.client_timeout_s),
+                                rt.config.server.max_batch_items)
+        except GatewayError as exc:
+            await rt.deactivator.deny(ask, exc)
+            raise
+        ask.settled = True  # a well-formed batch is audited through its items only
+        results = await run_batch(rt, caller, ask, items)
+    failed = sum(1 for r in results if not r["success"])
+    return web.json_response({"results": results,
+                              "summary": {"succeeded": len(results) - failed, "failed": failed}})
+
+
+def batch_items(body: Any, limit: int) -> list[Any]:
+    if not isinstance(body, dict):
+        raise InvalidRequest("body: must be a JSON object with an items list")
+    unknown = sorted(set(body) - {"items"})
+    if unknown:
+        raise InvalidRequest(f"{unknown[0]}: unknown field")
+    items = body.get("items")
+    if not isinstance(items, list) or not items:
+        raise InvalidRequest("items: required, a non-empty list")
+    if len(items) > limit:
+        raise PayloadTooLarge(f"items: at most {limit} per batch (server.max_batch_items)")
+    return items
+
+
+async def run_batch(rt: Runtime, caller: Caller, batch: Ask, items: list[Any]
+                    ) -> list[dict[str, Any]]:
+    gate = asyncio.Semaphore(rt.config.server.batch_concurrency)
+
+    async def one(index: int, item: Any) -> dict[str, Any]:
+        ask = item_ask(batch, caller, index, item)
+        try:
+            async with gate:
+                return await batch_item(rt, caller, ask, index, item)
+        except asyncio.CancelledError as exc:  # a shutdown: items not yet started too
+            await rt.deactivator.abandon(ask, cut_short(exc))
+            raise
+
+    return list(await asyncio.gather(*(one(i, item) for i, item in enumerate(items))))
+
+
+def item_ask(batch: Ask, caller: Caller, index: int, item: Any) -> Ask:
+    ask = Ask(f"{batch.request_id}.{index}", ROUTE_BATCH, caller=caller.name)
+    if isinstance(item, dict):
+        ask.bot_id, ask.user_id, ask.channel = (item.get(k) for k in ("botId", "userId",
+                                                                      "channel"))
+    return ask
+
+
+async def batch_item(rt: Runtime, caller: Caller, ask: Ask, index: int, item: Any
+                     ) -> dict[str, Any]:
+    result: dict[str, Any] = {"index": index, "botId": ask.bot_id, "userId": ask.user_id}
+    try:
+        try:
+            d = rt.validator.batch_item(item, index)
+        except GatewayError as exc:
+            await rt.deactivator.deny(ask, exc)
+            raise
+        ask.learn(d)
+        await rt.deactivator.deactivate(ask, caller, d)
+    except GatewayError as exc:
+        return {**result, "status": exc.status, "success": False, "error": exc.as_dict()}
+    except Exception as exc:  # a bug fails its item alone, still with one record
+        log.exception("batch.item_unexpected_error", request_id=ask.request_id)
+        error = cut_short(exc)
+        await rt.deactivator.abandon(ask, error)
+        return {**result, "status": error.status, "success": False, "error": error.as_dict()}
+    return {**result, "status": 200, "success": True}
+
+
+# --- health ---------------------------------------------------------------------------------
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    ok, detail = await runtime(request).readiness()
+    return web.json_response(detail, status=200 if ok else 503)
+
+
+async def metrics_text(request: web.Request) -> web.Response:
+    """Prometheus text format; with several workers, the sum over all of them."""
+    body = runtime(request).metrics.render()
+    return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document(runtime(request).config),
+                             dumps=lambda doc: json.dumps(doc, ensure_ascii=False))
+
+
+# --- assembly -------------------------------------------------------------------------------
+
+def create_app(config: Config, *, worker: int = 0, workers: int = 1,
+               metrics: Metrics | None = None) -> web.Application:
+    app = web.Application(middlewares=[envelope_middleware],
+                          client_max_size=config.server.max_body_bytes,
+                          handler_args=handler_options(config.server))
+    app[RUNTIME] = Runtime(config, worker=worker, workers=workers, metrics=metrics)
+    app.cleanup_ctx.append(_lifecycle)
+    app.router.add_post("/v1/bots/{botId}/sessions/deactivate", deactivate_simplified)
+    app.router.add_post("/v1/sessions/deactivate", deactivate_batch)
+    app.router.add_put("/api/public/bot/{botId}/session", deactivate_kore)
+    app.router.add_get("/healthz", healthz, allow_head=True)
+    app.router.add_get("/readyz", readyz, allow_head=True)
+    app.router.add_get("/metrics", metrics_text)
+    app.router.add_get("/openapi.json", openapi_json)
+    return app
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    rt = app[RUNTIME]
+    await rt.start()
+    log.info("gateway.started", worker=rt.worker, audit=str(rt.audit.path),
+             upstream=rt.config.upstream.base_url, apps=[a.name for a in rt.config.apps])
+    yield
+    await rt.close()

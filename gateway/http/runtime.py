@@ -1,0 +1,141 @@
+"""The serving state of one process: `Runtime` builds and owns every part a request uses.
+
+Auth, validation, audit log, token cache, rate limiter, upstream client and circuit breaker,
+started and closed together, reloaded in one step, with the in-flight count, drain flag and
+readiness verdict. Turning HTTP into calls on it is `app.py`'s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+from gateway.audit.log import AuditLog
+from gateway.auth import Authenticator
+from gateway.breaker import CircuitBreaker
+from gateway.config.model import Config
+from gateway.deactivation import Deactivator
+from gateway.errors import Overloaded
+from gateway.http.reload import ConfigChange, diff, live_config
+from gateway.kore.client import KoreClient
+from gateway.kore.tokens import TokenCache
+from gateway.metrics import Metrics
+from gateway.ratelimit.memory import MemoryRateLimiter, RateLimiter, Unlimited, spaced
+from gateway.ratelimit.redis import RedisRateLimiter
+from gateway.validation import Validator
+
+READY_CACHE_S = 1.0  # readiness probes are cheap but not free: reuse a verdict this long
+
+
+class Runtime:
+    """Everything one process serves with; built at start-up, closed at shutdown."""
+
+    def __init__(self, config: Config, *, worker: int = 0, workers: int = 1,
+                 metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.worker, self.workers = worker, workers
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.auth = Authenticator(config.callers, config.server.auth)
+        self.validator = Validator(config.upstream.bot_id_pattern)
+        self.audit = AuditLog(audit_path(config, worker, workers),
+                              hash_user_ids=config.audit.hash_user_ids,
+                              max_bytes=config.audit.max_bytes, fsync=config.audit.fsync,
+                              metrics=self.metrics)
+        self.tokens = TokenCache(config.apps, metrics=self.metrics)
+        self.limiter = make_limiter(config, workers, self.metrics)
+        self.client = KoreClient(config.upstream, self.tokens, self.limiter,
+                                 metrics=self.metrics)
+        self.breaker = CircuitBreaker(self.client.host,
+                                      failures=config.upstream.breaker_failures,
+                                      cooldown_s=config.upstream.breaker_cooldown_s,
+                                      metrics=self.metrics)
+        self.deactivator = Deactivator(audit=self.audit, tokens=self.tokens,
+                                       limiter=self.limiter, client=self.client,
+                                       breaker=self.breaker, timeout_s=config.upstream.timeout_s)
+        self.in_flight = 0
+        self.tasks: set[asyncio.Task[Any] | None] = set()  # handlers of in-flight requests
+        self.draining = False
+        self._ready: tuple[float, dict[str, Any]] | None = None  # (when, checks)
+
+    async def start(self) -> None:
+        self.audit.open()
+        await self.client.start()
+        await self.limiter.start()
+
+    async def close(self) -> None:
+        await self.client.close()
+        await self.tokens.aclose()
+        await self.limiter.aclose()
+        await self.audit.close()
+
+    def reload(self, new: Config) -> ConfigChange:
+        """Takes new callers and apps (secrets included) in one step; other settings stay.
+
+        Synchronous, so no request sees half of it; a request already past authentication and
+        app selection finishes with the caller and app it started with.
+        """
+        change = diff(self.config, new)
+        self.auth = Authenticator(new.callers, self.config.server.auth)
+        self.tokens.reload(new.apps)
+        self.config = live_config(self.config, new)
+        self._ready = None
+        return change
+
+    async def cancel_in_flight(self, wait_s: float) -> None:
+        """Past `drain_s`: cancels the requests still running, each of which writes its
+        terminal record on the way out (`InFlight`), and waits for them up to `wait_s`."""
+        tasks = [task for task in self.tasks if task is not None and not task.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=wait_s)
+
+    def admit(self) -> None:
+        """Counts a deactivation request in, or sheds it (draining / over max_in_flight)."""
+        if self.draining:
+            raise Overloaded("the gateway is shutting down; retry on another instance",
+                             retry_after_s=1)
+        if self.in_flight >= self.config.server.max_in_flight:
+            raise Overloaded("the gateway is at its in-flight limit; retry shortly",
+                             retry_after_s=1)
+        self.in_flight += 1
+        self.metrics.request_started()
+
+    async def readiness(self) -> tuple[bool, dict[str, Any]]:
+        now = time.monotonic()
+        # The checks are reused for a moment; draining and a failed audit write show at once,
+        # and the circuit and rate-limit detail is always live.
+        cached = self._ready is not None and now - self._ready[0] < READY_CACHE_S
+        if not cached or self.draining or not self.audit.healthy:
+            checks = {"config": True, "audit": await self.audit.probe(),
+                      "token": self.tokens.check(), "draining": self.draining}
+            self._ready = (now, checks)
+        assert self._ready is not None
+        checks = self._ready[1]
+        ok = bool(checks["audit"] and checks["token"] and not self.draining)
+        detail = {"status": "ready" if ok else "not_ready", "checks": checks,
+                  "circuit": self.breaker.detail(), "rateLimit": self.limiter.detail()}
+        return ok, detail
+
+
+def audit_path(config: Config, worker: int, workers: int) -> str:
+    """With several workers each writes its own chain: `name-w{n}.jsonl`."""
+    if workers <= 1:
+        return config.audit.path
+    path = Path(config.audit.path)
+    return str(path.with_name(f"{path.stem}-w{worker}{path.suffix}"))
+
+
+def make_limiter(config: Config, workers: int, metrics: Metrics | None = None) -> RateLimiter:
+    """Memory: each of N workers takes 1/N of the budget. Redis: the budget is global, and
+    while Redis is lost each worker takes 1/N of the replica's `local_fallback_fraction`."""
+    rl = config.rate_limit
+    if not rl.enabled:
+        return Unlimited()
+    if rl.backend == "redis":
+        return RedisRateLimiter(rl, fallback_share=rl.local_fallback_fraction / workers,
+                                metrics=metrics)
+    return MemoryRateLimiter(spaced(config.rate_limit.windows), share=1 / workers,
+                             metrics=metrics)

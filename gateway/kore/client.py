@@ -1,0 +1,282 @@
+"""The Kore.ai session PUT on one shared `ClientSession`, with retries inside a deadline.
+
+Raises only the `UpstreamError` family: no aiohttp exception escapes this module. Knows
+nothing of callers or the audit log; the core (`deactivation.py`) passes a `CallTrace` that
+this module fills with the attempt count and the last upstream status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import random
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import aiohttp
+import structlog
+from yarl import URL
+
+from gateway import jsoncodec
+from gateway.config.model import KoreApp, UpstreamConfig
+from gateway.errors import (
+    RateLimited,
+    UpstreamAuthFailed,
+    UpstreamError,
+    UpstreamRateLimited,
+    UpstreamRejected,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from gateway.kore.tokens import TokenCache
+from gateway.metrics import Metrics
+from gateway.ratelimit.memory import RateLimiter
+from gateway.validation import Deactivation
+
+log = structlog.get_logger(__name__)
+
+MAX_ANSWER_BYTES = 65536  # Kore.ai's answers are small; never buffer an unbounded one
+MIN_ATTEMPT_S = 0.05  # a retry with less time than this before the deadline is not started
+STATIC_HEADERS = {"Content-Type": "application/json"}  # on every call, exactly once
+
+
+@dataclass(slots=True)
+class CallTrace:
+    """What happened upstream for one caller request."""
+
+    attempts: int = 0
+    upstream_status: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    status: int
+    body: Any
+    retry_after_s: float | None
+
+
+def session_url(config: UpstreamConfig, bot_id: str) -> URL:
+    """`base_url` + `session_path` with the botId percent-encoded: it never adds a segment."""
+    path = config.session_path.replace("{botId}", quote(bot_id, safe=""))
+    return URL(config.base_url + path, encoded=True)
+
+
+def request_body(d: Deactivation) -> bytes:
+    body: dict[str, Any] = {"userId": d.user_id, "status": "inactive"}
+    if d.channel is not None:
+        body["channel"] = d.channel
+    return jsoncodec.compact(body)
+
+
+def ssl_context(config: UpstreamConfig) -> ssl.SSLContext:
+    """TLS verification is always on; `ca_file` adds a private CA."""
+    return ssl.create_default_context(cafile=config.ca_file)
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """`Retry-After` as delay seconds or an HTTP date → seconds from now (None if absent/bad)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def kore_message(body: Any) -> str:
+    """The human message inside a Kore.ai error answer."""
+    if isinstance(body, dict):
+        errors = body.get("errors")
+        if isinstance(errors, list) and errors and isinstance(errors[0], dict):
+            return str(errors[0].get("msg", ""))[:300]
+        for name in ("message", "msg", "error"):
+            if isinstance(body.get(name), str):
+                return str(body[name])[:300]
+    if isinstance(body, str):
+        return body[:300]
+    return ""
+
+
+class KoreClient:
+    """Sends the session PUT; one instance (and one connection pool) per process."""
+
+    def __init__(self, config: UpstreamConfig, tokens: TokenCache, limiter: RateLimiter, *,
+                 rng: Callable[[], float] = random.random,
+                 metrics: Metrics | None = None) -> None:
+        self.config = config
+        self._metrics = metrics if metrics is not None else Metrics()
+        self.tokens = tokens
+        self.limiter = limiter
+        self._rng = rng
+        self._session: aiohttp.ClientSession | None = None
+        self.host = urlsplit(config.base_url).netloc
+
+    async def start(self) -> None:
+        secure = self.config.base_url.startswith("https:")
+        connector = aiohttp.TCPConnector(
+            limit=self.config.max_connections, ssl=ssl_context(self.config) if secure else False,
+            enable_cleanup_closed=True)
+        self._session = aiohttp.ClientSession(
+            connector=connector, cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False,
+            skip_auto_headers=("Accept-Encoding",), raise_for_status=False,
+            headers=STATIC_HEADERS)  # built once; each call adds only `auth` and X-Request-ID
+        # aiohttp silently resends an idempotent request once when a kept-alive connection
+        # drops. Our own retry loop does that, counted in `attempts` and with a fresh jti, so
+        # the hidden resend is switched off (no public switch exists).
+        self._session._retry_connection = False
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def deactivate(self, app: KoreApp, d: Deactivation, request_id: str, deadline: float,
+                         trace: CallTrace) -> Any:
+        """Closes the session upstream; returns Kore.ai's answer body or raises UpstreamError.
+
+        The first attempt's rate-limit slot is taken by the caller; later attempts take their own.
+        """
+        url = session_url(self.config, d.bot_id)
+        payload = request_body(d)
+        counted = 0
+        reminted = False
+        error: UpstreamError | None = None
+        while True:
+            if trace.attempts:
+                await self._retry_slot(d.bot_id, deadline, error)
+            token = await self.tokens.token(app)
+            trace.attempts += 1
+            try:
+                answer = await self._send(url, token.value, payload, request_id, deadline)
+            except UpstreamTimeout:
+                raise
+            except UpstreamError as exc:
+                error = exc
+            else:
+                trace.upstream_status = answer.status
+                if answer.status in (401, 403) and not reminted:
+                    # Our token was refused: drop it and try once with a fresh one.
+                    self.tokens.drop(app, token)
+                    reminted, error = True, None
+                    log.warning("upstream.token_rejected", app=app.name, status=answer.status)
+                    continue
+                judged = self._judge(answer)
+                if judged is None:
+                    return answer.body
+                error = judged
+            counted += 1
+            await self._before_retry(error, counted, deadline, request_id)
+
+    async def _retry_slot(self, bot_id: str, deadline: float, error: UpstreamError | None
+                          ) -> None:
+        """A rate-limit slot for the next attempt. Without one in time, the caller gets the
+        last attempt's error (`RateLimited` only when none failed: the re-mint after 401/403)."""
+        try:
+            await self.limiter.acquire(bot_id, deadline)
+        except RateLimited:
+            if error is None:
+                raise
+            log.info("upstream.retry_not_started", reason="rate_limit", error=error.code)
+            raise error from None
+
+    def _judge(self, answer: Answer) -> UpstreamError | None:
+        """None for a success, else the error this answer means."""
+        status, body = answer.status, answer.body
+        message = kore_message(body)
+        if 200 <= status < 300:
+            if isinstance(body, dict) and body.get("success") is True:
+                return None
+            return UpstreamUnavailable(f"Kore.ai answered {status} without success: true")
+        if status in (400, 404):
+            return UpstreamRejected(f"Kore.ai rejected the call ({status}): {message}".rstrip(": "),
+                                    upstream_status=status, upstream_body=body)
+        if status in (401, 403):
+            return UpstreamAuthFailed(
+                f"Kore.ai refused the gateway's credentials ({status}) after a fresh token; "
+                "check the app's client ID, secret and Bot Sessions scope",
+                upstream_status=status)
+        if status == 429:
+            retry = answer.retry_after_s
+            return UpstreamRateLimited(
+                "Kore.ai's rate limit for this bot is reached", upstream_status=status,
+                retry_after_s=retry if retry is not None else 1.0)
+        return UpstreamUnavailable(f"Kore.ai answered {status}", upstream_status=status)
+
+    async def _before_retry(self, error: UpstreamError, counted: int, deadline: float,
+                            request_id: str) -> None:
+        """Sleeps before the next attempt, or raises `error` when no retry may start."""
+        status = error.upstream_status
+        retryable = isinstance(error, UpstreamRateLimited) or (
+            isinstance(error, UpstreamUnavailable) and (status is None or status >= 500))
+        if not retryable or counted >= self.config.max_attempts:
+            raise error
+        delay = self._backoff(counted)
+        if isinstance(error, UpstreamRateLimited) and error.retry_after_s is not None:
+            delay = max(delay, error.retry_after_s)
+        if time.monotonic() + delay + MIN_ATTEMPT_S >= deadline:
+            raise error
+        log.info("upstream.retry", attempt=counted + 1, delay_s=round(delay, 3),
+                 error=error.code, upstream_status=error.upstream_status, request_id=request_id)
+        await asyncio.sleep(delay)
+
+    def _backoff(self, counted: int) -> float:
+        """Exponential backoff with full jitter."""
+        cap = min(self.config.backoff_max_s, self.config.backoff_base_s * 2.0 ** (counted - 1))
+        return self._rng() * cap
+
+    async def _send(self, url: URL, token: str, payload: bytes, request_id: str,
+                    deadline: float) -> Answer:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise UpstreamTimeout("Kore.ai did not answer within the deadline")
+        assert self._session is not None, "KoreClient.start() was not called"
+        headers = {"auth": token, "X-Request-ID": request_id}
+        started = time.monotonic()
+        try:
+            async with self._session.put(url, data=payload, headers=headers,
+                                         timeout=aiohttp.ClientTimeout(total=remaining),
+                                         allow_redirects=False) as resp:
+                raw = await read_bounded(resp.content, MAX_ANSWER_BYTES)
+                self._metrics.upstream_attempt(resp.status, time.monotonic() - started)
+                return Answer(resp.status, _decode(raw),
+                              parse_retry_after(resp.headers.get("Retry-After")))
+        except TimeoutError:
+            self._metrics.upstream_attempt("timeout", time.monotonic() - started)
+            raise UpstreamTimeout("Kore.ai did not answer within the deadline") from None
+        except aiohttp.ClientError as exc:
+            self._metrics.upstream_attempt("error", time.monotonic() - started)
+            raise UpstreamUnavailable(f"Kore.ai could not be reached ({type(exc).__name__})"
+                                      ) from None
+
+
+async def read_bounded(stream: aiohttp.StreamReader, limit: int) -> bytes:
+    """The whole answer up to `limit` bytes: one `read()` may return only the first chunk."""
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = await stream.read(limit - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+def _decode(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw.decode("utf-8", "replace")

@@ -1,0 +1,126 @@
+"""`kore-gateway sandbox`: its flags, the `KoreSandbox` they describe, and serving it on loopback.
+
+The emulator itself is `sandbox.py`'s, the fault values and their checks `sandbox_faults.py`'s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from aiohttp import web
+
+from gateway.config.model import is_loopback
+from gateway.sandbox.faults import FAULT_CHECKS, Faults, integer_in, parse_limit
+from gateway.sandbox.server import (
+    DEFAULT_KNOWN_BOTS,
+    DEFAULT_SESSION_PATH,
+    KoreSandbox,
+    SandboxApp,
+    compile_path,
+)
+
+DEFAULT_LISTEN = "127.0.0.1:9090"
+
+_FAULT_FLAGS = {
+    "latency_ms": "milliseconds added before answering each call",
+    "error_status": "status of --fail-first and --error-rate answers (default 500)",
+    "error_rate": "fraction of calls answered with --error-status",
+    "fail_first": "the first N calls are answered with --error-status",
+    "rate_429": "fraction of calls answered 429 with Retry-After",
+    "retry_after_s": "Retry-After sent with --rate-429 (default 1)",
+    "drop_rate": "fraction of calls whose connection is closed without an answer",
+    "reject_token_next": "the next N calls get 401 as if the token were rejected",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `kore-gateway sandbox` flags; `--listen` stays "HOST:PORT" text, checked for loopback."""
+    parser.add_argument(
+        "--listen",
+        type=_arg(_listen_address),
+        default=DEFAULT_LISTEN,
+        metavar="HOST:PORT",
+        help="loopback address (default 127.0.0.1:9090)",
+    )
+    parser.add_argument(
+        "--enforce-jti",
+        action="store_true",
+        help='reject a token without a "jti" or with one seen before',
+    )
+    for name, help_text in _FAULT_FLAGS.items():
+        flag = "--" + name.replace("_", "-")
+        parser.add_argument(flag, type=_arg(FAULT_CHECKS[name]), help=help_text)
+    parser.add_argument(
+        "--limit",
+        dest="limits",
+        action="append",
+        type=_arg(parse_limit),
+        metavar="CALLS/PER_S",
+        help="per-bot window, repeatable (e.g. 600/60)",
+    )
+    parser.add_argument(
+        "--known-bot",
+        action="append",
+        metavar="GLOB",
+        help="botId glob that exists, repeatable (default st-*)",
+    )
+    parser.add_argument(
+        "--session-path",
+        action="append",
+        type=_arg(_session_path),
+        metavar="TEMPLATE",
+        help=f"repeatable (default {DEFAULT_SESSION_PATH})",
+    )
+    parser.add_argument("--seed", type=_arg(FAULT_CHECKS["seed"]), help="seed of the fault dice")
+
+
+def sandbox_from_args(args: argparse.Namespace, apps: Sequence[SandboxApp]) -> KoreSandbox:
+    given = {name: getattr(args, name, None) for name in FAULT_CHECKS}
+    faults = Faults(**{name: value for name, value in given.items() if value is not None})
+    return KoreSandbox(
+        apps,
+        enforce_jti=args.enforce_jti,
+        session_paths=args.session_path or (DEFAULT_SESSION_PATH,),
+        known_bots=args.known_bot or DEFAULT_KNOWN_BOTS,
+        faults=faults,
+    )
+
+
+def run_sandbox(sandbox: KoreSandbox, host: str, port: int) -> None:
+    """Serve until interrupted; the socket is bound first so the printed URL is real."""
+    if not is_loopback(host):
+        raise ValueError(f"sandbox listen address {host!r}: must be loopback")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.create_server((host, port), family=family)
+    url = f"http://{f'[{host}]' if ':' in host else host}:{sock.getsockname()[1]}"
+    web.run_app(
+        sandbox.create_app(),
+        sock=sock,
+        print=lambda _banner: print(f"sandbox listening on {url}", flush=True),
+    )
+
+
+def _arg(check: Callable[[Any], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            return check(text)
+        except (TypeError, ValueError) as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return parse
+
+
+def _listen_address(text: str) -> str:
+    host, _, port = text.rpartition(":")
+    if not is_loopback(host.removeprefix("[").removesuffix("]")):
+        raise ValueError(f"{text!r}: must be HOST:PORT on loopback (127.0.0.0/8, ::1, localhost)")
+    integer_in(0, 65535)(port)
+    return text
+
+
+def _session_path(template: str) -> str:
+    compile_path(template)
+    return template

@@ -1,0 +1,159 @@
+"""Kore.ai's side of the JWT, as the sandbox plays it: the app credentials it knows and every
+check it makes on a token (`appId`, algorithm, signature, `exp`/`iat`/`nbf` on the sandbox
+clock, optional `jti` replay). Answering in Kore.ai's shape is `sandbox.py`'s; minting is
+`tokens.py`'s.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import jwt
+from cachetools import TLRUCache
+from cryptography.hazmat.primitives import serialization
+
+if TYPE_CHECKING:
+    from gateway.config.model import KoreApp
+
+ALGORITHMS = ("HS256", "HS512", "RS256", "RS512")
+MAX_IAT_SKEW_S = 60.0  # Kore.ai accepts a token issued at most this far in its future
+MAX_REMEMBERED_JTIS = 100_000  # bounded replay memory; the least recently seen go first
+
+
+@dataclass
+class SandboxApp:
+    """Credentials Kore.ai knows: HS* → the client secret; RS* → the PEM public key."""
+
+    client_id: str
+    key: str = field(repr=False)
+    algorithm: str = "HS256"
+
+    @classmethod
+    def from_kore_app(cls, app: KoreApp) -> SandboxApp:
+        if app.algorithm.startswith("HS"):
+            if app.client_secret is None:
+                raise ValueError(f"app {app.name!r}: {app.algorithm} needs a client secret")
+            return cls(app.client_id, app.client_secret.reveal(), app.algorithm)
+        if app.private_key is None:
+            raise ValueError(f"app {app.name!r}: {app.algorithm} needs a private key")
+        return cls(app.client_id, _public_pem(app.private_key.reveal()), app.algorithm)
+
+
+def _public_pem(private_pem: str) -> str:
+    private_key = serialization.load_pem_private_key(private_pem.encode(), password=None)
+    return (
+        private_key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+
+
+class _Verifier(NamedTuple):
+    algorithm: str
+    key: Any  # bytes for HS*, a loaded public key for RS*
+
+
+class TokenRejected(Exception):
+    """Why Kore.ai would refuse a token: the message of its 401 answer."""
+
+
+class TokenChecker:
+    """The keys of the apps Kore.ai knows and its `jti` replay memory; `check()` is the 401 test."""
+
+    def __init__(self, apps: Sequence[SandboxApp], *, enforce_jti: bool,
+                 clock: Callable[[], float]) -> None:
+        self._verifiers = {app.client_id: _verifier(app) for app in apps}
+        self._enforce_jti = enforce_jti
+        self._clock = clock
+        self._seen_jtis: TLRUCache[tuple[str, str], float] = TLRUCache(
+            MAX_REMEMBERED_JTIS, _jti_expiry, timer=clock
+        )
+
+    def set_apps(self, apps: Sequence[SandboxApp]) -> None:
+        self._verifiers = {app.client_id: _verifier(app) for app in apps}
+
+    def check(self, token: str | None) -> dict[str, Any]:
+        if not token:
+            raise TokenRejected("Missing auth header")
+        try:
+            header = jwt.get_unverified_header(token)
+            app_id = jwt.decode(token, options={"verify_signature": False}).get("appId")
+        except jwt.PyJWTError:
+            raise TokenRejected("Invalid token") from None
+        if not isinstance(app_id, str) or app_id not in self._verifiers:
+            raise TokenRejected("Unknown appId")
+        verifier = self._verifiers[app_id]
+        if header.get("alg") != verifier.algorithm:
+            raise TokenRejected("Algorithm mismatch")
+        claims = _decode(token, verifier)
+        self._check_times(claims)
+        if self._enforce_jti:
+            self._check_jti(app_id, claims)
+        return claims
+
+    def _check_times(self, claims: dict[str, Any]) -> None:
+        now = self._clock()
+        exp, iat, nbf = claims["exp"], claims["iat"], claims.get("nbf", 0)
+        if not all(_is_number(value) for value in (exp, iat, nbf)):
+            raise TokenRejected("Invalid exp, iat or nbf claim")
+        if exp <= now:
+            raise TokenRejected("Token expired")
+        if iat > now + MAX_IAT_SKEW_S:
+            raise TokenRejected("Token issued in the future")
+        if nbf > now:
+            raise TokenRejected("Token not yet valid")
+
+    def _check_jti(self, app_id: str, claims: dict[str, Any]) -> None:
+        jti = claims.get("jti")
+        if not isinstance(jti, str) or not jti:
+            raise TokenRejected("Missing claim: jti")
+        if (app_id, jti) in self._seen_jtis:
+            raise TokenRejected("JTI already used")
+        self._seen_jtis[(app_id, jti)] = float(claims["exp"])
+
+
+def _verifier(app: SandboxApp) -> _Verifier:
+    if app.algorithm not in ALGORITHMS:
+        raise ValueError(f"app {app.client_id!r}: algorithm must be one of {ALGORITHMS}")
+    if app.algorithm.startswith("HS"):
+        return _Verifier(app.algorithm, app.key.encode())
+    try:
+        return _Verifier(app.algorithm, serialization.load_pem_public_key(app.key.encode()))
+    except ValueError:
+        raise ValueError(f"app {app.client_id!r}: key is not a PEM public key") from None
+
+
+def _jti_expiry(_key: tuple[str, str], exp: float, _now: float) -> float:
+    return exp
+
+
+def _decode(token: str, verifier: _Verifier) -> dict[str, Any]:
+    # Time claims are checked on the sandbox clock (`_check_times`), not PyJWT's.
+    options = {
+        "require": ["exp", "iat"],
+        "verify_exp": False,
+        "verify_iat": False,
+        "verify_nbf": False,
+        "verify_aud": False,
+    }
+    try:
+        claims: dict[str, Any] = jwt.decode(
+            token,
+            verifier.key,
+            algorithms=[verifier.algorithm],
+            options=options,  # type: ignore[arg-type]
+        )
+    except jwt.MissingRequiredClaimError as error:
+        raise TokenRejected(f"Missing claim: {error.claim}") from None
+    except jwt.InvalidSignatureError:
+        raise TokenRejected("Invalid signature") from None
+    except jwt.PyJWTError:
+        raise TokenRejected("Invalid token") from None
+    return claims
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

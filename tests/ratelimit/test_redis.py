@@ -1,0 +1,264 @@
+"""The Redis rate-limit backend against a real redis-server: atomic shared windows, pacing,
+deadlines, keys, and the local fallback while Redis is down, hung, or restarted."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+from structlog.testing import capture_logs
+
+from benchmarks.redis_scenario import free_port
+from gateway.config.model import Config, RateLimitConfig, Secret
+from gateway.errors import RateLimited
+from gateway.http.runtime import make_limiter
+from gateway.metrics import Metrics
+from gateway.ratelimit.redis import (
+    FALLBACK,
+    REDIS,
+    WINDOW_MARGIN_S,
+    RedisRateLimiter,
+    RedisWindows,
+    window_keys,
+)
+from tests.redis_fixtures import RedisServer
+
+BOT = "st-redis-bot"
+FAR = 1000.0  # a max wait no test reaches
+MARGIN = WINDOW_MARGIN_S
+
+
+def rl_config(url: str, windows: list[tuple[int, float]], *, timeout_s: float = 0.25,
+              fraction: float = 0.5) -> RateLimitConfig:
+    return RateLimitConfig(backend="redis", windows=tuple(windows), redis_url=Secret(url),
+                           local_fallback_fraction=fraction, redis_timeout_s=timeout_s)
+
+
+@pytest.fixture
+async def clients(redis_server: RedisServer) -> AsyncIterator[Callable[[], Redis]]:
+    """`clients()`: a new client (own connections, like another gateway process) each call."""
+    made: list[Redis] = []
+
+    def make() -> Redis:
+        made.append(Redis.from_url(redis_server.url, socket_timeout=5))
+        return made[-1]
+
+    yield make
+    for client in made:
+        await client.aclose()
+
+
+LimiterFactory = Callable[..., Awaitable[RedisRateLimiter]]
+
+
+@pytest.fixture
+async def limiter_for() -> AsyncIterator[LimiterFactory]:
+    """`await limiter_for(url, windows, ...)`: a started `RedisRateLimiter`, closed after."""
+    made: list[RedisRateLimiter] = []
+
+    async def make(url: str, windows: list[tuple[int, float]], **kwargs: Any) -> RedisRateLimiter:
+        metrics = kwargs.pop("metrics", None)
+        limiter = RedisRateLimiter(rl_config(url, windows, **kwargs),
+                                   fallback_share=kwargs.get("fraction", 0.5), metrics=metrics)
+        made.append(limiter)
+        await limiter.start()
+        return limiter
+
+    yield make
+    for limiter in made:
+        await limiter.aclose()
+
+
+def fallback_gauge(metrics: Metrics) -> float | None:
+    return metrics.registry.get_sample_value("kore_gateway_ratelimit_redis_fallback")
+
+
+async def wait_for_mode(limiter: RedisRateLimiter, mode: str, timeout_s: float = 8.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while limiter.mode != mode:
+        assert time.monotonic() < deadline, f"still {limiter.mode} after {timeout_s} s"
+        await asyncio.sleep(0.05)
+
+
+async def granted_at(windows: RedisWindows, bot: str = BOT) -> list[float]:
+    """The grant times the longest window keeps, in seconds after the first of them."""
+    key = window_keys(bot, windows.windows)[-1]
+    times = [int(t) / 1e6 for t in await windows.client.lrange(key, 0, -1)]
+    return [round(t - times[0], 6) for t in times]
+
+
+class TestRedisWindows:
+    async def test_grants_are_paced_then_wait_for_the_window(self, clients: Any) -> None:
+        """5 per 10 s: five grants 0.1 s apart, the sixth once the first is 10 s (+margin) old."""
+        windows = RedisWindows(clients(), [(5, 10.0), (100, 100.0)])
+        waits = [(await windows.reserve(BOT, FAR))[1] for _ in range(6)]
+        assert await granted_at(windows) == [0.0, 0.1, 0.2, 0.3, 0.4, 10.0 + MARGIN]
+        assert waits[0] == 0.0 and 10.0 < waits[5] <= 10.0 + MARGIN
+
+    async def test_refusal_reserves_nothing_and_tells_the_wait(self, clients: Any) -> None:
+        client = clients()
+        windows = RedisWindows(client, [(2, 10.0)])
+        for _ in range(2):
+            await windows.reserve(BOT, FAR)
+        granted, wait = await windows.reserve(BOT, 1.0)
+        assert not granted and 9.5 < wait <= 10.0 + MARGIN
+        assert await client.llen(window_keys(BOT, [(2, 10.0)])[0]) == 2
+        granted, again = await windows.reserve(BOT, FAR)
+        assert granted and wait - 0.5 < again <= wait
+
+    async def test_window_boundary_on_the_redis_clock(self, clients: Any) -> None:
+        """3 per 0.5 s: the 4th slot is 0.5 s + margin after the 1st; once past it, no wait."""
+        windows = RedisWindows(clients(), [(3, 0.5)])
+        for _ in range(3):
+            assert (await windows.reserve(BOT, FAR))[0]
+        granted, wait = await windows.reserve(BOT, 0.0)
+        assert not granted and 0.2 < wait <= 0.5 + MARGIN
+        await asyncio.sleep(wait + 0.1)
+        assert await windows.reserve(BOT, 0.0) == (True, 0.0)
+
+    async def test_every_window_is_enforced(self, clients: Any) -> None:
+        windows = RedisWindows(clients(), [(2, 0.5), (3, 5.0), (100, 100.0)])
+        for _ in range(4):
+            await windows.reserve(BOT, FAR)
+        assert await granted_at(windows) == [0.0, 0.1, 0.5 + MARGIN, 5.0 + MARGIN]
+
+    async def test_bots_are_independent(self, clients: Any) -> None:
+        windows = RedisWindows(clients(), [(1, 10.0)])
+        assert await windows.reserve(BOT, 0.0) == (True, 0.0)
+        assert await windows.reserve("st-other", 0.0) == (True, 0.0)
+        assert not (await windows.reserve(BOT, 0.0))[0]
+
+    async def test_keys_are_namespaced_per_bot_and_window_and_expire(self, clients: Any) -> None:
+        client = clients()
+        windows = RedisWindows(client, [(5, 2.0), (50, 30.0)])
+        await windows.reserve(BOT, FAR)
+        keys = sorted(k.decode() for k in await client.keys("*"))
+        assert keys == [f"kore-gateway:rl:{{{BOT}}}:5/2s", f"kore-gateway:rl:{{{BOT}}}:50/30s"]
+        short, long = [await client.pttl(k) for k in keys]
+        assert 0 < short <= (2.0 + MARGIN + 1) * 1000
+        assert 2_000 < long <= (30.0 + MARGIN + 1) * 1000
+
+    async def test_concurrent_gateways_never_exceed_the_budget(self, clients: Any) -> None:
+        """200 asks at once through 4 clients: every grant recorded once, no window over."""
+        shape = [(10, 1.0), (1000, 100.0)]  # the long window keeps every grant for checking
+        gateways = [RedisWindows(clients(), shape) for _ in range(4)]
+        results = await asyncio.gather(*(gateways[i % 4].reserve(BOT, FAR) for i in range(200)))
+        assert all(granted for granted, _ in results)
+        log = [int(x) / 1e6 for x in await gateways[0].client.lrange(
+            window_keys(BOT, shape)[1], 0, -1)]
+        assert len(log) == 200 and log == sorted(log)
+        assert min(b - a for a, b in itertools.pairwise(log)) >= 0.1 - 1e-6
+        assert min(b - a for a, b in zip(log, log[10:], strict=False)) >= 1.0 + MARGIN - 1e-6
+
+
+class TestRedisRateLimiter:
+    async def test_waits_for_its_slot_or_is_refused_at_once(self, redis_server: RedisServer,
+                                                            limiter_for: LimiterFactory) -> None:
+        limiter = await limiter_for(redis_server.url, [(2, 0.5)])
+        now = time.monotonic
+        started = now()
+        waits = [await limiter.acquire(BOT, now() + 5) for _ in range(2)]
+        assert waits[0] == 0.0 and 0.0 < waits[1] <= 0.1
+        asked = now()
+        with pytest.raises(RateLimited) as refused:
+            await limiter.acquire(BOT, now() + 0.3)
+        assert now() - asked < 0.5  # refused at once, not after the ~0.9 s the slot is away
+        retry = refused.value.retry_after_s
+        assert retry is not None and 0.5 < retry <= 0.5 + MARGIN
+        assert await limiter.acquire(BOT, now() + 5) > 0.3
+        assert now() - started >= 0.5 + MARGIN - 0.05
+        assert limiter.detail() == {"backend": "redis", "state": REDIS, "outages": 0}
+
+    async def test_down_at_start_serves_a_local_share_and_says_so(
+            self, limiter_for: LimiterFactory) -> None:
+        metrics = Metrics()
+        with capture_logs() as logs:
+            limiter = await limiter_for(f"redis://127.0.0.1:{free_port()}/0", [(4, 10.0)],
+                                        metrics=metrics)
+            deadline = time.monotonic() + 1
+            assert [await limiter.acquire(BOT, deadline) for _ in range(2)] == [0.0, 0.0]
+            with pytest.raises(RateLimited):  # a local share of 0.5: 2 of the 4 per 10 s
+                await limiter.acquire(BOT, deadline)
+        assert [e["event"] for e in logs] == ["ratelimit.redis_unavailable"]
+        assert logs[0]["log_level"] == "error"
+        assert limiter.detail()["state"] == FALLBACK and limiter.detail()["localShare"] == 0.5
+        assert fallback_gauge(metrics) == 1.0
+
+    async def test_a_hung_redis_never_holds_an_ask_past_its_timeouts(
+            self, silent_port: int) -> None:
+        limiter = RedisRateLimiter(rl_config(f"redis://127.0.0.1:{silent_port}/0",
+                                             [(100, 1.0)], timeout_s=0.5), fallback_share=1.0)
+        try:
+            latencies: list[float] = []
+
+            async def ask() -> None:
+                started = time.monotonic()
+                await limiter.acquire(BOT, started + 10)
+                latencies.append(time.monotonic() - started)
+
+            await asyncio.gather(*(ask() for _ in range(20)))
+            assert len(latencies) == 20 and max(latencies) < 3.0  # 2 turns of the timeout
+            await asyncio.sleep(1.0)
+            await ask()  # the timeouts have lasted past LOSS_CONFIRM_S: Redis is lost
+            assert limiter.mode == FALLBACK
+            await asyncio.gather(*(ask() for _ in range(5)))
+            assert max(latencies[-5:]) < 0.4  # no longer tried: well under the timeout
+        finally:
+            await limiter.aclose()
+
+    async def test_killed_then_restarted_hands_local_grants_back_to_redis(
+            self, redis_server: RedisServer, limiter_for: LimiterFactory) -> None:
+        metrics = Metrics()
+        limiter = await limiter_for(redis_server.url, [(4, 10.0)], metrics=metrics)
+        deadline = time.monotonic() + 60
+        with capture_logs() as logs:
+            await limiter.acquire(BOT, deadline)
+            redis_server.kill()
+            started = time.monotonic()
+            await limiter.acquire("st-during-outage", deadline)
+            await limiter.acquire("st-during-outage", deadline)
+            assert time.monotonic() - started < 1.0
+            assert limiter.mode == FALLBACK and fallback_gauge(metrics) == 1.0
+            redis_server.start()
+            await wait_for_mode(limiter, REDIS)
+        assert [e["event"] for e in logs] == ["ratelimit.redis_unavailable",
+                                              "ratelimit.redis_restored"]
+        assert fallback_gauge(metrics) == 0.0 and limiter.detail()["outages"] == 1
+        # The two local grants now count in Redis: 2 more fit the 4 per 10 s, a third does not.
+        now = time.monotonic
+        waits = [await limiter.acquire("st-during-outage", now() + 1) for _ in range(2)]
+        assert max(waits) < 0.5
+        with pytest.raises(RateLimited):
+            await limiter.acquire("st-during-outage", now() + 1)
+
+    async def test_the_redis_url_never_shows(self, redis_server: RedisServer, clients: Any,
+                                             limiter_for: LimiterFactory) -> None:
+        """A password the server refuses: the limiter falls back, and says so without it."""
+        await clients().config_set("requirepass", "the-right-one")
+        url = f"redis://:hunter2-secret@127.0.0.1:{redis_server.port}/0"
+        with capture_logs() as logs:
+            limiter = await limiter_for(url, [(4, 10.0)])
+            await limiter.acquire(BOT, time.monotonic() + 1)
+        assert limiter.mode == FALLBACK
+        shown = json.dumps([logs, limiter.detail(), repr(limiter.redis.client),
+                            repr(rl_config(url, [(1, 1.0)]))], default=str)
+        assert "hunter2" not in shown
+
+
+class TestMakeLimiter:
+    def config(self, **rate_limit: Any) -> Config:
+        return Config(rate_limit=RateLimitConfig(**rate_limit))
+
+    def test_redis_backend_shares_the_whole_budget(self) -> None:
+        config = self.config(backend="redis", redis_url=Secret("redis://127.0.0.1:1/0"),
+                             local_fallback_fraction=0.5, windows=((600, 60.0),))
+        limiter = make_limiter(config, workers=4)
+        assert isinstance(limiter, RedisRateLimiter)
+        assert limiter.redis.windows == ((600, 60.0),)
+        assert limiter.fallback.windows == ((75, 60.0),)  # 0.5 of the budget over 4 workers
