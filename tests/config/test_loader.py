@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from gateway.config import model as config_module
+from gateway.config.loader import load_config
 from gateway.config.model import (
     AuditConfig,
     CallerConfig,
@@ -24,8 +25,7 @@ from gateway.config.model import (
     Secret,
     ServerConfig,
     UpstreamConfig,
-    load_config,
-)
+    )
 from tests.conftest import CLIENT_SECRET, base_settings, merge, write_config
 
 REPO = Path(__file__).resolve().parents[2]

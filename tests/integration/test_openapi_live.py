@@ -9,8 +9,8 @@ from typing import Any
 from gateway.http.openapi import document
 from gateway.sandbox.server import KoreSandbox, SandboxApp
 from tests.conftest import BOT, CLIENT_ID, CLIENT_SECRET, OTHER_KEY
+from tests.http.test_openapi import documented_schema, schema_errors
 from tests.integration.conftest import StartGateway
-from tests.test_openapi import documented_schema, schema_errors
 
 SIMPLE = "/v1/bots/{botId}/sessions/deactivate"
 BATCH = "/v1/sessions/deactivate"
