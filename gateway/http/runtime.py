@@ -8,6 +8,7 @@ readiness verdict. Turning HTTP into calls on it is `app.py`'s.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from gateway.errors import Overloaded
 from gateway.http.reload import ConfigChange, diff, live_config
 from gateway.kore.client import KoreClient
 from gateway.kore.tokens import TokenCache
-from gateway.metrics import Metrics
+from gateway.metrics import Metrics, shared_dir
 from gateway.ratelimit.memory import MemoryRateLimiter, RateLimiter, Unlimited, spaced
 from gateway.ratelimit.redis import RedisRateLimiter
 from gateway.validation import Validator
@@ -36,7 +37,7 @@ class Runtime:
                  metrics: Metrics | None = None) -> None:
         self.config = config
         self.worker, self.workers = worker, workers
-        self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics = metrics if metrics is not None else Metrics(shared_dir=shared_dir())
         self.auth = Authenticator(config.callers, config.server.auth)
         self.validator = Validator(config.upstream.bot_id_pattern)
         self.audit = AuditLog(audit_path(config, worker, workers),
@@ -58,17 +59,24 @@ class Runtime:
         self.tasks: set[asyncio.Task[Any] | None] = set()  # handlers of in-flight requests
         self.draining = False
         self._ready: tuple[float, dict[str, Any]] | None = None  # (when, checks)
+        self._publisher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self.audit.open()
         await self.client.start()
         await self.limiter.start()
+        self._publisher = asyncio.create_task(self.metrics.publish_every())
 
     async def close(self) -> None:
         await self.client.close()
         await self.tokens.aclose()
         await self.limiter.aclose()
         await self.audit.close()
+        if self._publisher is not None:
+            self._publisher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._publisher
+        self.metrics.publish()  # the final counts of this worker, for the others' scrapes
 
     def reload(self, new: Config) -> ConfigChange:
         """Takes new callers and apps (secrets included) in one step; other settings stay.
