@@ -28,15 +28,18 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
+from prometheus_client import CollectorRegistry, Counter, Gauge, values
 from prometheus_client.exposition import generate_latest
-from prometheus_client.metrics_core import Metric
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 # In-process values always, even when the environment names a multiprocess directory.
 values.ValueClass = values.MutexValue
@@ -63,30 +66,31 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         self._shared = _Shared(shared_dir, self) if shared_dir is not None else None
         r = self.registry
-        self._requests = Counter(
+        # Moved by every request: plain counts (`FastCounter`, `FastHistogram`).
+        self._requests = FastCounter(
             "kore_gateway_requests_total", "HTTP requests answered, by route template, "
             "status and caller (anonymous when not authenticated).",
             ("route", "status", "caller"), registry=r)
-        self._request_seconds = Histogram(
+        self._request_seconds = FastHistogram(
             "kore_gateway_request_duration_seconds", "Time from request to response in the "
-            "gateway, by route template.", ("route",), buckets=LATENCY_BUCKETS_S, registry=r)
-        self._upstream = Counter(
+            "gateway, by route template.", ("route",), LATENCY_BUCKETS_S, registry=r)
+        self._upstream = FastCounter(
             "kore_gateway_upstream_requests_total", "Attempts sent to Kore.ai, by its HTTP "
             "status (timeout or error when there was none).", ("status",), registry=r)
-        self._upstream_seconds = Histogram(
+        self._upstream_seconds = FastHistogram(
             "kore_gateway_upstream_latency_seconds", "Duration of one attempt sent to Kore.ai.",
-            buckets=LATENCY_BUCKETS_S, registry=r)
+            (), LATENCY_BUCKETS_S, registry=r)
         self._mints = Counter("kore_gateway_token_mints_total",
                               "JWTs signed, by Kore.ai app.", ("app",), registry=r)
-        self._hits = Counter("kore_gateway_token_cache_hits_total",
-                             "Upstream attempts served by a cached JWT, by Kore.ai app.",
-                             ("app",), registry=r)
-        self._audit_seconds = Histogram(
+        self._hits = FastCounter("kore_gateway_token_cache_hits_total",
+                                 "Upstream attempts served by a cached JWT, by Kore.ai app.",
+                                 ("app",), registry=r)
+        self._audit_seconds = FastHistogram(
             "kore_gateway_audit_write_seconds", "Duration of one audit group commit "
-            "(write and fsync).", buckets=AUDIT_BUCKETS_S, registry=r)
-        self._audit_batch = Histogram(
+            "(write and fsync).", (), AUDIT_BUCKETS_S, registry=r)
+        self._audit_batch = FastHistogram(
             "kore_gateway_audit_batch_records", "Records made durable by one audit group "
-            "commit.", buckets=BATCH_BUCKETS, registry=r)
+            "commit.", (), BATCH_BUCKETS, registry=r)
         self._audit_errors = Counter("kore_gateway_audit_write_errors_total",
                                      "Audit group commits that failed.", registry=r)
         self._waits = Counter("kore_gateway_ratelimit_waits_total", "Upstream calls that "
@@ -96,6 +100,8 @@ class Metrics:
         self._in_flight = Gauge("kore_gateway_in_flight", "Deactivation requests being "
                                 "handled (compare with server.max_in_flight).",
                                 multiprocess_mode="livesum", registry=r)
+        self.in_flight = 0  # read by the gauge when collected: no gauge write per request
+        self._in_flight.set_function(lambda: self.in_flight)
         self._circuit = Gauge("kore_gateway_circuit_state", "Circuit breaker of the upstream "
                               "host: 0 closed, 1 half-open, 2 open (worst worker).", ("host",),
                               multiprocess_mode="livemax", registry=r)
@@ -114,24 +120,24 @@ class Metrics:
         return child
 
     def request(self, route: str, status: int, caller: str | None, seconds: float) -> None:
-        self._child(self._requests, route, str(status), caller or ANONYMOUS).inc()
-        self._child(self._request_seconds, route).observe(seconds)
+        self._requests.inc((route, str(status), caller or ANONYMOUS))
+        self._request_seconds.observe(seconds, (route,))
 
     def request_started(self) -> None:
-        self._in_flight.inc()
+        self.in_flight += 1
 
     def request_finished(self) -> None:
-        self._in_flight.dec()
+        self.in_flight -= 1
 
     def upstream_attempt(self, status: int | str, seconds: float) -> None:
-        self._child(self._upstream, str(status)).inc()
+        self._upstream.inc((str(status),))
         self._upstream_seconds.observe(seconds)
 
     def token_minted(self, app: str) -> None:
         self._child(self._mints, app).inc()
 
     def token_cache_hit(self, app: str) -> None:
-        self._child(self._hits, app).inc()
+        self._hits.inc((app,))
 
     def audit_committed(self, records: int, seconds: float) -> None:
         self._audit_batch.observe(records)
@@ -178,6 +184,59 @@ class Metrics:
         """How each gauge of this `Metrics` merges over workers (its `multiprocess_mode`)."""
         return {g._name: g._multiprocess_mode for g in vars(self).values()
                 if isinstance(g, Gauge)}
+
+
+class FastCounter(Collector):
+    """A labelled counter for the request path: a dict of counts, no lock and no exemplar.
+
+    Moved from the event loop's thread only (the audit writer thread never counts), so a
+    plain `+=` cannot race. Collected like any prometheus-client counter (no `_created`).
+    """
+
+    def __init__(self, name: str, documentation: str, labels: tuple[str, ...], *,
+                 registry: CollectorRegistry) -> None:
+        self.name, self.documentation, self.labels = name, documentation, labels
+        self.counts: dict[tuple[str, ...], float] = {}
+        registry.register(self)
+
+    def inc(self, labels: tuple[str, ...] = ()) -> None:
+        counts = self.counts
+        counts[labels] = counts.get(labels, 0.0) + 1.0
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labels)
+        for labels, value in list(self.counts.items()):
+            family.add_metric(labels, value)
+        return [family]
+
+
+class FastHistogram(Collector):
+    """A labelled histogram for the request path: per series, one count per bucket and the
+    sum, found with one `bisect`; event-loop thread only, like `FastCounter`."""
+
+    def __init__(self, name: str, documentation: str, labels: tuple[str, ...],
+                 buckets: Sequence[float], *, registry: CollectorRegistry) -> None:
+        self.name, self.documentation, self.labels = name, documentation, labels
+        self.bounds = tuple(float(b) for b in buckets)
+        les = [floatToGoString(b) for b in self.bounds]  # type: ignore[no-untyped-call]
+        self._les = [*les, "+Inf"]
+        self.series: dict[tuple[str, ...], list[float]] = {}  # buckets …, +Inf, sum
+        registry.register(self)
+
+    def observe(self, value: float, labels: tuple[str, ...] = ()) -> None:
+        series = self.series.get(labels)
+        if series is None:
+            series = self.series[labels] = [0.0] * (len(self.bounds) + 2)
+        series[bisect_left(self.bounds, value)] += 1.0  # the first bound ≥ value: "le"
+        series[-1] += value
+
+    def collect(self) -> Iterable[Metric]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labels)
+        for labels, series in list(self.series.items()):
+            cumulative = list(accumulate(series[:-1]))
+            family.add_metric(list(labels), list(zip(self._les, cumulative, strict=True)),
+                              sum_value=series[-1])
+        return [family]
 
 
 # --- several workers -------------------------------------------------------------------------

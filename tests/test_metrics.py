@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.audit.log import AuditLog
@@ -171,6 +171,46 @@ class TestInstrumentedParts:
             await log.close()
         assert value(registry, "kore_gateway_audit_write_errors_total") == 1
         assert value(registry, "kore_gateway_audit_batch_records_count") == 0
+
+
+class TestFastMetrics:
+    """The request path's counters and histograms expose exactly what prometheus-client's do."""
+
+    def test_histogram_matches_prometheus_client_at_and_between_bounds(self) -> None:
+        from prometheus_client import Histogram
+
+        from gateway.metrics import LATENCY_BUCKETS_S, FastHistogram
+
+        ours, theirs = CollectorRegistry(), CollectorRegistry()
+        fast = FastHistogram("h_seconds", "h", ("route",), LATENCY_BUCKETS_S, registry=ours)
+        reference = Histogram("h_seconds", "h", ("route",), buckets=LATENCY_BUCKETS_S,
+                              registry=theirs)
+        for seconds in (0.0, 0.001, 0.005, 0.0050001, 0.3, 1.0, 29.9, 30.0, 31.0, 1e9):
+            for route in ("/a", "/b"):
+                fast.observe(seconds, (route,))
+                reference.labels(route).observe(seconds)
+
+        def samples(registry: CollectorRegistry) -> list[tuple[str, str, float]]:
+            return sorted((s.name, repr(sorted(s.labels.items())), s.value)
+                          for f in registry.collect() for s in f.samples
+                          if not s.name.endswith("_created"))
+
+        assert samples(ours) == samples(theirs)
+
+    def test_counter_matches_prometheus_client(self) -> None:
+        from prometheus_client import Counter
+
+        from gateway.metrics import FastCounter
+
+        ours, theirs = CollectorRegistry(), CollectorRegistry()
+        fast = FastCounter("c_total", "c", ("status",), registry=ours)
+        reference = Counter("c_total", "c", ("status",), registry=theirs)
+        for status in ("200", "200", "503"):
+            fast.inc((status,))
+            reference.labels(status).inc()
+        text = [line for line in generate_latest(theirs).decode().splitlines()
+                if "_created" not in line]
+        assert generate_latest(ours).decode().splitlines() == text
 
 
 class TestMultiprocessDir:
