@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pytest
 import structlog
 
-from gateway.logs import REDACTED_KEYS, configure, redact
+from gateway.logs import REDACTED_KEYS, access, configure, redact, utc_timestamp
 
 JWT = ("eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJhcHBJZCI6ImNzLXRlc3QiLCJzdWIiOiJ4In0."
        "SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c")
@@ -145,3 +146,71 @@ class TestOneWritePerLine:
         assert len(writes) == 2
         assert all(w.endswith("\n") and w.count("\n") == 1 for w in writes)
         assert [json.loads(w)["event"] for w in writes] == ["first", "second"]
+
+
+class TestAccessLine:
+    """`access()`: the per-request line without structlog's chain, the same line it would be."""
+
+    def test_same_fields_as_a_structlog_line(self, capsys: pytest.CaptureFixture[str]) -> None:
+        configure("info", "json")
+        structlog.contextvars.bind_contextvars(worker=1, request_id="req-9")
+        try:
+            access("request", method="POST", status=200, duration_ms=1.5)
+            structlog.get_logger("t").info("request", method="POST", status=200,
+                                           duration_ms=1.5)
+        finally:
+            structlog.contextvars.clear_contextvars()
+        fast, chain = stderr_lines(capsys)
+        assert fast.keys() == chain.keys()
+        assert {k: v for k, v in fast.items() if k != "timestamp"} == \
+               {k: v for k, v in chain.items() if k != "timestamp"}
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", fast["timestamp"])
+
+    def test_secrets_are_redacted(self, capsys: pytest.CaptureFixture[str]) -> None:
+        configure("info", "json")
+        structlog.contextvars.bind_contextvars(request_id=JWT)
+        try:
+            access("request", caller=f"Bearer {KEY}", token="abc-secret", status=401)
+        finally:
+            structlog.contextvars.clear_contextvars()
+        err = capsys.readouterr().err
+        assert JWT not in err and KEY not in err and "abc-secret" not in err
+        [line] = [json.loads(x) for x in err.splitlines()]
+        assert line["request_id"] == "[redacted-jwt]" and line["token"] == "[redacted]"
+        assert line["status"] == 401
+
+    def test_one_write_per_line(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        writes: list[str] = []
+
+        class Recorder:
+            def write(self, text: str) -> int:
+                writes.append(text)
+                return len(text)
+
+            def flush(self) -> None:
+                pass
+
+        monkeypatch.setattr("sys.stderr", Recorder())
+        configure("info", "json")
+        access("request", status=200)
+        access("request", status=404)
+        assert [json.loads(w)["status"] for w in writes] == [200, 404]
+        assert all(w.endswith("\n") and w.count("\n") == 1 for w in writes)
+
+    def test_level_and_console_format_are_honoured(
+            self, capsys: pytest.CaptureFixture[str]) -> None:
+        configure("warning", "json")
+        access("request", status=200)
+        assert capsys.readouterr().err == ""
+        configure("info", "console")
+        access("request", status=200, token="abc-secret-console")
+        err = capsys.readouterr().err
+        assert "request" in err and "abc-secret-console" not in err
+
+    def test_utc_timestamp_is_now(self) -> None:
+        import datetime
+
+        stamp = utc_timestamp()
+        parsed = datetime.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(
+            tzinfo=datetime.UTC)
+        assert abs((datetime.datetime.now(datetime.UTC) - parsed).total_seconds()) < 5

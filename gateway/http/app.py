@@ -37,6 +37,7 @@ from gateway.errors import (
 from gateway.http.connection import handler_options
 from gateway.http.openapi import document as openapi_document
 from gateway.http.runtime import Runtime
+from gateway.logs import access
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.metrics import Metrics
 from gateway.validation import Deactivation, parse_json
@@ -87,8 +88,8 @@ async def envelope_middleware(request: web.Request, handler: Handler) -> web.Str
             response.force_close()  # a half-read body, or clients should move to another instance
         route, caller, seconds = _route_of(request), request.get(CALLER), time.monotonic() - started
         runtime(request).metrics.request(route, response.status, caller, seconds)
-        log.info("request", method=request.method, route=route, status=response.status,
-                 caller=caller, duration_ms=round(seconds * 1000, 3))
+        access("request", method=request.method, route=route, status=response.status,
+               caller=caller, duration_ms=round(seconds * 1000, 3))
         return response
     finally:
         structlog.contextvars.unbind_contextvars("request_id")
