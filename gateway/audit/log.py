@@ -1,9 +1,9 @@
 """The audit log: append-only JSON Lines, sequence-numbered and hash-chained.
 
 Owns appending to the audit file: appends made durable (written and fsynced) before they are
-acknowledged (`append`), or queued for the next group commit without waiting for it
-(`append_nowait`, for records a restart can make up for), group commit, size-based rotation
-and start-up recovery of the chain. It knows nothing of
+acknowledged (`append`), or, for records a restart can make up for, acknowledged once written
+and made durable by the same group commit's fsync right after (`append(durable=False)`),
+group commit, size-based rotation and start-up recovery of the chain. It knows nothing of
 HTTP, JWTs or caller keys; what goes into a record is decided by its callers. What the chain
 hash covers and how files are verified is `audit_chain.py`'s, file names, locking and tail
 reading `audit_files.py`'s; their public names are re-exported here.
@@ -23,13 +23,14 @@ chain goes on in a fresh file whose first ``prev`` is the last ``hash`` of the p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import hashlib
 import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -74,8 +75,9 @@ HALT_WAIT_S = 2.0
 
 log = structlog.get_logger(__name__)
 
-# A record and its caller's future; None for `append_nowait` (nobody waits for it).
-_Pending = tuple[dict[str, Any], "asyncio.Future[dict[str, Any]] | None"]
+# A record, its caller's future (None: nobody waits any more) and whether the caller waits
+# for the fsync (True) or only for the write (False).
+_Pending = tuple[dict[str, Any], "asyncio.Future[dict[str, Any]] | None", bool]
 _T = TypeVar("_T")
 
 
@@ -115,7 +117,7 @@ class AuditLog:
         self._seq = 0  # seq of the last durable record
         self._prev = ZERO_HASH  # hash of the last durable record
         self._pending: list[_Pending] = []
-        self._retained: list[_Pending] = []  # `append_nowait` records of a failed commit
+        self._retained: list[_Pending] = []  # written, acknowledged, then not made durable
         self._flusher: asyncio.Task[None] | None = None
         self._worker = _Writer()
         self._opened = self._closed = False
@@ -151,8 +153,14 @@ class AuditLog:
         self._opened = True
         log.info("audit.opened", path=str(self._path), seq=self._seq)
 
-    async def append(self, record: Mapping[str, Any]) -> dict[str, Any]:
-        """Write `record` and return it as written, once it is durable.
+    async def append(self, record: Mapping[str, Any], *, durable: bool = True
+                     ) -> dict[str, Any]:
+        """Write `record` and return it as written, once it is durable (fsynced).
+
+        With `durable=False`, return once it is written, before the fsync of its group
+        commit: if that fsync fails, the record is kept and written again by the next commit
+        (a later append, a successful `probe()`, or `close()`), so it is only lost with the
+        process (and a restart closes what it left open, `audit.recovery`).
 
         Raises `AuditUnavailable` when it cannot be written (nothing of it stays in the file),
         and `ValueError`/`TypeError` for a record that cannot be encoded as JSON (it alone is
@@ -165,24 +173,10 @@ class AuditLog:
         prepared = self._prepare(record)
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         future.add_done_callback(_retrieve)  # a cancelled caller must not leave it unretrieved
-        self._pending.append((prepared, future))
+        self._pending.append((prepared, future, durable))
         self._flush_soon()
         # Shielded: a caller that stops waiting does not unmake a record already in a batch.
         return await asyncio.shield(future)
-
-    def append_nowait(self, record: Mapping[str, Any]) -> None:
-        """Queue `record` for the next group commit and return at once (`ts` is now).
-
-        It is written in order with the others; after a failed commit it is kept and goes
-        into the next one (a later append, a successful `probe()`, or `close()`), so it is
-        only lost with the process. Raises `AuditUnavailable` once the log is closed.
-        """
-        if not self._opened:
-            raise RuntimeError("AuditLog.open() was not called")
-        if self._closed:
-            raise AuditUnavailable(_UNAVAILABLE)
-        self._pending.append((self._prepare(record), None))
-        self._flush_soon()
 
     def _flush_soon(self) -> None:
         if self._flusher is None:
@@ -256,8 +250,10 @@ class AuditLog:
 
     async def _commit(self, batch: list[_Pending]) -> bool:
         started = time.monotonic()
+        records = [record for record, _, _ in batch]
         try:
-            refused = await self._in_worker(self._write_batch, [record for record, _ in batch])
+            refused = await self._in_worker(self._write_batch, records,
+                                            self._when_written(batch))
         except OSError as exc:
             self._metrics.audit_failed()
             self._note_failure(exc)
@@ -272,24 +268,38 @@ class AuditLog:
             return False
         self._metrics.audit_committed(len(batch) - len(refused), time.monotonic() - started)
         self._note_success()
-        for index, (record, future) in enumerate(batch):
-            if future is not None and not future.done():
-                if index in refused:  # not JSON: the caller gets the encoder's error
-                    future.set_exception(refused[index])
-                else:
-                    future.set_result(record)
-        for index, (record, future) in enumerate(batch):
+        _settle(batch, range(len(batch)), refused)
+        for index, (record, future, _) in enumerate(batch):
             if index in refused and future is None:
                 log.error("audit.record_not_encodable", record_event=record.get("event"),
                           request_id=record.get("requestId"),
                           error=type(refused[index]).__name__)
         return True
 
+    def _when_written(self, batch: list[_Pending]
+                      ) -> Callable[[dict[int, Exception]], None] | None:
+        """For the writer thread, between write and fsync: acknowledges the records whose
+        callers wait for the write only (`durable=False`)."""
+        shown = [i for i, (_, future, durable) in enumerate(batch)
+                 if future is not None and not durable]
+        if not shown:
+            return None
+        loop = asyncio.get_running_loop()
+
+        def written(refused: dict[int, Exception]) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(_settle, batch, shown, refused)
+
+        return written
+
     def _fail(self, batch: list[_Pending], cause: BaseException) -> None:
-        """Callers waiting for a failed commit get `AuditUnavailable`; records nobody waits
-        for are kept for the next commit, in their order."""
-        self._retained = [item for item in batch if item[1] is None] + self._retained
-        _reject([item for item in batch if item[1] is not None], cause)
+        """Callers waiting for a failed commit get `AuditUnavailable`. Records already
+        acknowledged as written (their fsync failed, so the write was cut back) are kept for
+        the next commit, in their order, as are records kept from an earlier failure."""
+        kept = [(record, None, False) for record, future, durable in batch
+                if future is None or (not durable and _acknowledged(future))]
+        self._retained = kept + self._retained
+        _reject(batch, cause)
 
     async def _in_worker(self, func: Callable[..., _T], *args: Any) -> _T:
         return await self._worker.run(func, *args)
@@ -308,11 +318,16 @@ class AuditLog:
 
     # -- worker-thread side (and open() at start-up) -----------------------------------------
 
-    def _write_batch(self, records: list[dict[str, Any]]) -> dict[int, Exception]:
-        """Chain `records` onto the last durable one, write them at once and fsync; returns
-        the records that cannot be encoded (by index), which are left out of the chain."""
+    def _write_batch(self, records: list[dict[str, Any]],
+                     written: Callable[[dict[int, Exception]], None] | None = None
+                     ) -> dict[int, Exception]:
+        """Chain `records` onto the last durable one, write them at once (then call
+        `written`) and fsync; returns the records that cannot be encoded (by index), which
+        are left out of the chain."""
         data, refused = self._chain(records)
         if not data:
+            if written is not None:
+                written(refused)
             return refused
         fd = self._writable_fd()
         if self._size and self._size + len(data) > self._max_bytes:
@@ -320,6 +335,8 @@ class AuditLog:
         with self._io_lock:  # see `halt()`
             try:
                 _write_all(fd, data)
+                if written is not None:
+                    written(refused)
                 if self._fsync:
                     os.fsync(fd)
                     self.fsyncs += 1
@@ -463,8 +480,25 @@ def seq_and_hash(records: list[dict[str, Any]], refused: Mapping[int, Exception]
     return last["seq"], last["hash"]
 
 
+def _settle(batch: list[_Pending], indexes: Iterable[int], refused: dict[int, Exception]
+            ) -> None:
+    """Resolves the futures at `indexes` not yet resolved: the record, or the encoder's error
+    for a record that is not JSON."""
+    for index in indexes:
+        record, future, _ = batch[index]
+        if future is not None and not future.done():
+            if index in refused:
+                future.set_exception(refused[index])
+            else:
+                future.set_result(record)
+
+
+def _acknowledged(future: asyncio.Future[dict[str, Any]]) -> bool:
+    return future.done() and not future.cancelled() and future.exception() is None
+
+
 def _reject(batch: list[_Pending], cause: BaseException) -> None:
-    for _, future in batch:
+    for _, future, _ in batch:
         if future is not None and not future.done():
             error = AuditUnavailable(_UNAVAILABLE)
             error.__cause__ = cause

@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from pathlib import Path
 from typing import Any
 
-from gateway.audit.log import AuditLog
+import structlog
+
+from gateway.audit.log import AuditLog, AuditOpenError, rotated_files
+from gateway.audit.recovery import unclosed
 from gateway.auth import Authenticator
 from gateway.breaker import CircuitBreaker
 from gateway.config.model import Config
-from gateway.deactivation import Deactivator
+from gateway.deactivation import Deactivator, close_left_open
 from gateway.errors import Overloaded
 from gateway.http.reload import ConfigChange, diff, live_config
 from gateway.kore.client import KoreClient
@@ -27,7 +31,12 @@ from gateway.ratelimit.memory import MemoryRateLimiter, RateLimiter, Unlimited, 
 from gateway.ratelimit.redis import RedisRateLimiter
 from gateway.validation import Validator
 
+log = structlog.get_logger(__name__)
+
 READY_CACHE_S = 1.0  # readiness probes are cheap but not free: reuse a verdict this long
+# Beyond a request's own deadline (upstream.timeout_s, or server.drain_s at shutdown): how
+# much older than a log's last record an open `requested` record may be (`audit.recovery`).
+RECOVERY_MARGIN_S = 60.0
 
 
 class Runtime:
@@ -63,6 +72,10 @@ class Runtime:
 
     async def start(self) -> None:
         self.audit.open()
+        await self.deactivator.close_left_open(
+            unclosed(self.audit.path, window_s=recovery_window_s(self.config)))
+        if self.worker == 0:
+            await close_orphans(self.config, self.workers)
         await self.client.start()
         await self.limiter.start()
         self._publisher = asyncio.create_task(self.metrics.publish_every())
@@ -134,6 +147,43 @@ def audit_path(config: Config, worker: int, workers: int) -> str:
         return config.audit.path
     path = Path(config.audit.path)
     return str(path.with_name(f"{path.stem}-w{worker}{path.suffix}"))
+
+
+def recovery_window_s(config: Config) -> float:
+    return config.upstream.timeout_s + config.server.drain_s + RECOVERY_MARGIN_S
+
+
+def orphan_paths(config: Config, workers: int) -> list[Path]:
+    """Audit files of this config that no worker of this run writes: another worker count
+    ran before (`name.jsonl` with one worker, `name-w{n}.jsonl` with several)."""
+    base = Path(config.audit.path)
+    ours = {Path(audit_path(config, n, workers)) for n in range(workers)}
+    per_worker = re.compile(re.escape(base.stem) + r"-w\d+" + re.escape(base.suffix))
+    try:
+        siblings = [p for p in base.parent.iterdir() if per_worker.fullmatch(p.name)]
+    except OSError:
+        siblings = []
+    candidates = {base, *siblings} - ours
+    return sorted(p for p in candidates if rotated_files(p))
+
+
+async def close_orphans(config: Config, workers: int) -> None:
+    """Closes what a crash left open in the audit files no worker of this run writes."""
+    for path in orphan_paths(config, workers):
+        requested = unclosed(path, window_s=recovery_window_s(config))
+        if not requested:
+            continue
+        orphan = AuditLog(path, hash_user_ids=config.audit.hash_user_ids,
+                          max_bytes=config.audit.max_bytes, fsync=config.audit.fsync)
+        try:
+            orphan.open()
+        except AuditOpenError as exc:  # e.g. still held by a gateway that is running
+            log.warning("audit.orphan_not_closed", path=str(path), error=str(exc))
+            continue
+        try:
+            await close_left_open(orphan, requested)
+        finally:
+            await orphan.close()
 
 
 def make_limiter(config: Config, workers: int, metrics: Metrics | None = None) -> RateLimiter:

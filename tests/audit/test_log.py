@@ -251,39 +251,42 @@ class TestAppend:
         await log.close()  # closing twice is harmless
 
 
-class TestAppendNowait:
-    """Records nobody waits for: written in order by the next commit, kept over a failure."""
+class TestAppendWritten:
+    """`append(durable=False)`: acknowledged once written; the fsync follows in the same
+    commit, and a record whose fsync failed is written again by the next commit."""
 
-    async def test_returns_at_once_and_joins_the_next_commit(
-            self, log_path: Path, open_log: OpenLog) -> None:
+    async def test_acknowledged_before_the_fsync(
+            self, log_path: Path, open_log: OpenLog, monkeypatch: pytest.MonkeyPatch) -> None:
         log = open_log(log_path)
-        log.append_nowait(request(1, event="deactivate.completed"))
-        assert not log_path.read_bytes(), "not written yet: the caller did not wait"
-        await log.append(request(2))
+        gate = FsyncGate()
+        monkeypatch.setattr(os, "fsync", gate)
+        written = asyncio.create_task(log.append(request(1), durable=False))
+        durable = asyncio.create_task(log.append(request(2)))
+        await gate.wait_entered()  # the batch is written, its fsync is held
+        assert (await asyncio.wait_for(written, 5))["seq"] == 1
         assert [r["requestId"] for r in read_records(log_path)] == ["r-1", "r-2"]
+        assert not durable.done(), "a durable append still waits for the fsync"
+        gate.released.set()
+        assert (await durable)["seq"] == 2
         assert log.fsyncs == 1 and verify_files([log_path]).records == 2
 
-    async def test_written_without_a_later_append(self, log_path: Path,
-                                                  open_log: OpenLog) -> None:
-        log = open_log(log_path)
-        log.append_nowait(request(1))
-        for _ in range(200):
-            if log_path.read_bytes():
-                break
-            await asyncio.sleep(0.01)
-        [record] = read_records(log_path)
-        assert TS_RE.match(record["ts"]) and record["seq"] == 1
-
-    async def test_kept_over_a_failed_commit_and_written_by_the_next(
-            self, log_path: Path, open_log: OpenLog) -> None:
+    async def test_kept_over_a_failed_fsync_and_written_by_the_next_commit(
+            self, log_path: Path, open_log: OpenLog, monkeypatch: pytest.MonkeyPatch) -> None:
         log = open_log(log_path)
         await log.append(request(0))
-        break_in_full_device(log)
+        gate = FsyncGate(fail_first=True)
+        monkeypatch.setattr(os, "fsync", gate)
         with capture_logs():
-            log.append_nowait(request(1, event="deactivate.completed"))
-            with pytest.raises(AuditUnavailable):
-                await log.append(request(2))
-            assert await log.probe() is True  # the file is writable again: the kept one goes
+            written = asyncio.create_task(log.append(request(1), durable=False))
+            await gate.wait_entered()
+            assert (await asyncio.wait_for(written, 5))["requestId"] == "r-1"
+            gate.released.set()
+            for _ in range(200):  # the failed fsync cut the write back
+                if not log.healthy:
+                    break
+                await asyncio.sleep(0.01)
+            assert len(read_records(log_path)) == 1
+            assert await log.probe() is True  # writable again: the kept record goes
             for _ in range(200):
                 if len(read_records(log_path)) == 2:
                     break
@@ -292,24 +295,24 @@ class TestAppendNowait:
                                                                               ("r-1", 2)]
         assert verify_files([log_path]).ok
 
-    async def test_close_writes_what_is_queued(self, log_path: Path) -> None:
-        log = AuditLog(log_path)
-        log.open()
-        for i in range(5):
-            log.append_nowait(request(i))
-        await log.close()
-        assert verify_files([log_path]).records == 5
-        with pytest.raises(AuditUnavailable):
-            log.append_nowait(request(6))
-
-    async def test_an_unencodable_one_is_left_out_and_logged(
-            self, log_path: Path, open_log: OpenLog) -> None:
+    async def test_a_failed_write_fails_the_caller(self, log_path: Path,
+                                                   open_log: OpenLog) -> None:
         log = open_log(log_path)
-        with capture_logs() as logs:
-            log.append_nowait(request(1, userId="\ud800"))
-            await log.append(request(2))
+        await log.append(request(0))
+        break_in_full_device(log)
+        with capture_logs(), pytest.raises(AuditUnavailable):
+            await log.append(request(1), durable=False)
+        assert await log.probe() is True
+        await log.append(request(2))
+        assert [r["requestId"] for r in read_records(log_path)] == ["r-0", "r-2"]
+
+    async def test_an_unencodable_one_fails_alone(self, log_path: Path,
+                                                  open_log: OpenLog) -> None:
+        log = open_log(log_path)
+        results = await asyncio.gather(log.append(request(1, userId="\ud800"), durable=False),
+                                       log.append(request(2)), return_exceptions=True)
+        assert isinstance(results[0], ValueError)
         assert [r["requestId"] for r in read_records(log_path)] == ["r-2"]
-        assert [e["event"] for e in logs] == ["audit.record_not_encodable"]
 
 
 class TestGroupCommit:
