@@ -145,7 +145,7 @@ async def test_sigkill_of_two_workers_rotating_is_closed_by_the_restart(
     sandbox.faults.latency_ms = 15
     port = free_port()
     settings = merge(base_settings(tmp_path, sandbox.url),
-                     {"server": {"listen": f"127.0.0.1:{port}"}, "audit": {"max_bytes": 4096}})
+                     {"server": {"listen": f"127.0.0.1:{port}"}, "audit": {"max_bytes": 1024}})
     config_path = write_config(tmp_path, settings)
     audit = Path(settings["audit"]["path"])
     chains = [audit.with_name(f"deactivations-w{n}.jsonl") for n in (0, 1)]
@@ -184,4 +184,4 @@ async def test_sigkill_of_two_workers_rotating_is_closed_by_the_restart(
         assert report.ok, report.error
         unknown += assert_every_request_closed_once(chain_records(chain))
     assert unknown, "requests in flight at the kill were closed as unknown"
-    assert verify_files(rotated_files(audit)).ok and len(read_records(audit)) == 6
+    assert verify_files(rotated_files(audit)).ok and len(chain_records(audit)) == 6
