@@ -175,8 +175,8 @@ class AuditLog:
         future.add_done_callback(_retrieve)  # a cancelled caller must not leave it unretrieved
         self._pending.append((prepared, future, durable))
         self._flush_soon()
-        # Shielded: a caller that stops waiting does not unmake a record already in a batch.
-        return await asyncio.shield(future)
+        # A caller that stops waiting cancels only its future: the record stays in its batch.
+        return await future
 
     def _flush_soon(self) -> None:
         if self._flusher is None:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -37,6 +37,7 @@ from gateway.errors import (
 from gateway.http.connection import handler_options
 from gateway.http.openapi import document as openapi_document
 from gateway.http.runtime import Runtime
+from gateway.jsoncodec import compact
 from gateway.logs import access
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.metrics import Metrics
@@ -71,7 +72,7 @@ def authorization_of(request: web.Request) -> str | None:
 
 def request_id_of(request: web.Request) -> str:
     given = request.headers.get("X-Request-ID", "")
-    return given if REQUEST_ID_PATTERN.fullmatch(given) else uuid.uuid4().hex
+    return given if REQUEST_ID_PATTERN.fullmatch(given) else os.urandom(16).hex()
 
 
 @web.middleware
@@ -149,8 +150,11 @@ async def read_json(request: web.Request, limit: int, timeout_s: float) -> Any:
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"the body is larger than {limit} bytes")
     try:
-        async with asyncio.timeout(timeout_s):
+        if request.content.is_eof():  # the whole body came with the head: nothing to wait for
             raw = await request.read()
+        else:
+            async with asyncio.timeout(timeout_s):
+                raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(f"the body is larger than {limit} bytes") from None
     except TimeoutError:
@@ -224,8 +228,17 @@ async def deactivate_simplified(request: web.Request) -> web.Response:
     async with InFlight(rt, ask):
         caller, d = await _admitted(request, ask, rt.validator.simplified)
         await rt.deactivator.deactivate(ask, caller, d)
-    return web.json_response({"success": True, "botId": d.bot_id, "userId": d.user_id,
-                              "channel": d.channel, "requestId": ask.request_id})
+    return json_answer({"success": True, "botId": d.bot_id, "userId": d.user_id,
+                        "channel": d.channel, "requestId": ask.request_id})
+
+
+JSON_TYPE = {"Content-Type": "application/json; charset=utf-8"}
+
+
+def json_answer(body: Any, status: int = 200) -> web.Response:
+    """A JSON answer encoded by orjson (`jsoncodec.compact`: the standard library's bytes
+    where orjson's could differ), with json_response's content type."""
+    return web.Response(body=compact(body), status=status, headers=JSON_TYPE)
 
 
 async def deactivate_kore(request: web.Request) -> web.Response:

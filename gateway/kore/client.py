@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 import aiohttp
+import orjson
 import structlog
 from yarl import URL
 
@@ -277,6 +278,10 @@ async def read_bounded(stream: aiohttp.StreamReader, limit: int) -> bytes:
 
 def _decode(raw: bytes) -> Any:
     try:
-        return json.loads(raw)
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        return json.loads(raw)  # what orjson refuses and JSON allows (integers past 64 bits)
     except ValueError:
         return raw.decode("utf-8", "replace")
