@@ -2,8 +2,9 @@
 → upstream → audit(completed). Every ask ends with exactly one terminal audit record.
 
 The `requested` record is durable before the call goes upstream. The `completed` record of a
-call that went upstream is written before the answer, and made durable by the fsync of its
-group commit right after (contract §3: the answer need not wait for it); a restart closes
+call that went upstream is written before the answer when the audit log is idle, or queued
+for the commit under way, and made durable by its group commit's fsync after the answer
+(contract §3: the answer need not wait for it; `AuditLog.append(durable=False)`); a restart closes
 every `requested` record a crash left without its terminal one with `"outcome": "unknown"`
 (`close_left_open`). Refusals (`deactivate.denied`) are durable before the answer. Knows nothing of aiohttp: `app.py` parses the request into an `Ask` and
 renders the result.
@@ -132,7 +133,7 @@ class Deactivator:
         return body
 
     async def _complete(self, ask: Ask, status: int, error: GatewayError | None) -> None:
-        """The terminal record, written (not yet fsynced) before the answer goes out."""
+        """The terminal record: the answer does not wait for its fsync."""
         ask.settled = True
         record = {"event": "deactivate.completed", **ask.subject(), "app": ask.app,
                   **_result(ask, status, error, ask.trace)}

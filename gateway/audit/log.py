@@ -158,9 +158,12 @@ class AuditLog:
         """Write `record` and return it as written, once it is durable (fsynced).
 
         With `durable=False`, return once it is written, before the fsync of its group
-        commit: if that fsync fails, the record is kept and written again by the next commit
-        (a later append, a successful `probe()`, or `close()`), so it is only lost with the
-        process (and a restart closes what it left open, `audit.recovery`).
+        commit, when the log's thread is idle; while a commit is in progress, return at once
+        (the record goes into the next commit: the caller never waits behind another batch's
+        fsync). If its write or fsync fails after that, the record is kept and written again
+        by the next commit (a later append, a successful `probe()`, or `close()`), so it is
+        only lost with the process (and a restart closes what it left open,
+        `audit.recovery`).
 
         Raises `AuditUnavailable` when it cannot be written (nothing of it stays in the file),
         and `ValueError`/`TypeError` for a record that cannot be encoded as JSON (it alone is
@@ -171,6 +174,9 @@ class AuditLog:
         if self._closed:
             raise AuditUnavailable(_UNAVAILABLE)
         prepared = self._prepare(record)
+        if not durable and self._flusher is not None:  # a commit is under way
+            self._pending.append((prepared, None, False))
+            return prepared
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         future.add_done_callback(_retrieve)  # a cancelled caller must not leave it unretrieved
         self._pending.append((prepared, future, durable))

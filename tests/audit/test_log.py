@@ -295,6 +295,24 @@ class TestAppendWritten:
                                                                               ("r-1", 2)]
         assert verify_files([log_path]).ok
 
+    async def test_never_waits_behind_another_batchs_fsync(
+            self, log_path: Path, open_log: OpenLog, monkeypatch: pytest.MonkeyPatch) -> None:
+        log = open_log(log_path)
+        gate = FsyncGate()
+        monkeypatch.setattr(os, "fsync", gate)
+        durable = asyncio.create_task(log.append(request(1)))
+        await gate.wait_entered()  # a commit is under way, held in its fsync
+        queued = await asyncio.wait_for(log.append(request(2), durable=False), 5)
+        assert queued["requestId"] == "r-2" and [r["requestId"] for r in
+                                                 read_records(log_path)] == ["r-1"]
+        gate.released.set()
+        await durable
+        for _ in range(200):  # the next commit takes it
+            if len(read_records(log_path)) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert verify_files([log_path]).records == 2
+
     async def test_a_failed_write_fails_the_caller(self, log_path: Path,
                                                    open_log: OpenLog) -> None:
         log = open_log(log_path)
