@@ -81,6 +81,9 @@ class ServerConfig:
     client_timeout_s: float = 15.0  # a client must deliver its request within this time
     max_header_bytes: int = 8190  # one header line / field, aiohttp's parser limit
     max_headers: int = 64
+    # "" = off; else HOST:PORT serving /metrics, /healthz, /readyz and /openapi.json (no
+    # deactivation route, no key); /metrics then leaves the `listen` address.
+    admin_listen: str = ""
 
     @property
     def host(self) -> str:
@@ -89,6 +92,14 @@ class ServerConfig:
     @property
     def port(self) -> int:
         return split_listen(self.listen)[1]
+
+    @property
+    def admin_host(self) -> str:
+        return split_listen(self.admin_listen)[0]
+
+    @property
+    def admin_port(self) -> int:
+        return split_listen(self.admin_listen)[1]
 
 
 @dataclass(frozen=True, slots=True)
