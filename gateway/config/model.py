@@ -136,10 +136,17 @@ class RateLimitConfig:
     redis_timeout_s: float = 0.25
 
 
+DEFAULT_LOG_FILE_MAX_BYTES = 10_485_760
+
+
 @dataclass(frozen=True, slots=True)
 class LoggingConfig:
     level: str = "info"
     format: str = "auto"  # "json", "console" or "auto" (console on a terminal)
+    # "" = stderr only; else every line also goes to this file (JSON), for a log shipper to
+    # tail; with --workers N, worker n writes `{stem}-w{n}{suffix}` beside it.
+    file: str = ""
+    file_max_bytes: int = DEFAULT_LOG_FILE_MAX_BYTES  # then renamed to `<file>.1`, one kept
 
 
 @dataclass(frozen=True, slots=True)

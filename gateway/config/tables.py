@@ -212,7 +212,11 @@ def _logging(t: Table) -> LoggingConfig:
     cfg = LoggingConfig(
         level=t.choice("level", d.level, ("debug", "info", "warning", "error")),
         format=t.choice("format", d.format, ("auto", "json", "console")),
+        file=t.path("file", d.file) or "",
+        file_max_bytes=t.number("file_max_bytes", d.file_max_bytes, low=4096, integer=True),
     )
+    if cfg.file and cfg.format == "console":
+        t.fail("file", 'the log file is JSON lines: use format = "json" or "auto" with it')
     t.finish()
     return cfg
 

@@ -37,6 +37,7 @@ from gateway.http.connection import GatewayRunner
 from gateway.http.reload import Reloader
 from gateway.http.runtime import Runtime
 from gateway.http.supervisor import HangupRelay, Supervisor, worker_signals
+from gateway.logs import LogFile, LogFileError, configure, worker_file
 from gateway.metrics import in_worker, multiprocess_dir
 
 log = structlog.get_logger(__name__)
@@ -164,13 +165,24 @@ def serve(config: Config, workers: int = 1, *, watch_s: float | None = None) -> 
         return Supervisor(start, workers, relay).run()
 
 
+def open_log_file(config: Config, worker: int | None = None) -> LogFile | None:
+    """The `logging.file` of this process: the path itself for a single process or the
+    supervisor, `{stem}-w{n}{suffix}` for worker n. Raises LogFileError."""
+    if not config.logging.file:
+        return None
+    path = config.logging.file if worker is None else worker_file(config.logging.file, worker)
+    return LogFile(path, config.logging.file_max_bytes)
+
+
 def _worker_main(config: Config, worker: int, workers: int, watch_s: float | None,
                  relay: HangupRelay, restarts: int = 0) -> None:
-    from gateway.logs import configure
-
     worker_signals()
     in_worker()
-    configure(config.logging.level, config.logging.format)
+    try:
+        configure(config.logging.level, config.logging.format, open_log_file(config, worker))
+    except LogFileError as exc:
+        print(f"configuration error:\n{config.source}: logging.file: {exc}", file=sys.stderr)
+        sys.exit(2)
     structlog.contextvars.bind_contextvars(worker=worker)
     try:
         code = event_loop.run(run_worker(config, worker=worker, workers=workers,

@@ -201,6 +201,11 @@ CONFIG_ERRORS: list[tuple[str, Change, str, str]] = [
     ("backend-unknown", _set("rate_limit.backend", "etcd"), "rate_limit.backend",
      'must be one of "memory", "redis"'),
     ("log-level-unknown", _set("logging.level", "trace"), "logging.level", "must be one of"),
+    ("log-file-with-console-format", _both(_set("logging.file", "log/gateway.jsonl"),
+                                           _set("logging.format", "console")),
+     "logging.file", 'use format = "json" or "auto"'),
+    ("log-file-max-bytes-tiny", _set("logging.file_max_bytes", 100), "logging.file_max_bytes",
+     "at least 4096"),
     # auth = "none" only on loopback
     ("auth-none-on-any-v4", _both(_set("server.auth", "none"), _set("server.listen", "0.0.0.0:8080")),
      "server.auth", "only on a loopback listen address, not 0.0.0.0"),
@@ -467,6 +472,12 @@ class TestDefaultsAndPaths:
         config = load(tmp_path, settings, env={"KORE_PEM": pem})
         assert config.apps[0].private_key == Secret(pem.strip()) or \
             config.apps[0].private_key == Secret(pem)
+
+    def test_log_file_resolved_against_config_dir(self, tmp_path: Path) -> None:
+        config = load(tmp_path, merge(base_settings(tmp_path),
+                                      {"logging": {"file": "log/gateway.jsonl"}}))
+        assert config.logging.file == str(tmp_path.resolve() / "log" / "gateway.jsonl")
+        assert config.logging.file_max_bytes == 10_485_760
 
     def test_ca_file_resolved_against_config_dir(self, tmp_path: Path) -> None:
         (tmp_path / "ca.pem").write_text("ca", encoding="utf-8")

@@ -84,7 +84,8 @@ async def test_sigkilled_worker_is_replaced_under_load(sandbox: Any, tmp_path: P
     sandbox.faults.latency_ms = 5
     settings = merge(base_settings(tmp_path, sandbox.url), {
         "server": {"listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0"},
-        "rate_limit": {"enabled": False}, "logging": {"format": "json"}})
+        "rate_limit": {"enabled": False},
+        "logging": {"format": "json", "file": str(tmp_path / "log" / "gateway.jsonl")}})
     audit = Path(settings["audit"]["path"])
     served = Served(write_config(tmp_path, settings), tmp_path / "gateway.log", WORKERS)
     try:
@@ -128,6 +129,13 @@ async def test_sigkilled_worker_is_replaced_under_load(sandbox: Any, tmp_path: P
     for n in range(WORKERS):
         code, out = await audit_verify(worker_file(audit, n))
         assert code == 0, out
+    # logging.file: the supervisor's lines in the file itself, each worker's in its own, the
+    # replacement appending to its predecessor's.
+    logs = {p.name: read_records(p) for p in (tmp_path / "log").iterdir()}
+    assert set(logs) == {"gateway.jsonl", "gateway-w0.jsonl", "gateway-w1.jsonl"}
+    assert {"worker.died", "worker.restarted"} <= {e["event"] for e in logs["gateway.jsonl"]}
+    assert [e["pid"] for e in logs["gateway-w1.jsonl"] if e["event"] == "gateway.listening"] \
+        == [victim["pid"], restarted["pid"]]
     seqs = [r["seq"] for r in read_records(victim_file)]
     assert seqs == list(range(1, len(seqs) + 1))  # one chain across both processes
     before = [r for r in read_records(victim_file) if wall(r) <= killed_at]
