@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -456,7 +457,6 @@ class TestSchemas:
     def test_every_object_is_valid(self, path: Path, version: str) -> None:
         """Strict: an unknown or misspelt field fails too. ServiceMonitor is a CRD, outside
         the API's schemas: TestScraping checks it against the Service and the pods."""
-        kubernetes_validate = pytest.importorskip("kubernetes_validate")
         checked = 0
         for doc in documents(path):
             if doc["kind"] == "ServiceMonitor":
@@ -466,7 +466,6 @@ class TestSchemas:
         assert checked
 
     def test_a_misspelt_field_is_caught(self, example: Example) -> None:
-        kubernetes_validate = pytest.importorskip("kubernetes_validate")
         broken = json.loads(json.dumps(example.deployment))
         broken["spec"]["template"]["spec"]["initContainers"][1]["readinesProbe"] = {}
         with pytest.raises(kubernetes_validate.ValidationError):
