@@ -12,11 +12,13 @@ from typing import Any
 
 from gateway import __version__
 from gateway.config.model import Config
+from gateway.validation import CHANNEL_PATTERN
 
 OPENAPI_VERSION = "3.1.0"
 JSON = "application/json"
 EXAMPLE_ID = "6f1c2a9e0b7d4c3fa5e8d2b1c0a99f17"
 EXAMPLE_BOT = "st-1234"
+CHANNEL_RULE = f"^{CHANNEL_PATTERN.pattern}$"
 
 # Every error code of the contract, with the status it comes with and an example message.
 ERRORS: dict[str, tuple[str, str]] = {
@@ -104,7 +106,10 @@ def _simple(secured: bool) -> dict[str, Any]:
         parameters=[_ref("parameters", "BotId"), _ref("parameters", "XRequestId")],
         body=_body("DeactivateRequest", {
             "user": {"value": {"userId": "jane@example.com"}},
-            "user and channel": {"value": {"userId": "u-1001", "channel": "rtm"}}}),
+            "user and channel": {"value": {"userId": "u-1001", "channel": "rtm"}},
+            "IVR voice channel": {"value": {"userId": "u-1001", "channel": "ivrVoice"}},
+            "webhook instance": {"value": {
+                "userId": "u-1001", "channel": "ivrInst-6ad846f2-75b0-55a1-8029-aab86de09817"}}}),
         responses={
             "200": _ok("Kore.ai closed the session.", "DeactivateResponse"),
             **_errors(secured, "invalid_request", "upstream_rejected", "unauthenticated",
@@ -275,8 +280,11 @@ def _anchored(pattern: str) -> str:
 
 
 def _input_schemas(config: Config) -> dict[str, Any]:
-    channel = {"type": "string", "pattern": "^[a-z0-9_]{1,32}$",
-               "description": "Optional: leave the key out for no channel (null is refused)."}
+    channel = {"type": "string", "pattern": CHANNEL_RULE,
+               "description": "Kore.ai's channel type as Kore.ai spells it (rtm, msteams, "
+                              "ivrVoice…) or a webhook instance ID (ivrInst-…), sent upstream "
+                              "unchanged. Optional: leave the key out for no channel (null is "
+                              "refused)."}
     user_id = {"type": "string", "minLength": 1, "maxLength": 256,
                "not": {"pattern": "[\\u0000-\\u001F\\u007F-\\u009F]"},
                "description": "1–256 characters, no control characters (Cc), no lone "
@@ -313,7 +321,7 @@ def _output_schemas() -> dict[str, Any]:
         "DeactivateResponse": _closed({
             "success": {"const": True}, "botId": _ref("schemas", "BotId"),
             "userId": _ref("schemas", "UserId"),
-            "channel": {"type": ["string", "null"], "pattern": "^[a-z0-9_]{1,32}$",
+            "channel": {"type": ["string", "null"], "pattern": CHANNEL_RULE,
                         "description": "The channel given, null when none was."},
             "requestId": _ref("schemas", "RequestId")},
             ["success", "botId", "userId", "channel", "requestId"]),
