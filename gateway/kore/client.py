@@ -16,14 +16,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import aiohttp
 import structlog
 from yarl import URL
 
 from gateway import jsoncodec
-from gateway.config.model import KoreApp, UpstreamConfig
+from gateway.config.model import KoreApp, UpstreamConfig, upstream_host
 from gateway.errors import (
     RateLimited,
     UpstreamAuthFailed,
@@ -122,7 +122,7 @@ class KoreClient:
         self.limiter = limiter
         self._rng = rng
         self._session: aiohttp.ClientSession | None = None
-        self.host = urlsplit(config.base_url).netloc
+        self.host = upstream_host(config.base_url)  # never with user:password@
 
     async def start(self) -> None:
         secure = self.config.base_url.startswith("https:")

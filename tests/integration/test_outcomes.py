@@ -200,8 +200,11 @@ class TestUpstreamAuth:
         assert resp.status == 200, await resp.text()
         rid = request_id(resp)
         refused, served = sandbox.calls
-        first = expect_upstream_call(refused, bot_id=BOT, user_id="u-1", request_id=rid)
-        second = expect_upstream_call(served, bot_id=BOT, user_id="u-1", request_id=rid)
+        # a jti app's tokens live 120 s by default: each serves one attempt
+        first = expect_upstream_call(refused, bot_id=BOT, user_id="u-1", request_id=rid,
+                                     ttl_s=120)
+        second = expect_upstream_call(served, bot_id=BOT, user_id="u-1", request_id=rid,
+                                      ttl_s=120)
         assert refused.headers["auth"] != served.headers["auth"]
         assert first["jti"] != second["jti"]
         audit.expect(requested(rid), completed(rid, outcome="success", status=200,
