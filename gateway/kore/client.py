@@ -199,7 +199,9 @@ class KoreClient:
         if 200 <= status < 300:
             if isinstance(body, dict) and body.get("success") is True:
                 return None
-            return UpstreamUnavailable(f"Kore.ai answered {status} without success: true")
+            # Not retried: Kore.ai took the call and may well have closed the session.
+            return UpstreamUnavailable(f"Kore.ai answered {status} without success: true",
+                                       upstream_status=status)
         if status in (400, 404):
             return UpstreamRejected(f"Kore.ai rejected the call ({status}): {message}".rstrip(": "),
                                     upstream_status=status, upstream_body=body)

@@ -69,7 +69,7 @@ CLIENT_HEADERS = {"host", "content-length", "user-agent", "accept", "accept-enco
 CONTRACT_HEADERS = {"auth", "content-type", "x-request-id"}
 NO_FAULTS = {"latency_ms": 0, "error_status": 500, "error_rate": 0, "fail_first": 0,
              "rate_429": 0, "retry_after_s": 1, "drop_rate": 0, "reject_token_next": 0,
-             "limits": []}
+             "limits": [], "odd_success": "", "echo_token": False}
 
 # Credentials: each secret is a distinctive string so that a leak anywhere is found.
 SECRET_SESSIONS = "sec-sessions-" + secrets.token_hex(12)
