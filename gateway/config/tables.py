@@ -284,7 +284,8 @@ def config_warnings(config: Config) -> list[ConfigWarning]:
             found.append(ConfigWarning(f"apps[{i}].token_ttl_s", (
                 f"{app.token_ttl_s} s is within {JTI_TTL_MARGIN_S} s of Kore.ai's "
                 f"{MAX_JTI_TTL_S} s cap for tokens with a jti; Kore.ai measures exp on its "
-                "own clock, so a clock a little ahead of the gateway's refuses every token "
+                "own clock, so a Kore.ai clock slightly behind the gateway's refuses every "
+                "token "
                 f"(use less than {MAX_JTI_TTL_S - JTI_TTL_MARGIN_S}, or leave it unset for "
                 f"{DEFAULT_JTI_TOKEN_TTL_S})")))
     return found

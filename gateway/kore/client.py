@@ -206,16 +206,21 @@ class KoreClient:
             return UpstreamRejected(f"Kore.ai rejected the call ({status}): {message}".rstrip(": "),
                                     upstream_status=status, upstream_body=body)
         if status in (401, 403):
-            return UpstreamAuthFailed(
-                f"Kore.ai refused the gateway's credentials ({status}) after a fresh token; "
-                "check the app's client ID, secret and Bot Sessions scope",
-                upstream_status=status)
+            return UpstreamAuthFailed(self._auth_failed_message(status, message),
+                                      upstream_status=status)
         if status == 429:
             retry = answer.retry_after_s
             return UpstreamRateLimited(
                 "Kore.ai's rate limit for this bot is reached", upstream_status=status,
                 retry_after_s=retry if retry is not None else 1.0)
         return UpstreamUnavailable(f"Kore.ai answered {status}", upstream_status=status)
+
+    def _auth_failed_message(self, status: int, message: str) -> str:
+        """Names the host, and the step most often missed: publishing the scope."""
+        said = f" (Kore.ai said: {message})" if message else ""
+        return (f"Kore.ai at {self.host} refused the gateway's credentials ({status}) after a "
+                "fresh token; check the app's client ID and secret, and that the Bot Sessions "
+                f"scope is assigned to the app and published in Kore.ai{said}")
 
     async def _before_retry(self, error: UpstreamError, counted: int, deadline: float,
                             request_id: str) -> None:

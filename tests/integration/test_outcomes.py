@@ -231,6 +231,9 @@ class TestUpstreamAuth:
         set_faults(sandbox, **faults)
         resp = await gateway.post(URL, json=BODY, headers=AUTH)
         error = await expect_error(resp, 502, "upstream_auth_failed")
+        host = sandbox.url.removeprefix("http://")
+        assert f"Kore.ai at {host} refused" in error["message"]  # names the host
+        assert "Bot Sessions scope is assigned to the app and published" in error["message"]
         rid = error["requestId"]
         calls = expect_calls(sandbox, 2, rid)  # the first try and one re-mint, no more
         assert [c.status for c in calls] == [status, status]
