@@ -33,6 +33,7 @@ from gateway.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from gateway.kore.scrub import scrub
 from gateway.kore.tokens import TokenCache
 from gateway.metrics import Metrics
 from gateway.ratelimit.memory import RateLimiter
@@ -171,7 +172,8 @@ class KoreClient:
                     # Our token was refused: drop it and try once with a fresh one.
                     self.tokens.drop(app, token)
                     reminted, error = True, None
-                    log.warning("upstream.token_rejected", app=app.name, status=answer.status)
+                    log.warning("upstream.token_rejected", app=app.name, status=answer.status,
+                                kore_message=kore_message(answer.body))
                     continue
                 judged = self._judge(answer)
                 if judged is None:
@@ -258,7 +260,7 @@ class KoreClient:
                                          allow_redirects=False) as resp:
                 raw = await read_bounded(resp.content, MAX_ANSWER_BYTES)
                 self._metrics.upstream_attempt(resp.status, time.monotonic() - started)
-                return Answer(resp.status, _decode(raw),
+                return Answer(resp.status, decode_answer(raw),
                               parse_retry_after(resp.headers.get("Retry-After")))
         except TimeoutError:
             self._metrics.upstream_attempt("timeout", time.monotonic() - started)
@@ -282,8 +284,10 @@ async def read_bounded(stream: aiohttp.StreamReader, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _decode(raw: bytes) -> Any:
+def decode_answer(raw: bytes) -> Any:
+    """Kore.ai's answer as JSON (else text), scrubbed of anything shaped like a JWT first."""
+    text = scrub(raw.decode("utf-8", "replace"))
     try:
-        return json.loads(raw)
-    except ValueError:
-        return raw.decode("utf-8", "replace")
+        return json.loads(text)
+    except (ValueError, RecursionError):  # not JSON, or nested past what json can read
+        return text
