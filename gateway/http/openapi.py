@@ -222,7 +222,7 @@ def _metrics_response() -> dict[str, Any]:
               '# TYPE kore_gateway_requests_total counter\n'
               'kore_gateway_requests_total{caller="crm-service",route="/v1/bots/{botId}/'
               'sessions/deactivate",status="200"} 42.0\n')
-    return {"description": "Every `kore_gateway_*` metric (see the README's Metrics section).",
+    return {"description": "Every `kore_gateway_*` metric (see docs/operations.md, Metrics).",
             "headers": _headers("200"),
             "content": {"text/plain": {"schema": {"type": "string"},
                                        "examples": {"excerpt": {"value": sample}}}}}
