@@ -1,4 +1,4 @@
-"""The gateway contract (`spec/gateway-contract.md`), checked line by line from the outside.
+"""The gateway contract (`docs/api.md`), checked line by line from the outside.
 
 Everything here talks to the product as an operator and its callers would: `python -m gateway
 serve` and `python -m gateway sandbox` run as subprocesses on loopback ports, requests are plain
