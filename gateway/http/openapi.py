@@ -106,7 +106,10 @@ def _simple(secured: bool) -> dict[str, Any]:
         parameters=[_ref("parameters", "BotId"), _ref("parameters", "XRequestId")],
         body=_body("DeactivateRequest", {
             "user": {"value": {"userId": "jane@example.com"}},
-            "user and channel": {"value": {"userId": "u-1001", "channel": "rtm"}}}),
+            "user and channel": {"value": {"userId": "u-1001", "channel": "rtm"}},
+            "IVR voice channel": {"value": {"userId": "u-1001", "channel": "ivrVoice"}},
+            "webhook instance": {"value": {
+                "userId": "u-1001", "channel": "ivrInst-6ad846f2-75b0-55a1-8029-aab86de09817"}}}),
         responses={
             "200": _ok("Kore.ai closed the session.", "DeactivateResponse"),
             **_errors(secured, "invalid_request", "upstream_rejected", "unauthenticated",
@@ -280,7 +283,10 @@ def _anchored(pattern: str) -> str:
 
 def _input_schemas(config: Config) -> dict[str, Any]:
     channel = {"type": "string", "pattern": CHANNEL,
-               "description": "Optional: leave the key out for no channel (null is refused)."}
+               "description": "Kore.ai's channel type as Kore.ai spells it (rtm, msteams, "
+                              "ivrVoice…) or a webhook instance ID (ivrInst-…), sent upstream "
+                              "unchanged. Optional: leave the key out for no channel (null is "
+                              "refused)."}
     user_id = {"type": "string", "minLength": 1, "maxLength": 256,
                "not": {"pattern": "[\\u0000-\\u001F\\u007F-\\u009F]"},
                "description": "1–256 characters, no control characters (Cc), no lone "

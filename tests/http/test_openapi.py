@@ -153,13 +153,18 @@ BODY_CASES = [
     ({"userId": "a\nb"}, False),
     ({"userId": 7}, False),
     ({"channel": "rtm"}, False),
-    ({"userId": "u-1", "channel": "RTM"}, False),
-    ({"userId": "u-1", "channel": "c" * 33}, False),
+    ({"userId": "u-1", "channel": "ivrVoice"}, True),
+    ({"userId": "u-1", "channel": "ivrInst-6ad846f2-75b0-55a1-8029-aab86de09817"}, True),
+    ({"userId": "u-1", "channel": "c" * 64}, True),
+    ({"userId": "u-1", "channel": "c" * 65}, False),
+    ({"userId": "u-1", "channel": "ms.teams"}, False),
     ({"userId": "u-1", "extra": 1}, False),
     ([{"userId": "u-1"}], False),
 ]
 BODY_IDS = ["plain", "channel", "null-channel", "256-chars", "257-chars", "empty-user",
-            "c1-control", "newline", "number", "no-user", "upper-channel", "long-channel",
+            "c1-control", "newline", "number", "no-user", "camel-case-channel",
+            "webhook-instance-channel", "64-char-channel", "65-char-channel",
+            "dotted-channel",
             "unknown-field", "not-object"]
 
 
