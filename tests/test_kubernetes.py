@@ -418,7 +418,9 @@ class TestPod:
         assert example.gateway["args"][0] == "serve"
 
     def test_grace_period_covers_the_drain(self, example: Example, config: Config) -> None:
-        assert example.pod["terminationGracePeriodSeconds"] > config.server.drain_s
+        """The gateway drains, then the shipper (stopped after it) flushes its last lines."""
+        grace = int(dict(example.shipper_conf)["SERVICE"]["grace"][0])
+        assert example.pod["terminationGracePeriodSeconds"] > config.server.drain_s + grace
 
     def test_no_service_account_token(self, example: Example) -> None:
         assert example.pod["automountServiceAccountToken"] is False
