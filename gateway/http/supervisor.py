@@ -149,8 +149,12 @@ class Supervisor:
     def _launch(self, slot: Slot) -> None:
         slot.restart_at = None
         self._relay.starting(slot.number)
-        with _signals_blocked():  # the child resets the handlers it inherits before unblocking
-            slot.proc = self._start(slot.number, slot.restarts)
+        try:
+            with _signals_blocked():  # the child resets the handlers it inherits first
+                slot.proc = self._start(slot.number, slot.restarts)
+        except OSError as exc:  # fork refused (EAGAIN, ENOMEM): a death like any other
+            self._died(slot, None, 1, f"not started: {exc.strerror or exc}")
+            return
         if slot.restarts:
             log.info("worker.restarted", worker=slot.number, pid=slot.proc.pid,
                      restarts=slot.restarts)
@@ -166,14 +170,13 @@ class Supervisor:
         if self._stopping:
             self._codes.append(code)
             return
-        self._died(slot, proc.pid, code)
+        self._died(slot, proc.pid, code, describe_exit(code))
 
-    def _died(self, slot: Slot, pid: int | None, code: int) -> None:
+    def _died(self, slot: Slot, pid: int | None, code: int, cause: str) -> None:
         now = self._clock()
         slot.deaths.append(now)
         while slot.deaths and slot.deaths[0] < now - DEATH_WINDOW_S:
             slot.deaths.popleft()
-        cause = describe_exit(code)
         if len(slot.deaths) > MAX_DEATHS:
             self._crash_loop(slot, cause, code)
             return

@@ -169,3 +169,22 @@ class TestSignals:
         finally:
             timer.cancel()
         assert signal.getsignal(signal.SIGTERM) is before
+
+
+class TestStartFailures:
+    def test_a_refused_fork_counts_as_a_death_and_is_retried(self) -> None:
+        """A worker that cannot even be started (fork refused) is retried with the backoff,
+        and a slot that never starts ends in the crash loop, not in a traceback."""
+        tries: list[int] = []
+
+        def refuse(slot: int, restarts: int) -> BaseProcess:
+            tries.append(restarts)
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+
+        with capture_logs() as logs:
+            code = Supervisor(refuse, 1, HangupRelay(CTX, 1)).run()
+        assert code == 1
+        assert tries == list(range(MAX_DEATHS + 1))
+        died = [e for e in logs if e["event"] == "worker.died"]
+        assert died[0]["cause"] == "not started: Resource temporarily unavailable"
+        assert died[0]["pid"] is None
