@@ -24,6 +24,7 @@ class Faults:
     reject_token_next: int = 0  # counts down as it fires
     limits: list[tuple[int, float]] = field(default_factory=list)  # per bot: (calls, per_s)
     seed: int | None = None
+    bots: list[str] = field(default_factory=list)  # botId globs the faults fire for; [] = all
 
 
 class FaultError(Exception):
@@ -71,6 +72,12 @@ def parse_limit(item: Any) -> tuple[int, float]:
     return integer_in(1, 10**9)(calls), number_in(0.001)(per_s)
 
 
+def _globs(value: Any) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(g, str) and g for g in value):
+        raise TypeError("must be a list of non-empty botId globs")
+    return list(value)
+
+
 def _limits(value: Any) -> list[tuple[int, float]]:
     if not isinstance(value, list):
         raise TypeError("must be a list of limits")
@@ -89,6 +96,7 @@ FAULT_CHECKS: dict[str, Callable[[Any], Any]] = {
     "reject_token_next": integer_in(0, 10**9),
     "limits": _limits,
     "seed": _seed,
+    "bots": _globs,
 }
 
 
