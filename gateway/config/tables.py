@@ -105,6 +105,9 @@ def _upstream(t: Table) -> UpstreamConfig:
         backoff_max_s=t.number("backoff_max_s", d.backoff_max_s, low=0),
         breaker_failures=t.number("breaker_failures", d.breaker_failures, low=1, integer=True),
         breaker_cooldown_s=t.number("breaker_cooldown_s", d.breaker_cooldown_s, low=0),
+        breaker_host_bots=t.number("breaker_host_bots", d.breaker_host_bots, low=2,
+                                   integer=True),
+        breaker_window_s=t.number("breaker_window_s", d.breaker_window_s, low=0.1),
         max_connections=t.number("max_connections", d.max_connections, low=1, integer=True),
     )
     _check_base_url(t, up)

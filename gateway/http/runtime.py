@@ -50,6 +50,8 @@ class Runtime:
         self.breaker = CircuitBreaker(self.client.host,
                                       failures=config.upstream.breaker_failures,
                                       cooldown_s=config.upstream.breaker_cooldown_s,
+                                      host_bots=config.upstream.breaker_host_bots,
+                                      window_s=config.upstream.breaker_window_s,
                                       metrics=self.metrics)
         self.deactivator = Deactivator(audit=self.audit, tokens=self.tokens,
                                        limiter=self.limiter, client=self.client,
