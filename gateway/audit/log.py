@@ -382,7 +382,8 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def _encode(record: Mapping[str, Any]) -> bytes:
-    return jsoncodec.compact_line(record)
+    """One line for every reader: see `jsoncodec.one_line` (the hash covers parsed values)."""
+    return jsoncodec.one_line(jsoncodec.compact_line(record))
 
 
 def _with_user_id_hashed(body: dict[str, Any]) -> dict[str, Any]:
