@@ -115,6 +115,8 @@ class AuditConfig:
     hash_user_ids: bool = False
     max_bytes: int = 104857600
     fsync: bool = True
+    chain_key: Secret | None = None  # HMAC chain key, from chain_key_env or chain_key_file
+    anchor_every_s: float = 60.0  # log an audit.anchor line this often (and at shutdown)
 
 
 @dataclass(frozen=True, slots=True)

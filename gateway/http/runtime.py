@@ -8,11 +8,13 @@ readiness verdict. Turning HTTP into calls on it is `app.py`'s.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from pathlib import Path
 from typing import Any
 
-from gateway.audit.log import AuditLog
+from gateway.audit.anchors import Anchors
+from gateway.audit.log import AuditLog, ChainKey
 from gateway.auth import Authenticator
 from gateway.breaker import CircuitBreaker
 from gateway.config.model import Config
@@ -42,7 +44,9 @@ class Runtime:
         self.audit = AuditLog(audit_path(config, worker, workers),
                               hash_user_ids=config.audit.hash_user_ids,
                               max_bytes=config.audit.max_bytes, fsync=config.audit.fsync,
-                              metrics=self.metrics)
+                              metrics=self.metrics, chain_key=chain_key(config))
+        self.anchors = Anchors(self.audit, config.audit.anchor_every_s,
+                               logging.getLevelNamesMapping()[config.logging.level.upper()])
         self.tokens = TokenCache(config.apps, metrics=self.metrics)
         self.limiter = make_limiter(config, workers, self.metrics)
         self.client = KoreClient(config.upstream, self.tokens, self.limiter,
@@ -65,12 +69,15 @@ class Runtime:
         self.audit.open()
         await self.client.start()
         await self.limiter.start()
+        self.anchors.start()
 
     async def close(self) -> None:
         await self.client.close()
         await self.tokens.aclose()
         await self.limiter.aclose()
+        await self.anchors.stop()
         await self.audit.close()
+        await self.anchors.emit()  # the last anchor covers every record written
 
     def reload(self, new: Config) -> ConfigChange:
         """Takes new callers and apps (secrets included) in one step; other settings stay.
@@ -120,6 +127,11 @@ class Runtime:
         detail = {"status": "ready" if ok else "not_ready", "checks": checks,
                   "circuit": self.breaker.detail(), "rateLimit": self.limiter.detail()}
         return ok, detail
+
+
+def chain_key(config: Config) -> ChainKey | None:
+    key = config.audit.chain_key
+    return None if key is None else ChainKey(key.reveal().encode("utf-8"))
 
 
 def audit_path(config: Config, worker: int, workers: int) -> str:
