@@ -86,6 +86,10 @@ class Metrics:
             "kore_gateway_ratelimit_redis_fallback", "1 while the Redis rate-limit backend is "
             "unreachable and a local share of the budget is used, else 0 (worst worker).",
             multiprocess_mode="livemax", registry=r)
+        self._reload_failed = Gauge(
+            "kgw_config_reload_failed", "1 while the last config reload failed (the running "
+            "config is kept, whole), 0 after a good one (worst worker).",
+            multiprocess_mode="livemax", registry=r)
         # Label children are looked up once and kept: a request pays a dict lookup, no lock.
         self._children: dict[tuple[Any, ...], Any] = {}
 
@@ -140,6 +144,9 @@ class Metrics:
 
     def circuit_open_bots(self, count: int) -> None:
         self._open_bots.set(count)
+
+    def config_reload_failed(self, failed: bool) -> None:
+        self._reload_failed.set(1 if failed else 0)
 
     def ratelimit_redis_fallback(self, active: bool) -> None:
         self._redis_fallback.set(1 if active else 0)

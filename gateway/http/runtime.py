@@ -20,7 +20,7 @@ from gateway.breaker import CircuitBreaker
 from gateway.config.model import Config
 from gateway.deactivation import Deactivator
 from gateway.errors import Overloaded
-from gateway.http.reload import ConfigChange, diff, live_config
+from gateway.http.reload import ConfigChange, ReloadStatus, diff, live_config
 from gateway.kore.client import KoreClient
 from gateway.kore.tokens import TokenCache
 from gateway.metrics import Metrics
@@ -60,6 +60,7 @@ class Runtime:
         self.deactivator = Deactivator(audit=self.audit, tokens=self.tokens,
                                        limiter=self.limiter, client=self.client,
                                        breaker=self.breaker, timeout_s=config.upstream.timeout_s)
+        self.reload_status = ReloadStatus(self.metrics)
         self.in_flight = 0
         self.tasks: set[asyncio.Task[Any] | None] = set()  # handlers of in-flight requests
         self.draining = False
@@ -125,7 +126,8 @@ class Runtime:
         checks = self._ready[1]
         ok = bool(checks["audit"] and checks["token"] and not self.draining)
         detail = {"status": "ready" if ok else "not_ready", "checks": checks,
-                  "circuit": self.breaker.detail(), "rateLimit": self.limiter.detail()}
+                  "circuit": self.breaker.detail(), "rateLimit": self.limiter.detail(),
+                  "configReload": self.reload_status.detail()}
         return ok, detail
 
 
