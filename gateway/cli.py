@@ -234,8 +234,8 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     checked = f", {report.anchors} anchor(s) agree" if anchors else ""
     if report.unchecked:
         print(f"UNCHECKED: {report.unchecked} of {report.records} record(s) are HMAC-chained "
-              f"and no key was given: their hashes were not checked (seq and links are "
-              f"intact{checked}); give --key-env or --key-file", file=sys.stderr)
+              f"and no key was given, so their hashes cannot be checked (the seq order and "
+              f"the prev links hold{checked}); give --key-env or --key-file", file=sys.stderr)
         return 3
     keyed = " (HMAC checked)" if keys else ""
     print(f"OK: {report.records} record(s) in {report.files} file(s), chain intact{keyed}"
