@@ -20,7 +20,8 @@ from gateway.audit.log import AuditOpenError, ChainKey, verify_files
 from gateway.auth import hash_key, new_key
 from gateway.bulk.cli import add_arguments as add_bulk_arguments
 from gateway.config.loader import load_config
-from gateway.config.model import Config, ConfigError, Secret
+from gateway.config.model import Config, ConfigError, Secret, upstream_host
+from gateway.config.tables import config_warnings
 from gateway.http.reload import DEFAULT_WATCH_S, MAX_WATCH_S, MIN_WATCH_S
 from gateway.http.server import ListenError
 
@@ -214,7 +215,9 @@ def cmd_hash_key(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = resolve_config(args.config)
     print(f"{config.source}: OK ({len(config.apps)} app(s), {len(config.callers)} caller(s), "
-          f"listen {config.server.listen}, upstream {config.upstream.base_url})")
+          f"listen {config.server.listen}, upstream {upstream_host(config.upstream.base_url)})")
+    for warning in config_warnings(config):
+        print(f"warning: {config.source}: {warning}", file=sys.stderr)
     return 0
 
 
