@@ -70,13 +70,34 @@ def keyed(record: Mapping[str, Any]) -> bool:
     return record.get(CHAIN_FIELD) == HMAC_CHAIN
 
 
-def continues(first: Mapping[str, Any], last: Mapping[str, Any], key: ChainKey | None) -> bool:
+def mark(record: dict[str, Any], first_keyed: bool) -> None:
+    """Gives `record` ``chain`` (before ``prev`` and ``hash``) when it starts a keyed file, and
+    takes it away otherwise; in place, so that the writer's caller gets the record written."""
+    if first_keyed == (CHAIN_FIELD in record):
+        return
+    record.pop(CHAIN_FIELD, None)
+    prev, digest = record.pop("prev"), record.pop("hash")
+    if first_keyed:
+        record[CHAIN_FIELD] = HMAC_CHAIN
+    record["prev"], record["hash"] = prev, digest
+
+
+def continues(first_line: bytes, last_line: bytes, key: ChainKey | None) -> bool:
     """True when records written with `key` (or none) may go on in the file whose first and
-    last records these are: the same mode, and for a keyed file the same key."""
+    last lines these are: the same mode, and for a keyed file the same key."""
+    first, last = _loaded(first_line), _loaded(last_line)
     if key is None or not keyed(first):
         return key is None and not keyed(first)
     prev, digest = last.get("prev"), last.get("hash")
     return isinstance(prev, str) and digest == chain_hash(prev, canonical(last), key)
+
+
+def _loaded(line: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import hashlib
-import json
 import os
 import threading
 import time
@@ -48,6 +47,7 @@ from gateway.audit.chain import (
     canonical,
     chain_hash,
     continues,
+    mark,
     verify_files,
 )
 from gateway.audit.files import (
@@ -308,7 +308,7 @@ class AuditLog:
 
     def _chain(self, records: list[dict[str, Any]], *, first_in_file: bool) -> bytes:
         seq, prev = self._seq, self._prev
-        _mark(records[0], self._key is not None and first_in_file)
+        mark(records[0], self._key is not None and first_in_file)
         for record in records:
             seq += 1
             record["seq"], record["prev"] = seq, prev
@@ -319,8 +319,7 @@ class AuditLog:
         """At open: whether the current file's mode (plain, or keyed with this key) is ours."""
         assert self._fd is not None
         first, (_, last) = first_line(self._fd), tail(self._fd, self._size)
-        if first is not None and last is not None and continues(
-                _json(first), _json(last), self._key):
+        if first is not None and last is not None and continues(first, last, self._key):
             return True
         log.warning("audit.chain_changed", path=str(self._path),
                     chain=HMAC_CHAIN if self._key is not None else "sha256",
@@ -424,26 +423,6 @@ def _write_all(fd: int, data: bytes) -> None:
 def _encode(record: Mapping[str, Any]) -> bytes:
     """One line for every reader: see `jsoncodec.one_line` (the hash covers parsed values)."""
     return jsoncodec.one_line(jsoncodec.compact_line(record))
-
-
-def _mark(record: dict[str, Any], keyed: bool) -> None:
-    """Gives `record` ``chain`` (before ``prev`` and ``hash``) when it starts a keyed file,
-    in place: the caller gets back the very record written."""
-    if keyed == (CHAIN_FIELD in record):
-        return
-    record.pop(CHAIN_FIELD, None)
-    prev, digest = record.pop("prev"), record.pop("hash")
-    if keyed:
-        record[CHAIN_FIELD] = HMAC_CHAIN
-    record["prev"], record["hash"] = prev, digest
-
-
-def _json(line: bytes) -> dict[str, Any]:
-    try:
-        value = json.loads(line)
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 def _with_user_id_hashed(body: dict[str, Any]) -> dict[str, Any]:

@@ -187,12 +187,14 @@ class TestKeyChanges:
         assert error.startswith(f"{files[1]}:1: a plain (unkeyed) file after a keyed one")
 
     def test_continues_needs_the_same_mode_and_key(self) -> None:
-        first = {"seq": 1, CHAIN_FIELD: HMAC_CHAIN, "prev": ZERO_HASH}
-        first["hash"] = chain_hash(ZERO_HASH, canonical(first), KEY)
+        record = {"seq": 1, CHAIN_FIELD: HMAC_CHAIN, "prev": ZERO_HASH}
+        record["hash"] = chain_hash(ZERO_HASH, canonical(record), KEY)
+        first = json.dumps(record).encode()
         assert continues(first, first, KEY)
         assert not continues(first, first, OTHER) and not continues(first, first, None)
-        plain = {"seq": 1, "prev": ZERO_HASH, "hash": "0" * 64}
+        plain = json.dumps({"seq": 1, "prev": ZERO_HASH, "hash": "0" * 64}).encode()
         assert continues(plain, plain, None) and not continues(plain, plain, KEY)
+        assert continues(b"not json", plain, None)  # unreadable: treated as plain
 
 
 class TestRewrite:
