@@ -3,6 +3,8 @@
 #   docker build -t kore-session-gateway .
 #   docker build --build-arg BASE_IMAGE=registry.internal/python:3.12-slim \
 #                --build-arg PIP_INDEX_URL=https://pypi.internal/simple -t kore-session-gateway .
+#   docker build --build-arg BASE_IMAGE=python:3.11-slim@sha256:<digest> -t kore-session-gateway .
+#                (the base image pinned by digest, for reproducible production builds)
 #   docker run --read-only --stop-timeout 30 -v kore-gateway-audit:/var/lib/kore-gateway \
 #              -v $PWD/gateway.toml:/etc/kore-gateway/gateway.toml:ro kore-session-gateway
 #

@@ -123,8 +123,10 @@ class UpstreamConfig:
     ca_file: str | None = None
     backoff_base_s: float = 0.1  # exponential backoff with full jitter between attempts
     backoff_max_s: float = 2.0
-    breaker_failures: int = 20  # failed requests in a row (after retries) that open the circuit
+    breaker_failures: int = 20  # failed requests to one bot in a row that open its circuit
     breaker_cooldown_s: float = 5.0
+    breaker_host_bots: int = 5  # distinct failing bots, no success between: the host's opens
+    breaker_window_s: float = 60.0  # … when they failed within this window
     max_connections: int = 100
 
 
@@ -134,6 +136,8 @@ class AuditConfig:
     hash_user_ids: bool = False
     max_bytes: int = 104857600
     fsync: bool = True
+    chain_key: Secret | None = None  # HMAC chain key, from chain_key_env or chain_key_file
+    anchor_every_s: float = 60.0  # log an audit.anchor line this often (and at shutdown)
 
 
 @dataclass(frozen=True, slots=True)

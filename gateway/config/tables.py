@@ -7,6 +7,7 @@ Turns the parsed TOML of one file into a `Config`, every key read through `toml_
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,6 +36,7 @@ from gateway.config.model import (
     KoreApp,
     LoggingConfig,
     RateLimitConfig,
+    Secret,
     ServerConfig,
     UpstreamConfig,
     is_loopback,
@@ -133,6 +135,9 @@ def _upstream(t: Table) -> UpstreamConfig:
         backoff_max_s=t.number("backoff_max_s", d.backoff_max_s, low=0),
         breaker_failures=t.number("breaker_failures", d.breaker_failures, low=1, integer=True),
         breaker_cooldown_s=t.number("breaker_cooldown_s", d.breaker_cooldown_s, low=0),
+        breaker_host_bots=t.number("breaker_host_bots", d.breaker_host_bots, low=2,
+                                   integer=True),
+        breaker_window_s=t.number("breaker_window_s", d.breaker_window_s, low=0.1),
         max_connections=t.number("max_connections", d.max_connections, low=1, integer=True),
     )
     _check_base_url(t, up)
@@ -174,16 +179,47 @@ def _valid_port(parts: SplitResult) -> bool:
 
 def _audit(t: Table) -> AuditConfig:
     d = AuditConfig()
+    path = t.path("path", d.path) or ""
     audit = AuditConfig(
-        path=t.path("path", d.path) or "",
+        path=path,
         hash_user_ids=t.get("hash_user_ids", bool, d.hash_user_ids),
         max_bytes=t.number("max_bytes", d.max_bytes, low=1024, integer=True),
         fsync=t.get("fsync", bool, d.fsync),
+        chain_key=_chain_key(t, Path(path).parent if path else None),
+        anchor_every_s=t.number("anchor_every_s", d.anchor_every_s, low=0.05),
     )
     if not audit.path:
         t.fail("path", "must not be empty")
     t.finish()
     return audit
+
+
+def _chain_key(t: Table, audit_dir: Path | None) -> Secret | None:
+    """From chain_key_env or chain_key_file ("" = not set); never from the config file itself,
+    and never from a file in the audit directory: whoever can rewrite the log must not have it."""
+    if "chain_key" in t.data:
+        t.data.pop("chain_key")
+        t.fail("chain_key", "give chain_key_env or chain_key_file: the key is never written "
+               "in the config")
+    env = t.get("chain_key_env", str, "")
+    file = t.get("chain_key_file", str, "")
+    if env and file:
+        t.fail("chain_key_env", "give only one of chain_key_env, chain_key_file")
+        return None
+    if file and audit_dir is not None and _inside(t.base_dir / file, audit_dir):
+        t.fail("chain_key_file", f"{t.base_dir / file} is in the audit directory "
+               f"{audit_dir}: keep the key off the audit volume")
+        return None
+    if env:
+        return t.read_secret("chain_key_env", env)
+    return t.read_secret("chain_key_file", file) if file else None
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    """As written and with symlinks resolved: a link in the directory is in it too."""
+    named = Path(os.path.abspath(path))
+    return any(p.is_relative_to(d) for p in (named, path.resolve())
+               for d in (Path(os.path.abspath(directory)), directory.resolve()))
 
 
 def _rate_limit(t: Table) -> RateLimitConfig:

@@ -372,8 +372,20 @@ def _output_schemas() -> dict[str, Any]:
                                           ("config", "audit", "token", "draining")}},
                 "circuit": {"type": "object", "properties": {
                     "host": {"type": "string"},
-                    "state": {"enum": ["closed", "open", "half_open"]},
-                    "consecutiveFailures": {"type": "integer", "minimum": 0}}}}},
+                    "state": {"enum": ["closed", "open", "half_open"],
+                              "description": "The host-wide circuit (every bot)."},
+                    "consecutiveFailures": {"type": "integer", "minimum": 0},
+                    "failingBots": {"type": "integer", "minimum": 0},
+                    "openBots": {"type": "integer", "minimum": 0,
+                                 "description": "Bots whose own circuit is not closed."},
+                    "openBotIds": {"type": "array", "items": {"type": "string"},
+                                   "maxItems": 20}}},
+                "configReload": {"type": "object", "required": ["ok"], "properties": {
+                    "ok": {"type": "boolean"}, "error": {"type": "string"},
+                    "keys": {"type": "array", "items": {"type": "string"}},
+                    "failedAt": {"type": "string"}, "kept": {"type": "string"}},
+                    "description": "The last config reload; while it failed the whole "
+                                   "running config is kept."}}},
     }
 
 

@@ -83,6 +83,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"repeatable (default {DEFAULT_SESSION_PATH})",
     )
     parser.add_argument("--seed", type=_arg(FAULT_CHECKS["seed"]), help="seed of the fault dice")
+    parser.add_argument(
+        "--fault-bot",
+        dest="bots",
+        action="append",
+        metavar="GLOB",
+        help="faults fire only for botIds matching GLOB, repeatable (default: every bot)",
+    )
 
 
 def sandbox_from_args(args: argparse.Namespace, apps: Sequence[SandboxApp]) -> KoreSandbox:

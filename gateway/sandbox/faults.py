@@ -26,6 +26,7 @@ class Faults:
     seed: int | None = None
     odd_success: str = ""  # a call Kore.ai accepts is answered with an ODD_SUCCESS body instead
     echo_token: bool = False  # error answers quote the `auth` JWT they were sent
+    bots: list[str] = field(default_factory=list)  # botId globs the faults fire for; [] = all
 
 
 # Answers a gateway must not take for `{"success": true}`: an empty 200, a 204 and a string.
@@ -89,6 +90,12 @@ def parse_limit(item: Any) -> tuple[int, float]:
     return integer_in(1, 10**9)(calls), number_in(0.001)(per_s)
 
 
+def _globs(value: Any) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(g, str) and g for g in value):
+        raise TypeError("must be a list of non-empty botId globs")
+    return list(value)
+
+
 def _limits(value: Any) -> list[tuple[int, float]]:
     if not isinstance(value, list):
         raise TypeError("must be a list of limits")
@@ -107,6 +114,7 @@ FAULT_CHECKS: dict[str, Callable[[Any], Any]] = {
     "reject_token_next": integer_in(0, 10**9),
     "limits": _limits,
     "seed": _seed,
+    "bots": _globs,
     "odd_success": _odd_success,
     "echo_token": _flag,
 }

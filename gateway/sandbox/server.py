@@ -14,7 +14,8 @@ A call to a session path is handled in this order:
 2. any method but `PUT` → 405;
 3. faults, in order: drop (connection closed, no answer) · latency · `reject_token_next` (401) ·
    `fail_first`, then `error_rate` (`error_status`) · `rate_429` (429 + Retry-After) ·
-   per-bot `limits` (sliding windows on `clock`; 429 + the honest Retry-After);
+   per-bot `limits` (sliding windows on `clock`; 429 + the honest Retry-After); all of them
+   only for the botIds matching a `bots` glob, when `bots` is given;
 4. JWT from the `auth` header → 401 (`jwt.py`: Kore.ai's "Invalid SDK credentials" / code 4002
    for no token, an unknown `appId` or a bad signature; its jti messages);
 5. body (`application/json` object: `userId`, `status` = "inactive", `channel`) → 400;
@@ -251,6 +252,8 @@ class KoreSandbox:
 
     async def _apply_faults(self, request: web.Request, call: RecordedCall) -> None:
         faults = self._faults
+        if faults.bots and not any(fnmatchcase(call.bot_id or "", g) for g in faults.bots):
+            return
         if self._roll(faults.drop_rate):
             self._finish(call, NOT_ANSWERED)
             _drop(request)

@@ -502,10 +502,24 @@ class TestControlRoutes:
         assert sandbox.faults.limits == [(1, 60.0)]
         assert [(await put(client, mint(clock))).status for _ in range(2)] == [200, 429]
 
+    async def test_faults_fire_only_for_the_bots_named(
+        self, client: Client, sandbox: KoreSandbox, clock: FakeClock
+    ) -> None:
+        resp = await client.put("/__sandbox/faults",
+                                json={"error_rate": 1, "error_status": 503, "bots": ["st-bad*"]})
+        assert resp.status == 200
+        bad = "/api/public/bot/st-bad-1/session"
+        assert (await put(client, mint(clock), path=bad)).status == 503
+        assert (await put(client, mint(clock))).status == 200  # st-demo: untouched
+        await client.put("/__sandbox/faults", json={"bots": []})
+        assert (await put(client, mint(clock))).status == 503  # [] = every bot
+
     @pytest.mark.parametrize(
         ("patch", "field"),
         [
             ({"latency": 5}, "latency"),
+            ({"bots": "st-*"}, "bots"),
+            ({"bots": [""]}, "bots"),
             ({"error_rate": 2}, "error_rate"),
             ({"error_status": 200}, "error_status"),
             ({"fail_first": 1.5}, "fail_first"),
@@ -515,8 +529,8 @@ class TestControlRoutes:
             ({"odd_success": "maybe"}, "odd_success"),
             ({"echo_token": "yes"}, "echo_token"),
         ],
-        ids=["unknown", "rate", "status", "fraction", "bool", "zero-calls", "not-list",
-             "odd-success", "echo-token"],
+        ids=["unknown", "bots-not-list", "bots-empty-glob", "rate", "status", "fraction", "bool",
+             "zero-calls", "not-list", "odd-success", "echo-token"],
     )
     async def test_bad_faults_are_400_and_change_nothing(
         self, client: Client, sandbox: KoreSandbox, patch: dict[str, Any], field: str
@@ -579,12 +593,14 @@ class TestCommandLine:
             *("--listen", "[::1]:0", "--enforce-jti", "--error-rate", "0.25"),
             *("--limit", "600/60", "--limit", "18000/3600", "--known-bot", "st-a*"),
             *("--session-path", "/api/public/{botId}/sessions", "--seed", "3"),
+            *("--fault-bot", "st-bad-*"),
             *("--odd-success", "no_content", "--echo-token"),
         )
         sandbox = sandbox_from_args(args, apps)
         assert args.listen == "[::1]:0"
         assert sandbox.faults == Faults(error_rate=0.25, limits=[(600, 60), (18000, 3600)], seed=3,
-                                        odd_success="no_content", echo_token=True)
+                                        odd_success="no_content", echo_token=True,
+                                        bots=["st-bad-*"])
 
     @pytest.mark.parametrize(
         "argv",

@@ -94,6 +94,6 @@ class TestShownAsHostPort:
         [started] = [e for e in logs if e["event"] == "gateway.started"]
         assert started["upstream"] == "127.0.0.1:9"
         assert readyz["circuit"]["host"] == "127.0.0.1:9"
-        assert 'kore_gateway_circuit_state{host="127.0.0.1:9"}' in metrics
+        assert 'kore_gateway_circuit_state{bot="*",host="127.0.0.1:9"}' in metrics
         everything = repr(logs) + repr(readyz) + metrics
         assert PASSWORD not in everything and "kore-user" not in everything
