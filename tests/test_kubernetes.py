@@ -422,9 +422,6 @@ class TestPod:
         grace = int(dict(example.shipper_conf)["SERVICE"]["grace"][0])
         assert example.pod["terminationGracePeriodSeconds"] > config.server.drain_s + grace
 
-    def test_no_service_account_token(self, example: Example) -> None:
-        assert example.pod["automountServiceAccountToken"] is False
-
     def test_runs_as_the_images_user_on_a_read_only_root(self, example: Example) -> None:
         dockerfile = (REPO / "Dockerfile").read_text(encoding="utf-8")
         match = re.search(r"^USER (\d+):(\d+)$", dockerfile, re.MULTILINE)
