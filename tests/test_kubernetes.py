@@ -376,14 +376,17 @@ class TestShipper:
                     "pod": "my-service-1", "namespace": "default"}
                    for path in written for line in path.read_text("utf-8").splitlines()]
         records += records[3:5] + [{**records[0], "pod": "another-pod"}]
+        records += [{"log": json.dumps(anchor), "file": "/var/lib/kore-gateway/log/gateway.jsonl",
+                     "pod": "my-service-1", "namespace": "default"} for anchor in heads(written)]
         random.Random(7).shuffle(records)
         shipped = tmp_path / "shipped.jsonl"
         shipped.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-        done = run_verify_shipped(shipped, tmp_path / "out")
+        out = tmp_path / "out"
+        done = run_verify_shipped(shipped, out, "--anchors", str(out / "gateway.jsonl"))
         assert done.returncode == 0, done.stdout + done.stderr
-        assert sorted(p.name for p in (tmp_path / "out").glob("deactivations*")) == [
+        assert sorted(p.name for p in out.glob("deactivations*")) == [
             "deactivations-w0.jsonl", "deactivations-w1.jsonl", "deactivations.jsonl"]
-        assert done.stdout.count("chain intact") == 3
+        assert done.stdout.count("chain intact, 1 anchor(s) agree") == 3, done.stdout
         shipped.write_text("".join(json.dumps(r) + "\n" for r in records
                                    if r is not records[len(records) // 2]), encoding="utf-8")
         lost = run_verify_shipped(shipped, tmp_path / "out")
@@ -405,10 +408,23 @@ async def write_rotating_chains(config: Config, workers: tuple[int, ...]) -> lis
     return written
 
 
-def run_verify_shipped(shipped: Path, out: Path) -> subprocess.CompletedProcess[str]:
+def heads(files: list[Path]) -> list[dict[str, Any]]:
+    """The `audit.anchor` log line of each chain's last record, as the gateway logs it."""
+    last: dict[str, dict[str, Any]] = {}
+    for path in files:
+        for line in path.read_text("utf-8").splitlines():
+            record = json.loads(line)
+            name = re.sub(r"\.\d{6}\.jsonl$", ".jsonl", path.name)
+            last[name] = {"event": "audit.anchor", "level": "info", "seq": record["seq"],
+                          "file": f"/var/lib/kore-gateway/audit/{name}", "hash": record["hash"]}
+    return list(last.values())
+
+
+def run_verify_shipped(shipped: Path, out: Path, *options: str
+                       ) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "OUT": str(out),
            "KORE_GATEWAY": str(Path(sys.executable).parent / "kore-gateway")}
-    return subprocess.run(["bash", str(VERIFY_SHIPPED), str(shipped), "my-service-1"],
+    return subprocess.run(["bash", str(VERIFY_SHIPPED), str(shipped), "my-service-1", *options],
                           capture_output=True, text=True, timeout=120, env=env, check=False)
 
 

@@ -19,7 +19,6 @@ from prometheus_client.parser import text_string_to_metric_families
 OPERATIONS = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
 METRIC = re.compile(r"\b(?:kore_gateway|kgw)_[a-z0-9_]*[a-z0-9]")
 PENDING = frozenset({
-    "kgw_config_reload_failed",  # reload failures are loud
     "kore_gateway_ratelimit_paused_bots",  # learning Kore.ai's real limits
     "kore_gateway_ratelimit_learned_budget",
     "kore_gateway_audit_disk_free_bytes",  # keyless floods cannot fill the disk
