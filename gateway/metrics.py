@@ -86,6 +86,10 @@ class Metrics:
             "kore_gateway_ratelimit_redis_fallback", "1 while the Redis rate-limit backend is "
             "unreachable and a local share of the budget is used, else 0 (worst worker).",
             multiprocess_mode="livemax", registry=r)
+        self._worker_restarts = Counter(
+            "kgw_worker_restarts_total", "Workers of `serve --workers N` started again after "
+            "one died (crash, SIGKILL, OOM kill); each restarted worker counts itself.",
+            registry=r)
         self._reload_failed = Gauge(
             "kgw_config_reload_failed", "1 while the last config reload failed (the running "
             "config is kept, whole), 0 after a good one (worst worker).",
@@ -150,6 +154,9 @@ class Metrics:
 
     def ratelimit_redis_fallback(self, active: bool) -> None:
         self._redis_fallback.set(1 if active else 0)
+
+    def worker_restarted(self) -> None:
+        self._worker_restarts.inc()
 
     def render(self) -> bytes:
         """The Prometheus text format: this registry, or every worker's samples merged."""

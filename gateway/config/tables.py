@@ -92,11 +92,33 @@ def _server(t: Table) -> ServerConfig:
         max_header_bytes=t.number("max_header_bytes", d.max_header_bytes, low=256,
                                   integer=True),
         max_headers=t.number("max_headers", d.max_headers, low=8, integer=True),
+        admin_listen=_admin_listen(t, listen),
     )
     if server.auth == "none" and not is_loopback(server.host):
         t.fail("auth", f'"none" is allowed only on a loopback listen address, not {server.host}')
     t.finish()
     return server
+
+
+_ANY_HOST = frozenset({"0.0.0.0", "::", "*", ""})
+
+
+def _admin_listen(t: Table, listen: str) -> str:
+    """`server.admin_listen`: "" (off) or HOST:PORT, never the API's own address."""
+    admin: str = t.get("admin_listen", str, "")
+    if not admin:
+        return ""
+    try:
+        host, port = split_listen(admin)
+    except ValueError as exc:
+        t.fail("admin_listen", f'{exc} (e.g. "0.0.0.0:9091"), or "" for none')
+        return ""
+    api_host, api_port = split_listen(listen)
+    # Same port on the same or an overlapping (wildcard) address: the two would collide.
+    if port and port == api_port and (host == api_host or {host, api_host} & _ANY_HOST):
+        t.fail("admin_listen", f"must differ from server.listen ({listen}): use another port")
+        return ""
+    return admin
 
 
 def _upstream(t: Table) -> UpstreamConfig:
@@ -245,7 +267,11 @@ def _logging(t: Table) -> LoggingConfig:
     cfg = LoggingConfig(
         level=t.choice("level", d.level, ("debug", "info", "warning", "error")),
         format=t.choice("format", d.format, ("auto", "json", "console")),
+        file=t.path("file", d.file) or "",
+        file_max_bytes=t.number("file_max_bytes", d.file_max_bytes, low=4096, integer=True),
     )
+    if cfg.file and cfg.format == "console":
+        t.fail("file", 'the log file is JSON lines: use format = "json" or "auto" with it')
     t.finish()
     return cfg
 
