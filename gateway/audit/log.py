@@ -166,6 +166,17 @@ class AuditLog:
         # Shielded: a caller that stops waiting does not unmake a record already in a batch.
         return await asyncio.shield(future)
 
+    def disk_free(self) -> int | None:
+        """Bytes an unprivileged writer may still add on the log's volume; None if unknown.
+
+        `statvfs` of the directory needs no file descriptor, so it answers even when the
+        process has none left."""
+        try:
+            stats = os.statvfs(self._path.parent)
+        except OSError:
+            return None
+        return stats.f_bavail * stats.f_frsize
+
     async def probe(self) -> bool:
         """For readiness: when unhealthy, try to make the file writable again (no record)."""
         if self._closed or not self._opened:

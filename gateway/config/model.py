@@ -81,6 +81,11 @@ class ServerConfig:
     client_timeout_s: float = 15.0  # a client must deliver its request within this time
     max_header_bytes: int = 8190  # one header line / field, aiohttp's parser limit
     max_headers: int = 64
+    trusted_proxies: tuple[str, ...] = ()  # CIDRs of peers whose X-Forwarded-For is believed
+    max_connections: int = 4096  # open client connections per process; beyond it refused
+    max_connections_per_client: int = 256  # per client address (trusted proxies exempt)
+    keepalive_timeout_s: float = 75.0  # an idle kept-alive connection is closed after this
+    write_timeout_s: float = 30.0  # an answer the client does not read for this long: cut off
 
     @property
     def host(self) -> str:
@@ -113,6 +118,7 @@ class AuditConfig:
     hash_user_ids: bool = False
     max_bytes: int = 104857600
     fsync: bool = True
+    max_unauthenticated_per_s: int = 20  # keyless requests audited one by one; the rest summed
 
 
 @dataclass(frozen=True, slots=True)

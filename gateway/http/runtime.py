@@ -12,12 +12,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gateway.audit.keyless import UnauthenticatedAudit
 from gateway.audit.log import AuditLog
 from gateway.auth import Authenticator
 from gateway.breaker import CircuitBreaker
 from gateway.config.model import Config
 from gateway.deactivation import Deactivator
 from gateway.errors import Overloaded
+from gateway.http.forwarded import TrustedProxies
+from gateway.http.keyless import KeylessBudget
 from gateway.http.reload import ConfigChange, diff, live_config
 from gateway.kore.client import KoreClient
 from gateway.kore.tokens import TokenCache
@@ -27,6 +30,7 @@ from gateway.ratelimit.redis import RedisRateLimiter
 from gateway.validation import Validator
 
 READY_CACHE_S = 1.0  # readiness probes are cheap but not free: reuse a verdict this long
+MIN_KEYLESS_SHARE = 16  # keyless answers held back at once: at least this, or max_in_flight/10
 
 
 class Runtime:
@@ -43,6 +47,10 @@ class Runtime:
                               hash_user_ids=config.audit.hash_user_ids,
                               max_bytes=config.audit.max_bytes, fsync=config.audit.fsync,
                               metrics=self.metrics)
+        self.unauthenticated = UnauthenticatedAudit(
+            self.audit, config.audit.max_unauthenticated_per_s, metrics=self.metrics)
+        self.proxies = TrustedProxies(config.server.trusted_proxies)
+        self.keyless = KeylessBudget(max(MIN_KEYLESS_SHARE, config.server.max_in_flight // 10))
         self.tokens = TokenCache(config.apps, metrics=self.metrics)
         self.limiter = make_limiter(config, workers, self.metrics)
         self.client = KoreClient(config.upstream, self.tokens, self.limiter,
@@ -53,7 +61,8 @@ class Runtime:
                                       metrics=self.metrics)
         self.deactivator = Deactivator(audit=self.audit, tokens=self.tokens,
                                        limiter=self.limiter, client=self.client,
-                                       breaker=self.breaker, timeout_s=config.upstream.timeout_s)
+                                       breaker=self.breaker, timeout_s=config.upstream.timeout_s,
+                                       unauthenticated=self.unauthenticated)
         self.in_flight = 0
         self.tasks: set[asyncio.Task[Any] | None] = set()  # handlers of in-flight requests
         self.draining = False
@@ -68,6 +77,7 @@ class Runtime:
         await self.client.close()
         await self.tokens.aclose()
         await self.limiter.aclose()
+        await self.unauthenticated.aclose()
         await self.audit.close()
 
     def reload(self, new: Config) -> ConfigChange:
@@ -116,8 +126,16 @@ class Runtime:
         checks = self._ready[1]
         ok = bool(checks["audit"] and checks["token"] and not self.draining)
         detail = {"status": "ready" if ok else "not_ready", "checks": checks,
-                  "circuit": self.breaker.detail(), "rateLimit": self.limiter.detail()}
+                  "circuit": self.breaker.detail(), "rateLimit": self.limiter.detail(),
+                  "auditDiskFreeBytes": self.audit_disk_free()}
         return ok, detail
+
+    def audit_disk_free(self) -> int | None:
+        """Bytes free for us on the audit volume (also the metric); None when unknown."""
+        free = self.audit.disk_free()
+        if free is not None:
+            self.metrics.audit_disk_free(free)
+        return free
 
 
 def audit_path(config: Config, worker: int, workers: int) -> str:
