@@ -38,11 +38,13 @@ from gateway.http.connection import handler_options
 from gateway.http.forwarded import budget_key
 from gateway.http.openapi import document as openapi_document
 from gateway.http.runtime import Runtime
+from gateway.logs import Throttle, skip_note
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.metrics import Metrics
 from gateway.validation import Deactivation, parse_json
 
 log = structlog.get_logger(__name__)
+throttle = Throttle(per_s=20)
 
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
@@ -89,8 +91,11 @@ async def envelope_middleware(request: web.Request, handler: Handler) -> web.Str
             response.force_close()  # a half-read body, or clients should move to another instance
         route, caller, seconds = _route_of(request), request.get(CALLER), time.monotonic() - started
         runtime(request).metrics.request(route, response.status, caller, seconds)
-        log.info("request", method=request.method, route=route, status=response.status,
-                 caller=caller, duration_ms=round(seconds * 1000, 3))
+        # A keyless flood must not flood the log either: its lines are throttled.
+        skipped = 0 if response.status != 401 else throttle("request.unauthenticated")
+        if skipped is not None:
+            log.info("request", method=request.method, route=route, status=response.status,
+                     caller=caller, duration_ms=round(seconds * 1000, 3), **skip_note(skipped))
         return response
     finally:
         structlog.contextvars.unbind_contextvars("request_id")

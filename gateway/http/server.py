@@ -30,6 +30,7 @@ from gateway.config.model import Config, with_changes
 from gateway.http import loop as event_loop
 from gateway.http.app import RUNTIME, create_app
 from gateway.http.connection import GatewayRunner
+from gateway.http.gate import FD_RESERVED, fd_capped, raise_fd_limit
 from gateway.http.reload import Reloader
 from gateway.metrics import in_worker, multiprocess_dir, worker_exited
 
@@ -44,8 +45,12 @@ class ListenError(Exception):
 
 
 def make_runner(app: web.Application, config: Config) -> web.AppRunner:
-    """Header limits, keep-alive and slow-client timeouts from `[server]` (`connection.py`)."""
-    return GatewayRunner(app, config.server, handle_signals=False, shutdown_timeout=1.0)
+    """Header limits, connection limits, keep-alive and slow-client timeouts from `[server]`
+    (`connection.py`); `max_connections` within the file-descriptor limit (`gate.py`)."""
+    reserved = FD_RESERVED + config.upstream.max_connections
+    return GatewayRunner(app, config.server, handle_signals=False, shutdown_timeout=1.0,
+                         max_connections=fd_capped(config.server.max_connections, reserved),
+                         metrics=app[RUNTIME].metrics)
 
 
 async def run_worker(config: Config, *, worker: int = 0, workers: int = 1,
@@ -109,6 +114,7 @@ def _install_signals(stop: asyncio.Event, halt: Callable[[], bool], *,
 
 
 def serve(config: Config, workers: int = 1, *, watch_s: float | None = None) -> int:
+    raise_fd_limit()  # every client connection is a descriptor; workers inherit the limit
     with multiprocess_dir(workers):  # set before spawning: the workers share their metrics
         if workers <= 1:
             return event_loop.run(run_worker(config, watch_s=watch_s))
