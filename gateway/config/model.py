@@ -81,6 +81,7 @@ class ServerConfig:
     client_timeout_s: float = 15.0  # a client must deliver its request within this time
     max_header_bytes: int = 8190  # one header line / field, aiohttp's parser limit
     max_headers: int = 64
+    max_head_bytes: int = 16384  # a whole request head (line and headers); beyond it 431
     trusted_proxies: tuple[str, ...] = ()  # CIDRs of peers whose X-Forwarded-For is believed
     max_connections: int = 4096  # open client connections per process; beyond it refused
     max_connections_per_client: int = 256  # per client address (trusted proxies exempt)

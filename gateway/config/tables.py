@@ -85,6 +85,7 @@ def _server(t: Table) -> ServerConfig:
         max_header_bytes=t.number("max_header_bytes", d.max_header_bytes, low=256,
                                   integer=True),
         max_headers=t.number("max_headers", d.max_headers, low=8, integer=True),
+        max_head_bytes=t.number("max_head_bytes", d.max_head_bytes, low=1024, integer=True),
         trusted_proxies=_networks(t, "trusted_proxies"),
         max_connections=t.number("max_connections", d.max_connections, low=1, integer=True),
         max_connections_per_client=t.number("max_connections_per_client",
@@ -92,6 +93,8 @@ def _server(t: Table) -> ServerConfig:
         keepalive_timeout_s=t.number("keepalive_timeout_s", d.keepalive_timeout_s, low=0.1),
         write_timeout_s=t.number("write_timeout_s", d.write_timeout_s, low=0.1),
     )
+    if server.max_head_bytes < server.max_header_bytes:
+        t.fail("max_head_bytes", f"must be at least max_header_bytes ({server.max_header_bytes})")
     if server.auth == "none" and not is_loopback(server.host):
         t.fail("auth", f'"none" is allowed only on a loopback listen address, not {server.host}')
     t.finish()

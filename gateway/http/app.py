@@ -50,6 +50,7 @@ REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 RUNTIME = web.AppKey("runtime", Runtime)
+OPENAPI = web.AppKey("openapi", dict)  # {"config": built for, "body": its JSON bytes}
 REQUEST_ID = web.RequestKey("request_id", str)
 CALLER = web.RequestKey("caller", str)
 CLOSE = web.RequestKey("close", bool)  # close the connection after this answer
@@ -405,8 +406,12 @@ async def metrics_text(request: web.Request) -> web.Response:
 
 
 async def openapi_json(request: web.Request) -> web.Response:
-    return web.json_response(openapi_document(runtime(request).config),
-                             dumps=lambda doc: json.dumps(doc, ensure_ascii=False))
+    """Built once per config: it takes milliseconds, and anyone may ask for it."""
+    config, cache = runtime(request).config, request.app[OPENAPI]
+    if cache.get("config") is not config:
+        cache["body"] = json.dumps(openapi_document(config), ensure_ascii=False).encode()
+        cache["config"] = config
+    return web.Response(body=cache["body"], content_type="application/json", charset="utf-8")
 
 
 # --- assembly -------------------------------------------------------------------------------
@@ -417,6 +422,7 @@ def create_app(config: Config, *, worker: int = 0, workers: int = 1,
                           client_max_size=config.server.max_body_bytes,
                           handler_args=handler_options(config.server))
     app[RUNTIME] = Runtime(config, worker=worker, workers=workers, metrics=metrics)
+    app[OPENAPI] = {}
     app.cleanup_ctx.append(_lifecycle)
     app.router.add_post("/v1/bots/{botId}/sessions/deactivate", deactivate_simplified)
     app.router.add_post("/v1/sessions/deactivate", deactivate_batch)

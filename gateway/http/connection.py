@@ -8,7 +8,7 @@ after the connection opened), with a 408 in the contract's envelope. A slow *bod
 by `app.read_json`. Nothing here knows about deactivations.
 
 It also bounds what a connection may hold: how many connections are open (`gate.py`), a
-small send buffer, at most `MAX_PIPELINED` parsed requests waiting behind the one being
+small send buffer in the process, at most `MAX_PIPELINED` parsed requests waiting behind the one being
 served, and a write deadline (`server.write_timeout_s`): a client that stops reading its
 answers is cut off once the answer has not moved for that long. A request aiohttp's parser
 refuses (a malformed or over-long line or header) gets a 400 in the contract's envelope and
@@ -29,8 +29,11 @@ from typing import Any
 
 import structlog
 from aiohttp import web
+from aiohttp.helpers import DEFAULT_CHUNK_SIZE
+from aiohttp.http import HttpRequestParser, RawRequestMessage
 from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.streams import EMPTY_PAYLOAD
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 
 from gateway.config.model import ServerConfig
 from gateway.http.forwarded import TrustedProxies, budget_key, parse_address
@@ -42,9 +45,9 @@ log = structlog.get_logger(__name__)
 throttle = Throttle()  # one client can cause these lines; a flood of them must not flood the log
 
 LINGER_S = 2.0  # after an early answer (413, 408), unread body bytes are drained this long
-MAX_PIPELINED = 4  # parsed requests queued behind the one being served; then reading pauses
+MAX_PIPELINED = 1  # parsed requests queued behind the one being served; then reading pauses
 WRITE_HIGH_WATER = 16 * 1024  # bytes buffered in the process before writing counts as stuck
-SEND_BUFFER_BYTES = 64 * 1024  # the kernel's send buffer of a client socket (it doubles it)
+RECEIVE_BUFFER_BYTES = 16 * 1024  # the kernel's receive buffer of a client socket (doubled)
 
 
 def handler_options(server: ServerConfig) -> dict[str, Any]:
@@ -52,6 +55,17 @@ def handler_options(server: ServerConfig) -> dict[str, Any]:
     return {"max_line_size": server.max_header_bytes, "max_field_size": server.max_header_bytes,
             "max_headers": server.max_headers, "keepalive_timeout": server.keepalive_timeout_s,
             "lingering_time": LINGER_S}
+
+
+class HeadTooLarge(HttpProcessingError):
+    """A request head past `server.max_head_bytes`."""
+
+    code = 431
+
+
+def _head_size(message: RawRequestMessage) -> int:
+    return len(message.path) + sum(len(name) + len(value) + 4
+                                   for name, value in message.raw_headers)
 
 
 def raw_answer(status: int, reason: str, code: str, message: str, *,
@@ -83,9 +97,11 @@ def parse_error_response(exc: BaseException | None, status: int) -> web.Response
     """What a request aiohttp's parser refused gets: the envelope, none of the bytes sent."""
     code = exc.code if isinstance(exc, HttpProcessingError) and 400 <= exc.code < 500 else status
     kind = type(exc).__name__ if exc is not None else "error"
+    message = exc.message if isinstance(exc, HeadTooLarge) else (
+        f"the request could not be read as HTTP ({kind}): a malformed or over-long request "
+        "line or header")
     body = {"error": {"code": "invalid_request" if code < 500 else "internal_error",
-                      "message": f"the request could not be read as HTTP ({kind}): a malformed "
-                                 "or over-long request line or header",
+                      "message": message,
                       "requestId": uuid.uuid4().hex}}
     response = web.json_response(body, status=code)
     response.headers["X-Request-ID"] = body["error"]["requestId"]
@@ -108,8 +124,18 @@ class GuardedRequestHandler(RequestHandler):
         self._head_timer: asyncio.TimerHandle | None = None
         self._write_timer: asyncio.TimerHandle | None = None
         self._last_data = 0.0  # loop time of the last bytes received
+        self._head_bytes = 0  # of the request head being received
+        self._head_refused = False
         self._max_msg_queue_size = MAX_PIPELINED
         self._msg_queue_resume_size = MAX_PIPELINED // 2
+        # aiohttp's parser emits up to 32 requests from one read before it pauses: built again
+        # so that it stops after the few this handler will queue.
+        self._parser = HttpRequestParser(
+            self, kwargs["loop"], kwargs.get("read_bufsize", DEFAULT_CHUNK_SIZE),
+            max_line_size=self.max_line_size, max_field_size=self.max_field_size,
+            max_headers=self.max_headers, payload_exception=RequestPayloadError,
+            auto_decompress=kwargs.get("auto_decompress", True),
+            max_msg_queue_size=MAX_PIPELINED + 1)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -119,18 +145,33 @@ class GuardedRequestHandler(RequestHandler):
             transport.write(refusal_answer(refused))  # type: ignore[attr-defined]
             self.force_close()
             return
-        _bound_send_buffer(transport)
+        _bound_buffers(transport)
         self._arm_head_timer()
 
     def data_received(self, data: bytes) -> None:
+        if self._head_refused:  # the connection closes after its 431; nothing more is read
+            if self.transport is not None:
+                self.transport.pause_reading()
+            return
+        queued = len(self._messages)
         super().data_received(data)
         if data:
             self._last_data = asyncio.get_running_loop().time()
             self._guard.gate.idle(self)  # activity: to the back of the eviction line
-        if self._messages:  # a complete request head is queued for its handler
+        if len(self._messages) > queued:  # a complete request head is queued for its handler
+            # A read larger than the cap may hold a head larger than it: measure them.
+            if self._head_bytes + len(data) > self._guard.max_head_bytes:
+                self._check_heads(queued)
+            self._head_bytes = 0
             self._disarm_head_timer()
             self._guard.gate.busy(self)
-        elif self._head_timer is None and self._awaiting_head():
+            return
+        if not self._awaiting_head():
+            return
+        self._head_bytes += len(data)
+        if self._head_bytes > self._guard.max_head_bytes:
+            self._refuse_head(len(self._messages))
+        elif self._head_timer is None:
             self._arm_head_timer()
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -222,6 +263,31 @@ class GuardedRequestHandler(RequestHandler):
             self._head_timer.cancel()
             self._head_timer = None
 
+    def _check_heads(self, first: int) -> None:
+        for index in range(first, len(self._messages)):
+            message = self._messages[index][0]
+            if isinstance(message, RawRequestMessage) and _head_size(message) > (
+                    self._guard.max_head_bytes):
+                self._refuse_head(index)
+                return
+
+    def _refuse_head(self, index: int) -> None:
+        """From request `index` of the queue on, one 431 in their place (then the connection
+        closes): a head past `server.max_head_bytes`, parsed, pins several times that."""
+        self._disarm_head_timer()
+        self._head_refused = True
+        while len(self._messages) > index:
+            self._messages.pop()
+        error = HeadTooLarge(message=f"the request head is larger than "
+                             f"{self._guard.max_head_bytes} bytes (server.max_head_bytes)")
+        self._messages.append((_ErrInfo(status=431, exc=error, message=error.message),
+                               EMPTY_PAYLOAD))
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+        if self.transport is not None:
+            self.transport.pause_reading()
+        self._guard.metrics.connection_closed("head_too_large")
+
     def _head_timed_out(self) -> None:
         self._head_timer = None
         transport = self.transport
@@ -240,16 +306,17 @@ def _peer_host(transport: asyncio.BaseTransport) -> str | None:
     return str(peer[0]) if isinstance(peer, tuple) and peer else None
 
 
-def _bound_send_buffer(transport: asyncio.BaseTransport) -> None:
-    """A small send buffer, in the process and in the kernel: a client that stops reading
-    pauses writing soon, which starts the write deadline, and pins little memory meanwhile."""
+def _bound_buffers(transport: asyncio.BaseTransport) -> None:
+    """Small buffers: a client that stops reading pins little memory in the process, and
+    writing pauses soon, which starts the write deadline; a small kernel receive buffer
+    bounds what one read brings in (kept, unparsed, while reading is paused)."""
     try:
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)  # type: ignore[attr-defined]
         sock = transport.get_extra_info("socket")
         if sock is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER_BYTES)
     except (AttributeError, NotImplementedError, OSError):
-        pass  # not a TCP transport (tests' in-memory ones)
+        pass  # not a TCP transport with flow control
 
 
 class GuardedServer(web.Server):
@@ -262,6 +329,7 @@ class GuardedServer(web.Server):
                          handler_cancellation=base.handler_cancellation, **handler_kwargs)
         self.head_timeout_s = server.client_timeout_s
         self.write_timeout_s = server.write_timeout_s
+        self.max_head_bytes = server.max_head_bytes
         self.metrics = metrics if metrics is not None else Metrics()
         self.gate = ConnectionGate(max_connections, server.max_connections_per_client,
                                    self.metrics)
