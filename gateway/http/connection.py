@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import struct
 import uuid
 from typing import Any
 
@@ -48,6 +49,7 @@ LINGER_S = 2.0  # after an early answer (413, 408), unread body bytes are draine
 MAX_PIPELINED = 1  # parsed requests queued behind the one being served; then reading pauses
 WRITE_HIGH_WATER = 16 * 1024  # bytes buffered in the process before writing counts as stuck
 RECEIVE_BUFFER_BYTES = 16 * 1024  # the kernel's receive buffer of a client socket (doubled)
+SEND_BUFFER_BYTES = 64 * 1024  # … and its send buffer: not the 4 MB it may grow to
 
 
 def handler_options(server: ServerConfig) -> dict[str, Any]:
@@ -135,7 +137,7 @@ class GuardedRequestHandler(RequestHandler):
             max_line_size=self.max_line_size, max_field_size=self.max_field_size,
             max_headers=self.max_headers, payload_exception=RequestPayloadError,
             auto_decompress=kwargs.get("auto_decompress", True),
-            max_msg_queue_size=MAX_PIPELINED + 1)
+            max_msg_queue_size=MAX_PIPELINED)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -222,7 +224,7 @@ class GuardedRequestHandler(RequestHandler):
             log.warning("client.write_timeout", peer=_peer_host(transport),
                         timeout_s=self._guard.write_timeout_s, **skip_note(skipped))
         self._guard.metrics.connection_closed("write_timeout")
-        transport.abort()  # what is buffered for it is dropped with it
+        _reset(transport)  # what is buffered for it is dropped with it
 
     # -- what aiohttp itself refuses, and what it would log ----------------------------------
 
@@ -307,16 +309,30 @@ def _peer_host(transport: asyncio.BaseTransport) -> str | None:
 
 
 def _bound_buffers(transport: asyncio.BaseTransport) -> None:
-    """Small buffers: a client that stops reading pins little memory in the process, and
-    writing pauses soon, which starts the write deadline; a small kernel receive buffer
-    bounds what one read brings in (kept, unparsed, while reading is paused)."""
+    """Small buffers for each client socket: a client that stops reading pins little memory,
+    in the process or in the kernel (which counts against the same container limit), and
+    writing pauses soon, which starts the write deadline. A small receive buffer bounds
+    what one read brings in (kept, unparsed, while reading is paused)."""
     try:
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)  # type: ignore[attr-defined]
         sock = transport.get_extra_info("socket")
         if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER_BYTES)
     except (AttributeError, NotImplementedError, OSError):
         pass  # not a TCP transport with flow control
+
+
+def _reset(transport: asyncio.BaseTransport) -> None:
+    """Closes with a reset: a plain close would leave the unread answer queued in the kernel
+    (FIN-WAIT-1) for minutes, as long as the client keeps its window shut."""
+    sock = transport.get_extra_info("socket")
+    try:
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    transport.abort()  # type: ignore[attr-defined]
 
 
 class GuardedServer(web.Server):
