@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ import pytest
 from gateway.audit.log import rotated_files, verify_files
 from tests.conftest import BOT
 from tests.integration.sides import set_faults
+from tests.integration.test_crash import REPO
 from tests.security.served import (
     Served,
     client_address,
@@ -251,6 +254,48 @@ class TestOutOfDescriptors:
         report = verify_files(files)
         assert report.ok, report.error
         assert not [e for e in gateway.events() if e.get("event") == "audit.unwritable"]
+
+
+# Run in a child process whose descriptor limit is 64, every descriptor but the audit's taken.
+AUDIT_WITHOUT_DESCRIPTORS = """
+import asyncio, errno, os, resource, sys
+from gateway.audit.log import AuditLog, rotated_files, verify_files
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+async def main():
+    log = AuditLog(sys.argv[1], max_bytes=2048)
+    log.open()
+    hog = []
+    try:
+        while True:
+            hog.append(os.open(os.devnull, os.O_RDONLY))
+    except OSError as exc:
+        assert exc.errno == errno.EMFILE
+    written = 0
+    for n in range(60):
+        await log.append({"event": "deactivate.denied", "n": n, "pad": "p" * 100})
+        written += 1
+    probed = await log.probe()
+    await log.close()
+    for fd in hog:
+        os.close(fd)
+    report = verify_files(rotated_files(sys.argv[1]))
+    print(written, probed, report.ok, report.files)
+
+asyncio.run(main())
+"""
+
+
+def test_the_audit_rotates_and_reopens_with_no_descriptor_free(tmp_path: Path) -> None:
+    """Rotation (a directory listing, a rename, a new file, a directory fsync) and the
+    readiness probe (a fresh descriptor) each need descriptors: the audit keeps its own."""
+    done = subprocess.run([sys.executable, "-c", AUDIT_WITHOUT_DESCRIPTORS,
+                           str(tmp_path / "audit.jsonl")], cwd=REPO, capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    written, probed, intact, files = done.stdout.splitlines()[-1].split()
+    assert (written, probed, intact) == ("60", "True", "True")
+    assert int(files) > 5
 
 
 @pytest.fixture(autouse=True)
