@@ -33,7 +33,7 @@ class KeylessBudget:
         self.share = share
         self.held = 0  # answers being held now
         self._interval = 1.0 / rate_per_s
-        self._tolerance = burst * self._interval
+        self._tolerance = (burst - 1) * self._interval  # `burst` at once, none held
         self._max_hold_s = max_hold_s
         self._clock = clock
         # Theoretical arrival time per address; forgotten once a full burst is back.
