@@ -3,10 +3,12 @@
 #   docker build -t kore-session-gateway .
 #   docker build --build-arg BASE_IMAGE=registry.internal/python:3.12-slim \
 #                --build-arg PIP_INDEX_URL=https://pypi.internal/simple -t kore-session-gateway .
+#   docker build --build-arg BASE_IMAGE=python:3.11-slim@sha256:<digest> -t kore-session-gateway .
+#                (the base image pinned by digest, for reproducible production builds)
 #   docker run --read-only --stop-timeout 30 -v kore-gateway-audit:/var/lib/kore-gateway \
 #              -v $PWD/gateway.toml:/etc/kore-gateway/gateway.toml:ro kore-session-gateway
 #
-# README.md ("Operations") has the details; tests/docker/smoke.sh builds and checks the image.
+# docs/operations.md ("Docker") has the details; tests/docker/smoke.sh builds and checks the image.
 #
 # The base image needs Python >= 3.11 with venv and pip (python:3.1x-slim, or a Debian image with
 # python3-venv). Runs as uid/gid 10001, never writes outside /var/lib/kore-gateway (the audit

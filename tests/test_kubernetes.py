@@ -194,6 +194,11 @@ class TestPod:
         assert example.pod["securityContext"]["runAsNonRoot"] is True
         assert str(example.pod["securityContext"]["fsGroup"]) == match.group(2)
 
+    def test_no_service_account_token_is_mounted(self, example: Example) -> None:
+        """The gateway never calls the Kubernetes API: a token in the pod would only serve
+        whoever breaks into it."""
+        assert example.pod["automountServiceAccountToken"] is False
+
     def test_writable_paths_are_volumes(self, example: Example) -> None:
         """With a read-only root, only the audit volume and /tmp may be written."""
         writable = {m["mountPath"] for m in example.gateway["volumeMounts"]

@@ -20,7 +20,8 @@ import structlog
 from aiohttp import web
 
 from gateway.auth import Caller
-from gateway.config.model import Config
+from gateway.config.model import Config, upstream_host
+from gateway.config.tables import config_warnings
 from gateway.deactivation import ROUTE_BATCH, ROUTE_KORE, ROUTE_SIMPLE, Ask
 from gateway.errors import (
     GatewayError,
@@ -438,6 +439,11 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     rt = app[RUNTIME]
     await rt.start()
     log.info("gateway.started", worker=rt.worker, audit=str(rt.audit.path),
-             upstream=rt.config.upstream.base_url, apps=[a.name for a in rt.config.apps])
+             upstream=upstream_host(rt.config.upstream.base_url),
+             apps=[a.name for a in rt.config.apps])
+    if rt.worker == 0:  # once per start, not once per worker
+        for warning in config_warnings(rt.config):
+            log.warning("config.warning", file=rt.config.source, key=warning.key,
+                        message=warning.message)
     yield
     await rt.close()

@@ -12,11 +12,13 @@ from typing import Any
 
 from gateway import __version__
 from gateway.config.model import Config
+from gateway.validation import CHANNEL_PATTERN
 
 OPENAPI_VERSION = "3.1.0"
 JSON = "application/json"
 EXAMPLE_ID = "6f1c2a9e0b7d4c3fa5e8d2b1c0a99f17"
 EXAMPLE_BOT = "st-1234"
+CHANNEL = f"^{CHANNEL_PATTERN.pattern}$"  # the input rule, anchored as JSON Schema needs
 
 # Every error code of the contract, with the status it comes with and an example message.
 ERRORS: dict[str, tuple[str, str]] = {
@@ -104,7 +106,10 @@ def _simple(secured: bool) -> dict[str, Any]:
         parameters=[_ref("parameters", "BotId"), _ref("parameters", "XRequestId")],
         body=_body("DeactivateRequest", {
             "user": {"value": {"userId": "jane@example.com"}},
-            "user and channel": {"value": {"userId": "u-1001", "channel": "rtm"}}}),
+            "user and channel": {"value": {"userId": "u-1001", "channel": "rtm"}},
+            "IVR voice channel": {"value": {"userId": "u-1001", "channel": "ivrVoice"}},
+            "webhook instance": {"value": {
+                "userId": "u-1001", "channel": "ivrInst-6ad846f2-75b0-55a1-8029-aab86de09817"}}}),
         responses={
             "200": _ok("Kore.ai closed the session.", "DeactivateResponse"),
             **_errors(secured, "invalid_request", "upstream_rejected", "unauthenticated",
@@ -222,7 +227,7 @@ def _metrics_response() -> dict[str, Any]:
               '# TYPE kore_gateway_requests_total counter\n'
               'kore_gateway_requests_total{caller="crm-service",route="/v1/bots/{botId}/'
               'sessions/deactivate",status="200"} 42.0\n')
-    return {"description": "Every `kore_gateway_*` metric (see the README's Metrics section).",
+    return {"description": "Every `kore_gateway_*` metric (see docs/operations.md, Metrics).",
             "headers": _headers("200"),
             "content": {"text/plain": {"schema": {"type": "string"},
                                        "examples": {"excerpt": {"value": sample}}}}}
@@ -248,10 +253,12 @@ def _parameters() -> dict[str, Any]:
         "BotId": {"name": "botId", "in": "path", "required": True,
                   "description": "The Kore.ai bot (`upstream.bot_id_pattern`).",
                   "schema": _ref("schemas", "BotId"), "example": EXAMPLE_BOT},
+        # Any value is accepted: one that is not a valid request ID is replaced, not refused.
         "XRequestId": {"name": "X-Request-ID", "in": "header", "required": False,
-                       "description": "Kept when it matches the pattern, else replaced by a "
-                                      "new ID; goes upstream and into the audit.",
-                       "schema": _ref("schemas", "RequestId"), "example": EXAMPLE_ID},
+                       "description": "Kept when it matches `^[A-Za-z0-9._:-]{1,128}$`, "
+                                      "else replaced by a new random ID (never refused); "
+                                      "the ID goes upstream and into the audit.",
+                       "schema": {"type": "string"}, "example": EXAMPLE_ID},
     }
 
 
@@ -275,8 +282,11 @@ def _anchored(pattern: str) -> str:
 
 
 def _input_schemas(config: Config) -> dict[str, Any]:
-    channel = {"type": "string", "pattern": "^[a-z0-9_]{1,32}$",
-               "description": "Optional: leave the key out for no channel (null is refused)."}
+    channel = {"type": "string", "pattern": CHANNEL,
+               "description": "Kore.ai's channel type as Kore.ai spells it (rtm, msteams, "
+                              "ivrVoice…) or a webhook instance ID (ivrInst-…), sent upstream "
+                              "unchanged. Optional: leave the key out for no channel (null is "
+                              "refused)."}
     user_id = {"type": "string", "minLength": 1, "maxLength": 256,
                "not": {"pattern": "[\\u0000-\\u001F\\u007F-\\u009F]"},
                "description": "1–256 characters, no control characters (Cc), no lone "
@@ -297,9 +307,11 @@ def _input_schemas(config: Config) -> dict[str, Any]:
                               "channel": _ref("schemas", "Channel")}, ["botId", "userId"]),
         "BatchRequest": _closed({"items": {
             "type": "array", "minItems": 1, "maxItems": config.server.max_batch_items,
-            "description": "At most `server.max_batch_items` (more: 413). An item breaking "
-                           "the input rules gets its own error in `results`.",
-            "items": _ref("schemas", "BatchItem")}}, ["items"]),
+            "description": "At most `server.max_batch_items` (more: 413). Each item should be "
+                           "a `BatchItem`; any other item is not refused with the batch but "
+                           "gets its own error in `results`.",
+            # Per-item errors: an item breaking the rules does not make the batch invalid.
+            "items": {"anyOf": [_ref("schemas", "BatchItem"), {}]}}}, ["items"]),
     }
 
 
@@ -313,7 +325,7 @@ def _output_schemas() -> dict[str, Any]:
         "DeactivateResponse": _closed({
             "success": {"const": True}, "botId": _ref("schemas", "BotId"),
             "userId": _ref("schemas", "UserId"),
-            "channel": {"type": ["string", "null"], "pattern": "^[a-z0-9_]{1,32}$",
+            "channel": {"type": ["string", "null"], "pattern": CHANNEL,
                         "description": "The channel given, null when none was."},
             "requestId": _ref("schemas", "RequestId")},
             ["success", "botId", "userId", "channel", "requestId"]),
@@ -351,8 +363,20 @@ def _output_schemas() -> dict[str, Any]:
                                           ("config", "audit", "token", "draining")}},
                 "circuit": {"type": "object", "properties": {
                     "host": {"type": "string"},
-                    "state": {"enum": ["closed", "open", "half_open"]},
-                    "consecutiveFailures": {"type": "integer", "minimum": 0}}}}},
+                    "state": {"enum": ["closed", "open", "half_open"],
+                              "description": "The host-wide circuit (every bot)."},
+                    "consecutiveFailures": {"type": "integer", "minimum": 0},
+                    "failingBots": {"type": "integer", "minimum": 0},
+                    "openBots": {"type": "integer", "minimum": 0,
+                                 "description": "Bots whose own circuit is not closed."},
+                    "openBotIds": {"type": "array", "items": {"type": "string"},
+                                   "maxItems": 20}}},
+                "configReload": {"type": "object", "required": ["ok"], "properties": {
+                    "ok": {"type": "boolean"}, "error": {"type": "string"},
+                    "keys": {"type": "array", "items": {"type": "string"}},
+                    "failedAt": {"type": "string"}, "kept": {"type": "string"}},
+                    "description": "The last config reload; while it failed the whole "
+                                   "running config is kept."}}},
     }
 
 
