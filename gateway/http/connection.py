@@ -14,9 +14,10 @@ answers is cut off once the answer has not moved for that long. A request aiohtt
 refuses (a malformed or over-long line or header) gets a 400 in the contract's envelope and
 one log line naming the error's kind, never the bytes that were sent: those may be a key.
 
-The guard reads aiohttp's `RequestHandler` attributes `_messages`, `_waiter`, `_request_count`
-and `_max_msg_queue_size`; tests/integration/test_hostile_input.py and tests/security/ fail if
-an aiohttp upgrade moves them.
+The guard relies on aiohttp's `RequestHandler` internals `_messages`, `_waiter`,
+`_request_count`, `_max_msg_queue_size`, `_msg_queue_resume_size`, `_parser` (rebuilt with a
+smaller queue) and `_ErrInfo` (how a refused request is queued);
+tests/integration/test_hostile_input.py and tests/security/ fail if an aiohttp upgrade moves them.
 """
 
 from __future__ import annotations
@@ -161,9 +162,7 @@ class GuardedRequestHandler(RequestHandler):
             self._last_data = asyncio.get_running_loop().time()
             self._guard.gate.idle(self)  # activity: to the back of the eviction line
         if len(self._messages) > queued:  # a complete request head is queued for its handler
-            # A read larger than the cap may hold a head larger than it: measure them.
-            if self._head_bytes + len(data) > self._guard.max_head_bytes:
-                self._check_heads(queued)
+            self._check_heads(queued)  # it may have arrived in pieces while another was served
             self._head_bytes = 0
             self._disarm_head_timer()
             self._guard.gate.busy(self)

@@ -126,6 +126,53 @@ class TestClientsThatNeverRead:
         assert status == 200 and 0.5 <= idle <= 6
 
 
+class TestHeadLimit:
+    """server.max_head_bytes: a whole head larger than it is refused with 431, however it
+    arrives, before it is parsed into several times its size."""
+
+    BIG = "".join(f"X-Pad-{i}: {'v' * 7000}\r\n" for i in range(3))  # 21 KB > 16 KiB
+
+    async def test_a_large_head_in_pieces_or_behind_another_request_is_refused(
+            self, sandbox: Any, tmp_path: Path) -> None:
+        gateway = await Served(tmp_path, sandbox.url).start()
+        try:
+            reader, writer = await open_from(client_address(0), gateway.port)
+            head = b"GET /healthz HTTP/1.1\r\nHost: gw\r\n" + self.BIG.encode() + b"\r\n"
+            trickled = await trickle(reader, writer, head)
+            reader, writer = await open_from(client_address(0), gateway.port)
+            writer.write(pipelined("/healthz", 1, pad="") + pipelined("/healthz", 1, self.BIG))
+            first, _, _ = await asyncio.wait_for(read_answer(reader), 10)
+            second, _, body = await asyncio.wait_for(read_answer(reader), 10)
+            writer.close()
+            refused = await gateway.metric(
+                'kore_gateway_connections_closed_total{reason="head_too_large"}')
+        finally:
+            gateway.stop()
+        assert trickled in (431, 0)  # 0: reset while still sending, before reading the 431
+        assert (first, second) == (200, 431) and b"server.max_head_bytes" in body
+        assert refused == 2
+
+
+async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, data: bytes
+                  ) -> int:
+    """Sends `data` in 1000-byte pieces until the gateway hangs up; the status it answered
+    (0 when the connection was reset first), after checking that it did hang up."""
+    try:
+        for start in range(0, len(data), 1000):
+            writer.write(data[start:start + 1000])
+            await writer.drain()
+            await asyncio.sleep(0.005)
+    except ConnectionError:
+        pass
+    try:
+        status, _, _ = await asyncio.wait_for(read_answer(reader), 10)
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+    except (ConnectionError, asyncio.IncompleteReadError):
+        status = 0
+    writer.close()
+    return status
+
+
 def closed_within(sock: socket.socket, limit_s: float) -> bool:
     """Reads (and drops) until the peer closes or resets: True if that happens in time."""
     sock.settimeout(1.0)
