@@ -52,9 +52,12 @@ ENV PATH=/opt/kore-gateway/bin:$PATH \
 VOLUME ["/var/lib/kore-gateway"]
 WORKDIR /var/lib/kore-gateway
 USER 10001:10001
-EXPOSE 8080
-# Probes /healthz on the config's own listen address (a wildcard address over loopback), with a
-# standard-library-only entry point that costs a few tens of milliseconds of CPU per probe.
+# 8080: the API (server.listen); 9091: the admin listener when server.admin_listen is set
+# (e.g. "0.0.0.0:9091": /metrics, /healthz, /readyz, /openapi.json, no deactivation route).
+EXPOSE 8080 9091
+# Probes /healthz on the config's admin_listen address when one is set, else on its listen
+# address (a wildcard address over loopback), with a standard-library-only entry point that
+# costs a few tens of milliseconds of CPU per probe.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=15s --retries=3 \
     CMD ["python", "-m", "gateway.http.healthcheck"]
 # SIGTERM (the default stop signal) drains for up to server.drain_s: give `docker stop -t` or

@@ -129,8 +129,8 @@ def resolve_config(path: str | None) -> Config:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from gateway.http.server import serve
-    from gateway.logs import configure
+    from gateway.http.server import open_log_file, serve
+    from gateway.logs import LogFileError, configure
 
     config = resolve_config(args.config)
     if args.workers < 1:
@@ -140,7 +140,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if watch is not None and not MIN_WATCH_S <= watch <= MAX_WATCH_S:
         print(f"--watch-config must be {MIN_WATCH_S:g}–{MAX_WATCH_S:g} seconds", file=sys.stderr)
         return 2
-    configure(config.logging.level, config.logging.format)
+    try:
+        log_file = open_log_file(config)
+    except LogFileError as exc:
+        raise ConfigError(config.source, [f"logging.file: {exc}"]) from None
+    configure(config.logging.level, config.logging.format, log_file)
     try:
         return serve(config, args.workers, watch_s=watch)
     except AuditOpenError as exc:  # named as a config problem: the key and the file to fix

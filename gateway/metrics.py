@@ -86,6 +86,10 @@ class Metrics:
             "kore_gateway_ratelimit_redis_fallback", "1 while the Redis rate-limit backend is "
             "unreachable and a local share of the budget is used, else 0 (worst worker).",
             multiprocess_mode="livemax", registry=r)
+        self._worker_restarts = Counter(
+            "kgw_worker_restarts_total", "Workers of `serve --workers N` started again after "
+            "one died (crash, SIGKILL, OOM kill); each restarted worker counts itself.",
+            registry=r)
         self._suppressed = Counter(
             "kore_gateway_audit_unauthenticated_suppressed", "Keyless requests (no key, an "
             "unknown key) counted into an audit.unauthenticated_suppressed record instead of "
@@ -167,6 +171,8 @@ class Metrics:
     def ratelimit_redis_fallback(self, active: bool) -> None:
         self._redis_fallback.set(1 if active else 0)
 
+    def worker_restarted(self) -> None:
+        self._worker_restarts.inc()
     def audit_unauthenticated_suppressed(self) -> None:
         self._suppressed.inc()
 

@@ -91,6 +91,9 @@ class ServerConfig:
     client_timeout_s: float = 15.0  # a client must deliver its request within this time
     max_header_bytes: int = 8190  # one header line / field, aiohttp's parser limit
     max_headers: int = 64
+    # "" = off; else HOST:PORT serving /metrics, /healthz, /readyz and /openapi.json (no
+    # deactivation route, no key); /metrics then leaves the `listen` address.
+    admin_listen: str = ""
     max_head_bytes: int = 16384  # a whole request head (line and headers); beyond it 431
     trusted_proxies: tuple[str, ...] = ()  # CIDRs of peers whose X-Forwarded-For is believed
     max_connections: int = 4096  # open client connections per process; beyond it refused
@@ -105,6 +108,14 @@ class ServerConfig:
     @property
     def port(self) -> int:
         return split_listen(self.listen)[1]
+
+    @property
+    def admin_host(self) -> str:
+        return split_listen(self.admin_listen)[0]
+
+    @property
+    def admin_port(self) -> int:
+        return split_listen(self.admin_listen)[1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,10 +157,17 @@ class RateLimitConfig:
     redis_timeout_s: float = 0.25
 
 
+DEFAULT_LOG_FILE_MAX_BYTES = 10_485_760
+
+
 @dataclass(frozen=True, slots=True)
 class LoggingConfig:
     level: str = "info"
     format: str = "auto"  # "json", "console" or "auto" (console on a terminal)
+    # "" = stderr only; else every line also goes to this file (JSON), for a log shipper to
+    # tail; with --workers N, worker n writes `{stem}-w{n}{suffix}` beside it.
+    file: str = ""
+    file_max_bytes: int = DEFAULT_LOG_FILE_MAX_BYTES  # then renamed to `<file>.1`, one kept
 
 
 @dataclass(frozen=True, slots=True)

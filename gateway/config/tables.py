@@ -93,6 +93,7 @@ def _server(t: Table) -> ServerConfig:
         max_header_bytes=t.number("max_header_bytes", d.max_header_bytes, low=256,
                                   integer=True),
         max_headers=t.number("max_headers", d.max_headers, low=8, integer=True),
+        admin_listen=_admin_listen(t, listen),
         max_head_bytes=t.number("max_head_bytes", d.max_head_bytes, low=1024, integer=True),
         trusted_proxies=_networks(t, "trusted_proxies"),
         max_connections=t.number("max_connections", d.max_connections, low=1, integer=True),
@@ -109,6 +110,25 @@ def _server(t: Table) -> ServerConfig:
     return server
 
 
+_ANY_HOST = frozenset({"0.0.0.0", "::", "*", ""})
+
+
+def _admin_listen(t: Table, listen: str) -> str:
+    """`server.admin_listen`: "" (off) or HOST:PORT, never the API's own address."""
+    admin: str = t.get("admin_listen", str, "")
+    if not admin:
+        return ""
+    try:
+        host, port = split_listen(admin)
+    except ValueError as exc:
+        t.fail("admin_listen", f'{exc} (e.g. "0.0.0.0:9091"), or "" for none')
+        return ""
+    api_host, api_port = split_listen(listen)
+    # Same port on the same or an overlapping (wildcard) address: the two would collide.
+    if port and port == api_port and (host == api_host or {host, api_host} & _ANY_HOST):
+        t.fail("admin_listen", f"must differ from server.listen ({listen}): use another port")
+        return ""
+    return admin
 def _networks(t: Table, name: str) -> tuple[str, ...]:
     """A list of CIDRs (a bare address is its own /32 or /128), each checked."""
     value = t.get(name, list, [])
@@ -270,7 +290,11 @@ def _logging(t: Table) -> LoggingConfig:
     cfg = LoggingConfig(
         level=t.choice("level", d.level, ("debug", "info", "warning", "error")),
         format=t.choice("format", d.format, ("auto", "json", "console")),
+        file=t.path("file", d.file) or "",
+        file_max_bytes=t.number("file_max_bytes", d.file_max_bytes, low=4096, integer=True),
     )
+    if cfg.file and cfg.format == "console":
+        t.fail("file", 'the log file is JSON lines: use format = "json" or "auto" with it')
     t.finish()
     return cfg
 

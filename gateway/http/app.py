@@ -428,11 +428,27 @@ def create_app(config: Config, *, worker: int = 0, workers: int = 1,
     app.router.add_post("/v1/bots/{botId}/sessions/deactivate", deactivate_simplified)
     app.router.add_post("/v1/sessions/deactivate", deactivate_batch)
     app.router.add_put("/api/public/bot/{botId}/session", deactivate_kore)
+    _operations_routes(app, metrics=not config.server.admin_listen)
+    return app
+
+
+def create_admin_app(rt: Runtime) -> web.Application:
+    """The `server.admin_listen` application: probes, metrics and the OpenAPI document only,
+    served from the runtime of the API application (which starts and closes it)."""
+    app = web.Application(middlewares=[envelope_middleware], client_max_size=1024,
+                          handler_args=handler_options(rt.config.server))
+    app[RUNTIME] = rt
+    app[OPENAPI] = {}
+    _operations_routes(app, metrics=True)
+    return app
+
+
+def _operations_routes(app: web.Application, *, metrics: bool) -> None:
     app.router.add_get("/healthz", healthz, allow_head=True)
     app.router.add_get("/readyz", readyz, allow_head=True)
-    app.router.add_get("/metrics", metrics_text)
+    if metrics:  # with an admin listener, /metrics is served there only
+        app.router.add_get("/metrics", metrics_text)
     app.router.add_get("/openapi.json", openapi_json)
-    return app
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:

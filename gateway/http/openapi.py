@@ -51,7 +51,7 @@ def document(config: Config) -> dict[str, Any]:
         "tags": [{"name": "deactivation", "description": "Close Kore.ai bot sessions."},
                  {"name": "operations", "description": "Probes, metrics and this document; "
                                                        "no caller key needed."}],
-        "paths": _paths(secured),
+        "paths": _paths(secured, admin=bool(config.server.admin_listen)),
         "components": _components(config),
     }
 
@@ -72,7 +72,7 @@ def _info() -> dict[str, Any]:
 
 # --- paths ----------------------------------------------------------------------------------
 
-def _paths(secured: bool) -> dict[str, Any]:
+def _paths(secured: bool, *, admin: bool = False) -> dict[str, Any]:
     return {
         "/v1/bots/{botId}/sessions/deactivate": {"post": _simple(secured)},
         "/v1/sessions/deactivate": {"post": _batch(secured)},
@@ -84,8 +84,7 @@ def _paths(secured: bool) -> dict[str, Any]:
                                       "200": _ok("Ready.", "Readiness"),
                                       "503": _ok("Not ready, or draining.", "Readiness",
                                                  "NotReady")})},
-        "/metrics": {"get": _probe("metrics", "Prometheus text format (with several workers, "
-                                   "the sum over all of them).", {"200": _metrics_response()})},
+        "/metrics": {"get": _metrics_operation(admin)},
         "/openapi.json": {"get": _probe("openapi", "This document.", {"200": {
             "description": "The OpenAPI 3.1 document.", "headers": _headers("200"),
             "content": {JSON: {"schema": {"type": "object",
@@ -152,6 +151,16 @@ def _kore(secured: bool) -> dict[str, Any]:
         body=_body("KoreRequest", {"Kore.ai body": {"value": {
             "userId": "u-1001", "status": "inactive", "channel": "rtm"}}}),
         responses={"200": _ok("Kore.ai's own answer.", "KoreSuccess"), **errors})
+
+
+def _metrics_operation(admin: bool) -> dict[str, Any]:
+    """With `server.admin_listen` set, /metrics is served on that address only."""
+    summary = "Prometheus text format (with several workers, the sum over all of them)."
+    if not admin:
+        return _probe("metrics", summary, {"200": _metrics_response()})
+    return _probe("metrics", summary + " Served on the admin address (server.admin_listen) "
+                  "only: 404 `not_found` on the API address.",
+                  {"200": _metrics_response(), "404": _error_response("404", ["not_found"])})
 
 
 def _probe(op_id: str, summary: str, responses: dict[str, Any]) -> dict[str, Any]:

@@ -80,6 +80,23 @@ class TestDocument:
                       for method in item if method in METHODS}
         assert routed == documented
 
+    def test_with_an_admin_listener_metrics_is_documented_as_served_there(
+            self, make_config: ConfigFactory) -> None:
+        """Both addresses serve this document: /metrics answers 404 on the API one."""
+        config = make_config(server={"admin_listen": "127.0.0.1:0"})
+        doc = document(config)
+        validate(doc)
+        metrics = doc["paths"]["/metrics"]["get"]
+        assert "server.admin_listen" in metrics["summary"]
+        assert set(metrics["responses"]) == {"200", "404"}
+        schema = documented_schema(doc, "/metrics", "get", 404)
+        not_found = {"error": {"code": "not_found", "message": "no such route", "requestId": "r"}}
+        assert schema_errors(doc, schema, not_found) == []
+        app = create_app(config)
+        assert "/metrics" not in {r.resource.canonical for r in app.router.routes()
+                                  if r.resource is not None}
+        assert "404" not in document(make_config())["paths"]["/metrics"]["get"]["responses"]
+
     def test_contract_routes_are_all_there(self, doc: dict[str, Any]) -> None:
         assert set(doc["paths"]) == {
             "/v1/bots/{botId}/sessions/deactivate", "/v1/sessions/deactivate",

@@ -778,6 +778,8 @@ AUTH_NONE = "server.auth = \"none\" ... refused at start-up unless the listen ad
 UNKNOWN = "Unknown keys are an error: a typo must never fall back silently to a default"
 SECRET_FORMS = "every secret field has *_env and *_file forms"
 NAMES = "validated at start-up with an error that names the key and the file"
+ADMIN_LISTEN = ('admin_listen = "" # e.g. "0.0.0.0:9091": /metrics, /healthz, /readyz, '
+                "/openapi.json there")
 
 NEW_KEYS = "§4 keys of 2026-12-03"
 CONFIG_CASES = [
@@ -894,6 +896,20 @@ CONFIG_CASES = [
     ConfigCase("secret-not-echoed-in-error", "The secret ... never returned",
                _app(client_secret=CASE_SECRET, client_secret_env="KGW_CASE_SECRET"),
                names=("client_secret",), env=CASE_ENV, forbidden=(CASE_SECRET,)),
+    ConfigCase("admin-listen-accepted", ADMIN_LISTEN,
+               _set("server.admin_listen", "0.0.0.0:9091"), ok=True, env=CASE_ENV),
+    ConfigCase("admin-listen-empty-is-off", ADMIN_LISTEN, _set("server.admin_listen", ""),
+               ok=True, env=CASE_ENV),
+    ConfigCase("admin-listen-not-host-port", NAMES + " (server.admin_listen)",
+               _set("server.admin_listen", "9091"), names=("admin_listen",), env=CASE_ENV),
+    ConfigCase("admin-listen-same-as-listen", ADMIN_LISTEN + " (its own address)",
+               _all(_set("server.listen", "127.0.0.1:8080"),
+                    _set("server.admin_listen", "127.0.0.1:8080")),
+               names=("admin_listen",), env=CASE_ENV),
+    ConfigCase("serve-refuses-admin-listen-same-as-listen", ADMIN_LISTEN + " (its own address)",
+               _all(_set("server.listen", "127.0.0.1:8080"),
+                    _set("server.admin_listen", "127.0.0.1:8080")),
+               names=("admin_listen",), env=CASE_ENV, command="serve"),
     ConfigCase("not-toml", NAMES, text="[server\nlisten = 1\n"),
     ConfigCase("file-missing", NAMES, missing=True),
     ConfigCase("serve-refuses-unknown-key", NAMES + " (at start-up)",
@@ -1890,6 +1906,56 @@ def test_health_ready_metrics_openapi_need_no_key(w: World) -> None:
     kind = metrics.header("Content-Type") or ""
     assert kind.startswith(("text/plain", "application/openmetrics-text")), kind
     assert list(text_string_to_metric_families(metrics.text))
+
+
+OPERATIONS_ROUTES = ("/healthz", "/readyz", "/metrics", "/openapi.json")
+
+
+def test_admin_listen_serves_operations_and_takes_metrics_off_the_api(world: World,
+                                                                       tmp_path: Path) -> None:
+    """§4 `admin_listen`: /metrics, /healthz, /readyz and /openapi.json on that address, no
+    caller key (§2), no deactivation route; when it is set, /metrics is served only there.
+    The other three stay on the API address."""
+    world.kore.reset()
+    admin_port = free_port()
+    gw = start_gateway("admin", tmp_path, {
+        "server": {"admin_listen": f"127.0.0.1:{admin_port}"},
+        "upstream": {"base_url": world.kore.url, "allow_insecure_http": True},
+        "audit": {"path": str(tmp_path / "audit" / "admin.jsonl")},
+        "apps": [app_table("sessions", ["*"], client_secret=SECRET_SESSIONS)],
+        "callers": [{"name": "crm-service", "key_sha256": hashlib.sha256(
+            world.crm_key.encode()).hexdigest(), "bots": ["st-*"]}]}, key=world.crm_key)
+    try:
+        gw.process.wait_http(gw.host, gw.port)
+        gw.process.wait_http("127.0.0.1", admin_port)
+        rid = unique("adm")
+        assert gw.deactivate(unique("st-adm"), {"userId": "u"}, rid=rid).status == 200
+        bad_key = {"Authorization": "Bearer not-a-key"}
+        for path in OPERATIONS_ROUTES:
+            reply = http(admin_port, "GET", path, headers=bad_key)
+            TRANSCRIPT.append(reply)
+            assert reply.status == 200, (path, reply.text)
+            assert REQUEST_ID_RE.fullmatch(reply.header("X-Request-ID") or ""), reply.headers
+        metrics = http(admin_port, "GET", "/metrics").text
+        assert 'caller="crm-service"' in metrics  # what the API served, counted there
+        expect_error(gw.call("GET", "/metrics"), 404, "not_found")
+        for path in ("/healthz", "/readyz", "/openapi.json"):
+            assert gw.call("GET", path).status == 200, path
+        refused = unique("adm-x")
+        bot = unique("st-adm")
+        for method, path, payload in [
+                ("POST", f"/v1/bots/{bot}/sessions/deactivate", {"userId": "u"}),
+                ("POST", "/v1/sessions/deactivate", {"items": [{"botId": bot, "userId": "u"}]}),
+                ("PUT", f"/api/public/bot/{bot}/session", {"userId": "u"})]:
+            reply = http(admin_port, method, path, body=json.dumps(payload).encode(), headers={
+                "Authorization": f"Bearer {world.crm_key}", "Content-Type": "application/json",
+                "X-Request-ID": refused})
+            TRANSCRIPT.append(reply)
+            expect_error(reply, 404, "not_found")
+        assert world.kore.none_for(refused)
+        assert gw.records_for(refused, terminal=False) == []
+    finally:
+        assert gw.process.stop() == 0
 
 
 def test_openapi_document_covers_every_route(w: World) -> None:
