@@ -12,11 +12,12 @@ from typing import Any
 
 import structlog
 
+from gateway.audit.keyless import UnauthenticatedAudit
 from gateway.audit.log import AuditLog
 from gateway.auth import Caller
 from gateway.breaker import CircuitBreaker, Pass
 from gateway.config.model import KoreApp
-from gateway.errors import AuditUnavailable, GatewayError, UpstreamError
+from gateway.errors import AuditUnavailable, GatewayError, Unauthenticated, UpstreamError
 from gateway.kore.client import CallTrace, KoreClient
 from gateway.kore.tokens import TokenCache
 from gateway.ratelimit.memory import RateLimiter
@@ -38,6 +39,7 @@ class Ask:
     route: str
     started: float = field(default_factory=time.monotonic)
     caller: str | None = None
+    client: str | None = None  # who knocked: the peer, or X-Forwarded-For behind a trusted proxy
     bot_id: Any = None
     user_id: Any = None
     channel: Any = None
@@ -49,8 +51,8 @@ class Ask:
         self.bot_id, self.user_id, self.channel = d.bot_id, d.user_id, d.channel
 
     def subject(self) -> dict[str, Any]:
-        return {"requestId": self.request_id, "caller": self.caller, "route": self.route,
-                "botId": _raw(self.bot_id), "userId": _raw(self.user_id),
+        return {"requestId": self.request_id, "caller": self.caller, "client": self.client,
+                "route": self.route, "botId": _raw(self.bot_id), "userId": _raw(self.user_id),
                 "channel": _raw(self.channel)}
 
     def duration_ms(self) -> float:
@@ -74,8 +76,10 @@ class Deactivator:
     """Carries one deactivation through the gateway; one instance per process."""
 
     def __init__(self, *, audit: AuditLog, tokens: TokenCache, limiter: RateLimiter,
-                 client: KoreClient, breaker: CircuitBreaker, timeout_s: float) -> None:
+                 client: KoreClient, breaker: CircuitBreaker, timeout_s: float,
+                 unauthenticated: UnauthenticatedAudit | None = None) -> None:
         self.audit = audit
+        self.unauthenticated = unauthenticated  # keyless denials: one by one, then counted
         self.tokens = tokens
         self.limiter = limiter
         self.client = client
@@ -141,7 +145,10 @@ class Deactivator:
         record = {"event": "deactivate.denied", **ask.subject(), "app": None,
                   **_result(ask, error.status, error, CallTrace())}
         try:
-            await self.audit.append(record)
+            if isinstance(error, Unauthenticated) and self.unauthenticated is not None:
+                await self.unauthenticated.deny(record)
+            else:
+                await self.audit.append(record)
         except AuditUnavailable:
             log.error("audit.denial_lost", request_id=ask.request_id, error=error.code)
 

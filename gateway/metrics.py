@@ -90,6 +90,22 @@ class Metrics:
             "kgw_worker_restarts_total", "Workers of `serve --workers N` started again after "
             "one died (crash, SIGKILL, OOM kill); each restarted worker counts itself.",
             registry=r)
+        self._suppressed = Counter(
+            "kore_gateway_audit_unauthenticated_suppressed", "Keyless requests (no key, an "
+            "unknown key) counted into an audit.unauthenticated_suppressed record instead of "
+            "getting a record of their own.", registry=r)
+        self._disk_free = Gauge(
+            "kore_gateway_audit_disk_free_bytes", "Bytes free for the gateway on the audit "
+            "log's volume (lowest worker).", multiprocess_mode="livemin", registry=r)
+        self._held = Counter(
+            "kore_gateway_unauthenticated_held", "Keyless answers held back because their "
+            "client address was over its keyless budget.", registry=r)
+        self._connections = Gauge("kore_gateway_connections", "Open client connections "
+                                  "(compare with server.max_connections).",
+                                  multiprocess_mode="livesum", registry=r)
+        self._closed = Counter(
+            "kore_gateway_connections_closed", "Client connections the gateway closed or "
+            "refused on its own, by reason.", ("reason",), registry=r)
         self._reload_failed = Gauge(
             "kgw_config_reload_failed", "1 while the last config reload failed (the running "
             "config is kept, whole), 0 after a good one (worst worker).",
@@ -157,6 +173,20 @@ class Metrics:
 
     def worker_restarted(self) -> None:
         self._worker_restarts.inc()
+    def audit_unauthenticated_suppressed(self) -> None:
+        self._suppressed.inc()
+
+    def audit_disk_free(self, free_bytes: int) -> None:
+        self._disk_free.set(free_bytes)
+
+    def unauthenticated_held(self) -> None:
+        self._held.inc()
+
+    def connections(self, open_now: int) -> None:
+        self._connections.set(open_now)
+
+    def connection_closed(self, reason: str) -> None:
+        self._child(self._closed, reason).inc()
 
     def render(self) -> bytes:
         """The Prometheus text format: this registry, or every worker's samples merged."""

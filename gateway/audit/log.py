@@ -52,6 +52,7 @@ from gateway.audit.chain import (
 )
 from gateway.audit.files import (
     AuditOpenError,
+    FdReserve,
     error_reason,
     first_line,
     last_record,
@@ -137,6 +138,7 @@ class AuditLog:
         self._failed_errno: int | None = None  # last failure logged, to log each new one once
         self.fsyncs = 0  # fsyncs of the log file: with group commit, fewer than records
         self._io_lock = threading.Lock()  # held while the file is being changed; see halt()
+        self._reserve = FdReserve()  # rotation and reopening survive a process out of fds
 
     @property
     def path(self) -> Path:
@@ -152,6 +154,7 @@ class AuditLog:
         """Open the file at start-up and recover ``seq`` and ``prev`` from its tail."""
         if self._opened:
             raise RuntimeError("audit log already opened")
+        self._reserve.refill()
         try:
             self._reopen()
             self._seq, self._prev = self._recover()
@@ -186,6 +189,16 @@ class AuditLog:
         # Shielded: a caller that stops waiting does not unmake a record already in a batch.
         return await asyncio.shield(future)
 
+    def disk_free(self) -> int | None:
+        """Bytes an unprivileged writer may still add on the log's volume; None if unknown.
+
+        `statvfs` of the directory needs no file descriptor, so it answers even when the
+        process has none left."""
+        try:
+            stats = os.statvfs(self._path.parent)
+        except OSError:
+            return None
+        return stats.f_bavail * stats.f_frsize
     async def head(self) -> tuple[int, str]:
         """seq and hash of the last durable record (0 and 64 zeros before the first)."""
         if self._closed or not self._opened:
@@ -223,6 +236,7 @@ class AuditLog:
         if self._flusher is not None:
             await asyncio.shield(self._flusher)
         await self._in_worker(self._close_fd)
+        await self._in_worker(self._reserve.close)
         self._worker.shutdown(wait=False)
 
     # -- event-loop side ---------------------------------------------------------------------
@@ -345,7 +359,8 @@ class AuditLog:
 
     def _reopen(self) -> int:
         """Open the current file; if it is the one we had, cut away bytes never made durable."""
-        fd, st = open_locked(self._path, fsync_dir=self._fsync)
+        fd, st = self._reserve.run(lambda: open_locked(self._path, fsync_dir=self._fsync))
+        self._reserve.refill()
         same = (st.st_dev, st.st_ino) == self._identity
         size = min(st.st_size, self._size) if same else st.st_size
         try:
@@ -367,7 +382,8 @@ class AuditLog:
 
     def _rotate(self) -> int:
         self._close_fd()
-        target = rotated_path(self._path, last_rotation(self._path) + 1)
+        number = self._reserve.run(lambda: last_rotation(self._path)) + 1
+        target = rotated_path(self._path, number)
         os.rename(self._path, target)
         self._identity = None
         log.info("audit.rotated", path=str(self._path), rotated_to=str(target), seq=self._seq)

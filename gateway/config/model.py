@@ -94,6 +94,12 @@ class ServerConfig:
     # "" = off; else HOST:PORT serving /metrics, /healthz, /readyz and /openapi.json (no
     # deactivation route, no key); /metrics then leaves the `listen` address.
     admin_listen: str = ""
+    max_head_bytes: int = 16384  # a whole request head (line and headers); beyond it 431
+    trusted_proxies: tuple[str, ...] = ()  # CIDRs of peers whose X-Forwarded-For is believed
+    max_connections: int = 4096  # open client connections per process; beyond it refused
+    max_connections_per_client: int = 256  # per client address (trusted proxies exempt)
+    keepalive_timeout_s: float = 75.0  # an idle kept-alive connection is closed after this
+    write_timeout_s: float = 30.0  # an answer the client does not read for this long: cut off
 
     @property
     def host(self) -> str:
@@ -136,6 +142,7 @@ class AuditConfig:
     hash_user_ids: bool = False
     max_bytes: int = 104857600
     fsync: bool = True
+    max_unauthenticated_per_s: int = 20  # keyless requests audited one by one; the rest summed
     chain_key: Secret | None = None  # HMAC chain key, from chain_key_env or chain_key_file
     anchor_every_s: float = 60.0  # log an audit.anchor line this often (and at shutdown)
 

@@ -7,6 +7,7 @@ Turns the parsed TOML of one file into a `Config`, every key read through `toml_
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -93,7 +94,16 @@ def _server(t: Table) -> ServerConfig:
                                   integer=True),
         max_headers=t.number("max_headers", d.max_headers, low=8, integer=True),
         admin_listen=_admin_listen(t, listen),
+        max_head_bytes=t.number("max_head_bytes", d.max_head_bytes, low=1024, integer=True),
+        trusted_proxies=_networks(t, "trusted_proxies"),
+        max_connections=t.number("max_connections", d.max_connections, low=1, integer=True),
+        max_connections_per_client=t.number("max_connections_per_client",
+                                            d.max_connections_per_client, low=1, integer=True),
+        keepalive_timeout_s=t.number("keepalive_timeout_s", d.keepalive_timeout_s, low=0.1),
+        write_timeout_s=t.number("write_timeout_s", d.write_timeout_s, low=0.1),
     )
+    if server.max_head_bytes < server.max_header_bytes:
+        t.fail("max_head_bytes", f"must be at least max_header_bytes ({server.max_header_bytes})")
     if server.auth == "none" and not is_loopback(server.host):
         t.fail("auth", f'"none" is allowed only on a loopback listen address, not {server.host}')
     t.finish()
@@ -119,6 +129,17 @@ def _admin_listen(t: Table, listen: str) -> str:
         t.fail("admin_listen", f"must differ from server.listen ({listen}): use another port")
         return ""
     return admin
+def _networks(t: Table, name: str) -> tuple[str, ...]:
+    """A list of CIDRs (a bare address is its own /32 or /128), each checked."""
+    value = t.get(name, list, [])
+    networks = []
+    for i, item in enumerate(value):
+        try:
+            networks.append(str(ipaddress.ip_network(item, strict=False)))
+        except (TypeError, ValueError):
+            t.fail(f"{name}[{i}]", f"not an IP network in CIDR form (e.g. \"10.0.0.0/8\"): "
+                   f"{item!r}")
+    return tuple(networks)
 
 
 def _upstream(t: Table) -> UpstreamConfig:
@@ -185,6 +206,8 @@ def _audit(t: Table) -> AuditConfig:
         hash_user_ids=t.get("hash_user_ids", bool, d.hash_user_ids),
         max_bytes=t.number("max_bytes", d.max_bytes, low=1024, integer=True),
         fsync=t.get("fsync", bool, d.fsync),
+        max_unauthenticated_per_s=t.number("max_unauthenticated_per_s",
+                                           d.max_unauthenticated_per_s, low=0, integer=True),
         chain_key=_chain_key(t, Path(path).parent if path else None),
         anchor_every_s=t.number("anchor_every_s", d.anchor_every_s, low=0.05),
     )

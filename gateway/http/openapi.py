@@ -385,7 +385,11 @@ def _output_schemas() -> dict[str, Any]:
                     "keys": {"type": "array", "items": {"type": "string"}},
                     "failedAt": {"type": "string"}, "kept": {"type": "string"}},
                     "description": "The last config reload; while it failed the whole "
-                                   "running config is kept."}}},
+                                   "running config is kept."},
+                "auditDiskFreeBytes": {
+                    "type": ["integer", "null"], "minimum": 0,
+                    "description": "Bytes free for the gateway on the audit log's volume "
+                                   "(null when it cannot be read)."}}},
     }
 
 

@@ -14,12 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from gateway.audit.anchors import Anchors
+from gateway.audit.keyless import UnauthenticatedAudit
 from gateway.audit.log import AuditLog, ChainKey
 from gateway.auth import Authenticator
 from gateway.breaker import CircuitBreaker
 from gateway.config.model import Config
 from gateway.deactivation import Deactivator
 from gateway.errors import Overloaded
+from gateway.http.forwarded import TrustedProxies
+from gateway.http.keyless import KeylessBudget
 from gateway.http.reload import ConfigChange, ReloadStatus, diff, live_config
 from gateway.kore.client import KoreClient
 from gateway.kore.tokens import TokenCache
@@ -29,6 +32,7 @@ from gateway.ratelimit.redis import RedisRateLimiter
 from gateway.validation import Validator
 
 READY_CACHE_S = 1.0  # readiness probes are cheap but not free: reuse a verdict this long
+MIN_KEYLESS_SHARE = 16  # keyless answers held back at once: at least this, or max_in_flight/10
 
 
 class Runtime:
@@ -47,6 +51,10 @@ class Runtime:
                               metrics=self.metrics, chain_key=chain_key(config))
         self.anchors = Anchors(self.audit, config.audit.anchor_every_s,
                                logging.getLevelNamesMapping()[config.logging.level.upper()])
+        self.unauthenticated = UnauthenticatedAudit(
+            self.audit, config.audit.max_unauthenticated_per_s, metrics=self.metrics)
+        self.proxies = TrustedProxies(config.server.trusted_proxies)
+        self.keyless = KeylessBudget(max(MIN_KEYLESS_SHARE, config.server.max_in_flight // 10))
         self.tokens = TokenCache(config.apps, metrics=self.metrics)
         self.limiter = make_limiter(config, workers, self.metrics)
         self.client = KoreClient(config.upstream, self.tokens, self.limiter,
@@ -59,7 +67,8 @@ class Runtime:
                                       metrics=self.metrics)
         self.deactivator = Deactivator(audit=self.audit, tokens=self.tokens,
                                        limiter=self.limiter, client=self.client,
-                                       breaker=self.breaker, timeout_s=config.upstream.timeout_s)
+                                       breaker=self.breaker, timeout_s=config.upstream.timeout_s,
+                                       unauthenticated=self.unauthenticated)
         self.reload_status = ReloadStatus(self.metrics)
         self.in_flight = 0
         self.tasks: set[asyncio.Task[Any] | None] = set()  # handlers of in-flight requests
@@ -76,6 +85,7 @@ class Runtime:
         await self.client.close()
         await self.tokens.aclose()
         await self.limiter.aclose()
+        await self.unauthenticated.aclose()
         await self.anchors.stop()
         await self.audit.close()
         await self.anchors.emit()  # the last anchor covers every record written
@@ -127,8 +137,16 @@ class Runtime:
         ok = bool(checks["audit"] and checks["token"] and not self.draining)
         detail = {"status": "ready" if ok else "not_ready", "checks": checks,
                   "circuit": self.breaker.detail(), "rateLimit": self.limiter.detail(),
-                  "configReload": self.reload_status.detail()}
+                  "configReload": self.reload_status.detail(),
+                  "auditDiskFreeBytes": self.audit_disk_free()}
         return ok, detail
+
+    def audit_disk_free(self) -> int | None:
+        """Bytes free for us on the audit volume (also the metric); None when unknown."""
+        free = self.audit.disk_free()
+        if free is not None:
+            self.metrics.audit_disk_free(free)
+        return free
 
 
 def chain_key(config: Config) -> ChainKey | None:

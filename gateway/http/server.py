@@ -34,6 +34,7 @@ from gateway.config.model import Config, split_listen, with_changes
 from gateway.http import loop as event_loop
 from gateway.http.app import RUNTIME, create_admin_app, create_app
 from gateway.http.connection import GatewayRunner
+from gateway.http.gate import FD_RESERVED, fd_capped, raise_fd_limit
 from gateway.http.reload import Reloader
 from gateway.http.runtime import Runtime
 from gateway.http.supervisor import HangupRelay, Supervisor, worker_signals
@@ -50,9 +51,15 @@ class ListenError(Exception):
     """The listen address cannot be bound (in use, not local, no permission)."""
 
 
-def make_runner(app: web.Application, config: Config) -> web.AppRunner:
-    """Header limits, keep-alive and slow-client timeouts from `[server]` (`connection.py`)."""
-    return GatewayRunner(app, config.server, handle_signals=False, shutdown_timeout=1.0)
+def make_runner(app: web.Application, config: Config, *, admin: bool = False
+                ) -> web.AppRunner:
+    """Header limits, connection limits, keep-alive and slow-client timeouts from `[server]`
+    (`connection.py`); `max_connections` within the file-descriptor limit (`gate.py`). The
+    connection metrics are the API listener's: the admin listener counts its own apart."""
+    reserved = FD_RESERVED + config.upstream.max_connections
+    return GatewayRunner(app, config.server, handle_signals=False, shutdown_timeout=1.0,
+                         max_connections=fd_capped(config.server.max_connections, reserved),
+                         metrics=None if admin else app[RUNTIME].metrics)
 
 
 async def run_worker(config: Config, *, worker: int = 0, workers: int = 1,
@@ -94,7 +101,7 @@ async def _listen(app: web.Application, config: Config, *, reuse_port: bool
         sites.append((create_admin_app(app[RUNTIME]), config.server.admin_listen))
     try:
         for site_app, listen in sites:
-            runner = make_runner(site_app, config)
+            runner = make_runner(site_app, config, admin=site_app is not app)
             runners.append(runner)
             await runner.setup()  # the API app's setup starts the runtime (audit log open …)
             host, port = split_listen(listen)
@@ -148,6 +155,7 @@ def _install_signals(stop: asyncio.Event, halt: Callable[[], bool], *,
 
 
 def serve(config: Config, workers: int = 1, *, watch_s: float | None = None) -> int:
+    raise_fd_limit()  # every client connection is a descriptor; workers inherit the limit
     with multiprocess_dir(workers):  # set before spawning: the workers share their metrics
         if workers <= 1:
             return event_loop.run(run_worker(config, watch_s=watch_s))

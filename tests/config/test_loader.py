@@ -194,6 +194,24 @@ CONFIG_ERRORS: list[tuple[str, Change, str, str]] = [
     ("admin-listen-under-wildcard-api", _both(_set("server.listen", "[::]:8080"),
                                               _set("server.admin_listen", "[::1]:8080")),
      "server.admin_listen", "must differ from server.listen"),
+    ("max-connections-zero", _set("server.max_connections", 0), "server.max_connections",
+     "must be at least 1"),
+    ("per-client-connections-zero", _set("server.max_connections_per_client", 0),
+     "server.max_connections_per_client", "must be at least 1"),
+    ("write-timeout-zero", _set("server.write_timeout_s", 0), "server.write_timeout_s",
+     "must be at least 0.1"),
+    ("keepalive-zero", _set("server.keepalive_timeout_s", 0), "server.keepalive_timeout_s",
+     "must be at least 0.1"),
+    ("head-below-one-header", _set("server.max_head_bytes", 2048), "server.max_head_bytes",
+     "must be at least max_header_bytes (8190)"),
+    ("keyless-budget-negative", _set("audit.max_unauthenticated_per_s", -1),
+     "audit.max_unauthenticated_per_s", "must be at least 0"),
+    ("trusted-proxies-not-a-list", _set("server.trusted_proxies", "10.0.0.0/8"),
+     "server.trusted_proxies", "must be a list"),
+    ("trusted-proxy-not-a-network", _set("server.trusted_proxies", ["10.0.0.0/8", "lb.internal"]),
+     "server.trusted_proxies[1]", "not an IP network in CIDR form"),
+    ("trusted-proxy-bad-prefix", _set("server.trusted_proxies", ["10.0.0.0/33"]),
+     "server.trusted_proxies[0]", "not an IP network in CIDR form"),
     # choices
     ("auth-unknown", _set("server.auth", "basic"), "server.auth", 'must be one of "api-key"'),
     ("algorithm-unknown", _set("apps.0.algorithm", "ES256"), "apps[0].algorithm",
@@ -432,6 +450,15 @@ class TestDefaultsAndPaths:
         assert UpstreamConfig().bot_id_pattern == "^st-[A-Za-z0-9-]{1,100}$"
         assert UpstreamConfig().allow_insecure_http is False
         assert RateLimitConfig().windows == ((600, 60.0), (18000, 3600.0))
+        assert ServerConfig().trusted_proxies == ()
+        assert ServerConfig().max_connections == 4096
+        assert AuditConfig().max_unauthenticated_per_s == 20
+
+    def test_trusted_proxies_normalised_to_networks(self, tmp_path: Path) -> None:
+        config = load(tmp_path, merge(base_settings(tmp_path), {"server": {
+            "trusted_proxies": ["10.0.0.0/8", "192.0.2.7", "2001:db8::/32", "10.1.2.3/16"]}}))
+        assert config.server.trusted_proxies == ("10.0.0.0/8", "192.0.2.7/32",
+                                                 "2001:db8::/32", "10.1.0.0/16")
 
     def test_relative_audit_path_resolved_against_config_dir(
             self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -21,8 +21,6 @@ METRIC = re.compile(r"\b(?:kore_gateway|kgw)_[a-z0-9_]*[a-z0-9]")
 PENDING = frozenset({
     "kore_gateway_ratelimit_paused_bots",  # learning Kore.ai's real limits
     "kore_gateway_ratelimit_learned_budget",
-    "kore_gateway_audit_disk_free_bytes",  # keyless floods cannot fill the disk
-    "kore_gateway_audit_unauthenticated_suppressed_total",
 })
 SUFFIXES = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count"),
             "summary": ("_sum", "_count")}

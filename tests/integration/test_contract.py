@@ -6,11 +6,13 @@ HTTP (`http.client`), the audit log is read as a file, the commands are run as c
 of `gateway` is imported. One sandbox and three gateways serve the whole module:
 
 - `main`   api-key callers, default limits, ten Kore.ai apps (every algorithm, every secret
-           form, jti, custom claims, a wrong-scope app, glob order), relative paths;
+           form, jti, custom claims, a wrong-scope app, glob order), relative paths, a keyless
+           audit budget large enough that every keyless request here gets its own record;
 - `local`  `auth = "none"`, a permissive `bot_id_pattern`, `max_attempts = 1`, `timeout_s = 2`,
            a small `audit.max_bytes` (rotation);
-- `hashed` `hash_user_ids = true`, a custom `session_path`, small body/batch/in-flight limits and
-           a one-call-per-hour rate limit.
+- `hashed` `hash_user_ids = true`, a custom `session_path`, small body/batch/in-flight limits,
+           a one-call-per-hour rate limit, loopback as trusted proxies and a keyless audit
+           budget of 2 a second.
 
 Upstream behaviour is varied at run time through the sandbox's control routes
 (`PUT /__sandbox/faults`, `GET`/`DELETE /__sandbox/calls`). The sandbox records request headers
@@ -65,6 +67,7 @@ SNAKE_RE = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$")
 JWT_RE = re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*")
 ZEROS = "0" * 64
 EVENTS = {"deactivate.requested", "deactivate.completed", "deactivate.denied"}
+SUPPRESSED = "audit.unauthenticated_suppressed"  # §3 additions: keyless requests past a budget
 # What the gateway's HTTP client may set by itself, plus the three headers of section 1.
 CLIENT_HEADERS = {"host", "content-length", "user-agent", "accept", "accept-encoding"}
 CONTRACT_HEADERS = {"auth", "content-type", "x-request-id"}
@@ -601,7 +604,9 @@ def world(tmp_path_factory: pytest.TempPathFactory, cli: CliRuns) -> Iterator[Wo
     (main_dir / "secrets" / "sessions.secret").write_text(SECRET_SESSIONS + "\n")
     main = start_gateway("main", main_dir, {
         "upstream": {**upstream, "timeout_s": 3},  # max_attempts: the default, 3
-        "audit": {"path": "audit/main.jsonl"},  # relative: resolved against main_dir
+        # relative: resolved against main_dir. Every keyless test here looks for its own
+        # record, so main's budget is large; `hashed` shows the budget (§3 additions).
+        "audit": {"path": "audit/main.jsonl", "max_unauthenticated_per_s": 1000},
         "apps": main_apps(),
         "callers": [
             {"name": "crm-service", "key_sha256": crm_sha, "bots": ["st-*"]},
@@ -611,10 +616,12 @@ def world(tmp_path_factory: pytest.TempPathFactory, cli: CliRuns) -> Iterator[Wo
 
     hashed_dir = root / "hashed"
     hashed = start_gateway("hashed", hashed_dir, {
-        "server": {"max_body_bytes": 1024, "max_batch_items": 3, "max_in_flight": 1},
+        "server": {"max_body_bytes": 1024, "max_batch_items": 3, "max_in_flight": 1,
+                   "trusted_proxies": ["127.0.0.0/8"]},
         "upstream": {**upstream, "session_path": "/api/public/{botId}/sessions",
                      "timeout_s": 5},
-        "audit": {"path": str(hashed_dir / "audit" / "hashed.jsonl"), "hash_user_ids": True},
+        "audit": {"path": str(hashed_dir / "audit" / "hashed.jsonl"), "hash_user_ids": True,
+                  "max_unauthenticated_per_s": 2},
         "rate_limit": {"windows": [{"calls": 1, "per_s": 3600}]},
         "apps": [app_table("sessions", ["st-*"], client_secret=SECRET_SESSIONS)],
         "callers": [{"name": "crm-service", "key_sha256": crm_sha, "bots": ["st-*"]}],
@@ -774,9 +781,22 @@ NAMES = "validated at start-up with an error that names the key and the file"
 ADMIN_LISTEN = ('admin_listen = "" # e.g. "0.0.0.0:9091": /metrics, /healthz, /readyz, '
                 "/openapi.json there")
 
+NEW_KEYS = "§4 keys of 2026-12-03"
 CONFIG_CASES = [
     ConfigCase("contract-sample-accepted", "§4 sample config", ok=True,
                env={"KORE_CLIENT_SECRET": CASE_SECRET}),
+    ConfigCase("new-keys-accepted", NEW_KEYS,
+               _all(_set("server.trusted_proxies", ["10.0.0.0/8", "fd00::/8"]),
+                    _set("server.max_connections", 100),
+                    _set("audit.max_unauthenticated_per_s", 5)), ok=True, env=CASE_ENV),
+    ConfigCase("trusted-proxy-not-a-cidr", NEW_KEYS + " (trusted_proxies: CIDRs)",
+               _set("server.trusted_proxies", ["load-balancer"]), names=("trusted_proxies",),
+               env=CASE_ENV),
+    ConfigCase("max-connections-zero", NEW_KEYS, _set("server.max_connections", 0),
+               names=("max_connections",), env=CASE_ENV),
+    ConfigCase("max-unauthenticated-negative", NEW_KEYS,
+               _set("audit.max_unauthenticated_per_s", -1),
+               names=("max_unauthenticated_per_s",), env=CASE_ENV),
     ConfigCase("GATEWAY_CONFIG-env", "One TOML file (--config PATH or GATEWAY_CONFIG)", ok=True,
                env=CASE_ENV, via_env=True),
     ConfigCase("unknown-top-level-table", UNKNOWN, _set("serverr", {"listen": "x"}),
@@ -2539,6 +2559,101 @@ def test_hash_user_ids_replaces_user_id_with_its_sha256(w: World) -> None:
     assert user not in text and json.dumps(user)[1:-1] not in text
 
 
+# --- additions of 2026-12-03 ------------------------------------------------------------------
+
+def test_every_record_carries_the_client(w: World) -> None:
+    """§3 additions: "Every record carries `client`: the peer address"."""
+    asked = {"ok": w.main.deactivate(unique("st-who"), {"userId": "u"}, rid=unique("who")),
+             "401": w.main.deactivate(unique("st-who"), {"userId": "u"}, key=None,
+                                      rid=unique("who")),
+             "403": w.main.deactivate(unique("st-who"), {"userId": "u"}, key=NARROW_KEY,
+                                      rid=unique("who"))}
+    for name, reply in asked.items():
+        records = w.main.records_for(reply.header("X-Request-ID") or "")
+        assert records and all(r["client"] == "127.0.0.1" for r in records), (name, records)
+
+
+@pytest.mark.parametrize(("gateway", "client"), [
+    pytest.param("main", "127.0.0.1", id="peer-not-trusted"),
+    pytest.param("hashed", "203.0.113.9", id="peer-is-a-trusted-proxy"),
+])
+def test_x_forwarded_for_is_used_only_from_a_trusted_proxy(w: World, gateway: str,
+                                                           client: str) -> None:
+    """§3 additions / §4 `server.trusted_proxies`: X-Forwarded-For counts only when the peer
+    is listed (`hashed` lists 127.0.0.0/8); the right-most address not itself trusted."""
+    gw: Gateway = getattr(w, gateway)
+    rid = unique("xff")
+    reply = gw.deactivate("not-a-bot-id", {"userId": "u"}, rid=rid,
+                          extra=[("X-Forwarded-For", "198.51.100.1, 203.0.113.9, 127.0.0.9")])
+    expect_error(reply, 400, "invalid_request")
+    assert expect_denied(gw, rid, 400, "rejected")["client"] == client
+
+
+@pytest.mark.parametrize("route", ["simple", "kore"])
+def test_forbidden_record_keeps_the_user_id_and_channel_asked(w: World, route: str) -> None:
+    """§3 additions: "An authenticated caller refused for a bot (403) still has the `userId`
+    and `channel` it sent recorded"."""
+    rid, bot = unique("kept"), unique("st-kept")
+    body = {"userId": "u-kept", "channel": "ivrVoice"}
+    call = w.main.deactivate if route == "simple" else w.main.kore
+    expect_error(call(bot, body, rid=rid, key=NARROW_KEY), 403, "forbidden")
+    record = expect_denied(w.main, rid, 403, "denied", "forbidden")
+    assert (record["botId"], record["userId"], record["channel"]) == (bot, "u-kept", "ivrVoice")
+
+
+def test_keyless_requests_past_the_budget_are_counted_once_a_second(w: World) -> None:
+    """§3 additions: a keyless request gets its own `deactivate.denied` record up to
+    `audit.max_unauthenticated_per_s` (`hashed`: 2) a second; the excess is counted into one
+    `audit.unauthenticated_suppressed` record a second, `{"count", "clients"}`. Keyed
+    requests are audited one by one whatever the budget."""
+    before = len(w.hashed.records())
+    rids = [unique("keyless") for _ in range(10)]
+    for rid in rids:
+        expect_error(w.hashed.deactivate(unique("st-kl"), {"userId": "u"}, key=None, rid=rid),
+                     401, "unauthenticated")
+    keyed = unique("keyed")
+    expect_error(w.hashed.deactivate("not-a-bot-id", {"userId": "u"}, rid=keyed), 400)
+    time.sleep(1.5)  # a second's summary is written when the second ends
+    new = w.hashed.records()[before:]
+    own = [r for r in new if r.get("requestId") in rids]
+    summaries = [r for r in new if r["event"] == SUPPRESSED]
+    assert 2 <= len(own) <= 4, own  # 2 a second; ten quick calls may straddle two seconds
+    assert summaries and len(summaries) <= 3
+    for summary in summaries:
+        _expect_summary(summary)
+        assert set(summary["clients"]) == {"127.0.0.1"}
+    assert len(own) + sum(s["count"] for s in summaries) == len(rids)
+    assert [r["requestId"] for r in new if r.get("caller")] == [keyed]
+
+
+def test_max_connections_refuses_past_the_limit(w: World, tmp_path: Path) -> None:
+    """§4 `server.max_connections`: open client connections per process, beyond it refused
+    (a 503 `overloaded` with `Retry-After` when no connection is idle)."""
+    gw = start_gateway("two-connections", tmp_path, {
+        "server": {"auth": "none", "max_connections": 2},
+        "upstream": {"base_url": w.kore.url, "allow_insecure_http": True},
+        "audit": {"path": str(tmp_path / "audit" / "two.jsonl")},
+        "apps": [app_table("sessions", ["*"], client_secret=SECRET_SESSIONS)]}, key=None)
+    try:
+        gw.process.wait_http(gw.host, gw.port)
+        w.kore.faults(latency_ms=2000)
+        pool = ThreadPoolExecutor(max_workers=2)
+        busy = [pool.submit(gw.deactivate, unique("st-cap"), {"userId": "u"}, rid=rid)
+                for rid in (unique("cap"), unique("cap"))]
+        for future in busy:
+            assert not future.done()
+        time.sleep(0.5)
+        refused = gw.call("GET", "/healthz")
+        expect_error(refused, 503, "overloaded")
+        expect_retry_after(refused)
+        assert [f.result(timeout=20).status for f in busy] == [200, 200]
+        pool.shutdown()
+        assert gw.call("GET", "/healthz").status == 200
+    finally:
+        w.kore.reset()
+        assert gw.process.stop() == 0
+
+
 def test_rotation_continues_the_chain_in_the_next_file(w: World) -> None:
     """§3: past `audit.max_bytes` the log rotates and the chain continues: the first record
     of a new file has `prev` = the last `hash` of the previous file (`local`: 2048 bytes);
@@ -3103,7 +3218,12 @@ def test_zz_audit_files_follow_the_contract(
         assert TS_RE.fullmatch(record["ts"]), record["ts"]
         when = dt.datetime.strptime(record["ts"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.UTC)
         assert abs((now - when).total_seconds()) < 3600
+        assert "client" in record, record  # §3 additions: who knocked, in every record
+        if record["event"] == SUPPRESSED:
+            _expect_summary(record)
+            continue
         assert record["event"] in EVENTS, record
+        assert isinstance(record["client"], str) and record["client"], record
         for key in ("requestId", "caller", "route", "botId", "channel"):
             assert key in record, (key, record)
         assert ("userIdHash" in record) if name == "hashed" else ("userId" in record), record
@@ -3121,6 +3241,15 @@ def test_zz_audit_files_follow_the_contract(
                           ["deactivate.denied"]), (rid, events)
     done = final_verify[name].result(timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _expect_summary(record: dict[str, Any]) -> None:
+    """§3 additions: `{"count", "clients": {address: count}}`, the top 10 addresses."""
+    assert isinstance(record["count"], int) and record["count"] > 0, record
+    clients = record["clients"]
+    assert isinstance(clients, dict) and 1 <= len(clients) <= 10, record
+    assert all(isinstance(n, int) and n > 0 for n in clients.values()), record
+    assert sum(clients.values()) <= record["count"], record
 
 
 def test_zz_no_secret_in_any_answer_or_log(world: World) -> None:
