@@ -20,11 +20,12 @@ from typing import Any
 
 import structlog
 
+from gateway.audit.keyless import UnauthenticatedAudit
 from gateway.audit.log import AuditLog
 from gateway.auth import Caller
-from gateway.breaker import CircuitBreaker
+from gateway.breaker import CircuitBreaker, Pass
 from gateway.config.model import KoreApp
-from gateway.errors import AuditUnavailable, GatewayError, UpstreamError
+from gateway.errors import AuditUnavailable, GatewayError, Unauthenticated, UpstreamError
 from gateway.kore.client import CallTrace, KoreClient
 from gateway.kore.tokens import TokenCache
 from gateway.ratelimit.memory import RateLimiter
@@ -49,6 +50,7 @@ class Ask:
     route: str
     started: float = field(default_factory=time.monotonic)
     caller: str | None = None
+    client: str | None = None  # who knocked: the peer, or X-Forwarded-For behind a trusted proxy
     bot_id: Any = None
     user_id: Any = None
     channel: Any = None
@@ -60,8 +62,8 @@ class Ask:
         self.bot_id, self.user_id, self.channel = d.bot_id, d.user_id, d.channel
 
     def subject(self) -> dict[str, Any]:
-        return {"requestId": self.request_id, "caller": self.caller, "route": self.route,
-                "botId": _raw(self.bot_id), "userId": _raw(self.user_id),
+        return {"requestId": self.request_id, "caller": self.caller, "client": self.client,
+                "route": self.route, "botId": _raw(self.bot_id), "userId": _raw(self.user_id),
                 "channel": _raw(self.channel)}
 
     def duration_ms(self) -> float:
@@ -85,8 +87,10 @@ class Deactivator:
     """Carries one deactivation through the gateway; one instance per process."""
 
     def __init__(self, *, audit: AuditLog, tokens: TokenCache, limiter: RateLimiter,
-                 client: KoreClient, breaker: CircuitBreaker, timeout_s: float) -> None:
+                 client: KoreClient, breaker: CircuitBreaker, timeout_s: float,
+                 unauthenticated: UnauthenticatedAudit | None = None) -> None:
         self.audit = audit
+        self.unauthenticated = unauthenticated  # keyless denials: one by one, then counted
         self.tokens = tokens
         self.limiter = limiter
         self.client = client
@@ -100,7 +104,7 @@ class Deactivator:
             caller.authorize(d.bot_id)
             app = self.tokens.app_for(d.bot_id)
             await self.limiter.acquire(d.bot_id, deadline)
-            self.breaker.before_call()
+            ticket = self.breaker.before_call(d.bot_id)
         except GatewayError as exc:
             await self.deny(ask, exc)
             raise
@@ -108,27 +112,28 @@ class Deactivator:
             await self.audit.append({"event": "deactivate.requested", **ask.subject(),
                                      "app": app.name})
         except AuditUnavailable:
-            self.breaker.release()
+            self.breaker.release(ticket)
             await self.deny(ask, AuditUnavailable("the audit log cannot be written; "
                                                   "nothing was sent to Kore.ai"))
             raise
         except BaseException:
-            self.breaker.release()  # a half-open probe slot must never be lost
+            self.breaker.release(ticket)  # a half-open probe slot must never be lost
             raise
         ask.app = app.name
-        return await self._call(ask, app, d, deadline)
+        return await self._call(ask, app, d, deadline, ticket)
 
-    async def _call(self, ask: Ask, app: KoreApp, d: Deactivation, deadline: float) -> Any:
+    async def _call(self, ask: Ask, app: KoreApp, d: Deactivation, deadline: float,
+                    ticket: Pass) -> Any:
         try:
             body = await self.client.deactivate(app, d, ask.request_id, deadline, ask.trace)
         except GatewayError as exc:  # upstream errors, and a retry refused by the rate limit
-            self.breaker.record(ok=not is_outage(exc))
+            self.breaker.record(ticket, ok=not is_outage(exc))
             await self._complete(ask, exc.status, exc)
             raise
         except BaseException:
-            self.breaker.release()  # cut short (shutdown): `abandon` writes the record
+            self.breaker.release(ticket)  # cut short (shutdown): `abandon` writes the record
             raise
-        self.breaker.record(ok=True)
+        self.breaker.record(ticket, ok=True)
         await self._complete(ask, 200, None)
         return body
 
@@ -152,7 +157,10 @@ class Deactivator:
         record = {"event": "deactivate.denied", **ask.subject(), "app": None,
                   **_result(ask, error.status, error, CallTrace())}
         try:
-            await self.audit.append(record)
+            if isinstance(error, Unauthenticated) and self.unauthenticated is not None:
+                await self.unauthenticated.deny(record)
+            else:
+                await self.audit.append(record)
         except AuditUnavailable:
             log.error("audit.denial_lost", request_id=ask.request_id, error=error.code)
 

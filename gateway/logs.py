@@ -1,20 +1,40 @@
-"""structlog set-up: JSON lines to stderr (console on a terminal), with secrets redacted.
+"""structlog set-up: JSON lines to stderr (console on a terminal), with secrets redacted, and
+optionally the same lines appended to a size-rotated file (`LogFile`) for a log shipper.
 
-`configure()` runs once at start-up. The audit log is not a log and never passes through here.
-`access()` writes the one line per answered request without structlog's processor chain: the
-same fields, context variables, timestamp and redaction, built in one step (the chain costs
-several times more, once per request).
+`configure()` runs once at start-up. It sends everything the process logs through the same
+redaction: the gateway's own structlog events, and the standard-library logging of its
+libraries (`aiohttp.server`, `aiohttp.access`, `aiohttp.web`, `asyncio`, `redis`, the root
+logger, `warnings`) through structlog's `ProcessorFormatter`, plus uncaught exceptions in any
+thread and unraisable ones. What is redacted:
+
+- fields named like a secret (`REDACTED_KEYS`), whatever their value;
+- in every text: anything shaped like a JWT, a credential after `Bearer` or `Basic`, a
+  gateway key (`kgw_…`), the `user:password@` of a URL, the value of a credential-carrying
+  header line (`Authorization: …`, `Cookie: …`), and a Python bytes literal (`b'…'`: how
+  libraries show raw bytes they received);
+- in exception messages (tracebacks included) and in library log messages, also every quoted
+  literal (`'…'`, `"…"`): that is how a library quotes the request line or header it refused.
+
+The audit log is not a log and never passes through here. `access()` writes the one line per
+answered request without structlog's processor chain: the same fields, context variables,
+timestamp and redaction, to the same stream, built in one step (the chain costs several times
+more, once per request).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
+import threading
 import time
-from collections.abc import MutableMapping
-from typing import Any
+import traceback
+from collections.abc import Callable, MutableMapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TextIO
 
 import orjson
 import structlog
@@ -22,14 +42,46 @@ import structlog
 # Keys whose values are never written, whatever a call site passes by mistake.
 REDACTED_KEYS = frozenset({
     "secret", "client_secret", "private_key", "token", "jwt", "authorization", "auth", "key",
-    "api_key", "password", "redis_url",
+    "api_key", "password", "redis_url", "cookie",
 })
-_JWT = re.compile(r"eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*")
-_BEARER = re.compile(r"(?i)(bearer\s+)\S+")
+_SECRET_SHAPES = re.compile(
+    r"(?P<jwt>eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*)"
+    r"|(?P<scheme>\b(?i:bearer|basic)\s+)\S+"
+    r"|(?P<gwkey>\bkgw_[A-Za-z0-9_-]+)"
+    r"|(?P<userinfo>(?<=://)[^/\s@]*@)"
+    r"|(?P<header>\b(?i:authorization|proxy-authorization|cookie|set-cookie|x-api-key|api-key)"
+    r"\s*[:=]\s*)[^\r\n]+"
+    r"|(?P<bytes>\b(?:b|br|rb)'(?:[^'\\]|\\.)*'|\b(?:b|br|rb)\"(?:[^\"\\]|\\.)*\")"
+)
+_QUOTED = re.compile(r"'(?:[^'\\\n]|\\.)*'|\"(?:[^\"\\\n]|\\.)*\"")
+REDACTED = "[redacted]"
+
+
+def _replace(match: re.Match[str]) -> str:
+    kind = match.lastgroup
+    if kind == "jwt":
+        return "[redacted-jwt]"
+    if kind in ("scheme", "header"):
+        return match.group(kind) + REDACTED
+    if kind == "userinfo":
+        return REDACTED + "@"
+    if kind == "bytes":
+        return "b'" + REDACTED + "'"
+    return REDACTED
+
+
+def scrub(text: str) -> str:
+    """`text` with every secret shape (see the module docstring) replaced."""
+    return _SECRET_SHAPES.sub(_replace, text)
+
+
+def scrub_message(text: str) -> str:
+    """An exception or library message: `scrub`, and every quoted literal masked too."""
+    return _QUOTED.sub("'" + REDACTED + "'", scrub(text))
 
 
 def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """Drops secret-named fields and masks anything shaped like a JWT or bearer key."""
+    """Drops secret-named fields and masks every secret shape in the others."""
     for name, value in event.items():
         if type(value) in _SCALARS and not _secret_name(name):
             continue  # numbers, booleans and None under an ordinary name: nothing to mask
@@ -54,14 +106,9 @@ def _secret_name(name: str) -> bool:
 
 def _masked(name: str, value: Any, depth: int = 0) -> Any:
     if _secret_name(name):
-        return "[redacted]"
+        return REDACTED
     if isinstance(value, str):
-        # Each pattern only where its fixed part occurs (the same result, most strings skip).
-        if "eyJ" in value:
-            value = _JWT.sub("[redacted-jwt]", value)
-        if "bearer" in value.lower():
-            value = _BEARER.sub(r"\1[redacted]", value)
-        return value
+        return scrub(value)
     if depth > 4:
         return value
     if isinstance(value, dict):
@@ -71,12 +118,136 @@ def _masked(name: str, value: Any, depth: int = 0) -> Any:
     return value
 
 
+ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
+
+
+def render_exception(_: Any, __: str, event: MutableMapping[str, Any]
+                     ) -> MutableMapping[str, Any]:
+    """`exc_info` → an `exception` text whose exception messages are scrubbed."""
+    exc_info = event.pop("exc_info", None)
+    if not exc_info:
+        return event
+    if exc_info is True:
+        exc_info = sys.exc_info()
+    elif isinstance(exc_info, BaseException):
+        exc_info = (type(exc_info), exc_info, exc_info.__traceback__)
+    if isinstance(exc_info, tuple) and exc_info[1] is not None:
+        event["exception"] = safe_traceback(exc_info[1])
+    return event
+
+
+def safe_traceback(exc: BaseException) -> str:
+    """Python's traceback text of `exc` and its chain, every message through `scrub_message`."""
+    chain: list[tuple[BaseException, str]] = []
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    link = ""
+    while current is not None and id(current) not in seen and len(chain) < 8:
+        seen.add(id(current))
+        chain.append((current, link))
+        if current.__cause__ is not None:
+            current, link = current.__cause__, "direct cause"
+        elif not current.__suppress_context__:
+            current, link = current.__context__, "context"
+        else:
+            current = None
+    parts: list[str] = []
+    for error, led_by in reversed(chain):
+        parts.append("Traceback (most recent call last):\n")
+        parts.extend(traceback.format_tb(error.__traceback__))
+        kind = type(error)
+        name = kind.__qualname__ if kind.__module__ == "builtins" else (
+            f"{kind.__module__}.{kind.__qualname__}")
+        message = scrub_message(str(error))
+        parts.append(f"{name}: {message}\n" if message else f"{name}\n")
+        if led_by:
+            parts.append("\nThe above exception was the " + (
+                "direct cause of the following exception:\n\n" if led_by == "direct cause"
+                else "context of the following exception (during handling):\n\n"))
+    return "".join(parts).rstrip("\n")
+
+
+def _library_message(_: Any, __: str, event: MutableMapping[str, Any]
+                     ) -> MutableMapping[str, Any]:
+    """A standard-library record's message: a library may quote what it was sent."""
+    message = event.get("event")
+    if isinstance(message, str):
+        event["event"] = scrub_message(message)
+    return event
+
+
 def render_json(event: Any, **kw: Any) -> str:
     """One log line: orjson (several times faster), json.dumps for what orjson refuses."""
     try:
         return orjson.dumps(event, default=kw.get("default")).decode()
     except TypeError:
         return json.dumps(event, **kw)
+
+
+class LogFileError(Exception):
+    """The log file cannot be opened at start-up; the message names the path and the reason."""
+
+
+class LogFile:
+    """Log lines appended to a file, one `write()` each, for a shipper to tail.
+
+    Past `max_bytes` the file is renamed to `<path>.1` (replacing the previous one; a shipper
+    following the file by inode reads its end there) and a new file is begun. A line that
+    cannot be written is dropped, never raised: stderr still has it, and logging must not
+    stop the gateway. Each process writes its own file (see `worker_file`).
+    """
+
+    def __init__(self, path: str | Path, max_bytes: int) -> None:
+        self.path, self.max_bytes = Path(path), max_bytes
+        self.dropped = 0  # lines that could not be written
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = self._open()
+        except OSError as exc:
+            raise LogFileError(f"{self.path}: {exc.strerror or exc}") from None
+        self._size = os.fstat(self._fd).st_size
+
+    def _open(self) -> int:
+        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+
+    def write(self, text: str) -> None:
+        data = text.encode("utf-8", "replace")
+        try:
+            if self._size and self._size + len(data) > self.max_bytes:
+                self._rotate()
+            os.write(self._fd, data)
+            self._size += len(data)
+        except OSError:
+            self.dropped += 1
+
+    def _rotate(self) -> None:
+        os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+        fd, self._fd = self._fd, self._open()
+        os.close(fd)
+        self._size = 0
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+class _Tee:
+    """What structlog's WriteLogger writes to: stderr, and the log file."""
+
+    def __init__(self, stream: TextIO, file: LogFile) -> None:
+        self.stream, self.file = stream, file
+
+    def write(self, text: str) -> None:
+        self.stream.write(text)
+        self.file.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def worker_file(path: str, worker: int) -> str:
+    """The log file of worker `worker` of `serve --workers N`: `{stem}-w{n}{suffix}`."""
+    p = Path(path)
+    return str(p.with_name(f"{p.stem}-w{worker}{p.suffix}"))
 
 
 _second = -1
@@ -101,8 +272,8 @@ def access(event: str, **fields: Any) -> None:
     """An info line, as structlog would write it with `configure()`'s processors: context
     variables, the fields, event, level and timestamp, redacted, one JSON line, one write."""
     out = _access_out
-    if out is None:  # the console format, a level above info, or configure() never ran
-        structlog.get_logger("gateway.access").info(event, **fields)
+    if out is None or not structlog.is_configured():  # console, a level above info, or
+        structlog.get_logger("gateway.access").info(event, **fields)  # configure() undone
         return
     line = structlog.contextvars.get_contextvars()
     line.update(fields)
@@ -112,27 +283,104 @@ def access(event: str, **fields: Any) -> None:
     out.msg(render_json(redact(None, "info", line)))
 
 
-def configure(level: str = "info", fmt: str = "auto") -> None:
+def configure(level: str = "info", fmt: str = "auto", file: LogFile | None = None) -> None:
     global _access_out
-    console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
+    console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty() and file is None)
     renderer: Any = (structlog.dev.ConsoleRenderer() if console
                      else structlog.processors.JSONRenderer(serializer=render_json))
+    number = logging.getLevelNamesMapping()[level.upper()]
+    stream: Any = sys.stderr if file is None else _Tee(sys.stderr, file)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
+            render_exception,
             redact,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping()[level.upper()]),
+        wrapper_class=structlog.make_filtering_bound_logger(number),
         # One write() per line: print() writes the line and its newline separately, and the
         # workers of `serve --workers N` share stderr, so their lines would interleave.
-        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.WriteLoggerFactory(file=stream),
         cache_logger_on_first_use=True,
     )
-    info_shown = logging.getLevelNamesMapping()[level.upper()] <= logging.INFO
-    # The same file, so the same lock as structlog's own lines: whole lines, never mixed.
-    _access_out = structlog.WriteLogger(file=sys.stderr) if info_shown and not console else None
+    route_standard_logging(number, renderer, stream)
+    # The same stream, so the same lock as structlog's own lines: whole lines, never mixed.
+    _access_out = structlog.WriteLogger(file=stream) if number <= logging.INFO and not console \
+        else None
+
+
+def route_standard_logging(level: int, renderer: Any, stream: TextIO) -> None:
+    """Every standard-library logger (the root's one handler) through the same redaction,
+    and uncaught or unraisable exceptions as log lines rather than raw tracebacks."""
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[
+            structlog.contextvars.merge_contextvars,
+            structlog.stdlib.add_log_level,
+            structlog.stdlib.add_logger_name,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _library_message,
+        ],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            render_exception,
+            redact,
+            renderer,
+        ],
+    )
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    logging.captureWarnings(True)
+    _install_hooks()
+
+
+_UNCAUGHT = logging.getLogger("gateway.uncaught")
+
+
+def _install_hooks() -> None:
+    def on_uncaught(kind: type[BaseException], exc: BaseException,
+                    tb: TracebackType | None) -> None:
+        _UNCAUGHT.error("uncaught exception", exc_info=(kind, exc, tb))
+
+    def on_thread(args: threading.ExceptHookArgs) -> None:
+        if args.exc_value is not None and args.exc_type is not SystemExit:
+            _UNCAUGHT.error("uncaught exception in a thread",
+                            exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+    def on_unraisable(args: Any) -> None:
+        if args.exc_value is not None:
+            _UNCAUGHT.error("unraisable exception", exc_info=(
+                args.exc_type, args.exc_value, args.exc_traceback))
+
+    sys.excepthook = on_uncaught
+    threading.excepthook = on_thread
+    sys.unraisablehook = on_unraisable
+
+
+class Throttle:
+    """At most `per_s` lines of one event a second: `throttle("event")` is None for a line to
+    skip, else how many were skipped before it (to log with it)."""
+
+    def __init__(self, per_s: int = 10, clock: Callable[[], float] = time.monotonic) -> None:
+        self.per_s, self._clock = per_s, clock
+        self._windows: dict[str, tuple[int, int, int]] = {}  # event → (second, logged, skipped)
+
+    def __call__(self, event: str) -> int | None:
+        second = int(self._clock())
+        window, logged, skipped = self._windows.get(event, (second, 0, 0))
+        if window != second:
+            window, logged = second, 0
+        if logged >= self.per_s:
+            self._windows[event] = (window, logged, skipped + 1)
+            return None
+        self._windows[event] = (window, logged + 1, 0)
+        return skipped
+
+
+def skip_note(skipped: int) -> dict[str, int]:
+    """The `skipped` field of a throttled line, when lines were skipped before it."""
+    return {"skipped": skipped} if skipped else {}

@@ -102,12 +102,39 @@ class Metrics:
                                 multiprocess_mode="livesum", registry=r)
         self.in_flight = 0  # read by the gauge when collected: no gauge write per request
         self._in_flight.set_function(lambda: self.in_flight)
-        self._circuit = Gauge("kore_gateway_circuit_state", "Circuit breaker of the upstream "
-                              "host: 0 closed, 1 half-open, 2 open (worst worker).", ("host",),
-                              multiprocess_mode="livemax", registry=r)
+        self._circuit = Gauge("kore_gateway_circuit_state", "Circuit breaker of the upstream: "
+                              "0 closed, 1 half-open, 2 open (worst worker); bot=\"*\" is the "
+                              "host as a whole, other bots have a series only while not closed.",
+                              ("host", "bot"), multiprocess_mode="livemax", registry=r)
+        self._open_bots = Gauge("kore_gateway_circuit_open_bots", "Bots whose own circuit is "
+                                "open or half-open.", multiprocess_mode="livesum", registry=r)
         self._redis_fallback = Gauge(
             "kore_gateway_ratelimit_redis_fallback", "1 while the Redis rate-limit backend is "
             "unreachable and a local share of the budget is used, else 0 (worst worker).",
+            multiprocess_mode="livemax", registry=r)
+        self._worker_restarts = Counter(
+            "kgw_worker_restarts_total", "Workers of `serve --workers N` started again after "
+            "one died (crash, SIGKILL, OOM kill); each restarted worker counts itself.",
+            registry=r)
+        self._suppressed = Counter(
+            "kore_gateway_audit_unauthenticated_suppressed", "Keyless requests (no key, an "
+            "unknown key) counted into an audit.unauthenticated_suppressed record instead of "
+            "getting a record of their own.", registry=r)
+        self._disk_free = Gauge(
+            "kore_gateway_audit_disk_free_bytes", "Bytes free for the gateway on the audit "
+            "log's volume (lowest worker).", multiprocess_mode="livemin", registry=r)
+        self._held = Counter(
+            "kore_gateway_unauthenticated_held", "Keyless answers held back because their "
+            "client address was over its keyless budget.", registry=r)
+        self._connections = Gauge("kore_gateway_connections", "Open client connections "
+                                  "(compare with server.max_connections).",
+                                  multiprocess_mode="livesum", registry=r)
+        self._closed = Counter(
+            "kore_gateway_connections_closed", "Client connections the gateway closed or "
+            "refused on its own, by reason.", ("reason",), registry=r)
+        self._reload_failed = Gauge(
+            "kgw_config_reload_failed", "1 while the last config reload failed (the running "
+            "config is kept, whole), 0 after a good one (worst worker).",
             multiprocess_mode="livemax", registry=r)
         # Label children are looked up once and kept: a request pays a dict lookup, no lock.
         self._children: dict[tuple[Any, ...], Any] = {}
@@ -152,11 +179,40 @@ class Metrics:
     def ratelimit_rejected(self) -> None:
         self._rejections.inc()
 
-    def circuit_state(self, host: str, state: str) -> None:
-        self._child(self._circuit, host).set(CIRCUIT_STATES[state])
+    def circuit_state(self, host: str, bot: str, state: str) -> None:
+        """A bot's circuit (bot "*": the host's). A bot's closed circuit drops its series."""
+        child = self._child(self._circuit, host, bot)
+        child.set(CIRCUIT_STATES[state])
+        if state == "closed" and bot != "*":
+            self._children.pop((id(self._circuit), host, bot), None)
+            self._circuit.remove(host, bot)
+
+    def circuit_open_bots(self, count: int) -> None:
+        self._open_bots.set(count)
+
+    def config_reload_failed(self, failed: bool) -> None:
+        self._reload_failed.set(1 if failed else 0)
 
     def ratelimit_redis_fallback(self, active: bool) -> None:
         self._redis_fallback.set(1 if active else 0)
+
+    def worker_restarted(self) -> None:
+        self._worker_restarts.inc()
+
+    def audit_unauthenticated_suppressed(self) -> None:
+        self._suppressed.inc()
+
+    def audit_disk_free(self, free_bytes: int) -> None:
+        self._disk_free.set(free_bytes)
+
+    def unauthenticated_held(self) -> None:
+        self._held.inc()
+
+    def connections(self, open_now: int) -> None:
+        self._connections.set(open_now)
+
+    def connection_closed(self, reason: str) -> None:
+        self._child(self._closed, reason).inc()
 
     def render(self) -> bytes:
         """The Prometheus text format: this registry, or every worker's snapshot merged."""

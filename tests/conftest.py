@@ -4,6 +4,9 @@ loopback port, the real gateway in front of it, a caller key and the audit recor
 from __future__ import annotations
 
 import json
+import logging
+import sys
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -47,10 +50,17 @@ def clock() -> FakeClock:
 
 @pytest.fixture(autouse=True)
 def _fresh_structlog() -> Iterator[None]:
-    """`logs.configure()` caches loggers; every test starts from structlog's defaults."""
+    """`logs.configure()` caches loggers and takes over the standard library's root logger and
+    exception hooks; every test starts from the defaults and leaves them as it found them."""
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level, sys.excepthook, threading.excepthook,
+             sys.unraisablehook)
     structlog.reset_defaults()
     yield
     structlog.reset_defaults()
+    root.handlers[:], level, sys.excepthook, threading.excepthook, sys.unraisablehook = saved
+    root.setLevel(level)
+    logging.captureWarnings(False)
 
 
 def base_settings(tmp_path: Path, base_url: str = "http://127.0.0.1:9") -> dict[str, Any]:

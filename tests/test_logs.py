@@ -3,13 +3,31 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
+import threading
+import warnings
+from pathlib import Path
 from typing import Any
 
 import pytest
 import structlog
 
-from gateway.logs import REDACTED_KEYS, access, configure, redact, utc_timestamp
+from gateway.logs import (
+    REDACTED_KEYS,
+    LogFile,
+    LogFileError,
+    Throttle,
+    access,
+    configure,
+    redact,
+    safe_traceback,
+    scrub,
+    scrub_message,
+    utc_timestamp,
+    worker_file,
+)
+from tests.conftest import FakeClock
 
 JWT = ("eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJhcHBJZCI6ImNzLXRlc3QiLCJzdWIiOiJ4In0."
        "SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c")
@@ -214,3 +232,161 @@ class TestAccessLine:
         parsed = datetime.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(
             tzinfo=datetime.UTC)
         assert abs((datetime.datetime.now(datetime.UTC) - parsed).total_seconds()) < 5
+
+
+class TestLogFile:
+    """`logging.file`: the same redacted JSON lines appended to a size-rotated file."""
+
+    def test_lines_go_to_stderr_and_the_file(self, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+        path = tmp_path / "log" / "gateway.jsonl"  # its directory is made
+        configure("info", "auto", LogFile(path, 1 << 20))
+        structlog.get_logger("t").info("audit.anchor", seq=7, token=JWT)
+        [on_stderr] = stderr_lines(capsys)
+        [in_file] = [json.loads(x) for x in path.read_text("utf-8").splitlines()]
+        assert on_stderr == in_file
+        assert in_file["event"] == "audit.anchor" and in_file["token"] == "[redacted]"
+
+    def test_file_lines_are_json_even_on_a_terminal(self, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr("sys.stderr.isatty", lambda: True)
+        path = tmp_path / "gateway.jsonl"
+        configure("info", "auto", LogFile(path, 1 << 20))
+        structlog.get_logger("t").info("e", n=1)
+        assert json.loads(path.read_text("utf-8"))["n"] == 1
+
+    def test_rotates_past_max_bytes_keeping_one_old_file(self, tmp_path: Path) -> None:
+        path = tmp_path / "gateway.jsonl"
+        file = LogFile(path, max_bytes=100)
+        lines = [json.dumps({"n": n, "pad": "x" * 30}) + "\n" for n in range(7)]  # 43 bytes
+        for line in lines:
+            file.write(line)
+        file.close()
+        old = path.with_name("gateway.jsonl.1")
+        assert path.read_text() == "".join(lines[6:])  # each file holds whole lines only
+        assert old.read_text() == "".join(lines[4:6])
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["gateway.jsonl", "gateway.jsonl.1"]
+
+    def test_appends_to_an_existing_file(self, tmp_path: Path) -> None:
+        path = tmp_path / "gateway.jsonl"
+        path.write_text('{"before": true}\n')
+        file = LogFile(path, 1 << 20)
+        file.write('{"after": true}\n')
+        file.close()
+        assert path.read_text().splitlines() == ['{"before": true}', '{"after": true}']
+
+    def test_a_line_that_cannot_be_written_is_dropped_not_raised(self, tmp_path: Path) -> None:
+        file = LogFile(tmp_path / "gateway.jsonl", max_bytes=4096)
+        file.close()  # every write now fails (EBADF), as on a full or lost volume
+        file.write("x\n")
+        assert file.dropped == 1
+
+    def test_unusable_path_names_itself(self, tmp_path: Path) -> None:
+        (tmp_path / "blocker").write_text("a file, not a directory")
+        with pytest.raises(LogFileError, match="blocker"):
+            LogFile(tmp_path / "blocker" / "gateway.jsonl", 4096)
+
+    def test_each_worker_has_its_own_file(self) -> None:
+        assert worker_file("/var/log/gw/gateway.jsonl", 3) == "/var/log/gw/gateway-w3.jsonl"
+
+
+SECRET = "plainsecret-0123456789abcdef"
+
+
+class TestScrub:
+    @pytest.mark.parametrize(("text", "gone"), [
+        pytest.param(f"auth header: Bearer {SECRET}", SECRET, id="bearer"),
+        pytest.param(f"Basic {SECRET}", SECRET, id="basic"),
+        pytest.param(f"saw {KEY} somewhere", KEY, id="gateway-key-anywhere"),
+        pytest.param(f"redis://user:{SECRET}@cache:6379/0", SECRET, id="url-userinfo"),
+        pytest.param(f"Authorization: {SECRET}", SECRET, id="header-line"),
+        pytest.param(f"cookie={SECRET}", SECRET, id="cookie-assignment"),
+        pytest.param(f"got b'X-Any: {SECRET}\\r' at 12", SECRET, id="bytes-literal"),
+        pytest.param(f'got b"{SECRET}"', SECRET, id="bytes-literal-double"),
+        pytest.param(f"token {JWT} seen", JWT, id="jwt"),
+    ])
+    def test_secret_shapes(self, text: str, gone: str) -> None:
+        assert gone not in scrub(text)
+
+    def test_ordinary_text_is_kept(self) -> None:
+        text = "deactivate.completed st-abc u-1 took 12.5 ms (http://kore.example:443/x)"
+        assert scrub(text) == text
+
+    def test_messages_lose_every_quoted_literal(self) -> None:
+        message = f"Bad status line '{SECRET} /x HTTP/1.1' and \"{SECRET}\""
+        assert SECRET not in scrub_message(message)
+        assert scrub_message("Invalid header: 'x'") == "Invalid header: '[redacted]'"
+
+
+class TestLibraryLogging:
+    """The standard library's loggers go through the same redaction, as JSON lines."""
+
+    def test_aiohttp_server_traceback_is_redacted(self,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+        configure("info", "json")
+        try:
+            raise ValueError(f"Invalid header value char:\n  b'Authorization: {SECRET}\\r'")
+        except ValueError:
+            logging.getLogger("aiohttp.server").exception("Error handling request %r",
+                                                          f"X-Key: {SECRET}")
+        err = capsys.readouterr().err
+        assert SECRET not in err
+        [line] = [json.loads(x) for x in err.splitlines()]
+        assert line["logger"] == "aiohttp.server" and line["level"] == "error"
+        assert "ValueError" in line["exception"] and "Traceback" in line["exception"]
+
+    @pytest.mark.parametrize("name", ["asyncio", "aiohttp.access", "aiohttp.web", "redis", ""])
+    def test_every_library_logger_is_routed(self, name: str,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+        configure("info", "json")
+        logging.getLogger(name).warning("saw %s", f"'{SECRET}'")
+        [line] = [json.loads(x) for x in capsys.readouterr().err.splitlines()]
+        assert SECRET not in json.dumps(line) and line["level"] == "warning"
+
+    def test_the_level_applies_to_libraries(self, capsys: pytest.CaptureFixture[str]) -> None:
+        configure("warning", "json")
+        logging.getLogger("aiohttp.server").info("chatty")
+        assert capsys.readouterr().err == ""
+
+    def test_chained_exceptions_keep_their_types_not_their_messages(self) -> None:
+        try:
+            try:
+                raise KeyError(SECRET)
+            except KeyError as inner:
+                raise RuntimeError(f"while reading b'{SECRET}'") from inner
+        except RuntimeError as exc:
+            text = safe_traceback(exc)
+        assert SECRET not in text
+        assert "KeyError" in text and "RuntimeError" in text and "direct cause" in text
+
+    def test_uncaught_thread_exception_is_a_redacted_line(
+            self, capsys: pytest.CaptureFixture[str]) -> None:
+        configure("info", "json")
+
+        def boom() -> None:
+            raise RuntimeError(f"leaked '{SECRET}'")
+
+        thread = threading.Thread(target=boom)
+        thread.start()
+        thread.join()
+        err = capsys.readouterr().err
+        assert SECRET not in err and "uncaught exception in a thread" in err
+
+    def test_warnings_are_routed(self, capsys: pytest.CaptureFixture[str]) -> None:
+        configure("info", "json")
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.warn(f"deprecated '{SECRET}'", DeprecationWarning, stacklevel=1)
+        err = capsys.readouterr().err
+        assert "py.warnings" in err and SECRET not in err
+
+
+class TestThrottle:
+    def test_at_most_per_s_lines_then_the_count_of_skipped_ones(self) -> None:
+        clock = FakeClock(100.0)
+        throttle = Throttle(per_s=2, clock=clock)
+        assert [throttle("e") for _ in range(5)] == [0, 0, None, None, None]
+        assert throttle("other") == 0
+        clock.advance(1.0)
+        assert throttle("e") == 3
+        assert throttle("e") == 0

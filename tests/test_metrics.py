@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.audit.log import AuditLog
-from gateway.breaker import CircuitBreaker
+from gateway.breaker import MAX_BOT_SERIES, CircuitBreaker
 from gateway.config.model import KoreApp, Secret
 from gateway.errors import AuditUnavailable, RateLimited
 from gateway.kore.tokens import TokenCache
@@ -75,7 +75,7 @@ class TestMetrics:
             "kore_gateway_audit_write_seconds", "kore_gateway_audit_batch_records",
             "kore_gateway_audit_write_errors", "kore_gateway_ratelimit_waits",
             "kore_gateway_ratelimit_rejections", "kore_gateway_in_flight",
-            "kore_gateway_circuit_state"}
+            "kore_gateway_circuit_state", "kore_gateway_circuit_open_bots"}
 
     def test_in_flight_goes_up_and_down(self, metrics: Metrics,
                                         registry: CollectorRegistry) -> None:
@@ -109,24 +109,36 @@ class TestInstrumentedParts:
 
     def test_circuit_state_follows_the_breaker(self, metrics: Metrics,
                                                registry: CollectorRegistry) -> None:
+        """A bot has a series only while its circuit is not closed; bot="*" is the host's."""
         clock = FakeClock(100.0)
         breaker = CircuitBreaker("kore.test", failures=2, cooldown_s=5, clock=clock,
                                  metrics=metrics)
 
-        def state() -> float:
-            return value(registry, "kore_gateway_circuit_state", host="kore.test")
+        def state(bot: str = "st-a") -> float | None:
+            return registry.get_sample_value("kore_gateway_circuit_state",
+                                             {"host": "kore.test", "bot": bot})
 
-        assert registry.get_sample_value("kore_gateway_circuit_state",
-                                         {"host": "kore.test"}) == 0  # present from the start
-        breaker.record(ok=False)
-        assert state() == 0
-        breaker.record(ok=False)
-        assert state() == 2
+        assert state("*") == 0  # present from the start
+        breaker.record(breaker.before_call("st-a"), ok=False)
+        assert state() is None
+        breaker.record(breaker.before_call("st-a"), ok=False)
+        assert state() == 2 and value(registry, "kore_gateway_circuit_open_bots") == 1
         clock.advance(5)
-        breaker.before_call()
+        ticket = breaker.before_call("st-a")
         assert state() == 1
-        breaker.record(ok=True)
-        assert state() == 0
+        breaker.record(ticket, ok=True)
+        assert state() is None and value(registry, "kore_gateway_circuit_open_bots") == 0
+        assert state("*") == 0
+
+    def test_bot_series_are_capped(self, metrics: Metrics,
+                                   registry: CollectorRegistry) -> None:
+        breaker = CircuitBreaker("kore.test", failures=1, cooldown_s=5, host_bots=10**6,
+                                 clock=FakeClock(100.0), metrics=metrics)
+        for n in range(MAX_BOT_SERIES + 50):
+            breaker.record(breaker.before_call(f"st-{n}"), ok=False)
+        text = metrics.render().decode()
+        assert text.count("kore_gateway_circuit_state{") == MAX_BOT_SERIES + 1  # + the host's
+        assert value(registry, "kore_gateway_circuit_open_bots") == MAX_BOT_SERIES + 50
 
     async def test_rate_limit_waits_and_rejections_are_counted(
             self, metrics: Metrics, registry: CollectorRegistry) -> None:
@@ -262,7 +274,7 @@ def other_worker(directory: Path, pid: int, *, requests: int, in_flight: int,
         worker.request(SIMPLE, 200, "crm", 0.01)
     for _ in range(in_flight):
         worker.request_started()
-    worker.circuit_state("kore.example", circuit)
+    worker.circuit_state("kore.example", "*", circuit)
     worker.publish()
     os.replace(directory / f"worker-{os.getpid()}.json", directory / f"worker-{pid}.json")
 
@@ -276,7 +288,7 @@ class TestWorkersMerged:
         mine = Metrics(shared_dir=tmp_path)
         mine.request(SIMPLE, 200, "crm", 0.02)
         mine.request_started()
-        mine.circuit_state("kore.example", "closed")
+        mine.circuit_state("kore.example", "*", "closed")
         samples = scraped(mine)
         key = (("caller", "crm"), ("route", SIMPLE), ("status", "200"))
         assert samples[("kore_gateway_requests_total", key)] == 4
@@ -284,7 +296,8 @@ class TestWorkersMerged:
         assert samples[("kore_gateway_request_duration_seconds_bucket",
                         (("le", "+Inf"), ("route", SIMPLE)))] == 4
         assert samples[("kore_gateway_in_flight", ())] == 3  # livesum
-        assert samples[("kore_gateway_circuit_state", (("host", "kore.example"),))] == 2  # livemax
+        circuit = ("kore_gateway_circuit_state", (("bot", "*"), ("host", "kore.example")))
+        assert samples[circuit] == 2  # livemax
         assert not any(name.endswith("_created") for name, _ in samples)
 
     def test_an_exited_worker_keeps_its_counts_but_not_its_live_gauges(
@@ -297,7 +310,8 @@ class TestWorkersMerged:
         key = (("caller", "crm"), ("route", SIMPLE), ("status", "200"))
         assert samples[("kore_gateway_requests_total", key)] == 5
         assert samples[("kore_gateway_in_flight", ())] == 0
-        assert ("kore_gateway_circuit_state", (("host", "kore.example"),)) not in samples
+        assert ("kore_gateway_circuit_state", (("bot", "*"), ("host", "kore.example"))) \
+            not in samples
 
     def test_a_scrape_publishes_its_own_counts_first(self, tmp_path: Path) -> None:
         mine = Metrics(shared_dir=tmp_path)

@@ -1,8 +1,11 @@
 """The audit files on disk: the current file and its rotated siblings, opened for appending
-under an exclusive lock, and the last complete record read back from a file's tail.
+under an exclusive lock, and the first and last complete records read back from a file.
 
 Rotated files are ``{stem}.{n:06d}{suffix}`` beside the current one, the oldest n = 1. What is
 written into the files, and when, is `audit.py`'s; what a valid record is, `audit_chain.py`'s.
+
+`FdReserve` keeps a few file descriptors for the audit: a process out of descriptors (a flood
+of client connections) must still be able to rotate the log and reopen it.
 """
 
 from __future__ import annotations
@@ -12,12 +15,55 @@ import fcntl
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 _HASH_RE = re.compile(r"[0-9a-f]{64}")
 _OPEN_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
 _FILE_MODE = 0o640
 _TAIL_BLOCK = 8192
+RESERVED_FDS = 4  # descriptors held for the audit; rotation needs three at once at most
+_OUT_OF_FDS = (errno.EMFILE, errno.ENFILE)
+
+_T = TypeVar("_T")
+
+
+class FdReserve:
+    """A few descriptors (of /dev/null) held back, given up one at a time when the audit
+    would otherwise fail with EMFILE/ENFILE, and taken back when descriptors are free again.
+
+    Another thread may take a freed descriptor first (a connection accepted at that moment);
+    the next one is freed then, so the reserve covers that race a few times over.
+    """
+
+    def __init__(self, count: int = RESERVED_FDS) -> None:
+        self.count = count
+        self._fds: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self._fds)
+
+    def refill(self) -> None:
+        while len(self._fds) < self.count:
+            try:
+                self._fds.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+            except OSError:
+                return  # still out of descriptors: refilled by a later call
+
+    def run(self, func: Callable[[], _T]) -> _T:
+        """`func()`, retried with one reserved descriptor freed per EMFILE/ENFILE."""
+        while True:
+            try:
+                return func()
+            except OSError as exc:
+                if exc.errno not in _OUT_OF_FDS or not self._fds:
+                    raise
+                os.close(self._fds.pop())
+
+    def close(self) -> None:
+        while self._fds:
+            os.close(self._fds.pop())
 
 
 class AuditOpenError(Exception):
@@ -42,6 +88,19 @@ def tail(fd: int, size: int) -> tuple[int, bytes | None]:
             return start + last_nl + 1, data[prev_nl + 1 : last_nl]
         if start == 0:
             return 0, None
+        block *= 2
+
+
+def first_line(fd: int) -> bytes | None:
+    """The first complete line of a file (without its newline), or None."""
+    block = _TAIL_BLOCK
+    while True:
+        data = os.pread(fd, block, 0)
+        end = data.find(b"\n")
+        if end >= 0:
+            return data[:end]
+        if len(data) < block:
+            return None
         block *= 2
 
 

@@ -13,11 +13,14 @@ Every line is one UTF-8 JSON object. `AuditLog.append` adds four fields to the c
 - ``ts``: RFC 3339 UTC with microseconds and ``Z`` (``2026-11-23T22:47:37.123456Z``);
 - ``seq``: 1, 2, 3 … with no gaps, continuing across rotated files;
 - ``prev``: the ``hash`` of the previous record; 64 zeros for the very first record;
-- ``hash``: ``sha256(prev + canonical)`` (see `audit_chain`).
+- ``hash``: ``sha256(prev + canonical)``, or ``HMAC-SHA256(key, prev + canonical)`` with a
+  chain key, when the first record of every file also gets ``"chain": "hmac-sha256"``
+  (see `chain.py`).
 
 Past ``max_bytes`` the file is renamed to ``{stem}.{n:06d}{suffix}`` (oldest n = 1) and the
 chain goes on in a fresh file whose first ``prev`` is the last ``hash`` of the previous one;
-``verify_files(rotated_files(path))`` checks the whole history.
+``verify_files(rotated_files(path))`` checks the whole history. A file is keyed or plain as a
+whole: when the key is set, removed or changed, `open()` starts a new file.
 """
 
 from __future__ import annotations
@@ -37,10 +40,23 @@ from typing import Any, TypeVar
 import structlog
 
 from gateway import jsoncodec
-from gateway.audit.chain import ZERO_HASH, VerifyReport, canonical, chain_hash, verify_files
+from gateway.audit.chain import (
+    CHAIN_FIELD,
+    HMAC_CHAIN,
+    ZERO_HASH,
+    ChainKey,
+    VerifyReport,
+    canonical,
+    chain_hash,
+    continues,
+    mark,
+    verify_files,
+)
 from gateway.audit.files import (
     AuditOpenError,
+    FdReserve,
     error_reason,
+    first_line,
     last_record,
     last_rotated_record,
     last_rotation,
@@ -58,6 +74,7 @@ __all__ = [
     "ZERO_HASH",
     "AuditLog",
     "AuditOpenError",
+    "ChainKey",
     "VerifyReport",
     "canonical",
     "chain_hash",
@@ -69,7 +86,7 @@ __all__ = [
 DEFAULT_MAX_BYTES = 104_857_600
 
 _UNAVAILABLE = "audit log cannot be written"
-_OWN_KEYS = frozenset({"ts", "seq", "prev", "hash"})  # set by the log, never by a caller
+_OWN_KEYS = frozenset({"ts", "seq", CHAIN_FIELD, "prev", "hash"})  # set by the log alone
 _PROBE_BYTE = b" "  # never a newline: if left behind by a crash, start-up cuts it as a torn line
 HALT_WAIT_S = 2.0
 
@@ -103,6 +120,7 @@ class AuditLog:
         max_bytes: int = DEFAULT_MAX_BYTES,
         fsync: bool = True,
         metrics: Metrics | None = None,
+        chain_key: ChainKey | None = None,
     ) -> None:
         if max_bytes < 1:
             raise ValueError("max_bytes must be positive")
@@ -110,6 +128,7 @@ class AuditLog:
         self._hash_user_ids = hash_user_ids
         self._max_bytes = max_bytes
         self._fsync = fsync
+        self._key = chain_key
         self._metrics = metrics if metrics is not None else Metrics()
         self._fd: int | None = None
         self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the current file
@@ -125,6 +144,7 @@ class AuditLog:
         self._failed_errno: int | None = None  # last failure logged, to log each new one once
         self.fsyncs = 0  # fsyncs of the log file: with group commit, fewer than records
         self._io_lock = threading.Lock()  # held while the file is being changed; see halt()
+        self._reserve = FdReserve()  # rotation and reopening survive a process out of fds
 
     @property
     def path(self) -> Path:
@@ -140,9 +160,12 @@ class AuditLog:
         """Open the file at start-up and recover ``seq`` and ``prev`` from its tail."""
         if self._opened:
             raise RuntimeError("audit log already opened")
+        self._reserve.refill()
         try:
             self._reopen()
             self._seq, self._prev = self._recover()
+            if self._size and not self._continues_chain():
+                self._rotate()  # a file is keyed with one key, or plain, as a whole
         except OSError as exc:
             self._close_fd()
             reason = error_reason(exc, self._path)
@@ -188,6 +211,23 @@ class AuditLog:
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._drain())
 
+    def disk_free(self) -> int | None:
+        """Bytes an unprivileged writer may still add on the log's volume; None if unknown.
+
+        `statvfs` of the directory needs no file descriptor, so it answers even when the
+        process has none left."""
+        try:
+            stats = os.statvfs(self._path.parent)
+        except OSError:
+            return None
+        return stats.f_bavail * stats.f_frsize
+
+    async def head(self) -> tuple[int, str]:
+        """seq and hash of the last durable record (0 and 64 zeros before the first)."""
+        if self._closed or not self._opened:
+            return self._seq, self._prev
+        return await self._in_worker(lambda: (self._seq, self._prev))
+
     async def probe(self) -> bool:
         """For readiness: when unhealthy, try to make the file writable again (no record)."""
         if self._closed or not self._opened:
@@ -225,6 +265,7 @@ class AuditLog:
             if self._retained:
                 log.error("audit.records_lost", path=str(self._path), records=len(self._retained))
         await self._in_worker(self._close_fd)
+        await self._in_worker(self._reserve.close)
         self._worker.stop()
 
     # -- event-loop side ---------------------------------------------------------------------
@@ -330,14 +371,15 @@ class AuditLog:
         """Chain `records` onto the last durable one, write them at once (then call
         `written`) and fsync; returns the records that cannot be encoded (by index), which
         are left out of the chain."""
-        data, refused = self._chain(records)
+        fd = self._writable_fd()
+        data, refused = self._chain(records, first_in_file=not self._size)
         if not data:
             if written is not None:
                 written(refused)
             return refused
-        fd = self._writable_fd()
         if self._size and self._size + len(data) > self._max_bytes:
             fd = self._rotate()
+            data, refused = self._chain(records, first_in_file=True)
         with self._io_lock:  # see `halt()`
             try:
                 _write_all(fd, data)
@@ -353,23 +395,41 @@ class AuditLog:
         self._seq, self._prev = seq_and_hash(records, refused)
         return refused
 
-    def _chain(self, records: list[dict[str, Any]]) -> tuple[bytes, dict[int, Exception]]:
+    def _chain(self, records: list[dict[str, Any]], *, first_in_file: bool
+               ) -> tuple[bytes, dict[int, Exception]]:
         """One canonical form, one hash and one line per record."""
         seq, prev = self._seq, self._prev
+        first = first_in_file
         lines: list[bytes] = []
         refused: dict[int, Exception] = {}
         for index, record in enumerate(records):
             record.pop("hash", None)  # chained again after a failed commit
             record["seq"], record["prev"] = seq + 1, prev
+            keyed_first = self._key is not None and first
+            if keyed_first or CHAIN_FIELD in record:
+                record["hash"] = ""
+                mark(record, keyed_first)  # ``chain`` on the first record of a keyed file
+                del record["hash"]
             try:
-                digest = chain_hash(prev, canonical(record))
+                digest = chain_hash(prev, canonical(record), self._key)
                 record["hash"] = digest
                 lines.append(_encode(record))
             except (ValueError, TypeError) as exc:  # not JSON: this record alone is refused
                 refused[index] = exc
                 continue
-            seq, prev = seq + 1, digest
+            seq, prev, first = seq + 1, digest, False
         return b"".join(lines), refused
+
+    def _continues_chain(self) -> bool:
+        """At open: whether the current file's mode (plain, or keyed with this key) is ours."""
+        assert self._fd is not None
+        first, (_, last) = first_line(self._fd), tail(self._fd, self._size)
+        if first is not None and last is not None and continues(first, last, self._key):
+            return True
+        log.warning("audit.chain_changed", path=str(self._path),
+                    chain=HMAC_CHAIN if self._key is not None else "sha256",
+                    action="rotated: the chain goes on in a new file")
+        return False
 
     def _writable_fd(self) -> int:
         """The open descriptor of the current file, reopened if lost, removed or replaced."""
@@ -390,7 +450,8 @@ class AuditLog:
 
     def _reopen(self) -> int:
         """Open the current file; if it is the one we had, cut away bytes never made durable."""
-        fd, st = open_locked(self._path, fsync_dir=self._fsync)
+        fd, st = self._reserve.run(lambda: open_locked(self._path, fsync_dir=self._fsync))
+        self._reserve.refill()
         same = (st.st_dev, st.st_ino) == self._identity
         size = min(st.st_size, self._size) if same else st.st_size
         try:
@@ -412,7 +473,8 @@ class AuditLog:
 
     def _rotate(self) -> int:
         self._close_fd()
-        target = rotated_path(self._path, last_rotation(self._path) + 1)
+        number = self._reserve.run(lambda: last_rotation(self._path)) + 1
+        target = rotated_path(self._path, number)
         os.rename(self._path, target)
         self._identity = None
         log.info("audit.rotated", path=str(self._path), rotated_to=str(target), seq=self._seq)
@@ -466,7 +528,8 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def _encode(record: Mapping[str, Any]) -> bytes:
-    return jsoncodec.compact_line(record)
+    """One line for every reader: see `jsoncodec.one_line` (the hash covers parsed values)."""
+    return jsoncodec.one_line(jsoncodec.compact_line(record))
 
 
 def _with_user_id_hashed(body: dict[str, Any]) -> dict[str, Any]:

@@ -20,7 +20,8 @@ import structlog
 from aiohttp import web
 
 from gateway.auth import Caller
-from gateway.config.model import Config
+from gateway.config.model import Config, upstream_host
+from gateway.config.tables import config_warnings
 from gateway.deactivation import ROUTE_BATCH, ROUTE_KORE, ROUTE_SIMPLE, Ask
 from gateway.errors import (
     GatewayError,
@@ -35,22 +36,26 @@ from gateway.errors import (
     UpstreamRejected,
 )
 from gateway.http.connection import handler_options
+from gateway.http.forwarded import budget_key
 from gateway.http.openapi import document as openapi_document
 from gateway.http.runtime import Runtime
 from gateway.jsoncodec import compact
-from gateway.logs import access
+from gateway.logs import Throttle, access, skip_note
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.metrics import Metrics
 from gateway.validation import Deactivation, parse_json
 
 log = structlog.get_logger(__name__)
+throttle = Throttle(per_s=20)
 
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 RUNTIME = web.AppKey("runtime", Runtime)
+OPENAPI = web.AppKey("openapi", dict)  # {"config": built for, "body": its JSON bytes}
 REQUEST_ID = web.RequestKey("request_id", str)
 CALLER = web.RequestKey("caller", str)
+CLOSE = web.RequestKey("close", bool)  # close the connection after this answer
 
 
 def runtime(request: web.Request) -> Runtime:
@@ -85,12 +90,15 @@ async def envelope_middleware(request: web.Request, handler: Handler) -> web.Str
     try:
         response = await _handle(request, handler, request_id)
         response.headers["X-Request-ID"] = request_id
-        if response.status == 408 or runtime(request).draining:
+        if response.status == 408 or runtime(request).draining or request.get(CLOSE):
             response.force_close()  # a half-read body, or clients should move to another instance
         route, caller, seconds = _route_of(request), request.get(CALLER), time.monotonic() - started
         runtime(request).metrics.request(route, response.status, caller, seconds)
-        access("request", method=request.method, route=route, status=response.status,
-               caller=caller, duration_ms=round(seconds * 1000, 3))
+        # A keyless flood must not flood the log either: its lines are throttled.
+        skipped = 0 if response.status != 401 else throttle("request.unauthenticated")
+        if skipped is not None:
+            access("request", method=request.method, route=route, status=response.status,
+                   caller=caller, duration_ms=round(seconds * 1000, 3), **skip_note(skipped))
         return response
     finally:
         structlog.contextvars.unbind_contextvars("request_id")
@@ -167,24 +175,76 @@ async def read_json(request: web.Request, limit: int, timeout_s: float) -> Any:
 Parse = Callable[[str, Any], Deactivation]
 
 
-async def _admitted(request: web.Request, ask: Ask, parse: Parse) -> tuple[Caller, Deactivation]:
-    """Authenticate, authorize and validate one single-item request; audit a refusal."""
+def new_ask(request: web.Request, route: str, bot_id: Any = None) -> Ask:
+    """The ask of one request, with who knocked (`client`, see `forwarded.py`)."""
+    client = runtime(request).proxies.client(request.remote,
+                                             request.headers.getall("X-Forwarded-For", ()))
+    return Ask(request[REQUEST_ID], route, bot_id=bot_id, client=client)
+
+
+async def authenticated(request: web.Request, ask: Ask) -> Caller:
+    """The caller, before anything counts against `max_in_flight`; a keyless request is
+    refused here, within its own budget (`keyless.py`), and audited as one (`audit/keyless.py`)."""
     rt = runtime(request)
     try:
         caller = rt.auth.authenticate(authorization_of(request))
-        ask.caller = request[CALLER] = caller.name
-        bot_id = rt.validator.bot_id(ask.bot_id)
-        caller.authorize(bot_id)
+    except Unauthenticated as exc:
+        await refuse_keyless(request, ask, exc)
+        raise
+    ask.caller = request[CALLER] = caller.name
+    return caller
+
+
+async def refuse_keyless(request: web.Request, ask: Ask, error: Unauthenticated) -> None:
+    rt = runtime(request)
+    hold = rt.keyless.hold_s(budget_key(ask.client or ""))
+    held = hold > 0 and rt.keyless.enter()
+    if hold > 0:
+        rt.metrics.unauthenticated_held()
+        if not held:
+            request[CLOSE] = True  # the share is full: answer now, make the client reconnect
+    try:
+        if held:
+            await asyncio.sleep(hold)
+    finally:
+        if held:
+            rt.keyless.leave()
+        await rt.deactivator.deny(ask, error)  # even when cut short: one record per request
+
+
+async def _admitted(request: web.Request, ask: Ask, caller: Caller, parse: Parse
+                    ) -> Deactivation:
+    """Authorize and validate one single-item request; audit a refusal."""
+    rt = runtime(request)
+    try:
+        try:
+            bot_id = rt.validator.bot_id(ask.bot_id)
+            caller.authorize(bot_id)
+        except GatewayError:
+            await learn_what_was_asked(request, ask)
+            raise
         body = await read_json(request, rt.config.server.max_body_bytes,
                                rt.config.server.client_timeout_s)
         if isinstance(body, dict):  # a refusal still records what was asked
             ask.user_id, ask.channel = body.get("userId"), body.get("channel")
         d = parse(bot_id, body)
         ask.learn(d)
-        return caller, d
+        return d
     except GatewayError as exc:
         await rt.deactivator.deny(ask, exc)
         raise
+
+
+async def learn_what_was_asked(request: web.Request, ask: Ask) -> None:
+    """A caller refused for its bot still has the userId and channel it sent recorded."""
+    rt = runtime(request)
+    try:
+        body = await read_json(request, rt.config.server.max_body_bytes,
+                               rt.config.server.client_timeout_s)
+    except GatewayError:
+        return  # the refusal stands; what could not be read is not recorded
+    if isinstance(body, dict):
+        ask.user_id, ask.channel = body.get("userId"), body.get("channel")
 
 
 class InFlight:
@@ -224,9 +284,10 @@ def cut_short(exc: BaseException) -> GatewayError:
 
 async def deactivate_simplified(request: web.Request) -> web.Response:
     rt = runtime(request)
-    ask = Ask(request[REQUEST_ID], ROUTE_SIMPLE, bot_id=request.match_info["botId"])
+    ask = new_ask(request, ROUTE_SIMPLE, bot_id=request.match_info["botId"])
+    caller = await authenticated(request, ask)
     async with InFlight(rt, ask):
-        caller, d = await _admitted(request, ask, rt.validator.simplified)
+        d = await _admitted(request, ask, caller, rt.validator.simplified)
         await rt.deactivator.deactivate(ask, caller, d)
     return json_answer({"success": True, "botId": d.bot_id, "userId": d.user_id,
                         "channel": d.channel, "requestId": ask.request_id})
@@ -244,9 +305,10 @@ def json_answer(body: Any, status: int = 200) -> web.Response:
 async def deactivate_kore(request: web.Request) -> web.Response:
     """Kore.ai's own route and body; Kore.ai's 400/404 pass through as Kore.ai sent them."""
     rt = runtime(request)
-    ask = Ask(request[REQUEST_ID], ROUTE_KORE, bot_id=request.match_info["botId"])
+    ask = new_ask(request, ROUTE_KORE, bot_id=request.match_info["botId"])
+    caller = await authenticated(request, ask)
     async with InFlight(rt, ask):
-        caller, d = await _admitted(request, ask, rt.validator.kore_compatible)
+        d = await _admitted(request, ask, caller, rt.validator.kore_compatible)
         try:
             body = await rt.deactivator.deactivate(ask, caller, d)
         except UpstreamRejected as exc:
@@ -262,11 +324,10 @@ def kore_passthrough(exc: UpstreamRejected) -> web.Response:
 
 async def deactivate_batch(request: web.Request) -> web.Response:
     rt = runtime(request)
-    ask = Ask(request[REQUEST_ID], ROUTE_BATCH)
+    ask = new_ask(request, ROUTE_BATCH)
+    caller = await authenticated(request, ask)
     async with InFlight(rt, ask):
         try:
-            caller = rt.auth.authenticate(authorization_of(request))
-            ask.caller = request[CALLER] = caller.name
             items = batch_items(await read_json(request, rt.config.server.max_body_bytes,
                                                 rt.config.server.client_timeout_s),
                                 rt.config.server.max_batch_items)
@@ -311,7 +372,8 @@ async def run_batch(rt: Runtime, caller: Caller, batch: Ask, items: list[Any]
 
 
 def item_ask(batch: Ask, caller: Caller, index: int, item: Any) -> Ask:
-    ask = Ask(f"{batch.request_id}.{index}", ROUTE_BATCH, caller=caller.name)
+    ask = Ask(f"{batch.request_id}.{index}", ROUTE_BATCH, caller=caller.name,
+              client=batch.client)
     if isinstance(item, dict):
         ask.bot_id, ask.user_id, ask.channel = (item.get(k) for k in ("botId", "userId",
                                                                       "channel"))
@@ -352,13 +414,18 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def metrics_text(request: web.Request) -> web.Response:
     """Prometheus text format; with several workers, the sum over all of them."""
+    runtime(request).audit_disk_free()  # refreshed when scraped
     body = runtime(request).metrics.render()
     return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
 async def openapi_json(request: web.Request) -> web.Response:
-    return web.json_response(openapi_document(runtime(request).config),
-                             dumps=lambda doc: json.dumps(doc, ensure_ascii=False))
+    """Built once per config: it takes milliseconds, and anyone may ask for it."""
+    config, cache = runtime(request).config, request.app[OPENAPI]
+    if cache.get("config") is not config:
+        cache["body"] = json.dumps(openapi_document(config), ensure_ascii=False).encode()
+        cache["config"] = config
+    return web.Response(body=cache["body"], content_type="application/json", charset="utf-8")
 
 
 # --- assembly -------------------------------------------------------------------------------
@@ -369,21 +436,43 @@ def create_app(config: Config, *, worker: int = 0, workers: int = 1,
                           client_max_size=config.server.max_body_bytes,
                           handler_args=handler_options(config.server))
     app[RUNTIME] = Runtime(config, worker=worker, workers=workers, metrics=metrics)
+    app[OPENAPI] = {}
     app.cleanup_ctx.append(_lifecycle)
     app.router.add_post("/v1/bots/{botId}/sessions/deactivate", deactivate_simplified)
     app.router.add_post("/v1/sessions/deactivate", deactivate_batch)
     app.router.add_put("/api/public/bot/{botId}/session", deactivate_kore)
+    _operations_routes(app, metrics=not config.server.admin_listen)
+    return app
+
+
+def create_admin_app(rt: Runtime) -> web.Application:
+    """The `server.admin_listen` application: probes, metrics and the OpenAPI document only,
+    served from the runtime of the API application (which starts and closes it)."""
+    app = web.Application(middlewares=[envelope_middleware], client_max_size=1024,
+                          handler_args=handler_options(rt.config.server))
+    app[RUNTIME] = rt
+    app[OPENAPI] = {}
+    _operations_routes(app, metrics=True)
+    return app
+
+
+def _operations_routes(app: web.Application, *, metrics: bool) -> None:
     app.router.add_get("/healthz", healthz, allow_head=True)
     app.router.add_get("/readyz", readyz, allow_head=True)
-    app.router.add_get("/metrics", metrics_text)
+    if metrics:  # with an admin listener, /metrics is served there only
+        app.router.add_get("/metrics", metrics_text)
     app.router.add_get("/openapi.json", openapi_json)
-    return app
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     rt = app[RUNTIME]
     await rt.start()
     log.info("gateway.started", worker=rt.worker, audit=str(rt.audit.path),
-             upstream=rt.config.upstream.base_url, apps=[a.name for a in rt.config.apps])
+             upstream=upstream_host(rt.config.upstream.base_url),
+             apps=[a.name for a in rt.config.apps])
+    if rt.worker == 0:  # once per start, not once per worker
+        for warning in config_warnings(rt.config):
+            log.warning("config.warning", file=rt.config.source, key=warning.key,
+                        message=warning.message)
     yield
     await rt.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 import time
 from pathlib import Path
@@ -16,14 +17,18 @@ from typing import Any
 
 import structlog
 
-from gateway.audit.log import AuditLog, AuditOpenError, rotated_files
+from gateway.audit.anchors import Anchors
+from gateway.audit.keyless import UnauthenticatedAudit
+from gateway.audit.log import AuditLog, AuditOpenError, ChainKey, rotated_files
 from gateway.audit.recovery import unclosed
 from gateway.auth import Authenticator
 from gateway.breaker import CircuitBreaker
 from gateway.config.model import Config
 from gateway.deactivation import Deactivator, close_left_open
 from gateway.errors import Overloaded
-from gateway.http.reload import ConfigChange, diff, live_config
+from gateway.http.forwarded import TrustedProxies
+from gateway.http.keyless import KeylessBudget
+from gateway.http.reload import ConfigChange, ReloadStatus, diff, live_config
 from gateway.kore.client import KoreClient
 from gateway.kore.tokens import TokenCache
 from gateway.metrics import Metrics, shared_dir
@@ -37,6 +42,7 @@ READY_CACHE_S = 1.0  # readiness probes are cheap but not free: reuse a verdict 
 # Beyond a request's own deadline (upstream.timeout_s, or server.drain_s at shutdown): how
 # much older than a log's last record an open `requested` record may be (`audit.recovery`).
 RECOVERY_MARGIN_S = 60.0
+MIN_KEYLESS_SHARE = 16  # keyless answers held back at once: at least this, or max_in_flight/10
 
 
 class Runtime:
@@ -52,7 +58,13 @@ class Runtime:
         self.audit = AuditLog(audit_path(config, worker, workers),
                               hash_user_ids=config.audit.hash_user_ids,
                               max_bytes=config.audit.max_bytes, fsync=config.audit.fsync,
-                              metrics=self.metrics)
+                              metrics=self.metrics, chain_key=chain_key(config))
+        self.anchors = Anchors(self.audit, config.audit.anchor_every_s,
+                               logging.getLevelNamesMapping()[config.logging.level.upper()])
+        self.unauthenticated = UnauthenticatedAudit(
+            self.audit, config.audit.max_unauthenticated_per_s, metrics=self.metrics)
+        self.proxies = TrustedProxies(config.server.trusted_proxies)
+        self.keyless = KeylessBudget(max(MIN_KEYLESS_SHARE, config.server.max_in_flight // 10))
         self.tokens = TokenCache(config.apps, metrics=self.metrics)
         self.limiter = make_limiter(config, workers, self.metrics)
         self.client = KoreClient(config.upstream, self.tokens, self.limiter,
@@ -60,10 +72,14 @@ class Runtime:
         self.breaker = CircuitBreaker(self.client.host,
                                       failures=config.upstream.breaker_failures,
                                       cooldown_s=config.upstream.breaker_cooldown_s,
+                                      host_bots=config.upstream.breaker_host_bots,
+                                      window_s=config.upstream.breaker_window_s,
                                       metrics=self.metrics)
         self.deactivator = Deactivator(audit=self.audit, tokens=self.tokens,
                                        limiter=self.limiter, client=self.client,
-                                       breaker=self.breaker, timeout_s=config.upstream.timeout_s)
+                                       breaker=self.breaker, timeout_s=config.upstream.timeout_s,
+                                       unauthenticated=self.unauthenticated)
+        self.reload_status = ReloadStatus(self.metrics)
         self.in_flight = 0
         self.tasks: set[asyncio.Task[Any] | None] = set()  # handlers of in-flight requests
         self.draining = False
@@ -78,13 +94,17 @@ class Runtime:
             await close_orphans(self.config, self.workers)
         await self.client.start()
         await self.limiter.start()
+        self.anchors.start()
         self._publisher = asyncio.create_task(self.metrics.publish_every())
 
     async def close(self) -> None:
         await self.client.close()
         await self.tokens.aclose()
         await self.limiter.aclose()
+        await self.unauthenticated.aclose()
+        await self.anchors.stop()
         await self.audit.close()
+        await self.anchors.emit()  # the last anchor covers every record written
         if self._publisher is not None:
             self._publisher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -137,8 +157,22 @@ class Runtime:
         checks = self._ready[1]
         ok = bool(checks["audit"] and checks["token"] and not self.draining)
         detail = {"status": "ready" if ok else "not_ready", "checks": checks,
-                  "circuit": self.breaker.detail(), "rateLimit": self.limiter.detail()}
+                  "circuit": self.breaker.detail(), "rateLimit": self.limiter.detail(),
+                  "configReload": self.reload_status.detail(),
+                  "auditDiskFreeBytes": self.audit_disk_free()}
         return ok, detail
+
+    def audit_disk_free(self) -> int | None:
+        """Bytes free for us on the audit volume (also the metric); None when unknown."""
+        free = self.audit.disk_free()
+        if free is not None:
+            self.metrics.audit_disk_free(free)
+        return free
+
+
+def chain_key(config: Config) -> ChainKey | None:
+    key = config.audit.chain_key
+    return None if key is None else ChainKey(key.reveal().encode("utf-8"))
 
 
 def audit_path(config: Config, worker: int, workers: int) -> str:
@@ -174,7 +208,8 @@ async def close_orphans(config: Config, workers: int) -> None:
         if not requested:
             continue
         orphan = AuditLog(path, hash_user_ids=config.audit.hash_user_ids,
-                          max_bytes=config.audit.max_bytes, fsync=config.audit.fsync)
+                          max_bytes=config.audit.max_bytes, fsync=config.audit.fsync,
+                          chain_key=chain_key(config))
         try:
             orphan.open()
         except AuditOpenError as exc:  # e.g. still held by a gateway that is running

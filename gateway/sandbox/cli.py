@@ -33,6 +33,8 @@ _FAULT_FLAGS = {
     "retry_after_s": "Retry-After sent with --rate-429 (default 1)",
     "drop_rate": "fraction of calls whose connection is closed without an answer",
     "reject_token_next": "the next N calls get 401 as if the token were rejected",
+    "odd_success": "answer accepted calls with an odd 2xx: empty, no_content (204) or "
+                   "string_true ({\"success\": \"true\"})",
 }
 
 
@@ -53,6 +55,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, help_text in _FAULT_FLAGS.items():
         flag = "--" + name.replace("_", "-")
         parser.add_argument(flag, type=_arg(FAULT_CHECKS[name]), help=help_text)
+    parser.add_argument(
+        "--echo-token",
+        action="store_true",
+        default=None,
+        help="error answers quote the JWT they were sent (to test that it is scrubbed)",
+    )
     parser.add_argument(
         "--limit",
         dest="limits",
@@ -75,6 +83,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"repeatable (default {DEFAULT_SESSION_PATH})",
     )
     parser.add_argument("--seed", type=_arg(FAULT_CHECKS["seed"]), help="seed of the fault dice")
+    parser.add_argument(
+        "--fault-bot",
+        dest="bots",
+        action="append",
+        metavar="GLOB",
+        help="faults fire only for botIds matching GLOB, repeatable (default: every bot)",
+    )
 
 
 def sandbox_from_args(args: argparse.Namespace, apps: Sequence[SandboxApp]) -> KoreSandbox:

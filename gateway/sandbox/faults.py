@@ -24,6 +24,13 @@ class Faults:
     reject_token_next: int = 0  # counts down as it fires
     limits: list[tuple[int, float]] = field(default_factory=list)  # per bot: (calls, per_s)
     seed: int | None = None
+    odd_success: str = ""  # a call Kore.ai accepts is answered with an ODD_SUCCESS body instead
+    echo_token: bool = False  # error answers quote the `auth` JWT they were sent
+    bots: list[str] = field(default_factory=list)  # botId globs the faults fire for; [] = all
+
+
+# Answers a gateway must not take for `{"success": true}`: an empty 200, a 204 and a string.
+ODD_SUCCESS = ("empty", "no_content", "string_true")
 
 
 class FaultError(Exception):
@@ -54,6 +61,18 @@ def integer_in(low: int, high: int) -> Callable[[Any], int]:
     return check
 
 
+def _flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError("must be true or false")
+    return value
+
+
+def _odd_success(value: Any) -> str:
+    if value not in ("", *ODD_SUCCESS):
+        raise ValueError(f"must be one of {', '.join(ODD_SUCCESS)} (or \"\" for none)")
+    return str(value)
+
+
 def _seed(value: Any) -> int | None:
     return None if value is None else integer_in(-(2**63), 2**63 - 1)(value)
 
@@ -69,6 +88,12 @@ def parse_limit(item: Any) -> tuple[int, float]:
     else:
         raise ValueError("a limit is CALLS/PER_S, [calls, per_s] or {calls, per_s}")
     return integer_in(1, 10**9)(calls), number_in(0.001)(per_s)
+
+
+def _globs(value: Any) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(g, str) and g for g in value):
+        raise TypeError("must be a list of non-empty botId globs")
+    return list(value)
 
 
 def _limits(value: Any) -> list[tuple[int, float]]:
@@ -89,6 +114,9 @@ FAULT_CHECKS: dict[str, Callable[[Any], Any]] = {
     "reject_token_next": integer_in(0, 10**9),
     "limits": _limits,
     "seed": _seed,
+    "bots": _globs,
+    "odd_success": _odd_success,
+    "echo_token": _flag,
 }
 
 

@@ -180,6 +180,38 @@ CONFIG_ERRORS: list[tuple[str, Change, str, str]] = [
      "expected HOST:PORT"),
     ("listen-port-not-a-number", _set("server.listen", "127.0.0.1:http"), "server.listen",
      'e.g. "127.0.0.1:8080"'),
+    # the admin listener: a HOST:PORT of its own, never the API's address
+    ("admin-listen-not-string", _set("server.admin_listen", 9091), "server.admin_listen",
+     "must be a string"),
+    ("admin-listen-without-port", _set("server.admin_listen", "0.0.0.0"), "server.admin_listen",
+     "expected HOST:PORT"),
+    ("admin-listen-equals-listen", _both(_set("server.listen", "127.0.0.1:8080"),
+                                         _set("server.admin_listen", "127.0.0.1:8080")),
+     "server.admin_listen", "must differ from server.listen (127.0.0.1:8080)"),
+    ("admin-listen-wildcard-on-api-port", _both(_set("server.listen", "127.0.0.1:8080"),
+                                                _set("server.admin_listen", "0.0.0.0:8080")),
+     "server.admin_listen", "must differ from server.listen"),
+    ("admin-listen-under-wildcard-api", _both(_set("server.listen", "[::]:8080"),
+                                              _set("server.admin_listen", "[::1]:8080")),
+     "server.admin_listen", "must differ from server.listen"),
+    ("max-connections-zero", _set("server.max_connections", 0), "server.max_connections",
+     "must be at least 1"),
+    ("per-client-connections-zero", _set("server.max_connections_per_client", 0),
+     "server.max_connections_per_client", "must be at least 1"),
+    ("write-timeout-zero", _set("server.write_timeout_s", 0), "server.write_timeout_s",
+     "must be at least 0.1"),
+    ("keepalive-zero", _set("server.keepalive_timeout_s", 0), "server.keepalive_timeout_s",
+     "must be at least 0.1"),
+    ("head-below-one-header", _set("server.max_head_bytes", 2048), "server.max_head_bytes",
+     "must be at least max_header_bytes (8190)"),
+    ("keyless-budget-negative", _set("audit.max_unauthenticated_per_s", -1),
+     "audit.max_unauthenticated_per_s", "must be at least 0"),
+    ("trusted-proxies-not-a-list", _set("server.trusted_proxies", "10.0.0.0/8"),
+     "server.trusted_proxies", "must be a list"),
+    ("trusted-proxy-not-a-network", _set("server.trusted_proxies", ["10.0.0.0/8", "lb.internal"]),
+     "server.trusted_proxies[1]", "not an IP network in CIDR form"),
+    ("trusted-proxy-bad-prefix", _set("server.trusted_proxies", ["10.0.0.0/33"]),
+     "server.trusted_proxies[0]", "not an IP network in CIDR form"),
     # choices
     ("auth-unknown", _set("server.auth", "basic"), "server.auth", 'must be one of "api-key"'),
     ("algorithm-unknown", _set("apps.0.algorithm", "ES256"), "apps[0].algorithm",
@@ -187,6 +219,11 @@ CONFIG_ERRORS: list[tuple[str, Change, str, str]] = [
     ("backend-unknown", _set("rate_limit.backend", "etcd"), "rate_limit.backend",
      'must be one of "memory", "redis"'),
     ("log-level-unknown", _set("logging.level", "trace"), "logging.level", "must be one of"),
+    ("log-file-with-console-format", _both(_set("logging.file", "log/gateway.jsonl"),
+                                           _set("logging.format", "console")),
+     "logging.file", 'use format = "json" or "auto"'),
+    ("log-file-max-bytes-tiny", _set("logging.file_max_bytes", 100), "logging.file_max_bytes",
+     "at least 4096"),
     # auth = "none" only on loopback
     ("auth-none-on-any-v4", _both(_set("server.auth", "none"), _set("server.listen", "0.0.0.0:8080")),
      "server.auth", "only on a loopback listen address, not 0.0.0.0"),
@@ -359,6 +396,31 @@ class TestLoopbackAuthNone:
         assert (config.server.host, config.server.port) == ("::1", 81)
 
 
+class TestAdminListen:
+    @pytest.mark.parametrize(("listen", "admin"), [
+        ("127.0.0.1:8080", "0.0.0.0:9091"),
+        ("127.0.0.1:8080", "[::]:9091"),
+        ("127.0.0.1:8080", "127.0.0.2:8080"),  # two addresses, one port: no overlap
+        ("127.0.0.1:0", "127.0.0.1:0"),  # two free ports, each picked at start
+    ], ids=["v4-wildcard", "v6-wildcard", "same-port-other-address", "both-port-0"])
+    def test_admin_address_accepted(self, tmp_path: Path, listen: str, admin: str) -> None:
+        server = load(tmp_path, merge(base_settings(tmp_path), {
+            "server": {"listen": listen, "admin_listen": admin}})).server
+        assert server.admin_listen == admin
+        assert f"{server.admin_host}:{server.admin_port}" == admin.replace("[", "").replace(
+            "]", "")
+
+    def test_admin_listener_needs_no_loopback_with_auth_none(self, tmp_path: Path) -> None:
+        """The admin listener serves no deactivation route: a pod-wide address is fine."""
+        settings = merge(base_settings(tmp_path), {"server": {
+            "auth": "none", "listen": "127.0.0.1:8080", "admin_listen": "0.0.0.0:9091"}})
+        del settings["callers"]
+        assert load(tmp_path, settings).server.admin_listen == "0.0.0.0:9091"
+
+    def test_off_by_default(self) -> None:
+        assert ServerConfig().admin_listen == ""
+
+
 class TestDefaultsAndPaths:
     def minimal(self, tmp_path: Path) -> Settings:
         settings = base_settings(tmp_path, "https://bots.kore.ai")
@@ -388,6 +450,15 @@ class TestDefaultsAndPaths:
         assert UpstreamConfig().bot_id_pattern == "^st-[A-Za-z0-9-]{1,100}$"
         assert UpstreamConfig().allow_insecure_http is False
         assert RateLimitConfig().windows == ((600, 60.0), (18000, 3600.0))
+        assert ServerConfig().trusted_proxies == ()
+        assert ServerConfig().max_connections == 4096
+        assert AuditConfig().max_unauthenticated_per_s == 20
+
+    def test_trusted_proxies_normalised_to_networks(self, tmp_path: Path) -> None:
+        config = load(tmp_path, merge(base_settings(tmp_path), {"server": {
+            "trusted_proxies": ["10.0.0.0/8", "192.0.2.7", "2001:db8::/32", "10.1.2.3/16"]}}))
+        assert config.server.trusted_proxies == ("10.0.0.0/8", "192.0.2.7/32",
+                                                 "2001:db8::/32", "10.1.0.0/16")
 
     def test_relative_audit_path_resolved_against_config_dir(
             self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -428,6 +499,12 @@ class TestDefaultsAndPaths:
         config = load(tmp_path, settings, env={"KORE_PEM": pem})
         assert config.apps[0].private_key == Secret(pem.strip()) or \
             config.apps[0].private_key == Secret(pem)
+
+    def test_log_file_resolved_against_config_dir(self, tmp_path: Path) -> None:
+        config = load(tmp_path, merge(base_settings(tmp_path),
+                                      {"logging": {"file": "log/gateway.jsonl"}}))
+        assert config.logging.file == str(tmp_path.resolve() / "log" / "gateway.jsonl")
+        assert config.logging.file_max_bytes == 10_485_760
 
     def test_ca_file_resolved_against_config_dir(self, tmp_path: Path) -> None:
         (tmp_path / "ca.pem").write_text("ca", encoding="utf-8")

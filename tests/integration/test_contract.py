@@ -1,4 +1,4 @@
-"""The gateway contract (`spec/gateway-contract.md`), checked line by line from the outside.
+"""The gateway contract (`docs/api.md`), checked line by line from the outside.
 
 Everything here talks to the product as an operator and its callers would: `python -m gateway
 serve` and `python -m gateway sandbox` run as subprocesses on loopback ports, requests are plain
@@ -6,11 +6,13 @@ HTTP (`http.client`), the audit log is read as a file, the commands are run as c
 of `gateway` is imported. One sandbox and three gateways serve the whole module:
 
 - `main`   api-key callers, default limits, ten Kore.ai apps (every algorithm, every secret
-           form, jti, custom claims, a wrong-scope app, glob order), relative paths;
+           form, jti, custom claims, a wrong-scope app, glob order), relative paths, a keyless
+           audit budget large enough that every keyless request here gets its own record;
 - `local`  `auth = "none"`, a permissive `bot_id_pattern`, `max_attempts = 1`, `timeout_s = 2`,
            a small `audit.max_bytes` (rotation);
-- `hashed` `hash_user_ids = true`, a custom `session_path`, small body/batch/in-flight limits and
-           a one-call-per-hour rate limit.
+- `hashed` `hash_user_ids = true`, a custom `session_path`, small body/batch/in-flight limits,
+           a one-call-per-hour rate limit, loopback as trusted proxies and a keyless audit
+           budget of 2 a second.
 
 Upstream behaviour is varied at run time through the sandbox's control routes
 (`PUT /__sandbox/faults`, `GET`/`DELETE /__sandbox/calls`). The sandbox records request headers
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import hmac
 import ipaddress
 import json
 import os
@@ -64,12 +67,13 @@ SNAKE_RE = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$")
 JWT_RE = re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*")
 ZEROS = "0" * 64
 EVENTS = {"deactivate.requested", "deactivate.completed", "deactivate.denied"}
+SUPPRESSED = "audit.unauthenticated_suppressed"  # §3 additions: keyless requests past a budget
 # What the gateway's HTTP client may set by itself, plus the three headers of section 1.
 CLIENT_HEADERS = {"host", "content-length", "user-agent", "accept", "accept-encoding"}
 CONTRACT_HEADERS = {"auth", "content-type", "x-request-id"}
 NO_FAULTS = {"latency_ms": 0, "error_status": 500, "error_rate": 0, "fail_first": 0,
              "rate_429": 0, "retry_after_s": 1, "drop_rate": 0, "reject_token_next": 0,
-             "limits": []}
+             "limits": [], "odd_success": "", "echo_token": False, "bots": []}
 
 # Credentials: each secret is a distinctive string so that a leak anywhere is found.
 SECRET_SESSIONS = "sec-sessions-" + secrets.token_hex(12)
@@ -93,6 +97,9 @@ CID = {"sessions": "cs-11111111-1111-4111-8111-111111111111",
        "multi": "cs-aaaaaaaa-aaaa-4aaa-8aaa-aaaaaaaaaaaa"}
 ENV_HS512 = "KGW_CONTRACT_HS512_SECRET"
 ENV_RS512 = "KGW_CONTRACT_RS512_KEY"
+ENV_CHAIN = "KGW_CONTRACT_CHAIN_KEY"
+CHAIN_KEY = "chain-key-" + secrets.token_hex(16)
+HMAC_CHAIN = "hmac-sha256"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -597,7 +604,9 @@ def world(tmp_path_factory: pytest.TempPathFactory, cli: CliRuns) -> Iterator[Wo
     (main_dir / "secrets" / "sessions.secret").write_text(SECRET_SESSIONS + "\n")
     main = start_gateway("main", main_dir, {
         "upstream": {**upstream, "timeout_s": 3},  # max_attempts: the default, 3
-        "audit": {"path": "audit/main.jsonl"},  # relative: resolved against main_dir
+        # relative: resolved against main_dir. Every keyless test here looks for its own
+        # record, so main's budget is large; `hashed` shows the budget (§3 additions).
+        "audit": {"path": "audit/main.jsonl", "max_unauthenticated_per_s": 1000},
         "apps": main_apps(),
         "callers": [
             {"name": "crm-service", "key_sha256": crm_sha, "bots": ["st-*"]},
@@ -607,10 +616,12 @@ def world(tmp_path_factory: pytest.TempPathFactory, cli: CliRuns) -> Iterator[Wo
 
     hashed_dir = root / "hashed"
     hashed = start_gateway("hashed", hashed_dir, {
-        "server": {"max_body_bytes": 1024, "max_batch_items": 3, "max_in_flight": 1},
+        "server": {"max_body_bytes": 1024, "max_batch_items": 3, "max_in_flight": 1,
+                   "trusted_proxies": ["127.0.0.0/8"]},
         "upstream": {**upstream, "session_path": "/api/public/{botId}/sessions",
                      "timeout_s": 5},
-        "audit": {"path": str(hashed_dir / "audit" / "hashed.jsonl"), "hash_user_ids": True},
+        "audit": {"path": str(hashed_dir / "audit" / "hashed.jsonl"), "hash_user_ids": True,
+                  "max_unauthenticated_per_s": 2},
         "rate_limit": {"windows": [{"calls": 1, "per_s": 3600}]},
         "apps": [app_table("sessions", ["st-*"], client_secret=SECRET_SESSIONS)],
         "callers": [{"name": "crm-service", "key_sha256": crm_sha, "bots": ["st-*"]}],
@@ -767,10 +778,25 @@ AUTH_NONE = "server.auth = \"none\" ... refused at start-up unless the listen ad
 UNKNOWN = "Unknown keys are an error: a typo must never fall back silently to a default"
 SECRET_FORMS = "every secret field has *_env and *_file forms"
 NAMES = "validated at start-up with an error that names the key and the file"
+ADMIN_LISTEN = ('admin_listen = "" # e.g. "0.0.0.0:9091": /metrics, /healthz, /readyz, '
+                "/openapi.json there")
 
+NEW_KEYS = "§4 keys of 2026-12-03"
 CONFIG_CASES = [
     ConfigCase("contract-sample-accepted", "§4 sample config", ok=True,
                env={"KORE_CLIENT_SECRET": CASE_SECRET}),
+    ConfigCase("new-keys-accepted", NEW_KEYS,
+               _all(_set("server.trusted_proxies", ["10.0.0.0/8", "fd00::/8"]),
+                    _set("server.max_connections", 100),
+                    _set("audit.max_unauthenticated_per_s", 5)), ok=True, env=CASE_ENV),
+    ConfigCase("trusted-proxy-not-a-cidr", NEW_KEYS + " (trusted_proxies: CIDRs)",
+               _set("server.trusted_proxies", ["load-balancer"]), names=("trusted_proxies",),
+               env=CASE_ENV),
+    ConfigCase("max-connections-zero", NEW_KEYS, _set("server.max_connections", 0),
+               names=("max_connections",), env=CASE_ENV),
+    ConfigCase("max-unauthenticated-negative", NEW_KEYS,
+               _set("audit.max_unauthenticated_per_s", -1),
+               names=("max_unauthenticated_per_s",), env=CASE_ENV),
     ConfigCase("GATEWAY_CONFIG-env", "One TOML file (--config PATH or GATEWAY_CONFIG)", ok=True,
                env=CASE_ENV, via_env=True),
     ConfigCase("unknown-top-level-table", UNKNOWN, _set("serverr", {"listen": "x"}),
@@ -870,6 +896,20 @@ CONFIG_CASES = [
     ConfigCase("secret-not-echoed-in-error", "The secret ... never returned",
                _app(client_secret=CASE_SECRET, client_secret_env="KGW_CASE_SECRET"),
                names=("client_secret",), env=CASE_ENV, forbidden=(CASE_SECRET,)),
+    ConfigCase("admin-listen-accepted", ADMIN_LISTEN,
+               _set("server.admin_listen", "0.0.0.0:9091"), ok=True, env=CASE_ENV),
+    ConfigCase("admin-listen-empty-is-off", ADMIN_LISTEN, _set("server.admin_listen", ""),
+               ok=True, env=CASE_ENV),
+    ConfigCase("admin-listen-not-host-port", NAMES + " (server.admin_listen)",
+               _set("server.admin_listen", "9091"), names=("admin_listen",), env=CASE_ENV),
+    ConfigCase("admin-listen-same-as-listen", ADMIN_LISTEN + " (its own address)",
+               _all(_set("server.listen", "127.0.0.1:8080"),
+                    _set("server.admin_listen", "127.0.0.1:8080")),
+               names=("admin_listen",), env=CASE_ENV),
+    ConfigCase("serve-refuses-admin-listen-same-as-listen", ADMIN_LISTEN + " (its own address)",
+               _all(_set("server.listen", "127.0.0.1:8080"),
+                    _set("server.admin_listen", "127.0.0.1:8080")),
+               names=("admin_listen",), env=CASE_ENV, command="serve"),
     ConfigCase("not-toml", NAMES, text="[server\nlisten = 1\n"),
     ConfigCase("file-missing", NAMES, missing=True),
     ConfigCase("serve-refuses-unknown-key", NAMES + " (at start-up)",
@@ -878,6 +918,23 @@ CONFIG_CASES = [
     ConfigCase("serve-refuses-auth-none-non-loopback", AUTH_NONE,
                _all(_set("server.auth", "none"), _set("server.listen", "192.0.2.1:8080"),
                     _drop("callers")), names=("auth",), env=CASE_ENV, command="serve"),
+    ConfigCase("chain-key-env-accepted", "§4 audit.chain_key_env: the HMAC chain key",
+               _set("audit.chain_key_env", "KGW_CASE_CHAIN"), ok=True,
+               env={**CASE_ENV, "KGW_CASE_CHAIN": CHAIN_KEY}, forbidden=(CHAIN_KEY,)),
+    ConfigCase("chain-key-env-empty-is-off", '§4 chain_key_env = "" (the sample\'s default)',
+               _set("audit.chain_key_env", ""), ok=True, env=CASE_ENV),
+    ConfigCase("chain-key-file-accepted", "§4 audit.chain_key_file",
+               _set("audit.chain_key_file", "keys/chain.key"), ok=True, env=CASE_ENV,
+               files={"keys/chain.key": CHAIN_KEY + "\n"}, forbidden=(CHAIN_KEY,)),
+    ConfigCase("chain-key-file-on-the-audit-volume-refused", "§3 the key from env or file "
+               "(never on the audit volume)", _set("audit.chain_key_file", "audit/chain.key"),
+               names=("chain_key_file",), env=CASE_ENV, files={"audit/chain.key": CHAIN_KEY},
+               forbidden=(CHAIN_KEY,)),
+    ConfigCase("chain-key-env-unset", SECRET_FORMS + " (audit.chain_key_env)",
+               _set("audit.chain_key_env", "KGW_CASE_UNSET_VARIABLE"),
+               names=("chain_key_env",), env=CASE_ENV),
+    ConfigCase("anchor-every-s-not-a-number", NAMES + " (audit.anchor_every_s)",
+               _set("audit.anchor_every_s", "often"), names=("anchor_every_s",), env=CASE_ENV),
     ConfigCase("serve-refuses-unusable-audit-path", "an audit path that is unusable at "
                "start-up stops the start with a clear error",
                _set("audit.path", "blocker/audit.jsonl"), names=("blocker",), env=CASE_ENV,
@@ -1851,6 +1908,56 @@ def test_health_ready_metrics_openapi_need_no_key(w: World) -> None:
     assert list(text_string_to_metric_families(metrics.text))
 
 
+OPERATIONS_ROUTES = ("/healthz", "/readyz", "/metrics", "/openapi.json")
+
+
+def test_admin_listen_serves_operations_and_takes_metrics_off_the_api(world: World,
+                                                                       tmp_path: Path) -> None:
+    """§4 `admin_listen`: /metrics, /healthz, /readyz and /openapi.json on that address, no
+    caller key (§2), no deactivation route; when it is set, /metrics is served only there.
+    The other three stay on the API address."""
+    world.kore.reset()
+    admin_port = free_port()
+    gw = start_gateway("admin", tmp_path, {
+        "server": {"admin_listen": f"127.0.0.1:{admin_port}"},
+        "upstream": {"base_url": world.kore.url, "allow_insecure_http": True},
+        "audit": {"path": str(tmp_path / "audit" / "admin.jsonl")},
+        "apps": [app_table("sessions", ["*"], client_secret=SECRET_SESSIONS)],
+        "callers": [{"name": "crm-service", "key_sha256": hashlib.sha256(
+            world.crm_key.encode()).hexdigest(), "bots": ["st-*"]}]}, key=world.crm_key)
+    try:
+        gw.process.wait_http(gw.host, gw.port)
+        gw.process.wait_http("127.0.0.1", admin_port)
+        rid = unique("adm")
+        assert gw.deactivate(unique("st-adm"), {"userId": "u"}, rid=rid).status == 200
+        bad_key = {"Authorization": "Bearer not-a-key"}
+        for path in OPERATIONS_ROUTES:
+            reply = http(admin_port, "GET", path, headers=bad_key)
+            TRANSCRIPT.append(reply)
+            assert reply.status == 200, (path, reply.text)
+            assert REQUEST_ID_RE.fullmatch(reply.header("X-Request-ID") or ""), reply.headers
+        metrics = http(admin_port, "GET", "/metrics").text
+        assert 'caller="crm-service"' in metrics  # what the API served, counted there
+        expect_error(gw.call("GET", "/metrics"), 404, "not_found")
+        for path in ("/healthz", "/readyz", "/openapi.json"):
+            assert gw.call("GET", path).status == 200, path
+        refused = unique("adm-x")
+        bot = unique("st-adm")
+        for method, path, payload in [
+                ("POST", f"/v1/bots/{bot}/sessions/deactivate", {"userId": "u"}),
+                ("POST", "/v1/sessions/deactivate", {"items": [{"botId": bot, "userId": "u"}]}),
+                ("PUT", f"/api/public/bot/{bot}/session", {"userId": "u"})]:
+            reply = http(admin_port, method, path, body=json.dumps(payload).encode(), headers={
+                "Authorization": f"Bearer {world.crm_key}", "Content-Type": "application/json",
+                "X-Request-ID": refused})
+            TRANSCRIPT.append(reply)
+            expect_error(reply, 404, "not_found")
+        assert world.kore.none_for(refused)
+        assert gw.records_for(refused, terminal=False) == []
+    finally:
+        assert gw.process.stop() == 0
+
+
 def test_openapi_document_covers_every_route(w: World) -> None:
     """§2: GET /openapi.json — an OpenAPI 3.1 document of every route in the table."""
     from openapi_spec_validator import validate
@@ -1893,10 +2000,9 @@ INVALID_INPUT = [
     pytest.param(None, {"userId": "a\x7fb"}, "userId", id="userId-DEL"),
     pytest.param(None, {"userId": "a\x85b"}, "userId", id="userId-C1-NEL"),
     pytest.param(None, {"userId": "a\x9fb"}, "userId", id="userId-C1-APC"),
-    pytest.param(None, {"userId": "u", "channel": "RTM"}, "channel", id="channel-uppercase"),
     pytest.param(None, {"userId": "u", "channel": ""}, "channel", id="channel-empty"),
-    pytest.param(None, {"userId": "u", "channel": "a" * 33}, "channel", id="channel-33-chars"),
-    pytest.param(None, {"userId": "u", "channel": "a-b"}, "channel", id="channel-dash"),
+    pytest.param(None, {"userId": "u", "channel": "a" * 65}, "channel", id="channel-65-chars"),
+    pytest.param(None, {"userId": "u", "channel": "a.b"}, "channel", id="channel-dot"),
     pytest.param(None, {"userId": "u", "channel": "a b"}, "channel", id="channel-space"),
     pytest.param(None, {"userId": "u", "channel": 7}, "channel", id="channel-number"),
     pytest.param(None, {"userId": "u", "channel": "rtm\n"}, "channel",
@@ -1930,8 +2036,11 @@ VALID_INPUT = [
     pytest.param(None, {"userId": "ユーザー-ü-🙂"}, id="userId-unicode"),
     pytest.param(None, {"userId": "line\u2028sep"}, id="userId-U+2028-is-not-Cc"),
     pytest.param(None, {"userId": "mail@example.com with space"}, id="userId-space"),
-    pytest.param(None, {"userId": "u", "channel": "a" * 32}, id="channel-32-chars"),
+    pytest.param(None, {"userId": "u", "channel": "a" * 64}, id="channel-64-chars"),
     pytest.param(None, {"userId": "u", "channel": "rtm_2"}, id="channel-underscore-digit"),
+    pytest.param(None, {"userId": "u", "channel": "ivrVoice"}, id="channel-camel-case"),
+    pytest.param(None, {"userId": "u", "channel": "ivrInst-6ad846f2-75b0-55a1-8029-aab86de09817"},
+                 id="channel-webhook-instance"),
 ]
 
 
@@ -2022,7 +2131,7 @@ def test_hostile_bodies_never_get_a_500(w: World, raw: bytes) -> None:
 def test_denied_record_says_what_was_asked(w: World) -> None:
     """§3: `botId`, `userId`, `channel`: what was asked — also when the ask is refused."""
     rid, bot = unique("asked"), unique("st-asked")
-    expect_error(w.main.deactivate(bot, {"userId": "u-asked", "channel": "NOT-valid"}, rid=rid),
+    expect_error(w.main.deactivate(bot, {"userId": "u-asked", "channel": "NOT.valid"}, rid=rid),
                  400, "invalid_request")
     record = expect_denied(w.main, rid, 400, "rejected", "invalid_request")
     assert (record["botId"], record["userId"]) == (bot, "u-asked"), record
@@ -2438,7 +2547,7 @@ def test_hash_user_ids_replaces_user_id_with_its_sha256(w: World) -> None:
     ok, bad = unique("hash-ok"), unique("hash-bad")
     assert w.hashed.deactivate(unique("st-hash"), {"userId": user}, rid=ok).status == 200
     reply = w.hashed.batch({"items": [{"botId": unique("st-hash"), "userId": user,
-                                       "channel": "BAD"}]}, rid=bad)
+                                       "channel": "B.A.D"}]}, rid=bad)
     assert reply.json()["results"][0]["status"] == 400
     records = w.hashed.records_for(ok) + w.hashed.records_for(f"{bad}.0")
     assert len(records) == 3
@@ -2448,6 +2557,101 @@ def test_hash_user_ids_replaces_user_id_with_its_sha256(w: World) -> None:
         assert re.fullmatch(r"sha256:[0-9a-f]{64}", record["userIdHash"])
     text = "".join(p.read_text(encoding="utf-8") for p in w.hashed.audit_files())
     assert user not in text and json.dumps(user)[1:-1] not in text
+
+
+# --- additions of 2026-12-03 ------------------------------------------------------------------
+
+def test_every_record_carries_the_client(w: World) -> None:
+    """§3 additions: "Every record carries `client`: the peer address"."""
+    asked = {"ok": w.main.deactivate(unique("st-who"), {"userId": "u"}, rid=unique("who")),
+             "401": w.main.deactivate(unique("st-who"), {"userId": "u"}, key=None,
+                                      rid=unique("who")),
+             "403": w.main.deactivate(unique("st-who"), {"userId": "u"}, key=NARROW_KEY,
+                                      rid=unique("who"))}
+    for name, reply in asked.items():
+        records = w.main.records_for(reply.header("X-Request-ID") or "")
+        assert records and all(r["client"] == "127.0.0.1" for r in records), (name, records)
+
+
+@pytest.mark.parametrize(("gateway", "client"), [
+    pytest.param("main", "127.0.0.1", id="peer-not-trusted"),
+    pytest.param("hashed", "203.0.113.9", id="peer-is-a-trusted-proxy"),
+])
+def test_x_forwarded_for_is_used_only_from_a_trusted_proxy(w: World, gateway: str,
+                                                           client: str) -> None:
+    """§3 additions / §4 `server.trusted_proxies`: X-Forwarded-For counts only when the peer
+    is listed (`hashed` lists 127.0.0.0/8); the right-most address not itself trusted."""
+    gw: Gateway = getattr(w, gateway)
+    rid = unique("xff")
+    reply = gw.deactivate("not-a-bot-id", {"userId": "u"}, rid=rid,
+                          extra=[("X-Forwarded-For", "198.51.100.1, 203.0.113.9, 127.0.0.9")])
+    expect_error(reply, 400, "invalid_request")
+    assert expect_denied(gw, rid, 400, "rejected")["client"] == client
+
+
+@pytest.mark.parametrize("route", ["simple", "kore"])
+def test_forbidden_record_keeps_the_user_id_and_channel_asked(w: World, route: str) -> None:
+    """§3 additions: "An authenticated caller refused for a bot (403) still has the `userId`
+    and `channel` it sent recorded"."""
+    rid, bot = unique("kept"), unique("st-kept")
+    body = {"userId": "u-kept", "channel": "ivrVoice"}
+    call = w.main.deactivate if route == "simple" else w.main.kore
+    expect_error(call(bot, body, rid=rid, key=NARROW_KEY), 403, "forbidden")
+    record = expect_denied(w.main, rid, 403, "denied", "forbidden")
+    assert (record["botId"], record["userId"], record["channel"]) == (bot, "u-kept", "ivrVoice")
+
+
+def test_keyless_requests_past_the_budget_are_counted_once_a_second(w: World) -> None:
+    """§3 additions: a keyless request gets its own `deactivate.denied` record up to
+    `audit.max_unauthenticated_per_s` (`hashed`: 2) a second; the excess is counted into one
+    `audit.unauthenticated_suppressed` record a second, `{"count", "clients"}`. Keyed
+    requests are audited one by one whatever the budget."""
+    before = len(w.hashed.records())
+    rids = [unique("keyless") for _ in range(10)]
+    for rid in rids:
+        expect_error(w.hashed.deactivate(unique("st-kl"), {"userId": "u"}, key=None, rid=rid),
+                     401, "unauthenticated")
+    keyed = unique("keyed")
+    expect_error(w.hashed.deactivate("not-a-bot-id", {"userId": "u"}, rid=keyed), 400)
+    time.sleep(1.5)  # a second's summary is written when the second ends
+    new = w.hashed.records()[before:]
+    own = [r for r in new if r.get("requestId") in rids]
+    summaries = [r for r in new if r["event"] == SUPPRESSED]
+    assert 2 <= len(own) <= 4, own  # 2 a second; ten quick calls may straddle two seconds
+    assert summaries and len(summaries) <= 3
+    for summary in summaries:
+        _expect_summary(summary)
+        assert set(summary["clients"]) == {"127.0.0.1"}
+    assert len(own) + sum(s["count"] for s in summaries) == len(rids)
+    assert [r["requestId"] for r in new if r.get("caller")] == [keyed]
+
+
+def test_max_connections_refuses_past_the_limit(w: World, tmp_path: Path) -> None:
+    """§4 `server.max_connections`: open client connections per process, beyond it refused
+    (a 503 `overloaded` with `Retry-After` when no connection is idle)."""
+    gw = start_gateway("two-connections", tmp_path, {
+        "server": {"auth": "none", "max_connections": 2},
+        "upstream": {"base_url": w.kore.url, "allow_insecure_http": True},
+        "audit": {"path": str(tmp_path / "audit" / "two.jsonl")},
+        "apps": [app_table("sessions", ["*"], client_secret=SECRET_SESSIONS)]}, key=None)
+    try:
+        gw.process.wait_http(gw.host, gw.port)
+        w.kore.faults(latency_ms=2000)
+        pool = ThreadPoolExecutor(max_workers=2)
+        busy = [pool.submit(gw.deactivate, unique("st-cap"), {"userId": "u"}, rid=rid)
+                for rid in (unique("cap"), unique("cap"))]
+        for future in busy:
+            assert not future.done()
+        time.sleep(0.5)
+        refused = gw.call("GET", "/healthz")
+        expect_error(refused, 503, "overloaded")
+        expect_retry_after(refused)
+        assert [f.result(timeout=20).status for f in busy] == [200, 200]
+        pool.shutdown()
+        assert gw.call("GET", "/healthz").status == 200
+    finally:
+        w.kore.reset()
+        assert gw.process.stop() == 0
 
 
 def test_rotation_continues_the_chain_in_the_next_file(w: World) -> None:
@@ -2469,6 +2673,177 @@ def test_rotation_continues_the_chain_in_the_next_file(w: World) -> None:
     assert good.returncode == 0, good.stdout + good.stderr
     bad = run_cli(["audit", "verify", *map(str, reversed(files))])
     assert bad.returncode != 0
+
+
+def hmac_hash(record: Mapping[str, Any], key: str = CHAIN_KEY) -> str:
+    """§3 (2026-12-03), independently: HMAC-SHA256(key, prev + canonical) in hex."""
+    body = {k: v for k, v in record.items() if k != "hash"}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    data = (record["prev"] + canonical).encode("utf-8")
+    return hmac.new(key.encode("utf-8"), data, hashlib.sha256).hexdigest()
+
+
+def anchors_in(text: str) -> list[dict[str, Any]]:
+    """The `audit.anchor` entries of a structured log (JSON lines; others ignored)."""
+    found = []
+    for line in text.splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and entry.get("event") == "audit.anchor":
+            found.append(entry)
+    return found
+
+
+@pytest.fixture(scope="module")
+def keyed(world: World) -> Iterator[Gateway]:
+    """A gateway with an HMAC chain key (from the environment), anchors every 0.2 s and a
+    small `max_bytes` (rotation)."""
+    root = world.root / "keyed"
+    gw = start_gateway("keyed", root, {
+        "upstream": {"base_url": world.kore.url, "allow_insecure_http": True},
+        "audit": {"path": str(root / "audit" / "keyed.jsonl"), "max_bytes": 2048,
+                  "chain_key_env": ENV_CHAIN, "anchor_every_s": 0.2},
+        "logging": {"format": "json"},
+        "apps": [app_table("sessions", ["st-*"], client_secret=SECRET_SESSIONS)],
+        "callers": [{"name": "crm-service", "key_sha256": hashlib.sha256(
+            world.crm_key.encode()).hexdigest(), "bots": ["st-*"]}],
+    }, key=world.crm_key, env={ENV_CHAIN: CHAIN_KEY})
+    try:
+        gw.process.wait_http(gw.host, gw.port)
+        for _ in range(10):
+            assert gw.deactivate(unique("st-keyed"), {"userId": "u"}).status == 200
+        yield gw
+    finally:
+        gw.process.stop()
+
+
+def _keyed_files(gw: Gateway) -> list[Path]:
+    return [p for p in gw.audit_files() if p.suffix == ".jsonl"]
+
+
+def test_keyed_chain_is_hmac_and_marks_every_file(keyed: Gateway) -> None:
+    """§3 "A rewrite needs a key": with `audit.chain_key_env` the hash is HMAC-SHA256(key,
+    prev + canonical) in hex and the first record of every file carries "chain":
+    "hmac-sha256" (inside the canonical form); rotation keeps the chain across files."""
+    files = _keyed_files(keyed)
+    assert len(files) >= 2, files
+    prev = ZEROS
+    for path in files:
+        records = read_jsonl(path)
+        assert records[0]["chain"] == HMAC_CHAIN, path
+        assert records[0]["prev"] == prev
+        for record in records:
+            assert record["hash"] == hmac_hash(record), (path, record["seq"])
+            assert record["hash"] != chain_hash(record)
+            prev = record["hash"]
+        assert all("chain" not in r for r in records[1:])
+    text = "".join(p.read_text(encoding="utf-8") for p in files) + keyed.process.output()
+    assert CHAIN_KEY not in text
+
+
+def test_audit_verify_checks_the_keyed_chain_with_the_key_only(keyed: Gateway,
+                                                              tmp_path: Path) -> None:
+    """§3: `audit verify --key-env NAME | --key-file PATH` checks a keyed chain; without the key
+    it cannot check the hashes, and says so with a non-zero exit, never "intact"."""
+    files = list(map(str, _keyed_files(keyed)))
+    key_file = tmp_path / "chain.key"
+    key_file.write_text(CHAIN_KEY + "\n", encoding="utf-8")
+    by_env = run_cli(["audit", "verify", "--key-env", ENV_CHAIN, *files],
+                     env={ENV_CHAIN: CHAIN_KEY})
+    assert by_env.returncode == 0, by_env.stdout + by_env.stderr
+    by_file = run_cli(["audit", "verify", "--key-file", str(key_file), *files])
+    assert by_file.returncode == 0, by_file.stdout + by_file.stderr
+    wrong = run_cli(["audit", "verify", "--key-env", ENV_CHAIN, *files],
+                    env={ENV_CHAIN: "not-the-key"})
+    assert wrong.returncode != 0
+    keyless = run_cli(["audit", "verify", *files])
+    assert keyless.returncode != 0 and "intact" not in keyless.stdout + keyless.stderr
+    for done in (by_env, by_file, wrong, keyless):
+        assert CHAIN_KEY not in done.stdout + done.stderr
+
+
+def test_anchors_are_logged_and_a_rewrite_fails_against_them(keyed: Gateway,
+                                                            tmp_path: Path) -> None:
+    """§3: every `anchor_every_s` the gateway logs `audit.anchor {"file", "seq", "hash"}`;
+    `audit verify --anchors LOGFILE…` fails when the file disagrees with a shipped anchor: a
+    full rewrite (record 1's userId and caller, every plain hash recomputed, the last record
+    dropped) fails with the key, and against the anchors without it."""
+    files = _keyed_files(keyed)
+    last = read_jsonl(files[-1])[-1]
+    deadline = time.monotonic() + 10
+    while not any(a["seq"] == last["seq"] for a in anchors_in(keyed.process.output())):
+        assert time.monotonic() < deadline, "no anchor of the last record"
+        time.sleep(0.05)
+    found = anchors_in(keyed.process.output())
+    assert all(set(a) >= {"file", "seq", "hash"} for a in found)
+    assert {a["file"] for a in found} == {str(keyed.audit_path)}
+    [newest] = [a for a in found if a["seq"] == last["seq"]][:1]
+    assert newest["hash"] == last["hash"]
+    shipped = tmp_path / "shipped.log"
+    shipped.write_text(keyed.process.output(), encoding="utf-8")
+    good = run_cli(["audit", "verify", "--key-env", ENV_CHAIN, *map(str, files),
+                    "--anchors", str(shipped)], env={ENV_CHAIN: CHAIN_KEY})
+    assert good.returncode == 0, good.stdout + good.stderr
+
+    forged_dir = tmp_path / "forged"
+    forged_dir.mkdir()
+    records = [r for path in files for r in read_jsonl(path)][:-1]
+    records[0]["userId"], records[0]["caller"] = "someone-else", "narrow-service"
+    records[0].pop("chain")
+    _rechain(records)
+    forged = forged_dir / keyed.audit_path.name
+    forged.write_text(_lines(records), encoding="utf-8")
+    with_key = run_cli(["audit", "verify", "--key-env", ENV_CHAIN, str(forged)],
+                       env={ENV_CHAIN: CHAIN_KEY})
+    assert with_key.returncode != 0, with_key.stdout + with_key.stderr
+    against_anchors = run_cli(["audit", "verify", str(forged), "--anchors", str(shipped)])
+    assert against_anchors.returncode != 0, against_anchors.stdout + against_anchors.stderr
+
+
+def test_an_anchor_is_logged_at_shutdown(world: World) -> None:
+    """§3: "… and at shutdown": the last record is anchored when the gateway stops."""
+    root = world.root / "anchor-at-stop"
+    gw = start_gateway("anchor-at-stop", root, {
+        "server": {"auth": "none"},
+        "upstream": {"base_url": world.kore.url, "allow_insecure_http": True},
+        "audit": {"path": str(root / "audit" / "stop.jsonl"), "anchor_every_s": 3600},
+        "logging": {"format": "json"},
+        "apps": [app_table("sessions", ["st-*"], client_secret=SECRET_SESSIONS)],
+    }, key=None)
+    try:
+        gw.process.wait_http(gw.host, gw.port)
+        for _ in range(2):
+            assert gw.deactivate(unique("st-stop"), {"userId": "u"}).status == 200
+        assert anchors_in(gw.process.output()) == []
+    finally:
+        assert gw.process.stop() == 0
+    [anchor] = anchors_in(gw.process.log_path.read_text(encoding="utf-8"))
+    last = read_jsonl(gw.audit_path)[-1]
+    assert (anchor["file"], anchor["seq"], anchor["hash"]) == (
+        str(gw.audit_path), last["seq"], last["hash"])
+
+
+LINE_BREAKING = "a\u2028b\u2029c\u202ad\u202be\u202cf\u202dg\u202eh\u2066i\u2067j\u2068k\u2069l"
+
+
+def test_audit_line_escapes_unicode_line_breaks_and_bidi_controls(w: World) -> None:
+    """§3 "One record, one line, for every reader": U+2028, U+2029 and the bidi controls are
+    written as \\uXXXX escapes; the canonical form, from the parsed values, is unchanged."""
+    rid = unique("one-line")
+    reply = w.main.deactivate(unique("st-line"), {"userId": LINE_BREAKING}, rid=rid)
+    assert reply.status == 200, reply.text
+    records = w.main.records_for(rid)
+    assert [r["userId"] for r in records] == [LINE_BREAKING] * 2
+    for record in records:
+        assert record["hash"] == chain_hash(record)
+    raw = w.main.audit_path.read_bytes()
+    for char in LINE_BREAKING[1::2]:
+        assert char.encode("utf-8") not in raw, f"U+{ord(char):04X} written raw"
+        assert f"\\u{ord(char):04x}".encode() in raw.lower()
+    text = raw.decode("utf-8")
+    assert len(text.splitlines()) == len(text.split("\n")) - 1
 
 
 def _rechain(records: list[dict[str, Any]], start: int = 0) -> None:
@@ -2843,7 +3218,12 @@ def test_zz_audit_files_follow_the_contract(
         assert TS_RE.fullmatch(record["ts"]), record["ts"]
         when = dt.datetime.strptime(record["ts"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.UTC)
         assert abs((now - when).total_seconds()) < 3600
+        assert "client" in record, record  # §3 additions: who knocked, in every record
+        if record["event"] == SUPPRESSED:
+            _expect_summary(record)
+            continue
         assert record["event"] in EVENTS, record
+        assert isinstance(record["client"], str) and record["client"], record
         for key in ("requestId", "caller", "route", "botId", "channel"):
             assert key in record, (key, record)
         assert ("userIdHash" in record) if name == "hashed" else ("userId" in record), record
@@ -2861,6 +3241,15 @@ def test_zz_audit_files_follow_the_contract(
                           ["deactivate.denied"]), (rid, events)
     done = final_verify[name].result(timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _expect_summary(record: dict[str, Any]) -> None:
+    """§3 additions: `{"count", "clients": {address: count}}`, the top 10 addresses."""
+    assert isinstance(record["count"], int) and record["count"] > 0, record
+    clients = record["clients"]
+    assert isinstance(clients, dict) and 1 <= len(clients) <= 10, record
+    assert all(isinstance(n, int) and n > 0 for n in clients.values()), record
+    assert sum(clients.values()) <= record["count"], record
 
 
 def test_zz_no_secret_in_any_answer_or_log(world: World) -> None:

@@ -1,0 +1,96 @@
+"""Requests without a valid key in the audit: one record each up to a budget, then a count.
+
+Up to `audit.max_unauthenticated_per_s` (default 20) `deactivate.denied` records of keyless
+requests (no key, an unknown key) are written one by one in each second of this process.
+Beyond that a denial is only counted, by client address, and at the end of the second the
+counts become one `audit.unauthenticated_suppressed` record: `count` (every suppressed denial)
+and `clients` (the ten addresses with the most, address → count). Its `client` is null: it
+speaks for many. A keyless flood so costs the disk at most that many records and one summary
+a second. Requests with a valid key never pass through here: they are audited one by one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import structlog
+
+from gateway.audit.log import AuditLog
+from gateway.errors import AuditUnavailable
+from gateway.metrics import Metrics
+
+log = structlog.get_logger(__name__)
+
+SUPPRESSED_EVENT = "audit.unauthenticated_suppressed"
+TOP_CLIENTS = 10
+UNKNOWN_CLIENT = "unknown"
+
+
+class UnauthenticatedAudit:
+    """The audit of keyless denials: `deny(record)` writes the record or counts it."""
+
+    def __init__(self, audit: AuditLog, per_s: int, *, metrics: Metrics | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._audit = audit
+        self._per_s = per_s
+        self._metrics = metrics if metrics is not None else Metrics()
+        self._clock = clock
+        self._second = -1  # the whole second of the clock the budget counts in
+        self._written = 0
+        self._counts: Counter[str] = Counter()
+        self._timer: asyncio.TimerHandle | None = None
+        self._writing: set[asyncio.Task[None]] = set()
+
+    async def deny(self, record: Mapping[str, Any]) -> None:
+        """Writes `record` (raising `AuditUnavailable` as `AuditLog.append` does) while this
+        second's budget lasts; afterwards counts it for the second's summary."""
+        now = self._clock()
+        second = math.floor(now)
+        if second != self._second:
+            self._second, self._written = second, 0
+        if self._written < self._per_s:
+            self._written += 1
+            await self._audit.append(record)
+            return
+        self._counts[str(record.get("client") or UNKNOWN_CLIENT)] += 1
+        self._metrics.audit_unauthenticated_suppressed()
+        if self._timer is None:
+            delay = second + 1 - now
+            self._timer = asyncio.get_running_loop().call_later(delay, self._flush)
+
+    def summary(self) -> dict[str, Any] | None:
+        """The summary record of what was counted since the last one (and forgets it)."""
+        counts, self._counts = self._counts, Counter()
+        if not counts:
+            return None
+        top = dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:TOP_CLIENTS])
+        return {"event": SUPPRESSED_EVENT, "client": None, "count": sum(counts.values()),
+                "clients": top}
+
+    async def aclose(self) -> None:
+        """Writes what is still counted; call before the audit log closes."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        await self._write(self.summary())
+        if self._writing:
+            await asyncio.gather(*self._writing, return_exceptions=True)
+
+    def _flush(self) -> None:
+        self._timer = None
+        task = asyncio.get_running_loop().create_task(self._write(self.summary()))
+        self._writing.add(task)
+        task.add_done_callback(self._writing.discard)
+
+    async def _write(self, record: dict[str, Any] | None) -> None:
+        if record is None:
+            return
+        try:
+            await self._audit.append(record)
+        except AuditUnavailable:
+            log.error("audit.summary_lost", event_name=SUPPRESSED_EVENT, count=record["count"])

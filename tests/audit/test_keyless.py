@@ -1,0 +1,77 @@
+"""gateway.audit.keyless: keyless denials one by one up to a budget a second, then summed."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from gateway.audit.keyless import SUPPRESSED_EVENT, UnauthenticatedAudit
+from gateway.audit.log import AuditLog, rotated_files, verify_files
+from gateway.metrics import Metrics
+from tests.conftest import FakeClock, read_records
+
+
+def denied(client: str) -> dict[str, object]:
+    return {"event": "deactivate.denied", "client": client, "status": 401}
+
+
+async def opened(tmp_path: Path) -> AuditLog:
+    log = AuditLog(tmp_path / "audit.jsonl", fsync=False)
+    log.open()
+    return log
+
+
+class TestUnauthenticatedAudit:
+    async def test_budget_then_one_summary_at_the_end_of_the_second(
+            self, tmp_path: Path) -> None:
+        log = await opened(tmp_path)
+        clock = FakeClock(1000.25)
+        metrics = Metrics()
+        keyless = UnauthenticatedAudit(log, 2, metrics=metrics, clock=clock)
+        for client in ["a", "b", "c", "c", "d", None]:
+            await keyless.deny(denied(client) if client else {"event": "deactivate.denied"})
+        assert [r.get("client") for r in read_records(log.path)] == ["a", "b"]
+        await asyncio.sleep(0.8)  # the rest of this second (0.75 s), on the loop's clock
+        await asyncio.sleep(0.05)
+        *_, summary = read_records(log.path)
+        assert summary["event"] == SUPPRESSED_EVENT and summary["client"] is None
+        assert summary["count"] == 4
+        assert summary["clients"] == {"c": 2, "d": 1, "unknown": 1}
+        assert b"kore_gateway_audit_unauthenticated_suppressed_total 4.0" in metrics.render()
+        await keyless.aclose()
+        await log.close()
+        assert verify_files(rotated_files(log.path)).ok
+
+    async def test_a_new_second_has_a_new_budget(self, tmp_path: Path) -> None:
+        log = await opened(tmp_path)
+        clock = FakeClock(1000.0)
+        keyless = UnauthenticatedAudit(log, 1, clock=clock)
+        await keyless.deny(denied("a"))
+        await keyless.deny(denied("a"))
+        clock.advance(1.0)
+        await keyless.deny(denied("a"))
+        await keyless.aclose()
+        await log.close()
+        events = [r["event"] for r in read_records(log.path)]
+        assert events.count("deactivate.denied") == 2
+        assert events.count(SUPPRESSED_EVENT) == 1
+
+    async def test_only_the_ten_busiest_addresses_are_named(self, tmp_path: Path) -> None:
+        log = await opened(tmp_path)
+        keyless = UnauthenticatedAudit(log, 0, clock=FakeClock())
+        for n in range(15):
+            for _ in range(n + 1):
+                await keyless.deny(denied(f"192.0.2.{n}"))
+        await keyless.aclose()
+        await log.close()
+        [summary] = read_records(log.path)
+        assert summary["count"] == sum(range(1, 16))
+        assert list(summary["clients"]) == [f"192.0.2.{n}" for n in range(14, 4, -1)]
+
+    async def test_nothing_counted_writes_no_summary(self, tmp_path: Path) -> None:
+        log = await opened(tmp_path)
+        keyless = UnauthenticatedAudit(log, 5)
+        await keyless.deny(denied("a"))
+        await keyless.aclose()
+        await log.close()
+        assert [r["event"] for r in read_records(log.path)] == ["deactivate.denied"]
