@@ -70,8 +70,18 @@ def _replace(match: re.Match[str]) -> str:
     return REDACTED
 
 
+# In ASCII text every secret shape contains one of these (lower-cased): a text without any is
+# returned as it is, without running the pattern (most log fields, once per request).
+_SHAPE_MARKERS = ("eyj", "kgw_", "://", "'", '"', "bearer", "basic", "authorization", "cookie",
+                  "api-key")
+
+
 def scrub(text: str) -> str:
     """`text` with every secret shape (see the module docstring) replaced."""
+    if text.isascii():  # non-ASCII text may match case-insensitively in ways lower() misses
+        lowered = text.lower()
+        if not any(marker in lowered for marker in _SHAPE_MARKERS):
+            return text
     return _SECRET_SHAPES.sub(_replace, text)
 
 
@@ -266,14 +276,23 @@ def utc_timestamp() -> str:
 
 
 _access_out: structlog.WriteLogger | None = None  # set by configure() for JSON at info level
+_access_config: tuple[Any, Any] = (None, None)  # the structlog set-up it belongs to
+
+
+def _current_config() -> tuple[Any, Any]:
+    """Which structlog set-up is in force (another one, e.g. a test's, takes the lines)."""
+    config = structlog.get_config()
+    return config["processors"], config["logger_factory"]
 
 
 def access(event: str, **fields: Any) -> None:
     """An info line, as structlog would write it with `configure()`'s processors: context
     variables, the fields, event, level and timestamp, redacted, one JSON line, one write."""
     out = _access_out
-    if out is None or not structlog.is_configured():  # console, a level above info, or
-        structlog.get_logger("gateway.access").info(event, **fields)  # configure() undone
+    processors, factory = _current_config()
+    if out is None or processors is not _access_config[0] or factory is not _access_config[1]:
+        # The console format, a level above info, or another set-up than configure()'s.
+        structlog.get_logger("gateway.access").info(event, **fields)
         return
     line = structlog.contextvars.get_contextvars()
     line.update(fields)
@@ -284,7 +303,7 @@ def access(event: str, **fields: Any) -> None:
 
 
 def configure(level: str = "info", fmt: str = "auto", file: LogFile | None = None) -> None:
-    global _access_out
+    global _access_out, _access_config
     console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty() and file is None)
     renderer: Any = (structlog.dev.ConsoleRenderer() if console
                      else structlog.processors.JSONRenderer(serializer=render_json))
@@ -309,6 +328,7 @@ def configure(level: str = "info", fmt: str = "auto", file: LogFile | None = Non
     # The same stream, so the same lock as structlog's own lines: whole lines, never mixed.
     _access_out = structlog.WriteLogger(file=stream) if number <= logging.INFO and not console \
         else None
+    _access_config = _current_config()
 
 
 def route_standard_logging(level: int, renderer: Any, stream: TextIO) -> None:

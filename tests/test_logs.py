@@ -390,3 +390,46 @@ class TestThrottle:
         clock.advance(1.0)
         assert throttle("e") == 3
         assert throttle("e") == 0
+
+
+class TestScrubShortcut:
+    """`scrub` skips the pattern for ASCII text without a marker: never a different result."""
+
+    @pytest.mark.parametrize("text", [
+        "plain words", "POST", "/v1/bots/{botId}/sessions/deactivate", "crm-service",
+        f"x {JWT} y", f"BeArEr {KEY}", "Basic dXNlcjpwYXNz", "https://user:pw@host/x",
+        "AUTHORIZATION: token", "Set-Cookie: a=b", "X-API-KEY=abc", "b'\\x00raw'", 'rb"x"',
+        "kgw_abc", "eyJhbGciOi.eyJzdWIiOi.sig", "ſet-cookie: a=b", "baſic abc",
+        "x-api-\u212aey: v", "Bearer\u00a0abc"])
+    def test_same_as_the_pattern(self, text: str) -> None:
+        from gateway.logs import _SECRET_SHAPES, _replace
+
+        assert scrub(text) == _SECRET_SHAPES.sub(_replace, text)
+
+    def test_random_text_same_as_the_pattern(self) -> None:
+        from hypothesis import given, settings
+        from hypothesis import strategies as st
+
+        from gateway.logs import _SECRET_SHAPES, _replace
+
+        pieces = st.sampled_from(["eyJ", "kgw_", "://", "@", "'", '"', "b'", "Bearer ", "bAsIc ",
+                                  "authorization", "cookie", "api-key", ":", " ", "a", "Z",
+                                  "0", ".", "-", "_", "\u017f", "\u212a"])
+
+        @settings(max_examples=400, deadline=None)
+        @given(st.lists(pieces | st.text(max_size=3), max_size=12).map("".join))
+        def check(text: str) -> None:
+            assert scrub(text) == _SECRET_SHAPES.sub(_replace, text)
+
+        check()
+
+
+def test_access_line_follows_another_structlog_set_up(capsys: pytest.CaptureFixture[str]) -> None:
+    """A set-up other than configure()'s (a test's capture) gets the line, not a stale stream."""
+    from structlog.testing import capture_logs
+
+    configure("info", "json")
+    with capture_logs() as logs:
+        access("request", status=200)
+    assert [e["event"] for e in logs] == ["request"]
+    assert capsys.readouterr().err == ""
