@@ -280,9 +280,11 @@ _access_config: tuple[Any, Any] = (None, None)  # the structlog set-up it belong
 
 
 def _current_config() -> tuple[Any, Any]:
-    """Which structlog set-up is in force (another one, e.g. a test's, takes the lines)."""
+    """Which structlog set-up is in force (another one, e.g. a test's, takes the lines): its
+    last processor (a capture swaps the list's contents, not the list) and logger factory."""
     config = structlog.get_config()
-    return config["processors"], config["logger_factory"]
+    processors = config["processors"]
+    return processors[-1] if processors else None, config["logger_factory"]
 
 
 def access(event: str, **fields: Any) -> None:
