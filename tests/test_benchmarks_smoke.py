@@ -109,3 +109,25 @@ def test_compare_puts_before_and_after_side_by_side() -> None:
     table = compare(before, after)
     assert "| saturation throughput, gateway (req/s) | 100 | 250 |" in table
     assert "| CPU ratio gateway ÷ floor | – | – |" in table
+
+
+def test_profile_charges_each_sample_to_the_nearest_known_part() -> None:
+    from benchmarks.profile import parse_collapsed, report
+
+    stacks = [
+        # a write in aiohttp's shared writer, under the client: the client's
+        ("process 1:x;run (gateway/http/loop.py:27);KoreClient._send (gateway/kore/client.py:250);"
+        "ClientRequest.send (aiohttp/client_reqrep.py:1);"
+        "StreamWriter._writelines (aiohttp/http_writer.py:106) 3"),
+        # JSON under the audit log: the audit log's
+        "process 1:x;AuditLog._chain (gateway/audit/log.py:1);canonical (gateway/jsoncodec.py:1) 2",
+        "process 2:x;Runner.run (asyncio/runners.py:86) 1",
+        "not a sample line",
+    ]
+    profile = parse_collapsed(line + "\n" for line in stacks)
+    assert profile.samples == 6
+    assert profile.by_category == {"aiohttp client": 3, "audit log": 2,
+                                   "event loop (uvloop, in C: epoll, sockets, callbacks)": 1}
+    assert profile.own["StreamWriter._writelines (aiohttp/http_writer.py:106)"] == 3
+    text = report(profile, requests=100, cpu_s=0.06, wall_s=1.0, top=3)
+    assert "|  50.0% |  300.0 | aiohttp client |" in text
