@@ -32,6 +32,7 @@ from gateway.http.app import RUNTIME, create_app
 from gateway.http.connection import GatewayRunner
 from gateway.http.reload import Reloader
 from gateway.metrics import in_worker, multiprocess_dir, worker_exited
+from gateway.ratelimit.shared import shared_table
 
 log = structlog.get_logger(__name__)
 
@@ -109,7 +110,9 @@ def _install_signals(stop: asyncio.Event, halt: Callable[[], bool], *,
 
 
 def serve(config: Config, workers: int = 1, *, watch_s: float | None = None) -> int:
-    with multiprocess_dir(workers):  # set before spawning: the workers share their metrics
+    # Both set before spawning: the workers share their metrics and what Kore.ai's rate-limit
+    # answers taught (`ratelimit/shared.py`).
+    with multiprocess_dir(workers), shared_table(config.rate_limit, workers):
         if workers <= 1:
             return event_loop.run(run_worker(config, watch_s=watch_s))
         config = _claim_port(config)

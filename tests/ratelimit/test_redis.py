@@ -106,10 +106,10 @@ class TestRedisWindows:
         windows = RedisWindows(client, [(2, 10.0)])
         for _ in range(2):
             await windows.reserve(BOT, FAR)
-        granted, wait = await windows.reserve(BOT, 1.0)
+        granted, wait, *_ = await windows.reserve(BOT, 1.0)
         assert not granted and 9.5 < wait <= 10.0 + MARGIN
         assert await client.llen(window_keys(BOT, [(2, 10.0)])[0]) == 2
-        granted, again = await windows.reserve(BOT, FAR)
+        granted, again, *_ = await windows.reserve(BOT, FAR)
         assert granted and wait - 0.5 < again <= wait
 
     async def test_window_boundary_on_the_redis_clock(self, clients: Any) -> None:
@@ -117,10 +117,10 @@ class TestRedisWindows:
         windows = RedisWindows(clients(), [(3, 0.5)])
         for _ in range(3):
             assert (await windows.reserve(BOT, FAR))[0]
-        granted, wait = await windows.reserve(BOT, 0.0)
+        granted, wait, *_ = await windows.reserve(BOT, 0.0)
         assert not granted and 0.2 < wait <= 0.5 + MARGIN
         await asyncio.sleep(wait + 0.1)
-        assert await windows.reserve(BOT, 0.0) == (True, 0.0)
+        assert (await windows.reserve(BOT, 0.0))[:2] == (True, 0.0)
 
     async def test_every_window_is_enforced(self, clients: Any) -> None:
         windows = RedisWindows(clients(), [(2, 0.5), (3, 5.0), (100, 100.0)])
@@ -130,8 +130,8 @@ class TestRedisWindows:
 
     async def test_bots_are_independent(self, clients: Any) -> None:
         windows = RedisWindows(clients(), [(1, 10.0)])
-        assert await windows.reserve(BOT, 0.0) == (True, 0.0)
-        assert await windows.reserve("st-other", 0.0) == (True, 0.0)
+        assert (await windows.reserve(BOT, 0.0))[:2] == (True, 0.0)
+        assert (await windows.reserve("st-other", 0.0))[:2] == (True, 0.0)
         assert not (await windows.reserve(BOT, 0.0))[0]
 
     async def test_keys_are_namespaced_per_bot_and_window_and_expire(self, clients: Any) -> None:
@@ -149,7 +149,7 @@ class TestRedisWindows:
         shape = [(10, 1.0), (1000, 100.0)]  # the long window keeps every grant for checking
         gateways = [RedisWindows(clients(), shape) for _ in range(4)]
         results = await asyncio.gather(*(gateways[i % 4].reserve(BOT, FAR) for i in range(200)))
-        assert all(granted for granted, _ in results)
+        assert all(r.granted for r in results)
         log = [int(x) / 1e6 for x in await gateways[0].client.lrange(
             window_keys(BOT, shape)[1], 0, -1)]
         assert len(log) == 200 and log == sorted(log)
@@ -163,7 +163,7 @@ class TestRedisRateLimiter:
         limiter = await limiter_for(redis_server.url, [(2, 0.5)])
         now = time.monotonic
         started = now()
-        waits = [await limiter.acquire(BOT, now() + 5) for _ in range(2)]
+        waits = [(await limiter.acquire(BOT, now() + 5)).wait_s for _ in range(2)]
         assert waits[0] == 0.0 and 0.0 < waits[1] <= 0.1
         asked = now()
         with pytest.raises(RateLimited) as refused:
@@ -171,7 +171,7 @@ class TestRedisRateLimiter:
         assert now() - asked < 0.5  # refused at once, not after the ~0.9 s the slot is away
         retry = refused.value.retry_after_s
         assert retry is not None and 0.5 < retry <= 0.5 + MARGIN
-        assert await limiter.acquire(BOT, now() + 5) > 0.3
+        assert (await limiter.acquire(BOT, now() + 5)).wait_s > 0.3
         assert now() - started >= 0.5 + MARGIN - 0.05
         assert limiter.detail() == {"backend": "redis", "state": REDIS, "outages": 0}
 
@@ -182,7 +182,8 @@ class TestRedisRateLimiter:
             limiter = await limiter_for(f"redis://127.0.0.1:{free_port()}/0", [(4, 10.0)],
                                         metrics=metrics)
             deadline = time.monotonic() + 1
-            assert [await limiter.acquire(BOT, deadline) for _ in range(2)] == [0.0, 0.0]
+            waits = [(await limiter.acquire(BOT, deadline)).wait_s for _ in range(2)]
+            assert waits[0] == 0.0 and 0.05 < waits[1] <= 0.1  # paced as the Redis backend paces
             with pytest.raises(RateLimited):  # a local share of 0.5: 2 of the 4 per 10 s
                 await limiter.acquire(BOT, deadline)
         assert [e["event"] for e in logs] == ["ratelimit.redis_unavailable"]
@@ -232,7 +233,8 @@ class TestRedisRateLimiter:
         assert fallback_gauge(metrics) == 0.0 and limiter.detail()["outages"] == 1
         # The two local grants now count in Redis: 2 more fit the 4 per 10 s, a third does not.
         now = time.monotonic
-        waits = [await limiter.acquire("st-during-outage", now() + 1) for _ in range(2)]
+        waits = [(await limiter.acquire("st-during-outage", now() + 1)).wait_s
+                 for _ in range(2)]
         assert max(waits) < 0.5
         with pytest.raises(RateLimited):
             await limiter.acquire("st-during-outage", now() + 1)
