@@ -198,6 +198,8 @@ class KoreClient:
             if trace.attempts:
                 trace.grant = await self._retry_slot(d.bot_id, deadline, error)
             token = await self.tokens.token(app)
+            if trace.grant is not None:
+                trace.grant = await self.limiter.sending(d.bot_id, trace.grant)
             trace.attempts += 1
             try:
                 answer = await self._send(url, token.value, payload, request_id, deadline)

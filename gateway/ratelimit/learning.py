@@ -99,6 +99,7 @@ def refuse(state: Learned | None, policy: Policy, *, now: float, slot: float, ac
 
 
 def accepted_before(times: Sequence[float], slot: float, window_s: float) -> int:
-    """Grants in the window that ends at `slot`, before it: what Kore.ai accepted (`times`
-    sorted, oldest first)."""
+    """Grants in the window that ends at `slot`, before it: what Kore.ai accepted. Backends
+    count over the window as they pace it (with its margin): a refusal that only a late call
+    of the window before caused then costs one call of budget, not the calls of that window."""
     return sum(1 for t in times if slot - window_s < t < slot)

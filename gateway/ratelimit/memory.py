@@ -48,6 +48,7 @@ class Grant:
     slot: float = 0.0
     epoch: int = 0
     remote: bool = False
+    due: float = 0.0  # the slot on this process's monotonic clock (`slot` itself unless remote)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +66,12 @@ class RateLimiter(Protocol):
 
         Raises `RateLimited` (without waiting) when the slot comes too late for `deadline`
         (a `time.monotonic()` value)."""
+        ...
+
+    async def sending(self, bot_id: str, grant: Grant) -> Grant:
+        """The call under `grant` leaves now: its place in the windows moves from the slot to
+        now when later (the audit write or a busy event loop held it back), as Kore.ai counts
+        a call when it arrives. Returns the grant as it now stands."""
         ...
 
     async def refused(self, bot_id: str, grant: Grant, retry_after_s: float | None) -> float:
@@ -92,6 +99,9 @@ class Unlimited:
 
     async def acquire(self, bot_id: str, deadline: float) -> Grant:
         return Grant()
+
+    async def sending(self, bot_id: str, grant: Grant) -> Grant:
+        return grant
 
     async def refused(self, bot_id: str, grant: Grant, retry_after_s: float | None) -> float:
         return 0.0
@@ -185,6 +195,27 @@ class GrantLog:
             times.remove(at)
             self._set(bot_id, times)
 
+    def restamp(self, bot_id: str, at: float, now: float) -> None:
+        """Moves one grant from `at` to `now`, keeping the log in order. The grant is recent,
+        so both ends of the search are near the end of the log."""
+        held = self._bots.get(bot_id)
+        if isinstance(held, float):
+            if held == at:
+                self._bots[bot_id] = now
+            return
+        if held is None:
+            return
+        i = len(held) - 1
+        while i >= 0 and held[i] != at:
+            i -= 1
+        if i < 0:
+            return
+        del held[i]
+        j = len(held)
+        while j > 0 and held[j - 1] > now:
+            j -= 1
+        held.insert(j, now)
+
     def _set(self, bot_id: str, times: list[float]) -> None:
         if not times:
             self._bots.pop(bot_id, None)
@@ -212,6 +243,10 @@ class LearnedStore(Protocol):
 
     def epoch(self, bot_id: str, now: float) -> int:
         """The bot's current epoch (0 when nothing is learned)."""
+        ...
+
+    def restamp(self, bot_id: str, at: float, now: float) -> None:
+        """The grant at `at` left at `now` (see `RateLimiter.sending`)."""
         ...
 
     def views(self, now: float) -> list[BotView]: ...
@@ -244,7 +279,7 @@ class LocalLearning:
 
     def refused(self, bot_id: str, grant: Grant, retry_after_s: float | None, now: float,
                 times: Sequence[float]) -> tuple[Learned, bool]:
-        accepted = accepted_before(times, grant.slot, self.policy.window_s)
+        accepted = accepted_before(times, grant.slot, self.policy.window_s + self.margin_s)
         state, started = refuse(self._state(bot_id, now), self.policy, now=now,
                                 slot=grant.slot, accepted=accepted, retry_after_s=retry_after_s)
         self._states[bot_id] = state
@@ -253,6 +288,9 @@ class LocalLearning:
     def epoch(self, bot_id: str, now: float) -> int:
         state = self._state(bot_id, now)
         return 0 if state is None else state.epoch
+
+    def restamp(self, bot_id: str, at: float, now: float) -> None:
+        return None  # the grant log is this process's own: `MemoryRateLimiter` moves it
 
     def views(self, now: float) -> list[BotView]:
         for bot in [b for b, s in self._states.items() if expired(s, self.policy, now)]:
@@ -323,21 +361,29 @@ class MemoryRateLimiter:
             self._metrics.ratelimit_rejected()
             raise rate_limited(bot_id, slot - now)
         self.log.add(bot_id, slot, now)
-        return Grant(slot - now, slot, epoch)
+        return Grant(slot - now, slot, epoch, due=slot)
 
     async def acquire(self, bot_id: str, deadline: float) -> Grant:
         waited = 0.0
         while True:  # ends: each round sleeps until a slot, and a slot past the deadline raises
             grant = self.reserve(bot_id, deadline)
             if grant.wait_s <= 0:
-                return Grant(waited, grant.slot, grant.epoch)
+                return Grant(waited, grant.slot, grant.epoch, due=grant.due)
             self.waits += 1
             self._metrics.ratelimit_waited()
             await self._sleep(grant.wait_s)
             waited += grant.wait_s
             if self.store.epoch(bot_id, self._clock()) == grant.epoch:
-                return Grant(waited, grant.slot, grant.epoch)
+                return Grant(waited, grant.slot, grant.epoch, due=grant.due)
             self.log.forget(bot_id, grant.slot)  # Kore.ai refused meanwhile: ask again
+
+    async def sending(self, bot_id: str, grant: Grant) -> Grant:
+        now = self._clock()
+        if grant.remote or now <= grant.slot:
+            return grant
+        self.log.restamp(bot_id, grant.slot, now)
+        self.store.restamp(bot_id, grant.slot, now)
+        return Grant(grant.wait_s, now, grant.epoch, due=now)
 
     async def refused(self, bot_id: str, grant: Grant, retry_after_s: float | None) -> float:
         now = self._clock()

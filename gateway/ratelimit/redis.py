@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, NamedTuple
 
 import structlog
@@ -58,9 +59,14 @@ LOSS_CONFIRM_S = 1.0  # timeouts alone declare Redis lost only when they last th
 # A grant keeps its place in a window this much longer than `per_s`: the call reaches Kore.ai
 # a little after its grant (event loop, audit fsync, network), so a call granted exactly
 # `per_s` after an earlier one could land inside Kore.ai's window of that earlier call if the
-# earlier one was slower to arrive. Costs 0.8 % of a 60 s window.
-WINDOW_MARGIN_S = 0.5
+# earlier one was slower to arrive. A call later than RESTAMP_AFTER_S takes its place from when
+# it leaves, so the margin covers only the usual delay. Costs 0.4 % of a 60 s window.
+WINDOW_MARGIN_S = 0.25
 MAX_REDIS_CONNECTIONS = 16  # per process, opened at start; more concurrent asks queue locally
+# A call leaving this much later than its slot moves its grant to when it leaves (one more
+# round trip, only then): a loaded gateway's first calls of a window must not count as earlier
+# than Kore.ai sees them, or the next window's would arrive too soon.
+RESTAMP_AFTER_S = 0.05
 SEEN_BOTS = 4096  # bots with learned state this process remembers for /metrics and /readyz
 REDIS_ERRORS = (RedisError, OSError, TimeoutError)
 
@@ -114,7 +120,7 @@ return {1, wait, slot, unpack(learned)}
 # Kore.ai refused the call granted at `slot`: learning.refuse(), in Redis. KEYS: the bot's
 # window logs, then its learned hash. ARGV: slot_us, retry_after_us (-1: none), backoff_us,
 # max_pause_us, configured calls and window_us of the shortest window, probe_us, the shortest
-# window's index. Forgets the refused grant (as Kore.ai, a refused call counts in no window)
+# window's index, margin_us (calls are counted over the window as it is paced). Forgets the refused grant (as Kore.ai, a refused call counts in no window)
 # and voids the grants for slots still to come. Returns {pause left (µs), budget, epoch, 1 when
 # a new pause started}.
 REFUSED_LUA = """
@@ -125,7 +131,7 @@ local learn = KEYS[n + 1]
 local slot, retry = tonumber(ARGV[1]), tonumber(ARGV[2])
 local backoff, max_pause = tonumber(ARGV[3]), tonumber(ARGV[4])
 local configured, window = tonumber(ARGV[5]), tonumber(ARGV[6])
-local probe, short = tonumber(ARGV[7]), tonumber(ARGV[8])
+local probe, short, margin = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
 local s = redis.call('HMGET', learn, 'b', 'p', 'ps', 'r', 'e')
 local b, p, ps, r = tonumber(s[1]), tonumber(s[2]), tonumber(s[3]), tonumber(s[4])
 local e = tonumber(s[5]) or 0
@@ -133,7 +139,7 @@ if b and now >= math.max(p, r + probe) + window then b = nil end
 local accepted = 0
 for _, v in ipairs(redis.call('LRANGE', KEYS[short], 0, -1)) do
   local at = tonumber(v)
-  if at > slot - window and at < slot then accepted = accepted + 1 end
+  if at > slot - window - margin and at < slot then accepted = accepted + 1 end
 end
 local budget = math.max(1, math.min(accepted, configured))
 if retry >= 0 then retry = math.min(retry, max_pause) end
@@ -161,6 +167,25 @@ for i = 1, n do
   end
 end
 return {math.max(0, p - now), b, e, started}
+"""
+
+# A call left later than its slot: its grant moves to Redis's now, keeping each log in order.
+# KEYS: the bot's window logs. ARGV: the grant's slot_us. Returns the new slot_us.
+RESTAMP_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+for _, key in ipairs(KEYS) do
+  if redis.call('LREM', key, -1, ARGV[1]) > 0 then
+    local later = {}
+    local last = redis.call('LINDEX', key, -1)
+    while last and tonumber(last) > now do
+      table.insert(later, 1, redis.call('RPOP', key))
+      last = redis.call('LINDEX', key, -1)
+    end
+    redis.call('RPUSH', key, string.format('%.0f', now), unpack(later))
+  end
+end
+return now
 """
 
 # Merges grants made elsewhere (µs offsets from Redis's now, oldest first) into the logs.
@@ -252,6 +277,7 @@ class RedisWindows:
                               key=lambda i: (self.windows[i][1], self.windows[i][0]))
         self._reserve = client.register_script(RESERVE_LUA)
         self._refused = client.register_script(REFUSED_LUA)
+        self._restamp = client.register_script(RESTAMP_LUA)
         self._seed = client.register_script(SEED_LUA)
         self._shape = [x for calls, per_s in self.windows for x in (calls, _us(per_s))]
 
@@ -275,9 +301,14 @@ class RedisWindows:
         got = await self._refused(keys=self._keys(bot_id), args=[
             _us(slot), -1 if retry_after_s is None else _us(retry_after_s), _us(p.backoff_s),
             _us(p.max_pause_s), p.configured, _us(p.window_s), _us(p.probe_after_s),
-            self._short])
+            self._short, _us(self.margin_s)])
         pause, budget, epoch, started = (int(x) for x in got)
         return Refusal(pause / 1e6, budget, epoch, bool(started))
+
+    async def restamp(self, bot_id: str, slot: float) -> float:
+        """Moves the grant at `slot` to Redis's now; returns that (seconds, Redis's clock)."""
+        now_us = await self._restamp(keys=window_keys(bot_id, self.windows), args=[_us(slot)])
+        return int(now_us) / 1e6
 
     async def epoch(self, bot_id: str) -> int:
         return int(await self.client.hget(learned_key(bot_id), "e") or 0)
@@ -352,13 +383,13 @@ class RedisRateLimiter:
         while True:  # ends: each round sleeps until a slot, and a slot past the deadline raises
             grant = await self._reserve(bot_id, deadline)
             if grant.wait_s <= 0 or not grant.remote:
-                return Grant(waited + grant.wait_s, grant.slot, grant.epoch, grant.remote)
+                return replace(grant, wait_s=waited + grant.wait_s)
             self.waits += 1
             self._metrics.ratelimit_waited()
             await self._sleep(grant.wait_s)
             waited += grant.wait_s
             if await self._still_valid(bot_id, grant):
-                return Grant(waited, grant.slot, grant.epoch, grant.remote)
+                return replace(grant, wait_s=waited)
 
     async def _reserve(self, bot_id: str, deadline: float) -> Grant:
         """A Redis grant (not yet waited for), or the fallback's (already waited for)."""
@@ -382,21 +413,39 @@ class RedisRateLimiter:
             self.rejections += 1
             self._metrics.ratelimit_rejected()
             raise rate_limited(bot_id, got.wait)
-        return Grant(got.wait, got.slot, got.epoch, remote=True)
+        return Grant(got.wait, got.slot, got.epoch, remote=True, due=self._clock() + got.wait)
 
     async def _still_valid(self, bot_id: str, grant: Grant) -> bool:
         """False when Kore.ai refused a call for the bot while this one waited: its grant was
         voided, and it must ask again."""
         try:
-            return await asyncio.wait_for(self.redis.epoch(bot_id), self.timeout_s) == grant.epoch
+            async with self._gate:
+                epoch = await asyncio.wait_for(self.redis.epoch(bot_id), self.timeout_s)
         except REDIS_ERRORS:
             return True  # Redis is gone: the local fallback takes over from the next ask
+        return epoch == grant.epoch
+
+    async def sending(self, bot_id: str, grant: Grant) -> Grant:
+        """A Redis grant keeps its slot unless the call leaves `RESTAMP_AFTER_S` late: the
+        logs' `WINDOW_MARGIN_S` covers the usual wait between grant and send."""
+        if not grant.remote:
+            return await self.fallback.sending(bot_id, grant)
+        if self._clock() - grant.due < RESTAMP_AFTER_S or self.mode != REDIS:
+            return grant
+        try:
+            async with self._gate:
+                slot = await asyncio.wait_for(self.redis.restamp(bot_id, grant.slot),
+                                              self.timeout_s)
+        except REDIS_ERRORS:
+            return grant
+        return replace(grant, slot=slot, due=self._clock())
 
     async def refused(self, bot_id: str, grant: Grant, retry_after_s: float | None) -> float:
         if grant.remote and self.mode == REDIS:
             try:
-                got = await asyncio.wait_for(
-                    self.redis.refused(bot_id, grant.slot, retry_after_s), self.timeout_s)
+                async with self._gate:
+                    got = await asyncio.wait_for(
+                        self.redis.refused(bot_id, grant.slot, retry_after_s), self.timeout_s)
             except REDIS_ERRORS as exc:
                 self._failed(exc)
             else:

@@ -278,7 +278,8 @@ class SharedLearning:
             seen = times if entry is None else ring_times(entry)
             state, started = refuse(None if entry is None else self._load(entry), self.policy,
                                     now=now, slot=grant.slot, retry_after_s=retry_after_s,
-                                    accepted=accepted_before(seen, grant.slot, window))
+                                    accepted=accepted_before(seen, grant.slot,
+                                                             window + self.margin_s))
             if entry is None:
                 entry = self.table.claim(key, bot_id, lambda s: expired(
                     self._load(s), self.policy, now))
@@ -288,6 +289,23 @@ class SharedLearning:
             ring_forget(entry, grant.slot)
             ring_void_after(entry, now)
         return state, started
+
+    def restamp(self, bot_id: str, at: float, now: float) -> None:
+        key = bot_key(bot_id)
+        if self.table.find(key) is None:
+            return
+        with self.table.locked():
+            entry = self.table.find(key)
+            if entry is None:
+                return
+            times = ring_times(entry)
+            if at in times:
+                times.remove(at)
+                times.append(now)
+                times.sort()
+                entry.count = entry.head = 0
+                for t in times:
+                    ring_push(entry, t)
 
     def epoch(self, bot_id: str, now: float) -> int:
         slot = self.table.find(bot_key(bot_id))
