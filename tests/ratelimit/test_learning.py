@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 from gateway.errors import RateLimited
 from gateway.metrics import Metrics
 from gateway.ratelimit.learning import (
-    PROBE_WINDOWS,
     Learned,
     Policy,
     accepted_before,
@@ -32,6 +31,7 @@ BOT = "st-learning-bot"
 OTHER = "st-other-bot"
 FAR = 1e6
 W = 60.0
+TEN_WINDOWS = 10  # contract §2: "within ten windows", "one refused call per ten windows"
 POLICY = Policy(configured=60, window_s=W, backoff_s=5.0, max_pause_s=3600.0)
 
 
@@ -132,10 +132,10 @@ class TestRules:
     def test_configured_budget_is_tried_again_after_ten_windows(self) -> None:
         state, _ = refuse(None, POLICY, now=0.0, slot=0.0, accepted=6, retry_after_s=None)
         assert budget_at(state, POLICY, 0.0) == 6
-        assert budget_at(state, POLICY, PROBE_WINDOWS * W - 0.001) == 6
-        assert budget_at(state, POLICY, PROBE_WINDOWS * W) is None
-        assert not expired(state, POLICY, (PROBE_WINDOWS + 1) * W - 0.001)
-        assert expired(state, POLICY, (PROBE_WINDOWS + 1) * W)
+        assert budget_at(state, POLICY, TEN_WINDOWS * W - 0.001) == 6
+        assert budget_at(state, POLICY, TEN_WINDOWS * W) is None
+        assert not expired(state, POLICY, (TEN_WINDOWS + 1) * W - 0.001)
+        assert expired(state, POLICY, (TEN_WINDOWS + 1) * W)
 
     def test_a_long_pause_holds_the_learned_budget_until_it_ends(self) -> None:
         state, _ = refuse(None, POLICY, now=0.0, slot=0.0, accepted=6, retry_after_s=3000.0)
@@ -214,7 +214,7 @@ class TestMemoryLearning:
         while clock() < end:
             answers.append(await call_through(lim, kore))
         refused = answers.count("kore-429")
-        assert 1 <= refused <= 1 + 60 // PROBE_WINDOWS, refused
+        assert 1 <= refused <= 1 + 60 // TEN_WINDOWS, refused
         assert answers.count("200") >= 6 * 60 * 0.9  # and the real limit is nearly used up
 
     async def test_one_off_refusal_back_to_configured_within_ten_windows(
@@ -225,7 +225,7 @@ class TestMemoryLearning:
         await lim.refused(BOT, await lim.acquire(BOT, clock() + FAR), None)  # one-off
         refused_at = clock()
         assert [v.budget for v in lim.learned()] == [5]
-        clock.advance(PROBE_WINDOWS * W - clock() + refused_at)
+        clock.advance(TEN_WINDOWS * W - clock() + refused_at)
         assert [v.budget for v in lim.learned()] == [None]
         start = clock()
         answers = [await call_through(lim, kore) for _ in range(20)]
@@ -252,7 +252,7 @@ class TestMemoryLearning:
         assert sample("kore_gateway_ratelimit_paused_bots") == 1.0
         clock.advance(6)
         assert sample("kore_gateway_ratelimit_paused_bots") == 0.0
-        clock.advance(PROBE_WINDOWS * W)
+        clock.advance(TEN_WINDOWS * W)
         assert sample("kore_gateway_ratelimit_learned_budget", {"bot": BOT}) is None
 
 
@@ -349,7 +349,7 @@ class TestSharedTable:
         table = Table.anonymous(ring_size(60), capacity=2)
         store = SharedLearning(table, POLICY, 0.0)
         store.refused("st-a", Grant(slot=clock()), None, clock(), ())
-        clock.advance((PROBE_WINDOWS + 1) * W)
+        clock.advance((TEN_WINDOWS + 1) * W)
         store.refused("st-b", Grant(slot=clock()), None, clock(), ())
         clock.advance(1)
         store.refused("st-c", Grant(slot=clock()), None, clock(), ())  # st-a had expired
