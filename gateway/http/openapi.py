@@ -352,7 +352,10 @@ def _output_schemas() -> dict[str, Any]:
                 "circuit": {"type": "object", "properties": {
                     "host": {"type": "string"},
                     "state": {"enum": ["closed", "open", "half_open"]},
-                    "consecutiveFailures": {"type": "integer", "minimum": 0}}}}},
+                    "consecutiveFailures": {"type": "integer", "minimum": 0}}},
+                "pausedBots": {"type": "integer", "minimum": 0,
+                               "description": "Bots paused after Kore.ai's rate-limit answer "
+                                              "(as this process knows them)."}}},
     }
 
 

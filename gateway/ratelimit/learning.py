@@ -73,6 +73,12 @@ def budget_at(state: Learned | None, policy: Policy, now: float) -> int | None:
     return state.budget
 
 
+def shown(state: Learned, policy: Policy, now: float) -> int | None:
+    """The learned budget as /metrics shows it: only while below the configured one."""
+    budget = budget_at(state, policy, now)
+    return budget if budget is not None and budget < policy.configured else None
+
+
 def expired(state: Learned, policy: Policy, now: float) -> bool:
     """True once a whole window has passed at the configured budget: the state can go."""
     return now >= probe_at(state, policy) + policy.window_s

@@ -21,7 +21,15 @@ from typing import Any, Protocol
 
 from gateway.errors import RateLimited
 from gateway.metrics import Metrics
-from gateway.ratelimit.learning import Learned, Policy, accepted_before, budget_at, expired, refuse
+from gateway.ratelimit.learning import (
+    Learned,
+    Policy,
+    accepted_before,
+    budget_at,
+    expired,
+    refuse,
+    shown,
+)
 
 Windows = Sequence[tuple[int, float]]
 MAX_TRACKED_BOTS = 100_000
@@ -56,7 +64,8 @@ class BotView:
     """What `/metrics` and `/readyz` show of one bot that Kore.ai refused lately."""
 
     bot_id: str
-    budget: int | None  # the learned budget in the shortest window; None once configured again
+    budget: int | None  # the learned budget in the shortest window; None when not below the
+    # configured one
     paused_s: float  # the pause left, 0 when none
 
 
@@ -295,7 +304,7 @@ class LocalLearning:
     def views(self, now: float) -> list[BotView]:
         for bot in [b for b, s in self._states.items() if expired(s, self.policy, now)]:
             del self._states[bot]
-        return [BotView(bot, budget_at(s, self.policy, now), max(0.0, s.pause_until - now))
+        return [BotView(bot, shown(s, self.policy, now), max(0.0, s.pause_until - now))
                 for bot, s in self._states.items()]
 
 

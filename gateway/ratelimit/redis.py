@@ -465,7 +465,9 @@ class RedisRateLimiter:
 
     def learned(self) -> list[BotView]:
         now = self._clock()
-        views = [BotView(bot, budget if now < again else None, max(0.0, until - now))
+        below = self.policy.configured
+        views = [BotView(bot, budget if now < again and (budget or below) < below else None,
+                         max(0.0, until - now))
                  for bot, (budget, until, again) in list(self._seen.items())
                  if now < max(until, again)]
         return views + self.fallback.learned()

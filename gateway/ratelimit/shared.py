@@ -32,7 +32,15 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config.model import RateLimitConfig
-from gateway.ratelimit.learning import Learned, Policy, accepted_before, budget_at, expired, refuse
+from gateway.ratelimit.learning import (
+    Learned,
+    Policy,
+    accepted_before,
+    budget_at,
+    expired,
+    refuse,
+    shown,
+)
 from gateway.ratelimit.memory import BotView, Fits, Grant
 
 ENV = "KORE_GATEWAY_RATELIMIT_TABLE"
@@ -321,7 +329,7 @@ class SharedLearning:
                 if expired(state, self.policy, now):
                     continue
                 name = bytes(slot.name)[:slot.name_len].decode("utf-8", "replace")
-                views.append(BotView(name, budget_at(state, self.policy, now),
+                views.append(BotView(name, shown(state, self.policy, now),
                                      max(0.0, state.pause_until - now)))
         return views
 
