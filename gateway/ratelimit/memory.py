@@ -12,6 +12,7 @@ process's own (`LocalLearning`), or the table the workers of one supervisor shar
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import time
 from array import array
@@ -33,6 +34,7 @@ from gateway.ratelimit.learning import (
 
 Windows = Sequence[tuple[int, float]]
 MAX_TRACKED_BOTS = 100_000
+MAX_LEARNED_BOTS = 4096  # bots with a learned pause or budget at one time, as shared.CAPACITY
 MIN_SWEEP_BOTS = 1024  # below this many bots, idle ones are not swept out
 CALL_MARGIN_S = 0.25  # time left for the call itself after waiting for a slot
 # A grant keeps its place in a window this much longer than `per_s`: a call reaches Kore.ai a
@@ -148,7 +150,8 @@ class GrantLog:
 
     Bots are swept out once idle for `idle_s` (their latest grant that old): a sweep runs
     whenever the number of bots has doubled since the last one, so it costs O(1) per grant.
-    Past `max_bots` after a sweep, the longest-known bots go first.
+    Still near `max_bots` after a sweep, the longest-known bots go, down to 7/8 of it (a busy
+    bot evicted so forgets its grants: the bound holds memory, not every budget).
     """
 
     def __init__(self, keep: int, idle_s: float, max_bots: int = MAX_TRACKED_BOTS) -> None:
@@ -183,13 +186,15 @@ class GrantLog:
                 del held[:len(held) - self.keep]
 
     def sweep(self, now: float) -> None:
-        """Drops the idle bots, then the oldest ones past `max_bots - 1`."""
+        """Drops the idle bots, then the longest-known ones when still near `max_bots`."""
         idle = [bot for bot, held in self._bots.items()
                 if (held if isinstance(held, float) else held[-1]) + self.idle_s <= now]
         for bot in idle:
             del self._bots[bot]
-        while len(self._bots) >= self.max_bots:
-            del self._bots[next(iter(self._bots))]
+        if len(self._bots) >= self.max_bots - 1:
+            keep = self.max_bots - self.max_bots // 8
+            for bot in list(itertools.islice(self._bots, len(self._bots) - keep)):
+                del self._bots[bot]
         self._sweep_at = min(self.max_bots, max(MIN_SWEEP_BOTS, 2 * len(self._bots)))
 
     def void_after(self, bot_id: str, now: float) -> None:
@@ -291,6 +296,10 @@ class LocalLearning:
         accepted = accepted_before(times, grant.slot, self.policy.window_s + self.margin_s)
         state, started = refuse(self._state(bot_id, now), self.policy, now=now,
                                 slot=grant.slot, accepted=accepted, retry_after_s=retry_after_s)
+        if bot_id not in self._states and len(self._states) >= MAX_LEARNED_BOTS:
+            self.views(now)  # drops the expired
+            while len(self._states) >= MAX_LEARNED_BOTS:
+                del self._states[next(iter(self._states))]
         self._states[bot_id] = state
         return state, started
 

@@ -57,6 +57,24 @@ def test_the_number_of_bots_is_bounded_even_when_none_is_idle() -> None:
     assert "st-4999" in set(log.bots()) and "st-0" not in set(log.bots())  # oldest first
 
 
+def test_a_full_log_stays_cheap_to_add_to() -> None:
+    """At the bound with every bot busy, a sweep frees an eighth: not one sweep per new bot."""
+    clock = FakeClock()
+    log = GrantLog(keep=600, idle_s=3600.0, max_bots=8000)
+    sweeps = 0
+    real_sweep = log.sweep
+
+    def counted(now: float) -> None:
+        nonlocal sweeps
+        sweeps += 1
+        real_sweep(now)
+
+    log.sweep = counted  # type: ignore[method-assign]
+    for n in range(40_000):
+        log.add(f"st-{n}", clock(), clock())
+    assert len(log) <= 8000 and sweeps <= 40_000 // 1000
+
+
 def test_an_idle_bot_keeps_one_float_and_a_busy_one_is_trimmed() -> None:
     log = GrantLog(keep=5, idle_s=60.0)
     log.add("st-idle", 1.0, 1.0)
