@@ -3,10 +3,12 @@
 #   docker build -t kore-session-gateway .
 #   docker build --build-arg BASE_IMAGE=registry.internal/python:3.12-slim \
 #                --build-arg PIP_INDEX_URL=https://pypi.internal/simple -t kore-session-gateway .
+#   docker build --build-arg BASE_IMAGE=python:3.11-slim@sha256:<digest> -t kore-session-gateway .
+#                (the base image pinned by digest, for reproducible production builds)
 #   docker run --read-only --stop-timeout 30 -v kore-gateway-audit:/var/lib/kore-gateway \
 #              -v $PWD/gateway.toml:/etc/kore-gateway/gateway.toml:ro kore-session-gateway
 #
-# README.md ("Operations") has the details; tests/docker/smoke.sh builds and checks the image.
+# docs/operations.md ("Docker") has the details; tests/docker/smoke.sh builds and checks the image.
 #
 # The base image needs Python >= 3.11 with venv and pip (python:3.1x-slim, or a Debian image with
 # python3-venv). Runs as uid/gid 10001, never writes outside /var/lib/kore-gateway (the audit
@@ -50,9 +52,12 @@ ENV PATH=/opt/kore-gateway/bin:$PATH \
 VOLUME ["/var/lib/kore-gateway"]
 WORKDIR /var/lib/kore-gateway
 USER 10001:10001
-EXPOSE 8080
-# Probes /healthz on the config's own listen address (a wildcard address over loopback), with a
-# standard-library-only entry point that costs a few tens of milliseconds of CPU per probe.
+# 8080: the API (server.listen); 9091: the admin listener when server.admin_listen is set
+# (e.g. "0.0.0.0:9091": /metrics, /healthz, /readyz, /openapi.json, no deactivation route).
+EXPOSE 8080 9091
+# Probes /healthz on the config's admin_listen address when one is set, else on its listen
+# address (a wildcard address over loopback), with a standard-library-only entry point that
+# costs a few tens of milliseconds of CPU per probe.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=15s --retries=3 \
     CMD ["python", "-m", "gateway.http.healthcheck"]
 # SIGTERM (the default stop signal) drains for up to server.drain_s: give `docker stop -t` or

@@ -2,8 +2,8 @@
 
 Needs wrk and nginx (`apt-get install -y wrk nginx`; without nginx the sandbox is the stub and
 there is no peer) and matplotlib (`pip install -e '.[bench]'`). Writes
-`docs/benchmarks/<label>.json|.md|.png` and, for the label `latest`, the README's Benchmarks
-block. `--smoke` is a seconds-long run with a tiny load, for CI.
+`docs/benchmarks/<label>.json|.md|.png` and, for the label `latest`, the figures block of
+`docs/benchmarks.md`. `--smoke` is a seconds-long run with a tiny load, for CI.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks",
                         help="output directory (default docs/benchmarks)")
     parser.add_argument("--no-readme", action="store_true",
-                        help="leave README.md alone (it is updated for the label 'latest')")
+                        help="leave docs/benchmarks.md alone (it is updated for the label 'latest')")
     parser.add_argument("--smoke", action="store_true",
                         help="seconds-long run with a tiny load (CI); implies --no-readme")
     parser.add_argument("--keep", action="store_true", help="keep the run directory (logs, audit)")
@@ -71,9 +71,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(report.markdown(results))
     print("\n".join(f"wrote {p}" for p in paths.values()))
     if settings.label == "latest" and not (args.no_readme or args.smoke):
-        image = paths["png"].relative_to(REPO) if paths["png"].is_relative_to(REPO) else paths["png"]
-        if report.update_readme(REPO / "README.md", report.markdown(results), str(image)):
-            print("updated the Benchmarks block of README.md")
+        page = REPO / "docs" / "benchmarks.md"
+        png = paths["png"]
+        image = png.relative_to(page.parent) if png.is_relative_to(page.parent) else png
+        if report.update_readme(page, report.markdown(results), str(image)):
+            print(f"updated the figures block of {page.relative_to(REPO)}")
     if not results["audit"]["chains_ok"] or results["exit_codes"].get("gateway") != 0:
         print("the gateway did not shut down cleanly or an audit chain is broken: "
               + json.dumps({"audit": results["audit"], "exit": results["exit_codes"]}),

@@ -1,4 +1,4 @@
-"""Results → targets, a markdown table, a PNG plot, and the README's Benchmarks block.
+"""Results → targets, a markdown table, a PNG plot, and the figures block of docs/benchmarks.md.
 
 `python -m benchmarks.report compare BEFORE.json AFTER.json` prints a before/after table.
 """
@@ -177,7 +177,7 @@ def write(results: dict[str, Any], out: Path) -> dict[str, Path]:
 
 
 def update_readme(readme: Path, table: str, image: str) -> bool:
-    """Replaces the block between the markers; False when the README has no such block."""
+    """Replaces the block between the markers; False when the page has no such block."""
     text = readme.read_text(encoding="utf-8")
     pattern = re.compile(re.escape(README_BEGIN) + r".*?" + re.escape(README_END), re.DOTALL)
     if not pattern.search(text):

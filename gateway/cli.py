@@ -1,7 +1,8 @@
 """`kore-gateway`: serve, deactivate, sandbox, demo, hash-key, check-config, audit verify.
 
 The only module that calls `sys.exit`. Exit codes: 0 ok, 1 a check failed (audit verify),
-2 bad usage or configuration.
+2 bad usage or configuration, 3 audit verify found no break but could not check every hash
+(a keyed chain and no key given).
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gateway import __version__
-from gateway.audit.log import AuditOpenError, verify_files
+from gateway.audit.anchors import read_anchors
+from gateway.audit.log import AuditOpenError, ChainKey, verify_files
 from gateway.auth import hash_key, new_key
 from gateway.bulk.cli import add_arguments as add_bulk_arguments
 from gateway.config.loader import load_config
-from gateway.config.model import Config, ConfigError, Secret
+from gateway.config.model import Config, ConfigError, Secret, upstream_host
+from gateway.config.tables import config_warnings
 from gateway.http.reload import DEFAULT_WATCH_S, MAX_WATCH_S, MIN_WATCH_S
 from gateway.http.server import ListenError
 
@@ -89,6 +92,14 @@ def _parser() -> argparse.ArgumentParser:
     verify = audit_commands.add_parser("verify", help="verify the hash chain and seq order")
     verify.add_argument("paths", nargs="+", type=Path, metavar="PATH",
                         help="audit files, oldest first (rotated files, then the current one)")
+    verify.add_argument("--key-env", action="append", default=[], metavar="NAME",
+                        help="environment variable holding the chain key (repeatable: files "
+                        "written before a key change)")
+    verify.add_argument("--key-file", action="append", default=[], type=Path, metavar="PATH",
+                        help="file holding the chain key (repeatable)")
+    verify.add_argument("--anchors", action="extend", nargs="+", default=[], type=Path,
+                        metavar="LOGFILE", help="gateway logs holding audit.anchor lines; the "
+                        "files must agree with every anchor naming them (give it after PATH…)")
     verify.set_defaults(run=cmd_audit_verify)
     return parser
 
@@ -118,8 +129,8 @@ def resolve_config(path: str | None) -> Config:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from gateway.http.server import serve
-    from gateway.logs import configure
+    from gateway.http.server import open_log_file, serve
+    from gateway.logs import LogFileError, configure
 
     config = resolve_config(args.config)
     if args.workers < 1:
@@ -129,7 +140,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if watch is not None and not MIN_WATCH_S <= watch <= MAX_WATCH_S:
         print(f"--watch-config must be {MIN_WATCH_S:g}–{MAX_WATCH_S:g} seconds", file=sys.stderr)
         return 2
-    configure(config.logging.level, config.logging.format)
+    try:
+        log_file = open_log_file(config)
+    except LogFileError as exc:
+        raise ConfigError(config.source, [f"logging.file: {exc}"]) from None
+    configure(config.logging.level, config.logging.format, log_file)
     try:
         return serve(config, args.workers, watch_s=watch)
     except AuditOpenError as exc:  # named as a config problem: the key and the file to fix
@@ -204,14 +219,58 @@ def cmd_hash_key(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = resolve_config(args.config)
     print(f"{config.source}: OK ({len(config.apps)} app(s), {len(config.callers)} caller(s), "
-          f"listen {config.server.listen}, upstream {config.upstream.base_url})")
+          f"listen {config.server.listen}, upstream {upstream_host(config.upstream.base_url)})")
+    for warning in config_warnings(config):
+        print(f"warning: {config.source}: {warning}", file=sys.stderr)
     return 0
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    report = verify_files(args.paths)
-    if report.ok:
-        print(f"OK: {report.records} record(s) in {report.files} file(s), chain intact")
-        return 0
-    print(f"BROKEN: {report.error}", file=sys.stderr)
-    return 1
+    keys = _chain_keys(args.key_env, args.key_file)
+    if keys is None:
+        return 2
+    try:
+        anchors = read_anchors(args.anchors)
+    except OSError as exc:
+        print(f"--anchors {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    report = verify_files(args.paths, keys=keys, anchors=anchors)
+    if report.error is not None:
+        print(f"BROKEN: {report.error}", file=sys.stderr)
+        return 1
+    checked = f", {report.anchors} anchor(s) agree" if anchors else ""
+    if report.unchecked:
+        print(f"UNCHECKED: {report.unchecked} of {report.records} record(s) are HMAC-chained "
+              f"and no key was given, so their hashes cannot be checked (the seq order and "
+              f"the prev links hold{checked}); give --key-env or --key-file", file=sys.stderr)
+        return 3
+    keyed = " (HMAC checked)" if keys else ""
+    print(f"OK: {report.records} record(s) in {report.files} file(s), chain intact{keyed}"
+          f"{checked}")
+    return 0
+
+
+def _chain_keys(env_names: list[str], files: list[Path]) -> list[ChainKey] | None:
+    """The keys given, read as the gateway reads them (a file's text stripped, a variable's
+    value as it is), or None after saying what is wrong."""
+    keys = []
+    for name in env_names:
+        value = os.environ.get(name, "")
+        if not value:
+            print(f"--key-env {name}: the variable is not set or empty", file=sys.stderr)
+            return None
+        keys.append(ChainKey(value.encode("utf-8")))
+    for path in files:
+        try:
+            value = path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            print(f"--key-file {path}: cannot read it ({exc.strerror or exc})", file=sys.stderr)
+            return None
+        except UnicodeDecodeError:
+            print(f"--key-file {path}: not UTF-8 text", file=sys.stderr)
+            return None
+        if not value:
+            print(f"--key-file {path}: the file is empty", file=sys.stderr)
+            return None
+        keys.append(ChainKey(value.encode("utf-8")))
+    return keys

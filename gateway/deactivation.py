@@ -14,7 +14,7 @@ import structlog
 
 from gateway.audit.log import AuditLog
 from gateway.auth import Caller
-from gateway.breaker import CircuitBreaker
+from gateway.breaker import CircuitBreaker, Pass
 from gateway.config.model import KoreApp
 from gateway.errors import AuditUnavailable, GatewayError, UpstreamError
 from gateway.kore.client import CallTrace, KoreClient
@@ -89,7 +89,7 @@ class Deactivator:
             caller.authorize(d.bot_id)
             app = self.tokens.app_for(d.bot_id)
             ask.trace.grant = await self.limiter.acquire(d.bot_id, deadline)
-            self.breaker.before_call()
+            ticket = self.breaker.before_call(d.bot_id)
         except GatewayError as exc:
             await self.deny(ask, exc)
             raise
@@ -97,27 +97,28 @@ class Deactivator:
             await self.audit.append({"event": "deactivate.requested", **ask.subject(),
                                      "app": app.name})
         except AuditUnavailable:
-            self.breaker.release()
+            self.breaker.release(ticket)
             await self.deny(ask, AuditUnavailable("the audit log cannot be written; "
                                                   "nothing was sent to Kore.ai"))
             raise
         except BaseException:
-            self.breaker.release()  # a half-open probe slot must never be lost
+            self.breaker.release(ticket)  # a half-open probe slot must never be lost
             raise
         ask.app = app.name
-        return await self._call(ask, app, d, deadline)
+        return await self._call(ask, app, d, deadline, ticket)
 
-    async def _call(self, ask: Ask, app: KoreApp, d: Deactivation, deadline: float) -> Any:
+    async def _call(self, ask: Ask, app: KoreApp, d: Deactivation, deadline: float,
+                    ticket: Pass) -> Any:
         try:
             body = await self.client.deactivate(app, d, ask.request_id, deadline, ask.trace)
         except GatewayError as exc:  # upstream errors, and a retry refused by the rate limit
-            self.breaker.record(ok=not is_outage(exc))
+            self.breaker.record(ticket, ok=not is_outage(exc))
             await self._complete(ask, exc.status, exc)
             raise
         except BaseException:
-            self.breaker.release()  # cut short (shutdown): `abandon` writes the record
+            self.breaker.release(ticket)  # cut short (shutdown): `abandon` writes the record
             raise
-        self.breaker.record(ok=True)
+        self.breaker.record(ticket, ok=True)
         await self._complete(ask, 200, None)
         return body
 

@@ -7,11 +7,15 @@ point) and lists of `str`, `bool`, `None`, `int`, and `float` in the range where
 shortest round-trip digits in the same notation. Anything else, and any orjson error (an int
 past 64 bits, a lone surrogate), goes to the standard library: results never depend on which
 path ran. `tests/test_jsoncodec.py` checks the equivalence.
+
+`one_line` escapes what some readers take for a line break, or a change of text direction,
+in encoded JSON: the text still parses to the same values.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import orjson
@@ -52,6 +56,27 @@ def compact_line(obj: Any) -> bytes:
             pass
     text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     return (text + "\n").encode("utf-8")
+
+
+# U+2028, U+2029 (line and paragraph separators), the bidi controls U+202A–U+202E and
+# U+2066–U+2069, and U+0085 (NEL, a line break to `str.splitlines()`), as UTF-8. Each starts
+# with a lead byte (C2, E2), so a match is never part of another character.
+_LINE_UNSAFE = re.compile(rb"\xe2\x80[\xa8-\xae]|\xe2\x81[\xa6-\xa9]|\xc2\x85")
+_LINE_UNSAFE_LEADS = (b"\xe2\x80", b"\xe2\x81", b"\xc2\x85")
+
+
+def one_line(data: bytes) -> bytes:
+    """UTF-8 JSON `data` with the characters above written as `\\uXXXX` escapes.
+
+    JSON's structure is ASCII, so they can only occur inside strings, where the escape parses
+    to the same character. Nearly free for ASCII data, the common case."""
+    if data.isascii() or not any(lead in data for lead in _LINE_UNSAFE_LEADS):
+        return data
+    return _LINE_UNSAFE.sub(_escape, data)
+
+
+def _escape(found: re.Match[bytes]) -> bytes:
+    return b"\\u%04x" % ord(found[0].decode("utf-8"))
 
 
 def _plain(obj: Any, depth: int) -> bool:

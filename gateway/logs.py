@@ -1,4 +1,5 @@
-"""structlog set-up: JSON lines to stderr (console on a terminal), with secrets redacted.
+"""structlog set-up: JSON lines to stderr (console on a terminal), with secrets redacted, and
+optionally the same lines appended to a size-rotated file (`LogFile`) for a log shipper.
 
 `configure()` runs once at start-up. The audit log is not a log and never passes through here.
 """
@@ -7,10 +8,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
 from collections.abc import MutableMapping
-from typing import Any
+from pathlib import Path
+from typing import Any, TextIO
 
 import orjson
 import structlog
@@ -53,8 +56,74 @@ def render_json(event: Any, **kw: Any) -> str:
         return json.dumps(event, **kw)
 
 
-def configure(level: str = "info", fmt: str = "auto") -> None:
-    console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
+class LogFileError(Exception):
+    """The log file cannot be opened at start-up; the message names the path and the reason."""
+
+
+class LogFile:
+    """Log lines appended to a file, one `write()` each, for a shipper to tail.
+
+    Past `max_bytes` the file is renamed to `<path>.1` (replacing the previous one; a shipper
+    following the file by inode reads its end there) and a new file is begun. A line that
+    cannot be written is dropped, never raised: stderr still has it, and logging must not
+    stop the gateway. Each process writes its own file (see `worker_file`).
+    """
+
+    def __init__(self, path: str | Path, max_bytes: int) -> None:
+        self.path, self.max_bytes = Path(path), max_bytes
+        self.dropped = 0  # lines that could not be written
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = self._open()
+        except OSError as exc:
+            raise LogFileError(f"{self.path}: {exc.strerror or exc}") from None
+        self._size = os.fstat(self._fd).st_size
+
+    def _open(self) -> int:
+        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+
+    def write(self, text: str) -> None:
+        data = text.encode("utf-8", "replace")
+        try:
+            if self._size and self._size + len(data) > self.max_bytes:
+                self._rotate()
+            os.write(self._fd, data)
+            self._size += len(data)
+        except OSError:
+            self.dropped += 1
+
+    def _rotate(self) -> None:
+        os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+        fd, self._fd = self._fd, self._open()
+        os.close(fd)
+        self._size = 0
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+class _Tee:
+    """What structlog's WriteLogger writes to: stderr, and the log file."""
+
+    def __init__(self, stream: TextIO, file: LogFile) -> None:
+        self.stream, self.file = stream, file
+
+    def write(self, text: str) -> None:
+        self.stream.write(text)
+        self.file.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def worker_file(path: str, worker: int) -> str:
+    """The log file of worker `worker` of `serve --workers N`: `{stem}-w{n}{suffix}`."""
+    p = Path(path)
+    return str(p.with_name(f"{p.stem}-w{worker}{p.suffix}"))
+
+
+def configure(level: str = "info", fmt: str = "auto", file: LogFile | None = None) -> None:
+    console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty() and file is None)
     renderer: Any = (structlog.dev.ConsoleRenderer() if console
                      else structlog.processors.JSONRenderer(serializer=render_json))
     structlog.configure(
@@ -70,6 +139,7 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
             logging.getLevelNamesMapping()[level.upper()]),
         # One write() per line: print() writes the line and its newline separately, and the
         # workers of `serve --workers N` share stderr, so their lines would interleave.
-        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.WriteLoggerFactory(
+            file=sys.stderr if file is None else _Tee(sys.stderr, file)),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )

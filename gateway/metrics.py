@@ -102,9 +102,12 @@ class Metrics:
         self._in_flight = Gauge("kore_gateway_in_flight", "Deactivation requests being "
                                 "handled (compare with server.max_in_flight).",
                                 multiprocess_mode="livesum", registry=r)
-        self._circuit = Gauge("kore_gateway_circuit_state", "Circuit breaker of the upstream "
-                              "host: 0 closed, 1 half-open, 2 open (worst worker).", ("host",),
-                              multiprocess_mode="livemax", registry=r)
+        self._circuit = Gauge("kore_gateway_circuit_state", "Circuit breaker of the upstream: "
+                              "0 closed, 1 half-open, 2 open (worst worker); bot=\"*\" is the "
+                              "host as a whole, other bots have a series only while not closed.",
+                              ("host", "bot"), multiprocess_mode="livemax", registry=r)
+        self._open_bots = Gauge("kore_gateway_circuit_open_bots", "Bots whose own circuit is "
+                                "open or half-open.", multiprocess_mode="livesum", registry=r)
         self._redis_fallback = Gauge(
             "kore_gateway_ratelimit_redis_fallback", "1 while the Redis rate-limit backend is "
             "unreachable and a local share of the budget is used, else 0 (worst worker).",
@@ -114,6 +117,14 @@ class Metrics:
                                registry=r)
         self._learned = _LearnedCollector()
         r.register(self._learned)
+        self._worker_restarts = Counter(
+            "kgw_worker_restarts_total", "Workers of `serve --workers N` started again after "
+            "one died (crash, SIGKILL, OOM kill); each restarted worker counts itself.",
+            registry=r)
+        self._reload_failed = Gauge(
+            "kgw_config_reload_failed", "1 while the last config reload failed (the running "
+            "config is kept, whole), 0 after a good one (worst worker).",
+            multiprocess_mode="livemax", registry=r)
         # Label children are looked up once and kept: a request pays a dict lookup, no lock.
         self._children: dict[tuple[Any, ...], Any] = {}
 
@@ -157,8 +168,20 @@ class Metrics:
     def ratelimit_rejected(self) -> None:
         self._rejections.inc()
 
-    def circuit_state(self, host: str, state: str) -> None:
-        self._child(self._circuit, host).set(CIRCUIT_STATES[state])
+    def circuit_state(self, host: str, bot: str, state: str) -> None:
+        """A bot's circuit (bot "*": the host's). A bot's closed circuit drops its series; in
+        multiprocess mode the worker's file keeps it, at 0, until the worker exits."""
+        child = self._child(self._circuit, host, bot)
+        child.set(CIRCUIT_STATES[state])
+        if state == "closed" and bot != "*":
+            self._children.pop((id(self._circuit), host, bot), None)
+            self._circuit.remove(host, bot)
+
+    def circuit_open_bots(self, count: int) -> None:
+        self._open_bots.set(count)
+
+    def config_reload_failed(self, failed: bool) -> None:
+        self._reload_failed.set(1 if failed else 0)
 
     def ratelimit_redis_fallback(self, active: bool) -> None:
         self._redis_fallback.set(1 if active else 0)
@@ -169,6 +192,8 @@ class Metrics:
     def ratelimit_learned(self, view: LearnedView) -> None:
         """Where the learning gauges are read from (the process's rate limiter)."""
         self._learned.view = view
+    def worker_restarted(self) -> None:
+        self._worker_restarts.inc()
 
     def render(self) -> bytes:
         """The Prometheus text format: this registry, or every worker's samples merged."""

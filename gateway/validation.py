@@ -15,7 +15,9 @@ from gateway.errors import InvalidRequest
 
 MAX_USER_ID_CHARS = 256
 MAX_JSON_DEPTH = 32
-CHANNEL_PATTERN = re.compile(r"[a-z0-9_]{1,32}")
+# Kore.ai's channel types as it spells them (`rtm`, `ivrVoice`, `msteams`) and webhook instance
+# IDs (`ivrInst-<uuid>`); passed upstream unchanged, case kept.
+CHANNEL_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # Unicode category Cc is exactly C0, DEL and C1; a regex scans in C, not a character at a time.
 CONTROL_CHARS = re.compile("[\x00-\x1f\x7f-\x9f]")
 _SURROGATES = re.compile("[\ud800-\udfff]")
@@ -158,5 +160,5 @@ def channel(fields: dict[str, Any], prefix: str = "") -> str | None:
         return None
     value = fields["channel"]
     if not isinstance(value, str) or not CHANNEL_PATTERN.fullmatch(value):
-        raise InvalidRequest(f"{prefix}channel: must match ^[a-z0-9_]{{1,32}}$")
+        raise InvalidRequest(f"{prefix}channel: must match ^{CHANNEL_PATTERN.pattern}$")
     return value

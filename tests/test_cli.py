@@ -272,6 +272,17 @@ class TestServe:
         assert str(audit) in err
         assert "Traceback" not in err + out
 
+    def test_unusable_log_file_stops_the_start_naming_the_key(self, tmp_path: Path) -> None:
+        (tmp_path / "blocker").write_text("a regular file", encoding="utf-8")
+        settings = merge(base_settings(tmp_path), {
+            "server": {"listen": f"127.0.0.1:{free_port()}"},
+            "logging": {"file": str(tmp_path / "blocker" / "gateway.jsonl")}})
+        config = write_config(tmp_path, settings)
+        result = gateway("serve", "--config", str(config))
+        assert result.returncode == 2
+        assert f"{config}: logging.file: {tmp_path / 'blocker'}" in result.stderr
+        assert_no_traceback(result)
+
     def test_bad_config_exits_2(self, bad_config: Path) -> None:
         result = gateway("serve", "--config", str(bad_config))
         assert result.returncode == 2 and "server.lisen: unknown key" in result.stderr

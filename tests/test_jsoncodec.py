@@ -104,3 +104,33 @@ class TestCompact:
         body = {"userId": "jane@example.com", "status": "inactive", "channel": "rtm"}
         assert jsoncodec.compact(body) == \
             b'{"userId":"jane@example.com","status":"inactive","channel":"rtm"}'
+
+
+UNSAFE = ["\u2028", "\u2029", *map(chr, range(0x202A, 0x202F)), *map(chr, range(0x2066, 0x206A)),
+          "\x85"]
+
+
+class TestOneLine:
+    @pytest.mark.parametrize("char", UNSAFE, ids=[f"U+{ord(c):04X}" for c in UNSAFE])
+    def test_escapes_line_breaks_and_bidi_controls(self, char: str) -> None:
+        record = {"userId": f"a{char}b", f"k{char}": char}
+        line = jsoncodec.one_line(jsoncodec.compact_line(record))
+        assert line.decode("utf-8").splitlines() == [line.decode("utf-8").rstrip("\n")]
+        assert f"\\u{ord(char):04x}".encode() in line and char.encode() not in line
+        assert json.loads(line) == record  # the same values: the chain hash is unchanged
+
+    @settings(max_examples=150, deadline=None)
+    @given(RECORDS)
+    def test_parses_to_the_same_values(self, record: dict[str, Any]) -> None:
+        line = jsoncodec.one_line(stdlib_line(record))
+        assert json.loads(line) == json.loads(stdlib_line(record))
+        assert not any(char.encode() in line for char in UNSAFE)
+
+    def test_neighbours_are_kept_as_they_are(self) -> None:
+        text = "\u2027\u202f\u2065\u206a\u0084\u0086’é"
+        line = jsoncodec.compact_line({"u": text})
+        assert jsoncodec.one_line(line) == line
+
+    def test_ascii_is_returned_unchanged(self) -> None:
+        line = jsoncodec.compact_line({"userId": "u-1"})
+        assert jsoncodec.one_line(line) is line

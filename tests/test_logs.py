@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 import structlog
 
-from gateway.logs import REDACTED_KEYS, configure, redact
+from gateway.logs import REDACTED_KEYS, LogFile, LogFileError, configure, redact, worker_file
 
 JWT = ("eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJhcHBJZCI6ImNzLXRlc3QiLCJzdWIiOiJ4In0."
        "SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c")
@@ -145,3 +146,59 @@ class TestOneWritePerLine:
         assert len(writes) == 2
         assert all(w.endswith("\n") and w.count("\n") == 1 for w in writes)
         assert [json.loads(w)["event"] for w in writes] == ["first", "second"]
+
+
+class TestLogFile:
+    """`logging.file`: the same redacted JSON lines appended to a size-rotated file."""
+
+    def test_lines_go_to_stderr_and_the_file(self, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+        path = tmp_path / "log" / "gateway.jsonl"  # its directory is made
+        configure("info", "auto", LogFile(path, 1 << 20))
+        structlog.get_logger("t").info("audit.anchor", seq=7, token=JWT)
+        [on_stderr] = stderr_lines(capsys)
+        [in_file] = [json.loads(x) for x in path.read_text("utf-8").splitlines()]
+        assert on_stderr == in_file
+        assert in_file["event"] == "audit.anchor" and in_file["token"] == "[redacted]"
+
+    def test_file_lines_are_json_even_on_a_terminal(self, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr("sys.stderr.isatty", lambda: True)
+        path = tmp_path / "gateway.jsonl"
+        configure("info", "auto", LogFile(path, 1 << 20))
+        structlog.get_logger("t").info("e", n=1)
+        assert json.loads(path.read_text("utf-8"))["n"] == 1
+
+    def test_rotates_past_max_bytes_keeping_one_old_file(self, tmp_path: Path) -> None:
+        path = tmp_path / "gateway.jsonl"
+        file = LogFile(path, max_bytes=100)
+        lines = [json.dumps({"n": n, "pad": "x" * 30}) + "\n" for n in range(7)]  # 43 bytes
+        for line in lines:
+            file.write(line)
+        file.close()
+        old = path.with_name("gateway.jsonl.1")
+        assert path.read_text() == "".join(lines[6:])  # each file holds whole lines only
+        assert old.read_text() == "".join(lines[4:6])
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["gateway.jsonl", "gateway.jsonl.1"]
+
+    def test_appends_to_an_existing_file(self, tmp_path: Path) -> None:
+        path = tmp_path / "gateway.jsonl"
+        path.write_text('{"before": true}\n')
+        file = LogFile(path, 1 << 20)
+        file.write('{"after": true}\n')
+        file.close()
+        assert path.read_text().splitlines() == ['{"before": true}', '{"after": true}']
+
+    def test_a_line_that_cannot_be_written_is_dropped_not_raised(self, tmp_path: Path) -> None:
+        file = LogFile(tmp_path / "gateway.jsonl", max_bytes=4096)
+        file.close()  # every write now fails (EBADF), as on a full or lost volume
+        file.write("x\n")
+        assert file.dropped == 1
+
+    def test_unusable_path_names_itself(self, tmp_path: Path) -> None:
+        (tmp_path / "blocker").write_text("a file, not a directory")
+        with pytest.raises(LogFileError, match="blocker"):
+            LogFile(tmp_path / "blocker" / "gateway.jsonl", 4096)
+
+    def test_each_worker_has_its_own_file(self) -> None:
+        assert worker_file("/var/log/gw/gateway.jsonl", 3) == "/var/log/gw/gateway-w3.jsonl"

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.audit.log import AuditLog
-from gateway.breaker import CircuitBreaker
+from gateway.breaker import MAX_BOT_SERIES, CircuitBreaker
 from gateway.config.model import KoreApp, Secret
 from gateway.errors import AuditUnavailable, RateLimited
 from gateway.kore.tokens import TokenCache
@@ -69,7 +69,7 @@ class TestMetrics:
             "kore_gateway_audit_write_seconds", "kore_gateway_audit_batch_records",
             "kore_gateway_audit_write_errors", "kore_gateway_ratelimit_waits",
             "kore_gateway_ratelimit_rejections", "kore_gateway_in_flight",
-            "kore_gateway_circuit_state"}
+            "kore_gateway_circuit_state", "kore_gateway_circuit_open_bots"}
 
     def test_in_flight_goes_up_and_down(self, metrics: Metrics,
                                         registry: CollectorRegistry) -> None:
@@ -103,24 +103,36 @@ class TestInstrumentedParts:
 
     def test_circuit_state_follows_the_breaker(self, metrics: Metrics,
                                                registry: CollectorRegistry) -> None:
+        """A bot has a series only while its circuit is not closed; bot="*" is the host's."""
         clock = FakeClock(100.0)
         breaker = CircuitBreaker("kore.test", failures=2, cooldown_s=5, clock=clock,
                                  metrics=metrics)
 
-        def state() -> float:
-            return value(registry, "kore_gateway_circuit_state", host="kore.test")
+        def state(bot: str = "st-a") -> float | None:
+            return registry.get_sample_value("kore_gateway_circuit_state",
+                                             {"host": "kore.test", "bot": bot})
 
-        assert registry.get_sample_value("kore_gateway_circuit_state",
-                                         {"host": "kore.test"}) == 0  # present from the start
-        breaker.record(ok=False)
-        assert state() == 0
-        breaker.record(ok=False)
-        assert state() == 2
+        assert state("*") == 0  # present from the start
+        breaker.record(breaker.before_call("st-a"), ok=False)
+        assert state() is None
+        breaker.record(breaker.before_call("st-a"), ok=False)
+        assert state() == 2 and value(registry, "kore_gateway_circuit_open_bots") == 1
         clock.advance(5)
-        breaker.before_call()
+        ticket = breaker.before_call("st-a")
         assert state() == 1
-        breaker.record(ok=True)
-        assert state() == 0
+        breaker.record(ticket, ok=True)
+        assert state() is None and value(registry, "kore_gateway_circuit_open_bots") == 0
+        assert state("*") == 0
+
+    def test_bot_series_are_capped(self, metrics: Metrics,
+                                   registry: CollectorRegistry) -> None:
+        breaker = CircuitBreaker("kore.test", failures=1, cooldown_s=5, host_bots=10**6,
+                                 clock=FakeClock(100.0), metrics=metrics)
+        for n in range(MAX_BOT_SERIES + 50):
+            breaker.record(breaker.before_call(f"st-{n}"), ok=False)
+        text = metrics.render().decode()
+        assert text.count("kore_gateway_circuit_state{") == MAX_BOT_SERIES + 1  # + the host's
+        assert value(registry, "kore_gateway_circuit_open_bots") == MAX_BOT_SERIES + 50
 
     async def test_rate_limit_waits_and_rejections_are_counted(
             self, metrics: Metrics, registry: CollectorRegistry) -> None:

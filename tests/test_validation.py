@@ -15,7 +15,7 @@ from gateway.config.model import DEFAULT_BOT_ID_PATTERN
 from gateway.errors import InvalidRequest
 from gateway.validation import MAX_JSON_DEPTH, Deactivation, Validator, parse_json
 
-CHANNEL_RULE = re.compile(r"^[a-z0-9_]{1,32}$")
+CHANNEL_RULE = re.compile(r"[A-Za-z0-9_-]{1,64}")  # matched in full
 BOT = "st-test-bot"
 
 
@@ -106,9 +106,10 @@ SIMPLE_REJECTED: list[tuple[str, Any, str]] = [
     ("user-id-c1-last", {"userId": "a\x9f"}, "userId"),
     ("user-id-lone-surrogate", {"userId": "a\ud800"}, "userId"),
     ("channel-empty", {"userId": "u", "channel": ""}, "channel"),
-    ("channel-upper", {"userId": "u", "channel": "RTM"}, "channel"),
-    ("channel-dash", {"userId": "u", "channel": "ms-teams"}, "channel"),
-    ("channel-33", {"userId": "u", "channel": "a" * 33}, "channel"),
+    ("channel-65", {"userId": "u", "channel": "a" * 65}, "channel"),
+    ("channel-dot", {"userId": "u", "channel": "ms.teams"}, "channel"),
+    ("channel-slash", {"userId": "u", "channel": "ivr/voice"}, "channel"),
+    ("channel-fullwidth", {"userId": "u", "channel": "ｒｔｍ"}, "channel"),
     ("channel-trailing-newline", {"userId": "u", "channel": "rtm\n"}, "channel"),
     ("channel-space", {"userId": "u", "channel": "rtm "}, "channel"),
     ("channel-non-ascii", {"userId": "u", "channel": "rtmé"}, "channel"),
@@ -130,6 +131,14 @@ SIMPLE_ACCEPTED: list[tuple[str, Any, Deactivation]] = [
     ("channel-32", {"userId": "u", "channel": "a_1" * 10 + "xy"},
      Deactivation(BOT, "u", "a_1" * 10 + "xy")),
     ("channel-one-char", {"userId": "u", "channel": "_"}, Deactivation(BOT, "u", "_")),
+    ("channel-64", {"userId": "u", "channel": "a-" * 32}, Deactivation(BOT, "u", "a-" * 32)),
+    ("channel-camel-case", {"userId": "u", "channel": "ivrVoice"},
+     Deactivation(BOT, "u", "ivrVoice")),
+    ("channel-upper", {"userId": "u", "channel": "RTM"}, Deactivation(BOT, "u", "RTM")),
+    ("channel-dash", {"userId": "u", "channel": "web-sdk"}, Deactivation(BOT, "u", "web-sdk")),
+    ("channel-webhook-instance",
+     {"userId": "u", "channel": "ivrInst-6ad846f2-75b0-55a1-8029-aab86de09817"},
+     Deactivation(BOT, "u", "ivrInst-6ad846f2-75b0-55a1-8029-aab86de09817")),
 ]
 
 
@@ -155,7 +164,8 @@ class TestKoreCompatibleRoute:
         ({"userId": "u"}, Deactivation(BOT, "u")),
         ({"userId": "u", "status": "inactive"}, Deactivation(BOT, "u")),
         ({"userId": "u", "status": "inactive", "channel": "rtm"}, Deactivation(BOT, "u", "rtm")),
-    ], ids=["no-status", "status-inactive", "all-fields"])
+        ({"userId": "u", "channel": "ivrVoice"}, Deactivation(BOT, "u", "ivrVoice")),
+    ], ids=["no-status", "status-inactive", "all-fields", "camel-case-channel"])
     def test_accepted(self, validator: Validator, body: Any, expected: Deactivation) -> None:
         assert validator.kore_compatible(BOT, body) == expected
 
@@ -167,7 +177,7 @@ class TestKoreCompatibleRoute:
         ({"userId": "u", "status": True}, "status"),
         ({"userId": "u", "auth": "jwt"}, "auth"),
         ({"status": "inactive"}, "userId"),
-        ({"userId": "u", "channel": "Web"}, "channel"),
+        ({"userId": "u", "channel": "Web sdk"}, "channel"),
         ([{"userId": "u"}], "body"),
     ], ids=["active", "upper-case", "empty", "null", "bool", "unknown-field", "no-user",
             "bad-channel", "list-body"])
@@ -176,9 +186,11 @@ class TestKoreCompatibleRoute:
 
 
 class TestBatchItem:
-    def test_accepted(self, validator: Validator) -> None:
-        item = {"botId": BOT, "userId": "u", "channel": "rtm"}
-        assert validator.batch_item(item, 0) == Deactivation(BOT, "u", "rtm")
+    @pytest.mark.parametrize("channel", ["rtm", "ivrVoice",
+                                         "ivrInst-6ad846f2-75b0-55a1-8029-aab86de09817"])
+    def test_accepted(self, validator: Validator, channel: str) -> None:
+        item = {"botId": BOT, "userId": "u", "channel": channel}
+        assert validator.batch_item(item, 0) == Deactivation(BOT, "u", channel)
 
     @pytest.mark.parametrize(("item", "field"), [
         ({"userId": "u"}, "items[3].botId"),
@@ -186,7 +198,7 @@ class TestBatchItem:
         ({"botId": "bad", "userId": "u"}, "items[3].botId"),
         ({"botId": BOT}, "items[3].userId"),
         ({"botId": BOT, "userId": "u\n"}, "items[3].userId"),
-        ({"botId": BOT, "userId": "u", "channel": "X"}, "items[3].channel"),
+        ({"botId": BOT, "userId": "u", "channel": "X.Y"}, "items[3].channel"),
         ({"botId": BOT, "userId": "u", "status": "inactive"}, "items[3].status"),
         ("st-a", "items[3]"),
         (None, "items[3]"),
@@ -274,14 +286,15 @@ class TestProperties:
         assert exc.message.startswith("userId: ")
 
     @given(channel=st.one_of(
-        st.text(max_size=40),
-        st.from_regex(r"[a-z0-9_]{1,32}", fullmatch=True),
-        st.from_regex(r"[a-z0-9_]{1,32}", fullmatch=True).map(lambda c: c + "\n"),
-        st.text(alphabet="abcxyz019_-A\n ", max_size=34),
+        st.text(max_size=70),
+        st.from_regex(r"[A-Za-z0-9_-]{1,64}", fullmatch=True),
+        st.from_regex(r"[A-Za-z0-9_-]{1,64}", fullmatch=True).map(lambda c: c + "\n"),
+        st.text(alphabet="abcxyzIVR019_-.\n ", max_size=66),
     ))
     @example(channel="rtm\n")
-    @example(channel="a" * 32)
-    @example(channel="a" * 33)
+    @example(channel="ivrVoice")
+    @example(channel="a" * 64)
+    @example(channel="a" * 65)
     @settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
     def test_channel_accepted_iff_it_matches_the_rule(self, validator: Validator,
                                                       channel: str) -> None:

@@ -7,14 +7,19 @@ keys sorted, no whitespace, non-ASCII characters kept as they are::
                            ensure_ascii=False)
     hash = sha256((prev + canonical).encode("utf-8")).hexdigest()
 
+With a chain key the hash is ``HMAC-SHA256(key, prev + canonical)`` in hex, and the first record
+of every file carries ``"chain": "hmac-sha256"`` (inside the canonical form): a file is keyed or
+plain as a whole. Whoever can write the file but lacks the key cannot recompute the hashes.
+
 The key order on disk (ts, seq, event, …, prev, hash) is for human readers only: the hash never
-depends on it. The first record's ``prev`` is 64 zeros. Writing the chain is `audit.py`'s; this
-module only computes and checks it.
+depends on it. The first record's ``prev`` is 64 zeros. Writing the chain is `log.py`'s; this
+module computes and checks it, against anchors (`anchors.py`) too when given.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -22,9 +27,31 @@ from pathlib import Path
 from typing import Any
 
 from gateway import jsoncodec
+from gateway.audit.anchors import Anchor, AnchorCheck
 from gateway.audit.files import error_reason
 
 ZERO_HASH = "0" * 64
+CHAIN_FIELD = "chain"  # in the first record of every keyed file
+HMAC_CHAIN = "hmac-sha256"
+
+
+class ChainKey:
+    """The HMAC key of a keyed chain; never shown by `repr` or `str`."""
+
+    __slots__ = ("_key",)
+
+    def __init__(self, key: bytes) -> None:
+        if not key:
+            raise ValueError("a chain key must not be empty")
+        self._key = key
+
+    def digest(self, data: bytes) -> str:
+        return hmac.new(self._key, data, hashlib.sha256).hexdigest()
+
+    def __repr__(self) -> str:
+        return "ChainKey('**********')"
+
+    __str__ = __repr__
 
 
 def canonical(record: Mapping[str, Any]) -> str:
@@ -33,28 +60,71 @@ def canonical(record: Mapping[str, Any]) -> str:
     return jsoncodec.canonical(body)  # byte-identical to the json.dumps above, faster
 
 
-def chain_hash(prev: str, canonical_text: str) -> str:
-    return hashlib.sha256((prev + canonical_text).encode("utf-8")).hexdigest()
+def chain_hash(prev: str, canonical_text: str, key: ChainKey | None = None) -> str:
+    data = (prev + canonical_text).encode("utf-8")
+    return hashlib.sha256(data).hexdigest() if key is None else key.digest(data)
+
+
+def keyed(record: Mapping[str, Any]) -> bool:
+    """True when `record`, the first of its file, starts a keyed file."""
+    return record.get(CHAIN_FIELD) == HMAC_CHAIN
+
+
+def mark(record: dict[str, Any], first_keyed: bool) -> None:
+    """Gives `record` ``chain`` (before ``prev`` and ``hash``) when it starts a keyed file, and
+    takes it away otherwise; in place, so that the writer's caller gets the record written."""
+    if first_keyed == (CHAIN_FIELD in record):
+        return
+    record.pop(CHAIN_FIELD, None)
+    prev, digest = record.pop("prev"), record.pop("hash")
+    if first_keyed:
+        record[CHAIN_FIELD] = HMAC_CHAIN
+    record["prev"], record["hash"] = prev, digest
+
+
+def continues(first_line: bytes, last_line: bytes, key: ChainKey | None) -> bool:
+    """True when records written with `key` (or none) may go on in the file whose first and
+    last lines these are: the same mode, and for a keyed file the same key."""
+    first, last = _loaded(first_line), _loaded(last_line)
+    if key is None or not keyed(first):
+        return key is None and not keyed(first)
+    prev, digest = last.get("prev"), last.get("hash")
+    return isinstance(prev, str) and digest == chain_hash(prev, canonical(last), key)
+
+
+def _loaded(line: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 @dataclass(frozen=True, slots=True)
 class VerifyReport:
-    ok: bool
-    records: int  # records found intact before the first break (all of them when ok)
+    ok: bool  # every record's hash checked, and nothing wrong
+    records: int  # records found intact before the first break (all of them when no break)
     files: int  # files read, up to and including the one with the break
     error: str | None = None  # the first break: "<path>:<line>: <what is wrong>"
+    unchecked: int = 0  # keyed records whose hash could not be checked: no key was given
+    anchors: int = 0  # anchors that matched a record
 
 
-def verify_files(paths: Sequence[Path | str]) -> VerifyReport:
-    """Check the chain and the seq order over `paths`, in the order given (oldest first)."""
+def verify_files(paths: Sequence[Path | str], *, keys: Sequence[ChainKey] = (),
+                 anchors: Sequence[Anchor] = ()) -> VerifyReport:
+    """Check the chain and the seq order over `paths`, in the order given (oldest first).
+
+    With `keys`, keyed files are checked with whichever key fits each, a plain file may only
+    come before the first keyed one, and there must be one. With `anchors`, those naming this
+    log (by file name) must each agree with the record of their seq."""
     if not paths:
         return VerifyReport(ok=False, records=0, files=0, error="no audit files given")
-    chain = _Chain()
+    chain = _Chain(keys=tuple(keys), anchors=AnchorCheck(anchors, Path(paths[-1])))
     for count, path in enumerate(paths, start=1):
         error = _verify_file(Path(path), chain)
         if error is not None:
-            return VerifyReport(ok=False, records=chain.records, files=count, error=error)
-    return VerifyReport(ok=True, records=chain.records, files=len(paths))
+            return chain.report(count, error)
+    return chain.report(len(paths), chain.finish(Path(paths[-1])))
 
 
 class _Break(Exception):
@@ -63,22 +133,67 @@ class _Break(Exception):
 
 @dataclass(slots=True)
 class _Chain:
+    keys: tuple[ChainKey, ...]
+    anchors: AnchorCheck
     seq: int = 0
     prev: str = ZERO_HASH
     records: int = 0
+    unchecked: int = 0
+    seen_keyed: bool = False
+    file_key: ChainKey | None = None  # the key of the current keyed file
+    file_keyed: bool = False
+
+    def start_file(self, first: dict[str, Any]) -> None:
+        if CHAIN_FIELD in first and not keyed(first):
+            raise _Break(f"unknown chain {first[CHAIN_FIELD]!r}")
+        self.file_keyed, self.file_key = keyed(first), None
+        if self.file_keyed:
+            self.seen_keyed = True
+            self.file_key = self._key_for(first)
+        elif self.keys and self.seen_keyed:
+            raise _Break("a plain (unkeyed) file after a keyed one: rewritten, or the chain "
+                         "key was turned off")
 
     def advance(self, record: dict[str, Any]) -> None:
         seq, prev, digest = record.get("seq"), record.get("prev"), record.get("hash")
         if not isinstance(prev, str) or not isinstance(digest, str):
             raise _Break("prev or hash missing")
-        if digest != chain_hash(prev, canonical(record)):
-            raise _Break("hash mismatch")
+        if not self.file_keyed or self.file_key is not None:
+            if digest != chain_hash(prev, canonical(record), self.file_key):
+                raise _Break("hash mismatch")
+        else:
+            self.unchecked += 1
         if type(seq) is not int or seq != self.seq + 1:
             raise _Break(f"seq {seq} after {self.seq}" if self.seq else f"seq {seq}, expected 1")
         if prev != self.prev:
             first = "prev of the first record is not 64 zeros"
             raise _Break("prev does not match the previous hash" if self.seq else first)
+        problem = self.anchors.check(seq, digest)
+        if problem is not None:
+            raise _Break(problem)
         self.seq, self.prev, self.records = seq, digest, self.records + 1
+
+    def finish(self, path: Path) -> str | None:
+        if self.keys and not self.seen_keyed:
+            return (f"{path}: a chain key was given but no file is keyed (no "
+                    f'"{CHAIN_FIELD}": "{HMAC_CHAIN}"): rewritten, or written without a key')
+        problem = self.anchors.finish(self.seq)
+        return None if problem is None else f"{path}: {problem}"
+
+    def report(self, files: int, error: str | None) -> VerifyReport:
+        ok = error is None and not self.unchecked
+        return VerifyReport(ok=ok, records=self.records, files=files, error=error,
+                            unchecked=self.unchecked, anchors=self.anchors.matched)
+
+    def _key_for(self, first: dict[str, Any]) -> ChainKey | None:
+        prev = first.get("prev")
+        if not self.keys or not isinstance(prev, str):
+            return None
+        text = canonical(first)
+        for key in self.keys:
+            if first.get("hash") == chain_hash(prev, text, key):
+                return key
+        raise _Break("hash mismatch (with every key given)")
 
 
 def _verify_file(path: Path, chain: _Chain) -> str | None:
@@ -87,7 +202,10 @@ def _verify_file(path: Path, chain: _Chain) -> str | None:
         with path.open("rb") as lines:
             for number, line in enumerate(lines, start=1):
                 try:
-                    chain.advance(_parse_line(line))
+                    record = _parse_line(line)
+                    if number == 1:
+                        chain.start_file(record)
+                    chain.advance(record)
                 except _Break as brk:
                     return f"{path}:{number}: {brk}"
     except OSError as exc:

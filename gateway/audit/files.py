@@ -1,5 +1,5 @@
 """The audit files on disk: the current file and its rotated siblings, opened for appending
-under an exclusive lock, and the last complete record read back from a file's tail.
+under an exclusive lock, and the first and last complete records read back from a file.
 
 Rotated files are ``{stem}.{n:06d}{suffix}`` beside the current one, the oldest n = 1. What is
 written into the files, and when, is `audit.py`'s; what a valid record is, `audit_chain.py`'s.
@@ -42,6 +42,19 @@ def tail(fd: int, size: int) -> tuple[int, bytes | None]:
             return start + last_nl + 1, data[prev_nl + 1 : last_nl]
         if start == 0:
             return 0, None
+        block *= 2
+
+
+def first_line(fd: int) -> bytes | None:
+    """The first complete line of a file (without its newline), or None."""
+    block = _TAIL_BLOCK
+    while True:
+        data = os.pread(fd, block, 0)
+        end = data.find(b"\n")
+        if end >= 0:
+            return data[:end]
+        if len(data) < block:
+            return None
         block *= 2
 
 

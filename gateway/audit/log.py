@@ -11,11 +11,14 @@ Every line is one UTF-8 JSON object. `AuditLog.append` adds four fields to the c
 - ``ts``: RFC 3339 UTC with microseconds and ``Z`` (``2026-11-23T22:47:37.123456Z``);
 - ``seq``: 1, 2, 3 … with no gaps, continuing across rotated files;
 - ``prev``: the ``hash`` of the previous record; 64 zeros for the very first record;
-- ``hash``: ``sha256(prev + canonical)`` (see `audit_chain`).
+- ``hash``: ``sha256(prev + canonical)``, or ``HMAC-SHA256(key, prev + canonical)`` with a
+  chain key, when the first record of every file also gets ``"chain": "hmac-sha256"``
+  (see `chain.py`).
 
 Past ``max_bytes`` the file is renamed to ``{stem}.{n:06d}{suffix}`` (oldest n = 1) and the
 chain goes on in a fresh file whose first ``prev`` is the last ``hash`` of the previous one;
-``verify_files(rotated_files(path))`` checks the whole history.
+``verify_files(rotated_files(path))`` checks the whole history. A file is keyed or plain as a
+whole: when the key is set, removed or changed, `open()` starts a new file.
 """
 
 from __future__ import annotations
@@ -35,10 +38,22 @@ from typing import Any, TypeVar
 import structlog
 
 from gateway import jsoncodec
-from gateway.audit.chain import ZERO_HASH, VerifyReport, canonical, chain_hash, verify_files
+from gateway.audit.chain import (
+    CHAIN_FIELD,
+    HMAC_CHAIN,
+    ZERO_HASH,
+    ChainKey,
+    VerifyReport,
+    canonical,
+    chain_hash,
+    continues,
+    mark,
+    verify_files,
+)
 from gateway.audit.files import (
     AuditOpenError,
     error_reason,
+    first_line,
     last_record,
     last_rotated_record,
     last_rotation,
@@ -55,6 +70,7 @@ __all__ = [
     "ZERO_HASH",
     "AuditLog",
     "AuditOpenError",
+    "ChainKey",
     "VerifyReport",
     "canonical",
     "chain_hash",
@@ -66,7 +82,7 @@ __all__ = [
 DEFAULT_MAX_BYTES = 104_857_600
 
 _UNAVAILABLE = "audit log cannot be written"
-_OWN_KEYS = frozenset({"ts", "seq", "prev", "hash"})  # set by the log, never by a caller
+_OWN_KEYS = frozenset({"ts", "seq", CHAIN_FIELD, "prev", "hash"})  # set by the log alone
 _PROBE_BYTE = b" "  # never a newline: if left behind by a crash, start-up cuts it as a torn line
 HALT_WAIT_S = 2.0
 
@@ -98,6 +114,7 @@ class AuditLog:
         max_bytes: int = DEFAULT_MAX_BYTES,
         fsync: bool = True,
         metrics: Metrics | None = None,
+        chain_key: ChainKey | None = None,
     ) -> None:
         if max_bytes < 1:
             raise ValueError("max_bytes must be positive")
@@ -105,6 +122,7 @@ class AuditLog:
         self._hash_user_ids = hash_user_ids
         self._max_bytes = max_bytes
         self._fsync = fsync
+        self._key = chain_key
         self._metrics = metrics if metrics is not None else Metrics()
         self._fd: int | None = None
         self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the current file
@@ -137,6 +155,8 @@ class AuditLog:
         try:
             self._reopen()
             self._seq, self._prev = self._recover()
+            if self._size and not self._continues_chain():
+                self._rotate()  # a file is keyed with one key, or plain, as a whole
         except OSError as exc:
             self._close_fd()
             reason = error_reason(exc, self._path)
@@ -165,6 +185,12 @@ class AuditLog:
             self._flusher = asyncio.create_task(self._drain())
         # Shielded: a caller that stops waiting does not unmake a record already in a batch.
         return await asyncio.shield(future)
+
+    async def head(self) -> tuple[int, str]:
+        """seq and hash of the last durable record (0 and 64 zeros before the first)."""
+        if self._closed or not self._opened:
+            return self._seq, self._prev
+        return await self._in_worker(lambda: (self._seq, self._prev))
 
     async def probe(self) -> bool:
         """For readiness: when unhealthy, try to make the file writable again (no record)."""
@@ -263,10 +289,11 @@ class AuditLog:
 
     def _write_batch(self, records: list[dict[str, Any]]) -> None:
         """Chain `records` onto the last durable one, write them at once and fsync."""
-        data = self._chain(records)
         fd = self._writable_fd()
+        data = self._chain(records, first_in_file=not self._size)
         if self._size and self._size + len(data) > self._max_bytes:
             fd = self._rotate()
+            data = self._chain(records, first_in_file=True)
         with self._io_lock:  # see `halt()`
             try:
                 _write_all(fd, data)
@@ -279,13 +306,25 @@ class AuditLog:
         self._size += len(data)
         self._seq, self._prev = records[-1]["seq"], records[-1]["hash"]
 
-    def _chain(self, records: list[dict[str, Any]]) -> bytes:
+    def _chain(self, records: list[dict[str, Any]], *, first_in_file: bool) -> bytes:
         seq, prev = self._seq, self._prev
+        mark(records[0], self._key is not None and first_in_file)
         for record in records:
             seq += 1
             record["seq"], record["prev"] = seq, prev
-            prev = record["hash"] = chain_hash(prev, canonical(record))
+            prev = record["hash"] = chain_hash(prev, canonical(record), self._key)
         return b"".join(_encode(record) for record in records)
+
+    def _continues_chain(self) -> bool:
+        """At open: whether the current file's mode (plain, or keyed with this key) is ours."""
+        assert self._fd is not None
+        first, (_, last) = first_line(self._fd), tail(self._fd, self._size)
+        if first is not None and last is not None and continues(first, last, self._key):
+            return True
+        log.warning("audit.chain_changed", path=str(self._path),
+                    chain=HMAC_CHAIN if self._key is not None else "sha256",
+                    action="rotated: the chain goes on in a new file")
+        return False
 
     def _writable_fd(self) -> int:
         """The open descriptor of the current file, reopened if lost, removed or replaced."""
@@ -382,7 +421,8 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def _encode(record: Mapping[str, Any]) -> bytes:
-    return jsoncodec.compact_line(record)
+    """One line for every reader: see `jsoncodec.one_line` (the hash covers parsed values)."""
+    return jsoncodec.one_line(jsoncodec.compact_line(record))
 
 
 def _with_user_id_hashed(body: dict[str, Any]) -> dict[str, Any]:

@@ -10,12 +10,24 @@ import dataclasses
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
+from urllib.parse import urlsplit
 
 DEFAULT_SUBJECT = "kore-session-gateway"
 DEFAULT_SCOPES = ("Bot Sessions",)
 BOT_SESSIONS_SCOPE = "Bot Sessions"
 ALGORITHMS = ("HS256", "HS512", "RS256", "RS512")
+MAX_JTI_TTL_S = 3600  # Kore.ai refuses a token with a jti whose exp is more than 1 h ahead
+MIN_TOKEN_TTL_S = 30  # a token must outlive the 10 s "never sent" margin by a useful amount
+DEFAULT_TOKEN_TTL_S = 600
+# A jti token is minted for one attempt and sent at once: two minutes cover the attempt and
+# a clock skew of well over a minute between the gateway and Kore.ai.
+DEFAULT_JTI_TOKEN_TTL_S = 120
+JTI_TTL_MARGIN_S = 60  # a jti ttl this close to MAX_JTI_TTL_S is warned about: Kore.ai's clock
+# Kore.ai reads these as overrides of jti, iss and sub (its SDK security page): extra_claims
+# setting them would replace the gateway's own claims, so a config naming them is refused.
+KORE_CLAIM_ALIASES = ("kore_jti", "kore_iss", "kore_sub")
+GATEWAY_CLAIMS = ("appId", "iat", "exp", "jti")  # set by the gateway, never by extra_claims
 
 
 class Secret:
@@ -50,7 +62,7 @@ class KoreApp:
     algorithm: str = "HS256"
     client_secret: Secret | None = None  # HS*
     private_key: Secret | None = None  # RS*: PEM text
-    token_ttl_s: int = 600
+    token_ttl_s: int = DEFAULT_TOKEN_TTL_S  # the loader gives jti apps DEFAULT_JTI_TOKEN_TTL_S
     jti: bool = False
     subject: str = DEFAULT_SUBJECT
     scopes: tuple[str, ...] = DEFAULT_SCOPES
@@ -65,8 +77,6 @@ DEFAULT_SESSION_PATH = "/api/public/bot/{botId}/session"
 DEFAULT_BOT_ID_PATTERN = r"^st-[A-Za-z0-9-]{1,100}$"
 DEFAULT_AUDIT_PATH = "audit/deactivations.jsonl"
 DEFAULT_WINDOWS = ((600, 60.0), (18000, 3600.0))
-MAX_JTI_TTL_S = 3600
-MIN_TOKEN_TTL_S = 30  # a token must outlive the 10 s "never sent" margin by a useful amount
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +91,9 @@ class ServerConfig:
     client_timeout_s: float = 15.0  # a client must deliver its request within this time
     max_header_bytes: int = 8190  # one header line / field, aiohttp's parser limit
     max_headers: int = 64
+    # "" = off; else HOST:PORT serving /metrics, /healthz, /readyz and /openapi.json (no
+    # deactivation route, no key); /metrics then leaves the `listen` address.
+    admin_listen: str = ""
 
     @property
     def host(self) -> str:
@@ -89,6 +102,14 @@ class ServerConfig:
     @property
     def port(self) -> int:
         return split_listen(self.listen)[1]
+
+    @property
+    def admin_host(self) -> str:
+        return split_listen(self.admin_listen)[0]
+
+    @property
+    def admin_port(self) -> int:
+        return split_listen(self.admin_listen)[1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,8 +123,10 @@ class UpstreamConfig:
     ca_file: str | None = None
     backoff_base_s: float = 0.1  # exponential backoff with full jitter between attempts
     backoff_max_s: float = 2.0
-    breaker_failures: int = 20  # failed requests in a row (after retries) that open the circuit
+    breaker_failures: int = 20  # failed requests to one bot in a row that open its circuit
     breaker_cooldown_s: float = 5.0
+    breaker_host_bots: int = 5  # distinct failing bots, no success between: the host's opens
+    breaker_window_s: float = 60.0  # … when they failed within this window
     max_connections: int = 100
 
 
@@ -113,6 +136,8 @@ class AuditConfig:
     hash_user_ids: bool = False
     max_bytes: int = 104857600
     fsync: bool = True
+    chain_key: Secret | None = None  # HMAC chain key, from chain_key_env or chain_key_file
+    anchor_every_s: float = 60.0  # log an audit.anchor line this often (and at shutdown)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,10 +152,17 @@ class RateLimitConfig:
     max_pause_s: float = 3600.0  # the longest pause, whatever Kore.ai's Retry-After says
 
 
+DEFAULT_LOG_FILE_MAX_BYTES = 10_485_760
+
+
 @dataclass(frozen=True, slots=True)
 class LoggingConfig:
     level: str = "info"
     format: str = "auto"  # "json", "console" or "auto" (console on a terminal)
+    # "" = stderr only; else every line also goes to this file (JSON), for a log shipper to
+    # tail; with --workers N, worker n writes `{stem}-w{n}{suffix}` beside it.
+    file: str = ""
+    file_max_bytes: int = DEFAULT_LOG_FILE_MAX_BYTES  # then renamed to `<file>.1`, one kept
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +197,20 @@ def split_listen(listen: str) -> tuple[str, int]:
     return host, number
 
 
+def upstream_host(base_url: str) -> str:
+    """`host:port` of a base URL, the port filled in from the scheme: the only form in which
+    the gateway shows its upstream (logs, `/readyz`, metric labels), never with `user:password@`."""
+    parts = urlsplit(base_url)
+    host = parts.hostname or ""
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if port is None:
+        port = 443 if parts.scheme == "https" else 80
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def with_changes(obj: Any, **changes: Any) -> Any:
     """`dataclasses.replace`, named for call sites that tweak a loaded config."""
     return dataclasses.replace(obj, **changes)
@@ -177,6 +223,16 @@ class ConfigError(Exception):
         self.source = source
         self.problems = problems
         super().__init__("\n".join(f"{source}: {p}" for p in problems))
+
+
+class ConfigWarning(NamedTuple):
+    """A setting that loads but is likely to hurt; shown with the key, like a problem."""
+
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.message}"
 
 
 _LOOPBACK_NAMES = {"localhost", "::1"}

@@ -7,28 +7,36 @@ Turns the parsed TOML of one file into a `Config`, every key read through `toml_
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
 from gateway.config.model import (
     ALGORITHMS,
+    DEFAULT_JTI_TOKEN_TTL_S,
     DEFAULT_SCOPES,
     DEFAULT_SUBJECT,
+    DEFAULT_TOKEN_TTL_S,
+    GATEWAY_CLAIMS,
+    JTI_TTL_MARGIN_S,
+    KORE_CLAIM_ALIASES,
     MAX_JTI_TTL_S,
     MIN_TOKEN_TTL_S,
     AuditConfig,
     CallerConfig,
     Config,
     ConfigError,
+    ConfigWarning,
     KoreApp,
     LoggingConfig,
     RateLimitConfig,
+    Secret,
     ServerConfig,
     UpstreamConfig,
     is_loopback,
@@ -84,11 +92,33 @@ def _server(t: Table) -> ServerConfig:
         max_header_bytes=t.number("max_header_bytes", d.max_header_bytes, low=256,
                                   integer=True),
         max_headers=t.number("max_headers", d.max_headers, low=8, integer=True),
+        admin_listen=_admin_listen(t, listen),
     )
     if server.auth == "none" and not is_loopback(server.host):
         t.fail("auth", f'"none" is allowed only on a loopback listen address, not {server.host}')
     t.finish()
     return server
+
+
+_ANY_HOST = frozenset({"0.0.0.0", "::", "*", ""})
+
+
+def _admin_listen(t: Table, listen: str) -> str:
+    """`server.admin_listen`: "" (off) or HOST:PORT, never the API's own address."""
+    admin: str = t.get("admin_listen", str, "")
+    if not admin:
+        return ""
+    try:
+        host, port = split_listen(admin)
+    except ValueError as exc:
+        t.fail("admin_listen", f'{exc} (e.g. "0.0.0.0:9091"), or "" for none')
+        return ""
+    api_host, api_port = split_listen(listen)
+    # Same port on the same or an overlapping (wildcard) address: the two would collide.
+    if port and port == api_port and (host == api_host or {host, api_host} & _ANY_HOST):
+        t.fail("admin_listen", f"must differ from server.listen ({listen}): use another port")
+        return ""
+    return admin
 
 
 def _upstream(t: Table) -> UpstreamConfig:
@@ -105,6 +135,9 @@ def _upstream(t: Table) -> UpstreamConfig:
         backoff_max_s=t.number("backoff_max_s", d.backoff_max_s, low=0),
         breaker_failures=t.number("breaker_failures", d.breaker_failures, low=1, integer=True),
         breaker_cooldown_s=t.number("breaker_cooldown_s", d.breaker_cooldown_s, low=0),
+        breaker_host_bots=t.number("breaker_host_bots", d.breaker_host_bots, low=2,
+                                   integer=True),
+        breaker_window_s=t.number("breaker_window_s", d.breaker_window_s, low=0.1),
         max_connections=t.number("max_connections", d.max_connections, low=1, integer=True),
     )
     _check_base_url(t, up)
@@ -122,27 +155,71 @@ def _upstream(t: Table) -> UpstreamConfig:
 
 def _check_base_url(t: Table, up: UpstreamConfig) -> None:
     parts = urlsplit(up.base_url)
-    if parts.scheme not in ("https", "http") or not parts.hostname:
+    if "@" in parts.netloc:  # the message never repeats the URL: it holds a password
+        t.fail("base_url", "must not carry user:password@ (Kore.ai authenticates the JWT; "
+               "credentials in the URL would show wherever the upstream is named)")
+    elif parts.scheme not in ("https", "http") or not parts.hostname:
         t.fail("base_url", "must be an absolute URL such as \"https://bots.kore.ai\"")
     elif parts.scheme == "http" and not up.allow_insecure_http:
         t.fail("base_url", "must use https:// (set upstream.allow_insecure_http = true "
                "only for a local sandbox)")
     elif parts.query or parts.fragment:
         t.fail("base_url", "must not have a query or fragment")
+    elif not _valid_port(parts):
+        t.fail("base_url", "has an invalid port")
+
+
+def _valid_port(parts: SplitResult) -> bool:
+    try:
+        parts.port  # noqa: B018 - reading it validates it
+    except ValueError:
+        return False
+    return True
 
 
 def _audit(t: Table) -> AuditConfig:
     d = AuditConfig()
+    path = t.path("path", d.path) or ""
     audit = AuditConfig(
-        path=t.path("path", d.path) or "",
+        path=path,
         hash_user_ids=t.get("hash_user_ids", bool, d.hash_user_ids),
         max_bytes=t.number("max_bytes", d.max_bytes, low=1024, integer=True),
         fsync=t.get("fsync", bool, d.fsync),
+        chain_key=_chain_key(t, Path(path).parent if path else None),
+        anchor_every_s=t.number("anchor_every_s", d.anchor_every_s, low=0.05),
     )
     if not audit.path:
         t.fail("path", "must not be empty")
     t.finish()
     return audit
+
+
+def _chain_key(t: Table, audit_dir: Path | None) -> Secret | None:
+    """From chain_key_env or chain_key_file ("" = not set); never from the config file itself,
+    and never from a file in the audit directory: whoever can rewrite the log must not have it."""
+    if "chain_key" in t.data:
+        t.data.pop("chain_key")
+        t.fail("chain_key", "give chain_key_env or chain_key_file: the key is never written "
+               "in the config")
+    env = t.get("chain_key_env", str, "")
+    file = t.get("chain_key_file", str, "")
+    if env and file:
+        t.fail("chain_key_env", "give only one of chain_key_env, chain_key_file")
+        return None
+    if file and audit_dir is not None and _inside(t.base_dir / file, audit_dir):
+        t.fail("chain_key_file", f"{t.base_dir / file} is in the audit directory "
+               f"{audit_dir}: keep the key off the audit volume")
+        return None
+    if env:
+        return t.read_secret("chain_key_env", env)
+    return t.read_secret("chain_key_file", file) if file else None
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    """As written and with symlinks resolved: a link in the directory is in it too."""
+    named = Path(os.path.abspath(path))
+    return any(p.is_relative_to(d) for p in (named, path.resolve())
+               for d in (Path(os.path.abspath(directory)), directory.resolve()))
 
 
 def _rate_limit(t: Table) -> RateLimitConfig:
@@ -194,7 +271,11 @@ def _logging(t: Table) -> LoggingConfig:
     cfg = LoggingConfig(
         level=t.choice("level", d.level, ("debug", "info", "warning", "error")),
         format=t.choice("format", d.format, ("auto", "json", "console")),
+        file=t.path("file", d.file) or "",
+        file_max_bytes=t.number("file_max_bytes", d.file_max_bytes, low=4096, integer=True),
     )
+    if cfg.file and cfg.format == "console":
+        t.fail("file", 'the log file is JSON lines: use format = "json" or "auto" with it')
     t.finish()
     return cfg
 
@@ -216,14 +297,16 @@ def _app(t: Table) -> KoreApp | None:
     client_id = t.get("client_id", str, "")
     algorithm = t.choice("algorithm", "HS256", ALGORITHMS)
     hs = algorithm.startswith("HS")
+    jti = t.get("jti", bool, False)
     app = KoreApp(
         name=name,
         client_id=client_id,
         algorithm=algorithm,
         client_secret=t.secret("client_secret", required=hs),
         private_key=t.secret("private_key", required=not hs),
-        token_ttl_s=t.number("token_ttl_s", 600, low=MIN_TOKEN_TTL_S, high=86400, integer=True),
-        jti=t.get("jti", bool, False),
+        token_ttl_s=t.number("token_ttl_s", DEFAULT_JTI_TOKEN_TTL_S if jti else DEFAULT_TOKEN_TTL_S,
+                             low=MIN_TOKEN_TTL_S, high=86400, integer=True),
+        jti=jti,
         subject=t.get("subject", str, DEFAULT_SUBJECT),
         scopes=t.strings("scopes", DEFAULT_SCOPES),
         bots=t.strings("bots", ("*",)),
@@ -240,9 +323,38 @@ def _app(t: Table) -> KoreApp | None:
         t.fail("client_secret", f"is not used with {algorithm}; give private_key_file instead")
     if hs and app.private_key is not None:
         t.fail("private_key", f"is not used with {algorithm}; give client_secret instead")
+    _check_claims(t, app)
     _check_key(t, app)
     t.finish()
     return app
+
+
+def _check_claims(t: Table, app: KoreApp) -> None:
+    """`extra_claims` adds claims; it never replaces one the gateway sets, directly or through
+    Kore.ai's aliases (a fixed `kore_jti` would make every token a replay)."""
+    aliases = [k for k in KORE_CLAIM_ALIASES if k in app.extra_claims]
+    if aliases:
+        t.fail("extra_claims", f"{', '.join(aliases)}: Kore.ai reads these as overrides of "
+               "jti, iss and sub; they cannot be set here (use subject, and jti = true)")
+    own = [k for k in GATEWAY_CLAIMS if k in app.extra_claims]
+    if own:
+        t.fail("extra_claims", f"{', '.join(own)}: set by the gateway itself "
+               "(client_id, token_ttl_s, jti); they cannot be set here")
+
+
+def config_warnings(config: Config) -> list[ConfigWarning]:
+    """What a config may hold but probably should not; shown at start-up and by check-config."""
+    found = []
+    for i, app in enumerate(config.apps):
+        if app.jti and app.token_ttl_s >= MAX_JTI_TTL_S - JTI_TTL_MARGIN_S:
+            found.append(ConfigWarning(f"apps[{i}].token_ttl_s", (
+                f"{app.token_ttl_s} s is within {JTI_TTL_MARGIN_S} s of Kore.ai's "
+                f"{MAX_JTI_TTL_S} s cap for tokens with a jti; Kore.ai measures exp on its "
+                "own clock, so a Kore.ai clock slightly behind the gateway's refuses every "
+                "token "
+                f"(use less than {MAX_JTI_TTL_S - JTI_TTL_MARGIN_S}, or leave it unset for "
+                f"{DEFAULT_JTI_TOKEN_TTL_S})")))
+    return found
 
 
 def _check_key(t: Table, app: KoreApp) -> None:

@@ -91,9 +91,10 @@ class Table:
             if required:
                 self.fail(name, f"is required (as {name}, {name}_env or {name}_file)")
             return None
-        return self._read_secret(forms[0], self.get(forms[0], str, ""))
+        return self.read_secret(forms[0], self.get(forms[0], str, ""))
 
-    def _read_secret(self, form: str, value: str) -> Secret | None:
+    def read_secret(self, form: str, value: str) -> Secret | None:
+        """The secret named by `form` (`x_env`, `x_file` or `x`) whose value is `value`."""
         if form.endswith("_env"):
             text = self.env.get(value, "")
             if not text:

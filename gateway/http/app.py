@@ -20,7 +20,8 @@ import structlog
 from aiohttp import web
 
 from gateway.auth import Caller
-from gateway.config.model import Config
+from gateway.config.model import Config, upstream_host
+from gateway.config.tables import config_warnings
 from gateway.deactivation import ROUTE_BATCH, ROUTE_KORE, ROUTE_SIMPLE, Ask
 from gateway.errors import (
     GatewayError,
@@ -359,17 +360,37 @@ def create_app(config: Config, *, worker: int = 0, workers: int = 1,
     app.router.add_post("/v1/bots/{botId}/sessions/deactivate", deactivate_simplified)
     app.router.add_post("/v1/sessions/deactivate", deactivate_batch)
     app.router.add_put("/api/public/bot/{botId}/session", deactivate_kore)
+    _operations_routes(app, metrics=not config.server.admin_listen)
+    return app
+
+
+def create_admin_app(rt: Runtime) -> web.Application:
+    """The `server.admin_listen` application: probes, metrics and the OpenAPI document only,
+    served from the runtime of the API application (which starts and closes it)."""
+    app = web.Application(middlewares=[envelope_middleware], client_max_size=1024,
+                          handler_args=handler_options(rt.config.server))
+    app[RUNTIME] = rt
+    _operations_routes(app, metrics=True)
+    return app
+
+
+def _operations_routes(app: web.Application, *, metrics: bool) -> None:
     app.router.add_get("/healthz", healthz, allow_head=True)
     app.router.add_get("/readyz", readyz, allow_head=True)
-    app.router.add_get("/metrics", metrics_text)
+    if metrics:  # with an admin listener, /metrics is served there only
+        app.router.add_get("/metrics", metrics_text)
     app.router.add_get("/openapi.json", openapi_json)
-    return app
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     rt = app[RUNTIME]
     await rt.start()
     log.info("gateway.started", worker=rt.worker, audit=str(rt.audit.path),
-             upstream=rt.config.upstream.base_url, apps=[a.name for a in rt.config.apps])
+             upstream=upstream_host(rt.config.upstream.base_url),
+             apps=[a.name for a in rt.config.apps])
+    if rt.worker == 0:  # once per start, not once per worker
+        for warning in config_warnings(rt.config):
+            log.warning("config.warning", file=rt.config.source, key=warning.key,
+                        message=warning.message)
     yield
     await rt.close()

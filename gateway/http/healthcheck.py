@@ -1,14 +1,15 @@
 """`python -m gateway.http.healthcheck [PATH | URL]`: the probe a container runs against its gateway.
 
-Used by the Docker `HEALTHCHECK` and by Kubernetes exec probes (a sidecar listening on the pod's
-loopback cannot be reached by the kubelet's HTTP probes). It GETs one route and exits 0 on a
-2xx, 1 on anything else (never 2, which Docker reserves). A bare path goes to the `server.listen`
-address of the config in `GATEWAY_CONFIG`, a wildcard address over loopback, so one image works
-whatever port the config chooses. It writes nothing and sets up no logging.
+Used by the Docker `HEALTHCHECK` and by Kubernetes exec probes where the kubelet's HTTP probes
+cannot reach the gateway (a sidecar on the pod's loopback without `server.admin_listen`). It GETs
+one route and exits 0 on a 2xx, 1 on anything else (never 2, which Docker reserves). A bare path
+goes to the config's `server.admin_listen` address when one is set, else to `server.listen` (the
+config in `GATEWAY_CONFIG`; a wildcard address is reached over loopback), so one image works
+whatever ports the config chooses. It writes nothing and sets up no logging.
 
 It runs every few seconds, so it imports the standard library only: not `gateway.cli` (every
 command's dependencies) nor `gateway.config` (cryptography); that is why it is its own entry
-point and reads `server.listen` with `tomllib` itself.
+point and reads the `[server]` addresses with `tomllib` itself.
 """
 
 from __future__ import annotations
@@ -36,14 +37,15 @@ def target_url(listen: str, path: str = DEFAULT_PATH) -> str:
     """The URL that reaches a gateway listening on `listen` from inside its own container."""
     host, sep, port = listen.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) <= 65535:
-        raise ProbeError(f"server.listen {listen!r}: expected HOST:PORT with a port 1-65535")
+        raise ProbeError(f"listen address {listen!r}: expected HOST:PORT with a port 1-65535")
     host = host.removeprefix("[").removesuffix("]")
     host = _WILDCARDS.get(host, host)
     return f"http://{f'[{host}]' if ':' in host else host}:{int(port)}{path}"
 
 
 def listen_from_config(path: str | None) -> str:
-    """`server.listen` of the config at `path`, read without resolving secrets."""
+    """The address to probe in the config at `path`, read without resolving secrets:
+    `server.admin_listen` when set (probes and metrics live there), else `server.listen`."""
     if not path:
         raise ProbeError("GATEWAY_CONFIG is not set: pass a full URL instead of a path")
     try:
@@ -51,10 +53,18 @@ def listen_from_config(path: str | None) -> str:
             server = tomllib.load(f).get("server", {})
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ProbeError(f"{path}: {exc}") from None
-    listen = server.get("listen", DEFAULT_LISTEN) if isinstance(server, dict) else None
-    if not isinstance(listen, str):
-        raise ProbeError(f"{path}: server.listen must be a string")
-    return listen
+    if not isinstance(server, dict):
+        raise ProbeError(f"{path}: [server] must be a table")
+    admin = server.get("admin_listen", "")
+    if admin:
+        return _text(admin, "server.admin_listen", path)
+    return _text(server.get("listen", DEFAULT_LISTEN), "server.listen", path)
+
+
+def _text(value: object, key: str, path: str) -> str:
+    if not isinstance(value, str):
+        raise ProbeError(f"{path}: {key} must be a string")
+    return value
 
 
 def resolve(argument: str | None, config_path: str | None) -> str:

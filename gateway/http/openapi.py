@@ -12,11 +12,13 @@ from typing import Any
 
 from gateway import __version__
 from gateway.config.model import Config
+from gateway.validation import CHANNEL_PATTERN
 
 OPENAPI_VERSION = "3.1.0"
 JSON = "application/json"
 EXAMPLE_ID = "6f1c2a9e0b7d4c3fa5e8d2b1c0a99f17"
 EXAMPLE_BOT = "st-1234"
+CHANNEL = f"^{CHANNEL_PATTERN.pattern}$"  # the input rule, anchored as JSON Schema needs
 
 # Every error code of the contract, with the status it comes with and an example message.
 ERRORS: dict[str, tuple[str, str]] = {
@@ -49,7 +51,7 @@ def document(config: Config) -> dict[str, Any]:
         "tags": [{"name": "deactivation", "description": "Close Kore.ai bot sessions."},
                  {"name": "operations", "description": "Probes, metrics and this document; "
                                                        "no caller key needed."}],
-        "paths": _paths(secured),
+        "paths": _paths(secured, admin=bool(config.server.admin_listen)),
         "components": _components(config),
     }
 
@@ -70,7 +72,7 @@ def _info() -> dict[str, Any]:
 
 # --- paths ----------------------------------------------------------------------------------
 
-def _paths(secured: bool) -> dict[str, Any]:
+def _paths(secured: bool, *, admin: bool = False) -> dict[str, Any]:
     return {
         "/v1/bots/{botId}/sessions/deactivate": {"post": _simple(secured)},
         "/v1/sessions/deactivate": {"post": _batch(secured)},
@@ -82,8 +84,7 @@ def _paths(secured: bool) -> dict[str, Any]:
                                       "200": _ok("Ready.", "Readiness"),
                                       "503": _ok("Not ready, or draining.", "Readiness",
                                                  "NotReady")})},
-        "/metrics": {"get": _probe("metrics", "Prometheus text format (with several workers, "
-                                   "the sum over all of them).", {"200": _metrics_response()})},
+        "/metrics": {"get": _metrics_operation(admin)},
         "/openapi.json": {"get": _probe("openapi", "This document.", {"200": {
             "description": "The OpenAPI 3.1 document.", "headers": _headers("200"),
             "content": {JSON: {"schema": {"type": "object",
@@ -104,7 +105,10 @@ def _simple(secured: bool) -> dict[str, Any]:
         parameters=[_ref("parameters", "BotId"), _ref("parameters", "XRequestId")],
         body=_body("DeactivateRequest", {
             "user": {"value": {"userId": "jane@example.com"}},
-            "user and channel": {"value": {"userId": "u-1001", "channel": "rtm"}}}),
+            "user and channel": {"value": {"userId": "u-1001", "channel": "rtm"}},
+            "IVR voice channel": {"value": {"userId": "u-1001", "channel": "ivrVoice"}},
+            "webhook instance": {"value": {
+                "userId": "u-1001", "channel": "ivrInst-6ad846f2-75b0-55a1-8029-aab86de09817"}}}),
         responses={
             "200": _ok("Kore.ai closed the session.", "DeactivateResponse"),
             **_errors(secured, "invalid_request", "upstream_rejected", "unauthenticated",
@@ -147,6 +151,16 @@ def _kore(secured: bool) -> dict[str, Any]:
         body=_body("KoreRequest", {"Kore.ai body": {"value": {
             "userId": "u-1001", "status": "inactive", "channel": "rtm"}}}),
         responses={"200": _ok("Kore.ai's own answer.", "KoreSuccess"), **errors})
+
+
+def _metrics_operation(admin: bool) -> dict[str, Any]:
+    """With `server.admin_listen` set, /metrics is served on that address only."""
+    summary = "Prometheus text format (with several workers, the sum over all of them)."
+    if not admin:
+        return _probe("metrics", summary, {"200": _metrics_response()})
+    return _probe("metrics", summary + " Served on the admin address (server.admin_listen) "
+                  "only: 404 `not_found` on the API address.",
+                  {"200": _metrics_response(), "404": _error_response("404", ["not_found"])})
 
 
 def _probe(op_id: str, summary: str, responses: dict[str, Any]) -> dict[str, Any]:
@@ -222,7 +236,7 @@ def _metrics_response() -> dict[str, Any]:
               '# TYPE kore_gateway_requests_total counter\n'
               'kore_gateway_requests_total{caller="crm-service",route="/v1/bots/{botId}/'
               'sessions/deactivate",status="200"} 42.0\n')
-    return {"description": "Every `kore_gateway_*` metric (see the README's Metrics section).",
+    return {"description": "Every `kore_gateway_*` metric (see docs/operations.md, Metrics).",
             "headers": _headers("200"),
             "content": {"text/plain": {"schema": {"type": "string"},
                                        "examples": {"excerpt": {"value": sample}}}}}
@@ -248,10 +262,12 @@ def _parameters() -> dict[str, Any]:
         "BotId": {"name": "botId", "in": "path", "required": True,
                   "description": "The Kore.ai bot (`upstream.bot_id_pattern`).",
                   "schema": _ref("schemas", "BotId"), "example": EXAMPLE_BOT},
+        # Any value is accepted: one that is not a valid request ID is replaced, not refused.
         "XRequestId": {"name": "X-Request-ID", "in": "header", "required": False,
-                       "description": "Kept when it matches the pattern, else replaced by a "
-                                      "new ID; goes upstream and into the audit.",
-                       "schema": _ref("schemas", "RequestId"), "example": EXAMPLE_ID},
+                       "description": "Kept when it matches `^[A-Za-z0-9._:-]{1,128}$`, "
+                                      "else replaced by a new random ID (never refused); "
+                                      "the ID goes upstream and into the audit.",
+                       "schema": {"type": "string"}, "example": EXAMPLE_ID},
     }
 
 
@@ -275,8 +291,11 @@ def _anchored(pattern: str) -> str:
 
 
 def _input_schemas(config: Config) -> dict[str, Any]:
-    channel = {"type": "string", "pattern": "^[a-z0-9_]{1,32}$",
-               "description": "Optional: leave the key out for no channel (null is refused)."}
+    channel = {"type": "string", "pattern": CHANNEL,
+               "description": "Kore.ai's channel type as Kore.ai spells it (rtm, msteams, "
+                              "ivrVoice…) or a webhook instance ID (ivrInst-…), sent upstream "
+                              "unchanged. Optional: leave the key out for no channel (null is "
+                              "refused)."}
     user_id = {"type": "string", "minLength": 1, "maxLength": 256,
                "not": {"pattern": "[\\u0000-\\u001F\\u007F-\\u009F]"},
                "description": "1–256 characters, no control characters (Cc), no lone "
@@ -297,9 +316,11 @@ def _input_schemas(config: Config) -> dict[str, Any]:
                               "channel": _ref("schemas", "Channel")}, ["botId", "userId"]),
         "BatchRequest": _closed({"items": {
             "type": "array", "minItems": 1, "maxItems": config.server.max_batch_items,
-            "description": "At most `server.max_batch_items` (more: 413). An item breaking "
-                           "the input rules gets its own error in `results`.",
-            "items": _ref("schemas", "BatchItem")}}, ["items"]),
+            "description": "At most `server.max_batch_items` (more: 413). Each item should be "
+                           "a `BatchItem`; any other item is not refused with the batch but "
+                           "gets its own error in `results`.",
+            # Per-item errors: an item breaking the rules does not make the batch invalid.
+            "items": {"anyOf": [_ref("schemas", "BatchItem"), {}]}}}, ["items"]),
     }
 
 
@@ -313,7 +334,7 @@ def _output_schemas() -> dict[str, Any]:
         "DeactivateResponse": _closed({
             "success": {"const": True}, "botId": _ref("schemas", "BotId"),
             "userId": _ref("schemas", "UserId"),
-            "channel": {"type": ["string", "null"], "pattern": "^[a-z0-9_]{1,32}$",
+            "channel": {"type": ["string", "null"], "pattern": CHANNEL,
                         "description": "The channel given, null when none was."},
             "requestId": _ref("schemas", "RequestId")},
             ["success", "botId", "userId", "channel", "requestId"]),
@@ -351,8 +372,20 @@ def _output_schemas() -> dict[str, Any]:
                                           ("config", "audit", "token", "draining")}},
                 "circuit": {"type": "object", "properties": {
                     "host": {"type": "string"},
-                    "state": {"enum": ["closed", "open", "half_open"]},
-                    "consecutiveFailures": {"type": "integer", "minimum": 0}}},
+                    "state": {"enum": ["closed", "open", "half_open"],
+                              "description": "The host-wide circuit (every bot)."},
+                    "consecutiveFailures": {"type": "integer", "minimum": 0},
+                    "failingBots": {"type": "integer", "minimum": 0},
+                    "openBots": {"type": "integer", "minimum": 0,
+                                 "description": "Bots whose own circuit is not closed."},
+                    "openBotIds": {"type": "array", "items": {"type": "string"},
+                                   "maxItems": 20}}},
+                "configReload": {"type": "object", "required": ["ok"], "properties": {
+                    "ok": {"type": "boolean"}, "error": {"type": "string"},
+                    "keys": {"type": "array", "items": {"type": "string"}},
+                    "failedAt": {"type": "string"}, "kept": {"type": "string"}},
+                    "description": "The last config reload; while it failed the whole "
+                                   "running config is kept."},
                 "pausedBots": {"type": "integer", "minimum": 0,
                                "description": "Bots paused after Kore.ai's rate-limit answer "
                                               "(as this process knows them)."}}},

@@ -2,7 +2,9 @@
 running `Runtime` takes the new callers and apps (secrets read from `*_file` included).
 
 Owns what may change without a restart, the checks a new config must pass before it is used,
-the change summary that is logged, and the watch. The swap itself is `Runtime.reload`
+the change summary that is logged, the last reload's verdict (`ReloadStatus`: the
+`kgw_config_reload_failed` gauge and the `configReload` detail of /readyz), and the watch.
+A refused reload keeps the whole running config, including callers meant to be removed. The swap itself is `Runtime.reload`
 (`app.py`); dropping tokens of changed apps is `TokenCache.reload` (`tokens.py`).
 """
 
@@ -25,6 +27,7 @@ import structlog
 from gateway.config.loader import load_config
 from gateway.config.model import Config, ConfigError
 from gateway.kore.tokens import MintError, mint
+from gateway.metrics import Metrics
 
 log = structlog.get_logger(__name__)
 
@@ -35,6 +38,8 @@ MIN_WATCH_S = 0.1  # the watch never polls faster than this …
 MAX_WATCH_S = 3600.0  # … nor slower
 MAX_WATCHED_FILES = 64  # the config file plus at most this many secret files it names
 _KEY = re.compile(r"[A-Za-z_][\w]*(\[\d+\])?(\.[A-Za-z_][\w]*(\[\d+\])?)*")
+MAX_ERROR_CHARS = 500  # of the /readyz error text
+UNEXPECTED = "the reload failed unexpectedly (config.reload_error in the log); nothing changed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,10 +121,42 @@ def problem_keys(problems: Sequence[str]) -> list[str]:
     return keys
 
 
+class ReloadStatus:
+    """The verdict of the last reload: 1 in `kgw_config_reload_failed` and the error in
+    /readyz while it failed (never a secret: problems name keys and files, not values)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self.error: str | None = None
+        self.keys: list[str] = []
+        self.failed_at: str | None = None
+        metrics.config_reload_failed(False)
+
+    def failed(self, path: str, problems: Sequence[str]) -> None:
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        first = problems[0] if problems else "refused"
+        self.error = f"{path}: {first}"[:MAX_ERROR_CHARS] + more
+        self.keys = problem_keys(problems)
+        self.failed_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self._metrics.config_reload_failed(True)
+
+    def succeeded(self) -> None:
+        self.error, self.keys, self.failed_at = None, [], None
+        self._metrics.config_reload_failed(False)
+
+    def detail(self) -> dict[str, Any]:
+        if self.error is None:
+            return {"ok": True}
+        return {"ok": False, "error": self.error, "keys": self.keys, "failedAt": self.failed_at,
+                "kept": "the running config, whole: callers and apps meant to be removed or "
+                        "changed are still in use"}
+
+
 class Reloadable(Protocol):
     """What a reload acts on: `Runtime` in `app.py`."""
 
     config: Config
+    reload_status: ReloadStatus
 
     def reload(self, new: Config) -> ConfigChange: ...
 
@@ -130,8 +167,9 @@ Loader = Callable[[str], Config]
 class Reloader:
     """Re-reads the config file on request (SIGHUP) or when a watched file changes.
 
-    A new config that fails any check is rejected with one `config.reload_failed` line naming
-    the keys and the file; the running config keeps serving. Reloads run one at a time;
+    A new config that fails any check is rejected as a whole with one `config.reload_failed`
+    error line naming the keys and the file, `kgw_config_reload_failed` 1 and the error in
+    /readyz until a reload succeeds; the running config keeps serving, unchanged. Reloads run one at a time;
     requests arriving during one are coalesced into one more.
     """
 
@@ -172,9 +210,12 @@ class Reloader:
                 raise ConfigError(self.path, problems)
         except ConfigError as exc:
             log.error("config.reload_failed", file=self.path, keys=problem_keys(exc.problems),
-                      problems=exc.problems, kept="the running config")
+                      problems=exc.problems, kept="the running config, whole: callers and "
+                      "apps meant to be removed or changed are still in use")
+            self.target.reload_status.failed(self.path, exc.problems)
             return None
         change = self.target.reload(new)
+        self.target.reload_status.succeeded()
         _log_change(self.path, change)
         return change
 
@@ -191,6 +232,7 @@ class Reloader:
                 await self.reload()
             except Exception:  # a reload must never stop the reloader (nor the gateway)
                 log.exception("config.reload_error", file=self.path)
+                self.target.reload_status.failed(self.path, [UNEXPECTED])
 
 
 def _log_change(path: str, change: ConfigChange) -> None:

@@ -8,17 +8,19 @@ readiness verdict. Turning HTTP into calls on it is `app.py`'s.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from pathlib import Path
 from typing import Any
 
-from gateway.audit.log import AuditLog
+from gateway.audit.anchors import Anchors
+from gateway.audit.log import AuditLog, ChainKey
 from gateway.auth import Authenticator
 from gateway.breaker import CircuitBreaker
 from gateway.config.model import Config
 from gateway.deactivation import Deactivator
 from gateway.errors import Overloaded
-from gateway.http.reload import ConfigChange, diff, live_config
+from gateway.http.reload import ConfigChange, ReloadStatus, diff, live_config
 from gateway.kore.client import KoreClient
 from gateway.kore.tokens import TokenCache
 from gateway.metrics import Metrics
@@ -50,7 +52,9 @@ class Runtime:
         self.audit = AuditLog(audit_path(config, worker, workers),
                               hash_user_ids=config.audit.hash_user_ids,
                               max_bytes=config.audit.max_bytes, fsync=config.audit.fsync,
-                              metrics=self.metrics)
+                              metrics=self.metrics, chain_key=chain_key(config))
+        self.anchors = Anchors(self.audit, config.audit.anchor_every_s,
+                               logging.getLevelNamesMapping()[config.logging.level.upper()])
         self.tokens = TokenCache(config.apps, metrics=self.metrics)
         self.limiter = make_limiter(config, workers, self.metrics)
         self.metrics.ratelimit_learned(
@@ -60,10 +64,13 @@ class Runtime:
         self.breaker = CircuitBreaker(self.client.host,
                                       failures=config.upstream.breaker_failures,
                                       cooldown_s=config.upstream.breaker_cooldown_s,
+                                      host_bots=config.upstream.breaker_host_bots,
+                                      window_s=config.upstream.breaker_window_s,
                                       metrics=self.metrics)
         self.deactivator = Deactivator(audit=self.audit, tokens=self.tokens,
                                        limiter=self.limiter, client=self.client,
                                        breaker=self.breaker, timeout_s=config.upstream.timeout_s)
+        self.reload_status = ReloadStatus(self.metrics)
         self.in_flight = 0
         self.tasks: set[asyncio.Task[Any] | None] = set()  # handlers of in-flight requests
         self.draining = False
@@ -73,12 +80,15 @@ class Runtime:
         self.audit.open()
         await self.client.start()
         await self.limiter.start()
+        self.anchors.start()
 
     async def close(self) -> None:
         await self.client.close()
         await self.tokens.aclose()
         await self.limiter.aclose()
+        await self.anchors.stop()
         await self.audit.close()
+        await self.anchors.emit()  # the last anchor covers every record written
 
     def reload(self, new: Config) -> ConfigChange:
         """Takes new callers and apps (secrets included) in one step; other settings stay.
@@ -127,8 +137,14 @@ class Runtime:
         ok = bool(checks["audit"] and checks["token"] and not self.draining)
         detail = {"status": "ready" if ok else "not_ready", "checks": checks,
                   "circuit": self.breaker.detail(), "rateLimit": self.limiter.detail(),
+                  "configReload": self.reload_status.detail(),
                   "pausedBots": sum(v.paused_s > 0 for v in self.limiter.learned())}
         return ok, detail
+
+
+def chain_key(config: Config) -> ChainKey | None:
+    key = config.audit.chain_key
+    return None if key is None else ChainKey(key.reveal().encode("utf-8"))
 
 
 def audit_path(config: Config, worker: int, workers: int) -> str:

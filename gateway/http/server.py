@@ -1,5 +1,10 @@
 """Running the gateway: one worker per process on a shared port, signals and graceful drain.
 
+Each worker serves the API on `server.listen` and, when `server.admin_listen` is set, the
+operations routes (`create_admin_app`) on that second address, both shared by the workers of
+`--workers N` through SO_REUSEPORT. Starting, relaying signals to and restarting the workers
+is `supervisor.py`'s.
+
 SIGTERM/SIGINT: readiness turns 503 and new deactivations are shed at once, in-flight ones
 finish (bounded by `server.drain_s`; past it they are cancelled and audited as cut short), the
 audit log is flushed and closed, exit 0. A second signal exits at once, after any audit write
@@ -12,26 +17,28 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
-import multiprocessing.connection
 import os
 import signal
 import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
-from multiprocessing.context import BaseContext
+from collections.abc import Callable
+from multiprocessing.process import BaseProcess
 
 import structlog
 from aiohttp import web
 
 from gateway.audit.log import AuditOpenError
-from gateway.config.model import Config, with_changes
+from gateway.config.model import Config, split_listen, with_changes
 from gateway.http import loop as event_loop
-from gateway.http.app import RUNTIME, create_app
+from gateway.http.app import RUNTIME, create_admin_app, create_app
 from gateway.http.connection import GatewayRunner
 from gateway.http.reload import Reloader
-from gateway.metrics import in_worker, multiprocess_dir, worker_exited
+from gateway.http.runtime import Runtime
+from gateway.http.supervisor import HangupRelay, Supervisor, worker_signals
+from gateway.logs import LogFile, LogFileError, configure, worker_file
+from gateway.metrics import in_worker, multiprocess_dir
 from gateway.ratelimit.shared import shared_table
 
 log = structlog.get_logger(__name__)
@@ -51,43 +58,75 @@ def make_runner(app: web.Application, config: Config) -> web.AppRunner:
 
 async def run_worker(config: Config, *, worker: int = 0, workers: int = 1,
                      on_ready: Callable[[], None] | None = None, watch_s: float | None = None,
-                     relay: HangupRelay | None = None) -> int:
+                     relay: HangupRelay | None = None, restarted: bool = False) -> int:
     """Serves until a signal; returns the process exit code. SIGHUP reloads the config."""
     app = create_app(config, worker=worker, workers=workers)
-    reloader = Reloader(app[RUNTIME], watch_s=watch_s)
+    rt = app[RUNTIME]
+    if restarted:
+        rt.metrics.worker_restarted()
+    reloader = Reloader(rt, watch_s=watch_s)
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reloader.request)
-    runner = make_runner(app, config)
-    await runner.setup()
-    site = web.TCPSite(runner, config.server.host, config.server.port,
-                       reuse_port=workers > 1 or None, backlog=1024)
-    try:
-        await site.start()
-    except OSError as exc:
-        await runner.cleanup()
-        raise ListenError(f"cannot listen on {config.server.listen}: "
-                          f"{exc.strerror or exc}") from None
-    log.info("gateway.listening", listen=config.server.listen, worker=worker, pid=os.getpid())
+    runners = await _listen(app, config, reuse_port=workers > 1)
+    log.info("gateway.listening", worker=worker, pid=os.getpid(),
+             **{key: _address(runner) for key, runner in zip(("listen", "admin_listen"),
+                                                            runners, strict=False)})
     reloader.start()
     if relay is not None and relay.worker_ready(worker):
         reloader.request()  # a SIGHUP came while this worker was starting
     if on_ready is not None:
         on_ready()
     stop = asyncio.Event()
-    _install_signals(stop, halt=app[RUNTIME].audit.halt, supervised=relay is not None)
+    _install_signals(stop, halt=rt.audit.halt, supervised=relay is not None)
     await stop.wait()
     await reloader.aclose()
-    rt = app[RUNTIME]
+    await _drain(rt, config.server.drain_s)
+    for runner in reversed(runners):  # the admin site first: the API app closes the runtime
+        await runner.cleanup()
+    log.info("gateway.stopped", worker=worker)
+    return 0
+
+
+async def _listen(app: web.Application, config: Config, *, reuse_port: bool
+                  ) -> list[web.AppRunner]:
+    """Starts the API site, then the admin site when `server.admin_listen` is set."""
+    runners: list[web.AppRunner] = []
+    sites = [(app, config.server.listen)]
+    if config.server.admin_listen:
+        sites.append((create_admin_app(app[RUNTIME]), config.server.admin_listen))
+    try:
+        for site_app, listen in sites:
+            runner = make_runner(site_app, config)
+            runners.append(runner)
+            await runner.setup()  # the API app's setup starts the runtime (audit log open …)
+            host, port = split_listen(listen)
+            site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024)
+            try:
+                await site.start()
+            except OSError as exc:
+                raise ListenError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
+    except BaseException:
+        for runner in reversed(runners):
+            await runner.cleanup()
+        raise
+    return runners
+
+
+def _address(runner: web.AppRunner) -> str:
+    """HOST:PORT a runner's site is bound to (port 0 resolved)."""
+    host, port = runner.addresses[0][:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def _drain(rt: Runtime, drain_s: float) -> None:
+    """Readiness 503 and new calls shed at once; in-flight calls get `drain_s` to finish."""
     rt.draining = True
-    log.info("gateway.draining", in_flight=rt.in_flight, drain_s=config.server.drain_s)
-    deadline = time.monotonic() + config.server.drain_s
+    log.info("gateway.draining", in_flight=rt.in_flight, drain_s=drain_s)
+    deadline = time.monotonic() + drain_s
     while rt.in_flight and time.monotonic() < deadline:
         await asyncio.sleep(DRAIN_POLL_S)
     if rt.in_flight:
         log.warning("gateway.drain_timeout", in_flight=rt.in_flight)
         await rt.cancel_in_flight(CANCEL_WAIT_S)  # they audit their end before the log closes
-    await runner.cleanup()
-    log.info("gateway.stopped", worker=worker)
-    return 0
 
 
 def _install_signals(stop: asyncio.Event, halt: Callable[[], bool], *,
@@ -115,28 +154,43 @@ def serve(config: Config, workers: int = 1, *, watch_s: float | None = None) -> 
     with multiprocess_dir(workers), shared_table(config.rate_limit, workers):
         if workers <= 1:
             return event_loop.run(run_worker(config, watch_s=watch_s))
-        config = _claim_port(config)
+        config = _claim_ports(config)
         ctx = (multiprocessing.get_context("fork") if start_method() == "fork"
                else multiprocessing.get_context("spawn"))
         relay = HangupRelay(ctx, workers)
-        procs = [ctx.Process(target=_worker_main, args=(config, n, workers, watch_s, relay),
-                             name=f"worker-{n}")
-                 for n in range(workers)]
-        for proc in procs:
+
+        def start(worker: int, restarts: int) -> BaseProcess:
+            proc = ctx.Process(target=_worker_main, name=f"worker-{worker}",
+                               args=(config, worker, workers, watch_s, relay, restarts))
             proc.start()
-        return _supervise(procs, relay)
+            return proc
+
+        return Supervisor(start, workers, relay).run()
+
+
+def open_log_file(config: Config, worker: int | None = None) -> LogFile | None:
+    """The `logging.file` of this process: the path itself for a single process or the
+    supervisor, `{stem}-w{n}{suffix}` for worker n. Raises LogFileError."""
+    if not config.logging.file:
+        return None
+    path = config.logging.file if worker is None else worker_file(config.logging.file, worker)
+    return LogFile(path, config.logging.file_max_bytes)
 
 
 def _worker_main(config: Config, worker: int, workers: int, watch_s: float | None,
-                 relay: HangupRelay) -> None:
-    from gateway.logs import configure
-
+                 relay: HangupRelay, restarts: int = 0) -> None:
+    worker_signals()
     in_worker()
-    configure(config.logging.level, config.logging.format)
+    try:
+        configure(config.logging.level, config.logging.format, open_log_file(config, worker))
+    except LogFileError as exc:
+        print(f"configuration error:\n{config.source}: logging.file: {exc}", file=sys.stderr)
+        sys.exit(2)
     structlog.contextvars.bind_contextvars(worker=worker)
     try:
         code = event_loop.run(run_worker(config, worker=worker, workers=workers,
-                                         watch_s=watch_s, relay=relay))
+                                         watch_s=watch_s, relay=relay,
+                                         restarted=restarts > 0))
     except AuditOpenError as exc:  # a clear line, not a traceback from every worker
         print(f"configuration error:\n{config.source}: audit.path: {exc}", file=sys.stderr)
         code = 2
@@ -144,52 +198,6 @@ def _worker_main(config: Config, worker: int, workers: int, watch_s: float | Non
         print(f"listen error: {exc}", file=sys.stderr)
         code = 2
     sys.exit(code)
-
-
-class HangupRelay:
-    """SIGHUP from the supervisor to its workers, never fatal to a worker still starting.
-
-    SIGHUP's default action ends a process, so only workers that have installed their handler
-    are signalled; a worker that gets ready after a SIGHUP reloads by itself.
-    """
-
-    def __init__(self, ctx: BaseContext, workers: int) -> None:
-        self.hangups = ctx.Value("q", 0, lock=False)  # lock-free: written in a signal handler
-        self.ready = [ctx.Value("b", 0, lock=False) for _ in range(workers)]
-
-    def worker_ready(self, worker: int) -> bool:
-        """Marks `worker` ready; True when a SIGHUP came before (it runs a stale config)."""
-        self.ready[worker].value = 1
-        return bool(self.hangups.value)
-
-    def forward(self, procs: Sequence[multiprocessing.process.BaseProcess]) -> None:
-        self.hangups.value += 1
-        for flag, proc in zip(self.ready, procs, strict=True):
-            if flag.value and proc.pid is not None and proc.is_alive():
-                os.kill(proc.pid, signal.SIGHUP)
-
-
-def _supervise(procs: Sequence[multiprocessing.process.BaseProcess], relay: HangupRelay) -> int:
-    """Forwards SIGTERM/SIGINT/SIGHUP to the workers and waits for all of them."""
-    def forward(signum: int, _frame: object) -> None:
-        for proc in procs:
-            if proc.pid is not None and proc.is_alive():
-                os.kill(proc.pid, signal.SIGTERM)  # SIGINT too: workers drain on SIGTERM only
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGHUP, lambda _signum, _frame: relay.forward(procs))
-    codes = []
-    waiting = list(procs)
-    while waiting:  # in exit order: a worker's live gauges go as soon as it does
-        ready = multiprocessing.connection.wait([proc.sentinel for proc in waiting])
-        for proc in [p for p in waiting if p.sentinel in ready]:
-            waiting.remove(proc)
-            proc.join()
-            if proc.pid is not None:
-                worker_exited(proc.pid)
-            codes.append(proc.exitcode or 0)
-    return max(codes)
 
 
 def start_method() -> str:
@@ -200,17 +208,27 @@ def start_method() -> str:
     return "fork" if threading.active_count() == 1 else "spawn"
 
 
-def _claim_port(config: Config) -> Config:
+def _claim_ports(config: Config) -> Config:
+    """`server.listen` and `server.admin_listen` with port 0 resolved, once for every worker."""
+    server = with_changes(config.server, listen=_claim_port(config.server.listen))
+    if server.admin_listen:
+        server = with_changes(server, admin_listen=_claim_port(server.admin_listen))
+    claimed: Config = with_changes(config, server=server)
+    return claimed
+
+
+def _claim_port(listen: str) -> str:
     """SO_REUSEPORT would let workers share a port another program already holds: refuse it.
 
     Port 0 is resolved here, once, so that every worker listens on the same port."""
-    host = config.server.host
+    host, wanted = split_listen(listen)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.bind((host, config.server.port))
-        port = probe.getsockname()[1]
-    if port == config.server.port:
-        return config
-    listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    claimed: Config = with_changes(config, server=with_changes(config.server, listen=listen))
-    return claimed
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((host, wanted))
+            port = probe.getsockname()[1]
+    except OSError as exc:
+        raise ListenError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
+    if port == wanted:
+        return listen
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

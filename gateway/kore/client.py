@@ -23,14 +23,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import aiohttp
 import structlog
 from yarl import URL
 
 from gateway import jsoncodec
-from gateway.config.model import KoreApp, UpstreamConfig
+from gateway.config.model import KoreApp, UpstreamConfig, upstream_host
 from gateway.errors import (
     RateLimited,
     UpstreamAuthFailed,
@@ -40,6 +40,7 @@ from gateway.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from gateway.kore.scrub import scrub
 from gateway.kore.tokens import TokenCache
 from gateway.metrics import Metrics
 from gateway.ratelimit.memory import Grant, RateLimiter
@@ -161,7 +162,7 @@ class KoreClient:
         self.limiter = limiter
         self._rng = rng
         self._session: aiohttp.ClientSession | None = None
-        self.host = urlsplit(config.base_url).netloc
+        self.host = upstream_host(config.base_url)  # never with user:password@
 
     async def start(self) -> None:
         secure = self.config.base_url.startswith("https:")
@@ -214,7 +215,8 @@ class KoreClient:
                     # Our token was refused: drop it and try once with a fresh one.
                     self.tokens.drop(app, token)
                     reminted, error = True, None
-                    log.warning("upstream.token_rejected", app=app.name, status=answer.status)
+                    log.warning("upstream.token_rejected", app=app.name, status=answer.status,
+                                kore_message=kore_message(answer.body))
                     continue
                 judged = self._judge(answer)
                 if judged is None:
@@ -264,16 +266,23 @@ class KoreClient:
                 "Kore.ai's rate limit for this bot is reached", upstream_status=status,
                 retry_after_s=retry if retry is not None else 1.0)
         if 200 <= status < 300:
-            return UpstreamUnavailable(f"Kore.ai answered {status} without success: true")
+            # Not retried: Kore.ai took the call and may well have closed the session.
+            return UpstreamUnavailable(f"Kore.ai answered {status} without success: true",
+                                       upstream_status=status)
         if status in (400, 404):
             return UpstreamRejected(f"Kore.ai rejected the call ({status}): {message}".rstrip(": "),
                                     upstream_status=status, upstream_body=body)
         if status in (401, 403):
-            return UpstreamAuthFailed(
-                f"Kore.ai refused the gateway's credentials ({status}) after a fresh token; "
-                "check the app's client ID, secret and Bot Sessions scope",
-                upstream_status=status)
+            return UpstreamAuthFailed(self._auth_failed_message(status, message),
+                                      upstream_status=status)
         return UpstreamUnavailable(f"Kore.ai answered {status}", upstream_status=status)
+
+    def _auth_failed_message(self, status: int, message: str) -> str:
+        """Names the host, and the step most often missed: publishing the scope."""
+        said = f" (Kore.ai said: {message})" if message else ""
+        return (f"Kore.ai at {self.host} refused the gateway's credentials ({status}) after a "
+                "fresh token; check the app's client ID and secret, and that the Bot Sessions "
+                f"scope is assigned to the app and published in Kore.ai{said}")
 
     async def _before_retry(self, error: UpstreamError, counted: int, deadline: float,
                             request_id: str, paused: bool) -> None:
@@ -313,7 +322,7 @@ class KoreClient:
                                          allow_redirects=False) as resp:
                 raw = await read_bounded(resp.content, MAX_ANSWER_BYTES)
                 self._metrics.upstream_attempt(resp.status, time.monotonic() - started)
-                return Answer(resp.status, _decode(raw), parse_retry_after(
+                return Answer(resp.status, decode_answer(raw), parse_retry_after(
                     resp.headers.get("Retry-After"), cap_s=self.max_pause_s))
         except TimeoutError:
             self._metrics.upstream_attempt("timeout", time.monotonic() - started)
@@ -337,8 +346,10 @@ async def read_bounded(stream: aiohttp.StreamReader, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _decode(raw: bytes) -> Any:
+def decode_answer(raw: bytes) -> Any:
+    """Kore.ai's answer as JSON (else text), scrubbed of anything shaped like a JWT first."""
+    text = scrub(raw.decode("utf-8", "replace"))
     try:
-        return json.loads(raw)
-    except ValueError:
-        return raw.decode("utf-8", "replace")
+        return json.loads(text)
+    except (ValueError, RecursionError):  # not JSON, or nested past what json can read
+        return text

@@ -24,7 +24,13 @@ from cachetools import LRUCache, TLRUCache
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-from gateway.config.model import BOT_SESSIONS_SCOPE, KoreApp, Secret
+from gateway.config.model import (
+    BOT_SESSIONS_SCOPE,
+    GATEWAY_CLAIMS,
+    KORE_CLAIM_ALIASES,
+    KoreApp,
+    Secret,
+)
 from gateway.errors import BotNotConfigured
 from gateway.metrics import Metrics
 
@@ -34,7 +40,8 @@ Clock: TypeAlias = Callable[[], float]
 """Epoch seconds now; `time.time` in production, a settable fake in tests."""
 
 MIN_REMAINING_S = 10  # a token with less life left is never sent: it could expire in flight
-RESERVED_CLAIMS = frozenset({"appId", "iat", "exp", "jti"})  # extra_claims cannot set these
+# extra_claims cannot set these (the loader refuses them; a KoreApp built in code drops them)
+RESERVED_CLAIMS = frozenset(GATEWAY_CLAIMS + KORE_CLAIM_ALIASES)
 BOT_CACHE_SIZE = 4096  # bot IDs whose app `TokenCache.app_for` remembers
 
 

@@ -45,6 +45,8 @@ _FAULT_FLAGS = {
                     "message on another status)",
     "retry_after_header": "Retry-After text sent verbatim with rate-limit answers (e.g. 1e999)",
     "limit_scale": "every --limit/--limits window lasts PER_S times this (e.g. 0.1: 60/6 s)",
+    "odd_success": "answer accepted calls with an odd 2xx: empty, no_content (204) or "
+                   "string_true ({\"success\": \"true\"})",
 }
 
 
@@ -65,6 +67,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, help_text in _FAULT_FLAGS.items():
         flag = "--" + name.replace("_", "-")
         parser.add_argument(flag, type=_arg(FAULT_CHECKS[name]), help=help_text)
+    parser.add_argument(
+        "--echo-token",
+        action="store_true",
+        default=None,
+        help="error answers quote the JWT they were sent (to test that it is scrubbed)",
+    )
     parser.add_argument(
         "--limit",
         dest="limits",
@@ -103,6 +111,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"repeatable (default {DEFAULT_SESSION_PATH})",
     )
     parser.add_argument("--seed", type=_arg(FAULT_CHECKS["seed"]), help="seed of the fault dice")
+    parser.add_argument(
+        "--fault-bot",
+        dest="bots",
+        action="append",
+        metavar="GLOB",
+        help="faults fire only for botIds matching GLOB, repeatable (default: every bot)",
+    )
 
 
 def sandbox_from_args(args: argparse.Namespace, apps: Sequence[SandboxApp]) -> KoreSandbox:

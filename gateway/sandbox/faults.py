@@ -37,6 +37,13 @@ class Faults:
     limit_status: int = 429
     retry_after_header: str | None = None  # sent verbatim as Retry-After, not retry_after_s
     limit_scale: float = 1.0  # every window of `limits` lasts per_s * limit_scale (tests)
+    odd_success: str = ""  # a call Kore.ai accepts is answered with an ODD_SUCCESS body instead
+    echo_token: bool = False  # error answers quote the `auth` JWT they were sent
+    bots: list[str] = field(default_factory=list)  # botId globs the faults fire for; [] = all
+
+
+# Answers a gateway must not take for `{"success": true}`: an empty 200, a 204 and a string.
+ODD_SUCCESS = ("empty", "no_content", "string_true")
 
 
 class FaultError(Exception):
@@ -65,6 +72,18 @@ def integer_in(low: int, high: int) -> Callable[[Any], int]:
         return number
 
     return check
+
+
+def _flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError("must be true or false")
+    return value
+
+
+def _odd_success(value: Any) -> str:
+    if value not in ("", *ODD_SUCCESS):
+        raise ValueError(f"must be one of {', '.join(ODD_SUCCESS)} (or \"\" for none)")
+    return str(value)
 
 
 def _seed(value: Any) -> int | None:
@@ -99,6 +118,12 @@ def limit_preset(name: Any) -> list[tuple[int, float]]:
     if name not in LIMIT_PRESETS:
         raise ValueError("a preset is one of " + ", ".join(LIMIT_PRESETS))
     return list(LIMIT_PRESETS[name])
+
+
+def _globs(value: Any) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(g, str) and g for g in value):
+        raise TypeError("must be a list of non-empty botId globs")
+    return list(value)
 
 
 def _limits(value: Any) -> list[tuple[int, float]]:
@@ -139,6 +164,9 @@ FAULT_CHECKS: dict[str, Callable[[Any], Any]] = {
     "limit_status": integer_in(200, 599),
     "retry_after_header": _header_text,
     "limit_scale": number_in(0.001, 1000.0),
+    "bots": _globs,
+    "odd_success": _odd_success,
+    "echo_token": _flag,
 }
 
 

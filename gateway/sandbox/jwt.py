@@ -1,7 +1,11 @@
 """Kore.ai's side of the JWT, as the sandbox plays it: the app credentials it knows and every
 check it makes on a token (`appId`, algorithm, signature, `exp`/`iat`/`nbf` on the sandbox
-clock, optional `jti` replay). Answering in Kore.ai's shape is `sandbox.py`'s; minting is
-`tokens.py`'s.
+clock, and for a token with a `jti` the 1-hour `exp` cap and the replay memory). Answering in
+Kore.ai's shape is `server.py`'s; minting is `gateway.kore.tokens`'.
+
+Kore.ai's own words are used where they are known (docs/kore.md lists each with its source):
+"Invalid SDK credentials" and "Invalid JWT token" (code 4002), and the two jti messages of its
+SDK security page. The other refusals are the sandbox's own wording, with code 401.
 """
 
 from __future__ import annotations
@@ -19,8 +23,14 @@ if TYPE_CHECKING:
     from gateway.config.model import KoreApp
 
 ALGORITHMS = ("HS256", "HS512", "RS256", "RS512")
-MAX_IAT_SKEW_S = 60.0  # Kore.ai accepts a token issued at most this far in its future
+MAX_IAT_SKEW_S = 60.0  # the sandbox accepts a token issued at most this far in its future
+MAX_JTI_EXP_S = 3600.0  # a token with a jti may expire at most this far ahead (Kore.ai: 1 h)
 MAX_REMEMBERED_JTIS = 100_000  # bounded replay memory; the least recently seen go first
+KORE_AUTH_CODE = 4002  # the `code` of Kore.ai's credential refusals (its status stays 401)
+INVALID_CREDENTIALS = "Invalid SDK credentials"  # no token, unknown appId, bad signature
+INVALID_TOKEN = "Invalid JWT token"  # not a JWT at all
+JTI_EXP_TOO_FAR = 'error verifying the jwt: if "jti" claim "exp" must be <= 1 hour(s)'
+JTI_REPLAYED = "error verifying the jwt: possibly a replay"
 
 
 @dataclass
@@ -57,7 +67,15 @@ class _Verifier(NamedTuple):
 
 
 class TokenRejected(Exception):
-    """Why Kore.ai would refuse a token: the message of its 401 answer."""
+    """Why Kore.ai would refuse a token: the `msg` and `code` of its 401 answer."""
+
+    def __init__(self, msg: str, code: int = 401) -> None:
+        super().__init__(msg)
+        self.msg, self.code = msg, code
+
+
+def _credentials_refused() -> TokenRejected:
+    return TokenRejected(INVALID_CREDENTIALS, KORE_AUTH_CODE)
 
 
 class TokenChecker:
@@ -77,21 +95,20 @@ class TokenChecker:
 
     def check(self, token: str | None) -> dict[str, Any]:
         if not token:
-            raise TokenRejected("Missing auth header")
+            raise _credentials_refused()
         try:
             header = jwt.get_unverified_header(token)
             app_id = jwt.decode(token, options={"verify_signature": False}).get("appId")
         except jwt.PyJWTError:
-            raise TokenRejected("Invalid token") from None
+            raise TokenRejected(INVALID_TOKEN, KORE_AUTH_CODE) from None
         if not isinstance(app_id, str) or app_id not in self._verifiers:
-            raise TokenRejected("Unknown appId")
+            raise _credentials_refused()
         verifier = self._verifiers[app_id]
         if header.get("alg") != verifier.algorithm:
             raise TokenRejected("Algorithm mismatch")
         claims = _decode(token, verifier)
         self._check_times(claims)
-        if self._enforce_jti:
-            self._check_jti(app_id, claims)
+        self._check_jti(app_id, claims)
         return claims
 
     def _check_times(self, claims: dict[str, Any]) -> None:
@@ -107,12 +124,24 @@ class TokenChecker:
             raise TokenRejected("Token not yet valid")
 
     def _check_jti(self, app_id: str, claims: dict[str, Any]) -> None:
-        jti = claims.get("jti")
-        if not isinstance(jti, str) or not jti:
-            raise TokenRejected("Missing claim: jti")
+        """Whenever a token has a jti (or Kore.ai's alias `kore_jti`, which wins), Kore.ai caps
+        its `exp` at 1 h ahead and refuses it a second time; Enforce JTI also needs one."""
+        jti = jti_of(claims)
+        if jti is None:
+            if self._enforce_jti:
+                raise TokenRejected("Missing claim: jti")
+            return
+        if claims["exp"] > self._clock() + MAX_JTI_EXP_S:
+            raise TokenRejected(JTI_EXP_TOO_FAR)
         if (app_id, jti) in self._seen_jtis:
-            raise TokenRejected("JTI already used")
+            raise TokenRejected(JTI_REPLAYED)
         self._seen_jtis[(app_id, jti)] = float(claims["exp"])
+
+
+def jti_of(claims: dict[str, Any]) -> str | None:
+    """The token's JWT ID as Kore.ai reads it: `kore_jti` over `jti`; absent when empty."""
+    value = claims.get("kore_jti", claims.get("jti"))
+    return None if value is None or value == "" else str(value)
 
 
 def _verifier(app: SandboxApp) -> _Verifier:
@@ -149,9 +178,9 @@ def _decode(token: str, verifier: _Verifier) -> dict[str, Any]:
     except jwt.MissingRequiredClaimError as error:
         raise TokenRejected(f"Missing claim: {error.claim}") from None
     except jwt.InvalidSignatureError:
-        raise TokenRejected("Invalid signature") from None
+        raise _credentials_refused() from None
     except jwt.PyJWTError:
-        raise TokenRejected("Invalid token") from None
+        raise TokenRejected(INVALID_TOKEN, KORE_AUTH_CODE) from None
     return claims
 
 

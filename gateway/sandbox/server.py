@@ -1,11 +1,12 @@
 """A local emulator of the Kore.ai session API: the "upstream" of tests, the demo and benchmarks.
 
 It verifies the JWT as Kore.ai would (its own PyJWT checks: `appId`, algorithm, signature,
-`exp`, `iat`, optional `jti` replay), checks path and body, answers in Kore.ai's error shape
-`{"errors": [{"msg", "code"}]}`, records every call to a session path and injects faults.
-The JWT checks are `sandbox_jwt.py`'s, the fault values `sandbox_faults.py`'s and the
-`kore-gateway sandbox` command `sandbox_cli.py`'s; token minting is `tokens.py`'s and the
-upstream client `upstream.py`'s.
+`exp`, `iat`, and for a token with a `jti` the 1-hour cap and replay), checks path and body,
+answers in Kore.ai's error shape `{"errors": [{"msg", "code"}]}`, records every call to a
+session path and injects faults. Each emulated behaviour and its source is listed in
+docs/kore.md. The JWT checks are `jwt.py`'s, the fault values `faults.py`'s and the
+`kore-gateway sandbox` command `cli.py`'s; token minting is `gateway.kore.tokens`' and the
+upstream client `gateway.kore.client`'s.
 
 A call to a session path is handled in this order:
 
@@ -13,14 +14,19 @@ A call to a session path is handled in this order:
 2. any method but `PUT` → 405;
 3. faults, in order: drop (connection closed, no answer) · latency · `reject_token_next` (401) ·
    `fail_first`, then `error_rate` (`error_status`) · `rate_429` · per-bot `limits` (sliding
-   logs on `clock`, each window `limit_scale` times as long; a refused call counts in none).
-   Both answer as `limit_answer` says: 429 + Retry-After (`retry_after_header` verbatim, else
-   `retry_after_s`, else for `limits` the honest wait), or Kore.ai's documented message
+   logs on `clock`, each window `limit_scale` times as long; a refused call counts in none);
+   all of them only for the botIds matching a `bots` glob, when `bots` is given. Both rate
+   faults answer as `limit_answer` says: 429 + Retry-After (`retry_after_header` verbatim,
+   else `retry_after_s`, else for `limits` the honest wait), or Kore.ai's documented message
    without Retry-After; either on `limit_status`;
-4. JWT from the `auth` header → 401;
+4. JWT from the `auth` header → 401 (`jwt.py`: Kore.ai's "Invalid SDK credentials" / code 4002
+   for no token, an unknown `appId` or a bad signature; its jti messages);
 5. body (`application/json` object: `userId`, `status` = "inactive", `channel`) → 400;
 6. botId outside `known_bots` → 404;
-7. 200 `{"success": true}`.
+7. 200 `{"success": true}`, or the odd 2xx of `odd_success` (an empty 200, a 204, or
+   `{"success": "true"}`).
+
+With `echo_token`, every error answer quotes the JWT it was sent, as a careless upstream might.
 
 Token times (`exp`, `iat` ≤ 60 s ahead, `nbf`) and limit windows are read from `clock`, so tests
 never sleep. `fail_first` and `reject_token_next` count down as they fire, so setting either at
@@ -49,7 +55,13 @@ from urllib.parse import unquote
 from aiohttp import web
 
 from gateway.sandbox.faults import KORE_RATE_LIMIT_MESSAGE, FaultError, Faults, checked_faults
-from gateway.sandbox.jwt import SandboxApp, TokenChecker, TokenRejected
+from gateway.sandbox.jwt import (
+    INVALID_CREDENTIALS,
+    KORE_AUTH_CODE,
+    SandboxApp,
+    TokenChecker,
+    TokenRejected,
+)
 
 __all__ = [
     "DEFAULT_KNOWN_BOTS",
@@ -100,19 +112,22 @@ class RecordedCall:
 
 
 class _KoreError(Exception):
-    """An answer in Kore.ai's error shape."""
+    """An answer in Kore.ai's error shape; `code` is the HTTP status unless Kore.ai uses its
+    own (4002 for credentials)."""
 
-    def __init__(self, status: int, msg: str, headers: Mapping[str, str] | None = None) -> None:
+    def __init__(self, status: int, msg: str, headers: Mapping[str, str] | None = None,
+                 code: int | None = None) -> None:
         super().__init__(msg)
         self.status, self.msg, self.headers = status, msg, headers
+        self.code = status if code is None else code
 
     def response(self) -> web.Response:
-        body = {"errors": [{"msg": self.msg, "code": self.status}]}
+        body = {"errors": [{"msg": self.msg, "code": self.code}]}
         return web.json_response(body, status=self.status, headers=self.headers)
 
 
-def _unauthorized(msg: str) -> _KoreError:
-    return _KoreError(401, msg)
+def _unauthorized(rejected: TokenRejected) -> _KoreError:
+    return _KoreError(401, rejected.msg, code=rejected.code)
 
 
 def _bad_request(msg: str) -> _KoreError:
@@ -197,8 +212,10 @@ class KoreSandbox:
         call = self._record(request, bot_id, raw)
         try:
             await self._handle(request, call, raw)
-            response = web.json_response({"success": True})
+            response = _success(self._faults.odd_success)
         except _KoreError as error:
+            if self._faults.echo_token and "auth" in call.headers:
+                error.msg = f"{error.msg} (auth: {call.headers['auth']})"
             response = error.response()
         self._finish(call, response.status)
         return response
@@ -230,7 +247,7 @@ class KoreSandbox:
         try:
             call.claims = self._tokens.check(request.headers.get("auth"))
         except TokenRejected as rejected:
-            raise _unauthorized(str(rejected)) from None
+            raise _unauthorized(rejected) from None
         _check_body(request.content_type, raw)
         if not any(fnmatchcase(call.bot_id or "", glob) for glob in self._known_bots):
             raise _KoreError(404, "Bot not found")
@@ -243,6 +260,8 @@ class KoreSandbox:
 
     async def _apply_faults(self, request: web.Request, call: RecordedCall) -> None:
         faults = self._faults
+        if faults.bots and not any(fnmatchcase(call.bot_id or "", g) for g in faults.bots):
+            return
         if self._roll(faults.drop_rate):
             self._finish(call, NOT_ANSWERED)
             _drop(request)
@@ -250,7 +269,7 @@ class KoreSandbox:
             await asyncio.sleep(faults.latency_ms / 1000)
         if faults.reject_token_next > 0:
             faults.reject_token_next -= 1
-            raise _unauthorized("Invalid token")
+            raise _unauthorized(TokenRejected(INVALID_CREDENTIALS, KORE_AUTH_CODE))
         if faults.fail_first > 0:
             faults.fail_first -= 1
             raise _KoreError(faults.error_status, _reason(faults.error_status))
@@ -350,6 +369,17 @@ def _drop(request: web.Request) -> NoReturn:
         request.transport.close()
     # aiohttp treats a cancelled handler as a client gone away: no response, no 500, no log line.
     raise asyncio.CancelledError
+
+
+def _success(odd: str) -> web.Response:
+    """Kore.ai's `{"success": true}`, or the odd 2xx the `odd_success` fault asks for."""
+    if odd == "empty":
+        return web.Response(status=200, content_type="application/json")
+    if odd == "no_content":
+        return web.Response(status=204)
+    if odd == "string_true":
+        return web.json_response({"success": "true"})
+    return web.json_response({"success": True})
 
 
 def _reason(status: int) -> str:

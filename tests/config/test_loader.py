@@ -180,6 +180,20 @@ CONFIG_ERRORS: list[tuple[str, Change, str, str]] = [
      "expected HOST:PORT"),
     ("listen-port-not-a-number", _set("server.listen", "127.0.0.1:http"), "server.listen",
      'e.g. "127.0.0.1:8080"'),
+    # the admin listener: a HOST:PORT of its own, never the API's address
+    ("admin-listen-not-string", _set("server.admin_listen", 9091), "server.admin_listen",
+     "must be a string"),
+    ("admin-listen-without-port", _set("server.admin_listen", "0.0.0.0"), "server.admin_listen",
+     "expected HOST:PORT"),
+    ("admin-listen-equals-listen", _both(_set("server.listen", "127.0.0.1:8080"),
+                                         _set("server.admin_listen", "127.0.0.1:8080")),
+     "server.admin_listen", "must differ from server.listen (127.0.0.1:8080)"),
+    ("admin-listen-wildcard-on-api-port", _both(_set("server.listen", "127.0.0.1:8080"),
+                                                _set("server.admin_listen", "0.0.0.0:8080")),
+     "server.admin_listen", "must differ from server.listen"),
+    ("admin-listen-under-wildcard-api", _both(_set("server.listen", "[::]:8080"),
+                                              _set("server.admin_listen", "[::1]:8080")),
+     "server.admin_listen", "must differ from server.listen"),
     # choices
     ("auth-unknown", _set("server.auth", "basic"), "server.auth", 'must be one of "api-key"'),
     ("algorithm-unknown", _set("apps.0.algorithm", "ES256"), "apps[0].algorithm",
@@ -187,6 +201,11 @@ CONFIG_ERRORS: list[tuple[str, Change, str, str]] = [
     ("backend-unknown", _set("rate_limit.backend", "etcd"), "rate_limit.backend",
      'must be one of "memory", "redis"'),
     ("log-level-unknown", _set("logging.level", "trace"), "logging.level", "must be one of"),
+    ("log-file-with-console-format", _both(_set("logging.file", "log/gateway.jsonl"),
+                                           _set("logging.format", "console")),
+     "logging.file", 'use format = "json" or "auto"'),
+    ("log-file-max-bytes-tiny", _set("logging.file_max_bytes", 100), "logging.file_max_bytes",
+     "at least 4096"),
     # auth = "none" only on loopback
     ("auth-none-on-any-v4", _both(_set("server.auth", "none"), _set("server.listen", "0.0.0.0:8080")),
      "server.auth", "only on a loopback listen address, not 0.0.0.0"),
@@ -359,6 +378,31 @@ class TestLoopbackAuthNone:
         assert (config.server.host, config.server.port) == ("::1", 81)
 
 
+class TestAdminListen:
+    @pytest.mark.parametrize(("listen", "admin"), [
+        ("127.0.0.1:8080", "0.0.0.0:9091"),
+        ("127.0.0.1:8080", "[::]:9091"),
+        ("127.0.0.1:8080", "127.0.0.2:8080"),  # two addresses, one port: no overlap
+        ("127.0.0.1:0", "127.0.0.1:0"),  # two free ports, each picked at start
+    ], ids=["v4-wildcard", "v6-wildcard", "same-port-other-address", "both-port-0"])
+    def test_admin_address_accepted(self, tmp_path: Path, listen: str, admin: str) -> None:
+        server = load(tmp_path, merge(base_settings(tmp_path), {
+            "server": {"listen": listen, "admin_listen": admin}})).server
+        assert server.admin_listen == admin
+        assert f"{server.admin_host}:{server.admin_port}" == admin.replace("[", "").replace(
+            "]", "")
+
+    def test_admin_listener_needs_no_loopback_with_auth_none(self, tmp_path: Path) -> None:
+        """The admin listener serves no deactivation route: a pod-wide address is fine."""
+        settings = merge(base_settings(tmp_path), {"server": {
+            "auth": "none", "listen": "127.0.0.1:8080", "admin_listen": "0.0.0.0:9091"}})
+        del settings["callers"]
+        assert load(tmp_path, settings).server.admin_listen == "0.0.0.0:9091"
+
+    def test_off_by_default(self) -> None:
+        assert ServerConfig().admin_listen == ""
+
+
 class TestDefaultsAndPaths:
     def minimal(self, tmp_path: Path) -> Settings:
         settings = base_settings(tmp_path, "https://bots.kore.ai")
@@ -428,6 +472,12 @@ class TestDefaultsAndPaths:
         config = load(tmp_path, settings, env={"KORE_PEM": pem})
         assert config.apps[0].private_key == Secret(pem.strip()) or \
             config.apps[0].private_key == Secret(pem)
+
+    def test_log_file_resolved_against_config_dir(self, tmp_path: Path) -> None:
+        config = load(tmp_path, merge(base_settings(tmp_path),
+                                      {"logging": {"file": "log/gateway.jsonl"}}))
+        assert config.logging.file == str(tmp_path.resolve() / "log" / "gateway.jsonl")
+        assert config.logging.file_max_bytes == 10_485_760
 
     def test_ca_file_resolved_against_config_dir(self, tmp_path: Path) -> None:
         (tmp_path / "ca.pem").write_text("ca", encoding="utf-8")

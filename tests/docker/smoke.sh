@@ -7,10 +7,12 @@
 #   BASE_IMAGE=python:3.12-slim bash tests/docker/smoke.sh   # any base image Docker can pull
 #
 # Checks: the image builds; the container runs as uid 10001 with --read-only and no /tmp mount;
-# the HEALTHCHECK turns healthy; /readyz is 200; a deactivation through the gateway answers 200 and
-# reaches the sandbox; the mounted audit volume holds requested + completed records; `audit
-# verify` passes inside the image and on the host; nothing was written outside the volume; and
-# `docker stop` drains and exits 0. Everything listens on 127.0.0.1 (host networking).
+# the HEALTHCHECK turns healthy, probing the admin listener (server.admin_listen); /readyz is 200
+# on both addresses and /metrics only on the admin one; a deactivation through the gateway
+# answers 200 and reaches the sandbox; the mounted audit volume holds requested + completed
+# records and the log file (logging.file); `audit verify` passes inside the image and on the
+# host; nothing was written outside the volume; and `docker stop` drains and exits 0.
+# Everything listens on 127.0.0.1 (host networking).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
@@ -65,6 +67,7 @@ ok "image user $user, entrypoint $(docker image inspect -f '{{json .Config.Entry
 step "sandbox on loopback"
 SANDBOX_PORT=$(free_port)
 GATEWAY_PORT=$(free_port)
+ADMIN_PORT=$(free_port)
 CLIENT_ID=cs-00000000-0000-4000-8000-0000000smoke
 SECRET=$("$PY" -c 'import secrets; print(secrets.token_urlsafe(32))')
 KORE_SMOKE_SECRET=$SECRET "$REPO/.venv/bin/kore-gateway" sandbox --listen "127.0.0.1:$SANDBOX_PORT" \
@@ -81,6 +84,7 @@ KEY_LINE=$(printf '%s\n' "$KEY" | "$REPO/.venv/bin/kore-gateway" hash-key --stdi
 cat >"$WORK/etc/gateway.toml" <<TOML
 [server]
 listen = "127.0.0.1:$GATEWAY_PORT"
+admin_listen = "127.0.0.1:$ADMIN_PORT"
 drain_s = 5
 
 [upstream]
@@ -93,6 +97,7 @@ path = "/var/lib/kore-gateway/audit/deactivations.jsonl"
 
 [logging]
 format = "json"
+file = "/var/lib/kore-gateway/log/gateway.jsonl"
 
 [[apps]]
 name = "smoke"
@@ -108,7 +113,7 @@ TOML
 # The container's user (10001) owns the volume and reads the secret, as fsGroup/defaultMode would.
 chown 10001:10001 "$WORK/data" "$WORK/secrets/client_secret"
 chmod 0700 "$WORK/data"; chmod 0400 "$WORK/secrets/client_secret"; chmod 0644 "$WORK/etc/gateway.toml"
-ok "gateway 127.0.0.1:$GATEWAY_PORT, audit volume $WORK/data"
+ok "gateway 127.0.0.1:$GATEWAY_PORT, admin 127.0.0.1:$ADMIN_PORT, audit volume $WORK/data"
 
 step "docker run --read-only --network host"
 docker run -d --name "$NAME" --read-only --network host --health-interval 1s \
@@ -118,10 +123,18 @@ docker run -d --name "$NAME" --read-only --network host --health-interval 1s \
   "$IMAGE" >/dev/null
 health() { [ "$(docker inspect -f '{{.State.Health.Status}}' "$NAME")" = healthy ]; }
 wait_for 60 health || fail "container not healthy: $(docker inspect -f '{{json .State.Health}}' "$NAME")"
-ok "HEALTHCHECK: $(docker inspect -f '{{(index .State.Health.Log 0).Output}}' "$NAME" | tr -d '\n')"
+hc=$(docker inspect -f '{{(index .State.Health.Log 0).Output}}' "$NAME" | tr -d '\n')
+case "$hc" in *"127.0.0.1:$ADMIN_PORT/healthz"*) ;; *) fail "HEALTHCHECK did not probe the admin address: $hc" ;; esac
+ok "HEALTHCHECK on the admin address: $hc"
 ok "running as uid $(docker exec "$NAME" id -u), root filesystem read-only: $(docker inspect -f '{{.HostConfig.ReadonlyRootfs}}' "$NAME")"
 curl -fsS "http://127.0.0.1:$GATEWAY_PORT/readyz" >"$WORK/readyz.json" || fail "/readyz not 200: $(cat "$WORK/readyz.json")"
 ok "/readyz 200 $(cat "$WORK/readyz.json")"
+curl -fsS "http://127.0.0.1:$ADMIN_PORT/readyz" >/dev/null || fail "/readyz not 200 on the admin address"
+curl -fsS "http://127.0.0.1:$ADMIN_PORT/metrics" | grep -q '^kore_gateway_requests_total' \
+  || fail "/metrics not served on the admin address"
+status=$(curl -sS -o /dev/null -w '%{http_code}' "http://127.0.0.1:$GATEWAY_PORT/metrics")
+[ "$status" = 404 ] || fail "/metrics on the API address: expected 404, got $status"
+ok "/metrics on the admin address only (API address: 404)"
 ok "probe by path, port from the mounted config: $(docker exec "$NAME" python -m gateway.http.healthcheck /readyz | cut -c1-60)…"
 
 step "deactivation through the container"
@@ -165,6 +178,8 @@ echo "in the image: $(docker run --rm --read-only --network none \
   audit verify /var/lib/kore-gateway/audit/deactivations.jsonl)"
 echo "on the host:  $("$REPO/.venv/bin/kore-gateway" audit verify "$AUDIT")"
 ok "audit verify passes in the image and on the host"
+grep -q '"gateway.listening"' "$WORK/data/log/gateway.jsonl" || fail "no log file on the volume"
+ok "log file on the volume: $(wc -l <"$WORK/data/log/gateway.jsonl") line(s)"
 # Docker itself adds the mount points (and their parents) to the container's layer; anything
 # else in `docker diff` would be a write by the gateway outside its volumes.
 mounts=$(docker inspect -f '{{range .Mounts}}{{.Destination}} {{end}}' "$NAME")

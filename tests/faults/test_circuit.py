@@ -1,6 +1,7 @@
-"""The circuit breaker through HTTP: a run of failed calls opens it (fast 502 with Retry-After,
-nothing sent, state in /readyz and the logs), a probe after the cool-down closes it, and a probe
-cut short by a shutdown never leaves it stuck half-open."""
+"""The circuit breaker through HTTP: a run of failed calls to a bot opens its circuit (fast 502
+with Retry-After, nothing sent, state in /readyz and the logs), a probe after the cool-down
+closes it, failures across many bots open the host's, and a probe cut short by a shutdown never
+leaves a circuit stuck half-open."""
 
 from __future__ import annotations
 
@@ -21,10 +22,14 @@ BODY = {"userId": "u-1"}
 COOLDOWN_S = 0.5
 
 
-async def circuit(gateway: Any) -> str:
+async def circuit(gateway: Any, bot: str = BOT) -> str:
+    """The bot's circuit as /readyz shows it ("open" covers half-open), or the host's."""
     resp = await gateway.get("/readyz")
     assert resp.status == 200  # an upstream outage is not this instance's unreadiness
-    return str((await resp.json())["circuit"]["state"])
+    detail = (await resp.json())["circuit"]
+    if bot == "*":
+        return str(detail["state"])
+    return "open" if bot in detail["openBotIds"] else "closed"
 
 
 async def test_run_of_failures_opens_then_a_probe_closes(start_gateway: Any, sandbox: Any,
@@ -48,14 +53,36 @@ async def test_run_of_failures_opens_then_a_probe_closes(start_gateway: Any, san
         resp = await gateway.post(URL, json=BODY, headers={**AUTH, "X-Request-ID": "probe"})
         assert resp.status == 200
         assert await circuit(gateway) == "closed"
-    changes = [e["event"] for e in logs if e["event"].startswith("upstream.circuit_")]
-    assert changes == ["upstream.circuit_open", "upstream.circuit_half_open",
-                       "upstream.circuit_closed"]
+    changes = [(e["event"], e["bot"]) for e in logs if e["event"].startswith("upstream.circuit_")]
+    assert changes == [("upstream.circuit_open", BOT), ("upstream.circuit_half_open", BOT),
+                       ("upstream.circuit_closed", BOT)]
     records = audit.expect_chain()
     fast = expect_exact_attempts(records, sandbox, "fast")
     assert (fast["event"], fast["status"], fast["error"]) == ("deactivate.denied", 502,
                                                               "upstream_unavailable")
     assert expect_exact_attempts(records, sandbox, "probe")["outcome"] == "success"
+
+
+async def test_failures_across_many_bots_open_the_host(start_gateway: Any, sandbox: Any,
+                                                       audit: AuditTrail) -> None:
+    """Kore.ai down for every bot: after `breaker_host_bots` distinct failing bots, a bot
+    never called before is refused at once too; the first success closes it again."""
+    inject(sandbox, error_rate=1.0, error_status=503)
+    gateway = await start_gateway(upstream={"max_attempts": 1, "breaker_host_bots": 3,
+                                            "breaker_cooldown_s": COOLDOWN_S})
+    for n in range(3):
+        await expect_error(await gateway.post(f"/v1/bots/st-down-{n}/sessions/deactivate",
+                                              json=BODY, headers=AUTH), 502,
+                           "upstream_unavailable")
+    assert await circuit(gateway, "*") == "open"
+    resp = await gateway.post(URL, json=BODY, headers={**AUTH, "X-Request-ID": "new-bot"})
+    await expect_error(resp, 502, "upstream_unavailable")
+    assert retry_after(resp) >= 1 and calls_for(sandbox, "new-bot") == []
+    inject(sandbox)
+    await asyncio.sleep(COOLDOWN_S + 0.1)
+    assert (await gateway.post(URL, json=BODY, headers=AUTH)).status == 200
+    assert await circuit(gateway, "*") == "closed"
+    audit.expect_chain()
 
 
 async def test_probe_cut_short_gives_its_slot_back(start_gateway: Any, sandbox: Any,

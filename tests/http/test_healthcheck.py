@@ -6,11 +6,12 @@ import asyncio
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
 
-from gateway.http.app import RUNTIME
+from gateway.http.app import RUNTIME, create_admin_app
 from gateway.http.healthcheck import ProbeError, main, resolve, target_url
 
 
@@ -29,7 +30,7 @@ class TestTargetUrl:
     @pytest.mark.parametrize("listen", ["127.0.0.1:0", "127.0.0.1", "127.0.0.1:99999", ":x"],
                              ids=["port-0", "no-port", "port-range", "not-a-port"])
     def test_unusable_listen_address_is_refused(self, listen: str) -> None:
-        with pytest.raises(ProbeError, match="server.listen"):
+        with pytest.raises(ProbeError, match="listen address"):
             target_url(listen)
 
 
@@ -42,6 +43,30 @@ class TestResolve:
         config.write_text('[server]\nlisten = "0.0.0.0:8181"\n', encoding="utf-8")
         assert resolve("/readyz", str(config)) == "http://127.0.0.1:8181/readyz"
         assert resolve(None, str(config)) == "http://127.0.0.1:8181/healthz"
+
+    def test_path_goes_to_the_admin_address_when_one_is_set(self, tmp_path: Path) -> None:
+        config = tmp_path / "gateway.toml"
+        config.write_text('[server]\nlisten = "127.0.0.1:8080"\nadmin_listen = "0.0.0.0:9091"\n',
+                          encoding="utf-8")
+        assert resolve("/readyz", str(config)) == "http://127.0.0.1:9091/readyz"
+        assert resolve(None, str(config)) == "http://127.0.0.1:9091/healthz"
+
+    def test_empty_admin_address_means_the_listen_address(self, tmp_path: Path) -> None:
+        config = tmp_path / "gateway.toml"
+        config.write_text('[server]\nlisten = "127.0.0.1:8181"\nadmin_listen = ""\n',
+                          encoding="utf-8")
+        assert resolve(None, str(config)) == "http://127.0.0.1:8181/healthz"
+
+    @pytest.mark.parametrize(("server", "message"), [
+        ("listen = 8080", "server.listen must be a string"),
+        ('admin_listen = 9091', "server.admin_listen must be a string"),
+    ], ids=["listen", "admin_listen"])
+    def test_address_that_is_no_string_is_refused(self, tmp_path: Path, server: str,
+                                                  message: str) -> None:
+        config = tmp_path / "gateway.toml"
+        config.write_text(f"[server]\n{server}\n", encoding="utf-8")
+        with pytest.raises(ProbeError, match=message):
+            resolve(None, str(config))
 
     def test_config_without_listen_uses_the_default(self, tmp_path: Path) -> None:
         config = tmp_path / "gateway.toml"
@@ -64,6 +89,13 @@ class TestResolve:
         config.write_text("[server\n", encoding="utf-8")
         with pytest.raises(ProbeError, match="gateway.toml"):
             resolve(None, str(config))
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def url_of(gateway: TestClient, path: str) -> str:
@@ -91,6 +123,19 @@ class TestProbeAgainstGateway:
         assert await probe_main("/readyz", env={"GATEWAY_CONFIG": str(config)}) == 0
         assert await probe_main(env={"GATEWAY_CONFIG": str(config)}) == 0
 
+    async def test_bare_path_goes_to_the_admin_listener(self, gateway: TestClient,
+                                                        aiohttp_server: Any,
+                                                        tmp_path: Path) -> None:
+        """With admin_listen set, the probe aims there, not at the API address (here closed)."""
+        admin = await aiohttp_server(create_admin_app(gateway.server.app[RUNTIME]),
+                                     host="127.0.0.1")
+        config = tmp_path / "probe.toml"
+        config.write_text(f'[server]\nlisten = "127.0.0.1:{closed_port()}"\n'
+                          f'admin_listen = "0.0.0.0:{admin.port}"\n', encoding="utf-8")
+        env = {"GATEWAY_CONFIG": str(config)}
+        assert await probe_main("/readyz", env=env) == 0
+        assert await probe_main(env=env) == 0
+
     async def test_draining_gateway_is_not_ready(self, gateway: TestClient,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
         gateway.server.app[RUNTIME].draining = True
@@ -103,10 +148,7 @@ class TestProbeAgainstGateway:
         assert await probe_main(url_of(gateway, "/nope")) == 1
 
     async def test_closed_port_is_unhealthy(self, capsys: pytest.CaptureFixture[str]) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        assert await probe_main(f"http://127.0.0.1:{port}/healthz") == 1
+        assert await probe_main(f"http://127.0.0.1:{closed_port()}/healthz") == 1
         assert "unhealthy: " in capsys.readouterr().err
 
     async def test_too_many_arguments_is_unhealthy_never_2(self) -> None:

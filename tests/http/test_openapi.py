@@ -13,9 +13,9 @@ from openapi_spec_validator import validate
 from gateway import errors
 from gateway.config.model import Config
 from gateway.errors import GatewayError
-from gateway.http.app import create_app
+from gateway.http.app import REQUEST_ID_PATTERN, create_app
 from gateway.http.openapi import document
-from gateway.validation import Validator
+from gateway.validation import CHANNEL_PATTERN, Validator
 from tests.conftest import ConfigFactory
 
 METHODS = ("get", "put", "post", "delete", "patch", "head", "options", "trace")
@@ -79,6 +79,23 @@ class TestDocument:
         documented = {(method.upper(), path) for path, item in doc["paths"].items()
                       for method in item if method in METHODS}
         assert routed == documented
+
+    def test_with_an_admin_listener_metrics_is_documented_as_served_there(
+            self, make_config: ConfigFactory) -> None:
+        """Both addresses serve this document: /metrics answers 404 on the API one."""
+        config = make_config(server={"admin_listen": "127.0.0.1:0"})
+        doc = document(config)
+        validate(doc)
+        metrics = doc["paths"]["/metrics"]["get"]
+        assert "server.admin_listen" in metrics["summary"]
+        assert set(metrics["responses"]) == {"200", "404"}
+        schema = documented_schema(doc, "/metrics", "get", 404)
+        not_found = {"error": {"code": "not_found", "message": "no such route", "requestId": "r"}}
+        assert schema_errors(doc, schema, not_found) == []
+        app = create_app(config)
+        assert "/metrics" not in {r.resource.canonical for r in app.router.routes()
+                                  if r.resource is not None}
+        assert "404" not in document(make_config())["paths"]["/metrics"]["get"]["responses"]
 
     def test_contract_routes_are_all_there(self, doc: dict[str, Any]) -> None:
         assert set(doc["paths"]) == {
@@ -153,13 +170,18 @@ BODY_CASES = [
     ({"userId": "a\nb"}, False),
     ({"userId": 7}, False),
     ({"channel": "rtm"}, False),
-    ({"userId": "u-1", "channel": "RTM"}, False),
-    ({"userId": "u-1", "channel": "c" * 33}, False),
+    ({"userId": "u-1", "channel": "ivrVoice"}, True),
+    ({"userId": "u-1", "channel": "ivrInst-6ad846f2-75b0-55a1-8029-aab86de09817"}, True),
+    ({"userId": "u-1", "channel": "c" * 64}, True),
+    ({"userId": "u-1", "channel": "c" * 65}, False),
+    ({"userId": "u-1", "channel": "ms.teams"}, False),
     ({"userId": "u-1", "extra": 1}, False),
     ([{"userId": "u-1"}], False),
 ]
 BODY_IDS = ["plain", "channel", "null-channel", "256-chars", "257-chars", "empty-user",
-            "c1-control", "newline", "number", "no-user", "upper-channel", "long-channel",
+            "c1-control", "newline", "number", "no-user", "camel-case-channel",
+            "webhook-instance-channel", "64-char-channel", "65-char-channel",
+            "dotted-channel",
             "unknown-field", "not-object"]
 
 
@@ -189,6 +211,28 @@ class TestSchemasAgreeWithTheInputRules:
         schema = {"$ref": "#/components/schemas/BotId"}
         assert (schema_errors(doc, schema, bot_id) == []) is valid
         assert _accepted(lambda: Validator(r"^st-[A-Za-z0-9-]{1,100}$").bot_id(bot_id)) is valid
+
+    def test_any_request_id_header_is_accepted_the_kept_form_is_described(
+            self, doc: dict[str, Any]) -> None:
+        """An invalid X-Request-ID is replaced, not refused: the parameter is a plain string."""
+        parameter = doc["components"]["parameters"]["XRequestId"]
+        for value in ("not a valid id!", "", "x" * 129):
+            assert schema_errors(doc, parameter["schema"], value) == []
+        assert f"`^{REQUEST_ID_PATTERN.pattern}$`" in parameter["description"]
+        kept = doc["components"]["schemas"]["RequestId"]  # what responses and the audit carry
+        assert kept["pattern"] == f"^{REQUEST_ID_PATTERN.pattern}$"
+
+    def test_channel_schema_is_the_input_rule(self, doc: dict[str, Any]) -> None:
+        assert doc["components"]["schemas"]["Channel"]["pattern"] == \
+            f"^{CHANNEL_PATTERN.pattern}$"
+
+    def test_an_item_breaking_the_rules_does_not_make_the_batch_invalid(
+            self, doc: dict[str, Any]) -> None:
+        schema = {"$ref": "#/components/schemas/BatchRequest"}
+        items = [{"botId": "st-1", "userId": "u-1"}, {"botId": "st-1", "userId": "", "x": 1}, 7]
+        assert schema_errors(doc, schema, {"items": items}) == []
+        for malformed in ({"items": []}, {"items": items, "extra": 1}, {"items": "x"}, {}):
+            assert schema_errors(doc, schema, malformed) != [], malformed
 
 
 def _accepted(parse: Any) -> bool:

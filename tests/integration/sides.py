@@ -80,7 +80,7 @@ def upstream_body(user_id: str, channel: str | None = None) -> dict[str, Any]:
 
 
 def expect_upstream_call(call: Any, *, bot_id: str, user_id: str, request_id: str,
-                         channel: str | None = None) -> dict[str, Any]:
+                         channel: str | None = None, ttl_s: int = 600) -> dict[str, Any]:
     """One PUT exactly as the contract's section 1 draws it; returns the JWT's claims."""
     assert call.method == "PUT"
     assert call.path == session_path(bot_id)
@@ -95,7 +95,7 @@ def expect_upstream_call(call: Any, *, bot_id: str, user_id: str, request_id: st
     assert jwt.get_unverified_header(token) == {"alg": "HS256", "typ": "JWT"}
     claims = jwt.decode(token, CLIENT_SECRET, algorithms=["HS256"])
     assert claims["appId"] == CLIENT_ID and claims["sub"] == "kore-session-gateway"
-    assert claims["exp"] - claims["iat"] == 600
+    assert claims["exp"] - claims["iat"] == ttl_s
     return dict(claims)
 
 

@@ -106,7 +106,7 @@ class TestBatch:
             {"botId": "bad bot", "userId": "u-3"},
             {"botId": "st-own-c", "userId": "u-4", "extra": 1},
             "not an object",
-            {"botId": "st-own-d", "userId": "u-6", "channel": "Bad"},
+            {"botId": "st-own-d", "userId": "u-6", "channel": "Bad channel"},
             {"botId": "..", "userId": "u-7"},
             {"userId": "u-8"},
             {"botId": "st-own-e", "userId": "u-9", "channel": "rtm"},
@@ -259,6 +259,42 @@ class TestBatch:
         assert sandbox.calls == []
         audit.expect(denied(rid, outcome="rejected", status=413, error="payload_too_large",
                             route=ROUTE_BATCH))
+
+
+REAL_CHANNELS = ["ivrVoice", "ivrInst-6ad846f2-75b0-55a1-8029-aab86de09817", "rtm", "msteams",
+                 "twiliovoice", "web-sdk", "emailConnect"]
+
+
+class TestKoreChannelsReachKoreUnchanged:
+    """Kore.ai's own channel spellings (camelCase, hyphens, webhook instance IDs) go through
+    every route as given, case kept."""
+
+    async def test_batch_items_keep_their_channel(self, gateway: Any, sandbox: Any,
+                                                 audit: AuditTrail) -> None:
+        items = [{"botId": BOT, "userId": f"u-{i}", "channel": c}
+                 for i, c in enumerate(REAL_CHANNELS)]
+        resp = await gateway.post(BATCH, json={"items": items},
+                                  headers={**AUTH, "X-Request-ID": "ch"})
+        assert resp.status == 200, await resp.text()
+        assert (await resp.json())["summary"] == {"succeeded": len(items), "failed": 0}
+        calls = calls_by_request_id(sandbox)
+        for i, channel in enumerate(REAL_CHANNELS):
+            expect_upstream_call(calls[f"ch.{i}"], bot_id=BOT, user_id=f"u-{i}",
+                                 channel=channel, request_id=f"ch.{i}")
+        audit.expect_by_request({f"ch.{i}": ok_item(f"ch.{i}", userId=f"u-{i}", channel=c,
+                                                   caller="crm-service")
+                                 for i, c in enumerate(REAL_CHANNELS)})
+
+    @pytest.mark.parametrize("channel", REAL_CHANNELS)
+    async def test_kore_route_keeps_the_channel(self, gateway: Any, sandbox: Any,
+                                                audit: AuditTrail, channel: str) -> None:
+        body = {"userId": "u-1", "status": "inactive", "channel": channel}
+        resp = await gateway.put(KORE, json=body, headers=AUTH)
+        assert resp.status == 200, await resp.text()
+        [call] = sandbox.calls
+        assert call.body == body  # byte for byte what Kore.ai's own client would have sent
+        audit.expect(*ok_item(request_id(resp), route=ROUTE_KORE, botId=BOT, userId="u-1",
+                              channel=channel, caller="crm-service"))
 
 
 class TestKoreCompatibleRoute:

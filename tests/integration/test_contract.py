@@ -1,4 +1,4 @@
-"""The gateway contract (`spec/gateway-contract.md`), checked line by line from the outside.
+"""The gateway contract (`docs/api.md`), checked line by line from the outside.
 
 Everything here talks to the product as an operator and its callers would: `python -m gateway
 serve` and `python -m gateway sandbox` run as subprocesses on loopback ports, requests are plain
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import hmac
 import ipaddress
 import json
 import os
@@ -69,7 +70,7 @@ CLIENT_HEADERS = {"host", "content-length", "user-agent", "accept", "accept-enco
 CONTRACT_HEADERS = {"auth", "content-type", "x-request-id"}
 NO_FAULTS = {"latency_ms": 0, "error_status": 500, "error_rate": 0, "fail_first": 0,
              "rate_429": 0, "retry_after_s": 1, "drop_rate": 0, "reject_token_next": 0,
-             "limits": []}
+             "limits": [], "odd_success": "", "echo_token": False, "bots": []}
 
 # Credentials: each secret is a distinctive string so that a leak anywhere is found.
 SECRET_SESSIONS = "sec-sessions-" + secrets.token_hex(12)
@@ -93,6 +94,9 @@ CID = {"sessions": "cs-11111111-1111-4111-8111-111111111111",
        "multi": "cs-aaaaaaaa-aaaa-4aaa-8aaa-aaaaaaaaaaaa"}
 ENV_HS512 = "KGW_CONTRACT_HS512_SECRET"
 ENV_RS512 = "KGW_CONTRACT_RS512_KEY"
+ENV_CHAIN = "KGW_CONTRACT_CHAIN_KEY"
+CHAIN_KEY = "chain-key-" + secrets.token_hex(16)
+HMAC_CHAIN = "hmac-sha256"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -767,6 +771,8 @@ AUTH_NONE = "server.auth = \"none\" ... refused at start-up unless the listen ad
 UNKNOWN = "Unknown keys are an error: a typo must never fall back silently to a default"
 SECRET_FORMS = "every secret field has *_env and *_file forms"
 NAMES = "validated at start-up with an error that names the key and the file"
+ADMIN_LISTEN = ('admin_listen = "" # e.g. "0.0.0.0:9091": /metrics, /healthz, /readyz, '
+                "/openapi.json there")
 
 CONFIG_CASES = [
     ConfigCase("contract-sample-accepted", "§4 sample config", ok=True,
@@ -870,6 +876,20 @@ CONFIG_CASES = [
     ConfigCase("secret-not-echoed-in-error", "The secret ... never returned",
                _app(client_secret=CASE_SECRET, client_secret_env="KGW_CASE_SECRET"),
                names=("client_secret",), env=CASE_ENV, forbidden=(CASE_SECRET,)),
+    ConfigCase("admin-listen-accepted", ADMIN_LISTEN,
+               _set("server.admin_listen", "0.0.0.0:9091"), ok=True, env=CASE_ENV),
+    ConfigCase("admin-listen-empty-is-off", ADMIN_LISTEN, _set("server.admin_listen", ""),
+               ok=True, env=CASE_ENV),
+    ConfigCase("admin-listen-not-host-port", NAMES + " (server.admin_listen)",
+               _set("server.admin_listen", "9091"), names=("admin_listen",), env=CASE_ENV),
+    ConfigCase("admin-listen-same-as-listen", ADMIN_LISTEN + " (its own address)",
+               _all(_set("server.listen", "127.0.0.1:8080"),
+                    _set("server.admin_listen", "127.0.0.1:8080")),
+               names=("admin_listen",), env=CASE_ENV),
+    ConfigCase("serve-refuses-admin-listen-same-as-listen", ADMIN_LISTEN + " (its own address)",
+               _all(_set("server.listen", "127.0.0.1:8080"),
+                    _set("server.admin_listen", "127.0.0.1:8080")),
+               names=("admin_listen",), env=CASE_ENV, command="serve"),
     ConfigCase("not-toml", NAMES, text="[server\nlisten = 1\n"),
     ConfigCase("file-missing", NAMES, missing=True),
     ConfigCase("serve-refuses-unknown-key", NAMES + " (at start-up)",
@@ -878,6 +898,23 @@ CONFIG_CASES = [
     ConfigCase("serve-refuses-auth-none-non-loopback", AUTH_NONE,
                _all(_set("server.auth", "none"), _set("server.listen", "192.0.2.1:8080"),
                     _drop("callers")), names=("auth",), env=CASE_ENV, command="serve"),
+    ConfigCase("chain-key-env-accepted", "§4 audit.chain_key_env: the HMAC chain key",
+               _set("audit.chain_key_env", "KGW_CASE_CHAIN"), ok=True,
+               env={**CASE_ENV, "KGW_CASE_CHAIN": CHAIN_KEY}, forbidden=(CHAIN_KEY,)),
+    ConfigCase("chain-key-env-empty-is-off", '§4 chain_key_env = "" (the sample\'s default)',
+               _set("audit.chain_key_env", ""), ok=True, env=CASE_ENV),
+    ConfigCase("chain-key-file-accepted", "§4 audit.chain_key_file",
+               _set("audit.chain_key_file", "keys/chain.key"), ok=True, env=CASE_ENV,
+               files={"keys/chain.key": CHAIN_KEY + "\n"}, forbidden=(CHAIN_KEY,)),
+    ConfigCase("chain-key-file-on-the-audit-volume-refused", "§3 the key from env or file "
+               "(never on the audit volume)", _set("audit.chain_key_file", "audit/chain.key"),
+               names=("chain_key_file",), env=CASE_ENV, files={"audit/chain.key": CHAIN_KEY},
+               forbidden=(CHAIN_KEY,)),
+    ConfigCase("chain-key-env-unset", SECRET_FORMS + " (audit.chain_key_env)",
+               _set("audit.chain_key_env", "KGW_CASE_UNSET_VARIABLE"),
+               names=("chain_key_env",), env=CASE_ENV),
+    ConfigCase("anchor-every-s-not-a-number", NAMES + " (audit.anchor_every_s)",
+               _set("audit.anchor_every_s", "often"), names=("anchor_every_s",), env=CASE_ENV),
     ConfigCase("serve-refuses-unusable-audit-path", "an audit path that is unusable at "
                "start-up stops the start with a clear error",
                _set("audit.path", "blocker/audit.jsonl"), names=("blocker",), env=CASE_ENV,
@@ -1851,6 +1888,56 @@ def test_health_ready_metrics_openapi_need_no_key(w: World) -> None:
     assert list(text_string_to_metric_families(metrics.text))
 
 
+OPERATIONS_ROUTES = ("/healthz", "/readyz", "/metrics", "/openapi.json")
+
+
+def test_admin_listen_serves_operations_and_takes_metrics_off_the_api(world: World,
+                                                                       tmp_path: Path) -> None:
+    """§4 `admin_listen`: /metrics, /healthz, /readyz and /openapi.json on that address, no
+    caller key (§2), no deactivation route; when it is set, /metrics is served only there.
+    The other three stay on the API address."""
+    world.kore.reset()
+    admin_port = free_port()
+    gw = start_gateway("admin", tmp_path, {
+        "server": {"admin_listen": f"127.0.0.1:{admin_port}"},
+        "upstream": {"base_url": world.kore.url, "allow_insecure_http": True},
+        "audit": {"path": str(tmp_path / "audit" / "admin.jsonl")},
+        "apps": [app_table("sessions", ["*"], client_secret=SECRET_SESSIONS)],
+        "callers": [{"name": "crm-service", "key_sha256": hashlib.sha256(
+            world.crm_key.encode()).hexdigest(), "bots": ["st-*"]}]}, key=world.crm_key)
+    try:
+        gw.process.wait_http(gw.host, gw.port)
+        gw.process.wait_http("127.0.0.1", admin_port)
+        rid = unique("adm")
+        assert gw.deactivate(unique("st-adm"), {"userId": "u"}, rid=rid).status == 200
+        bad_key = {"Authorization": "Bearer not-a-key"}
+        for path in OPERATIONS_ROUTES:
+            reply = http(admin_port, "GET", path, headers=bad_key)
+            TRANSCRIPT.append(reply)
+            assert reply.status == 200, (path, reply.text)
+            assert REQUEST_ID_RE.fullmatch(reply.header("X-Request-ID") or ""), reply.headers
+        metrics = http(admin_port, "GET", "/metrics").text
+        assert 'caller="crm-service"' in metrics  # what the API served, counted there
+        expect_error(gw.call("GET", "/metrics"), 404, "not_found")
+        for path in ("/healthz", "/readyz", "/openapi.json"):
+            assert gw.call("GET", path).status == 200, path
+        refused = unique("adm-x")
+        bot = unique("st-adm")
+        for method, path, payload in [
+                ("POST", f"/v1/bots/{bot}/sessions/deactivate", {"userId": "u"}),
+                ("POST", "/v1/sessions/deactivate", {"items": [{"botId": bot, "userId": "u"}]}),
+                ("PUT", f"/api/public/bot/{bot}/session", {"userId": "u"})]:
+            reply = http(admin_port, method, path, body=json.dumps(payload).encode(), headers={
+                "Authorization": f"Bearer {world.crm_key}", "Content-Type": "application/json",
+                "X-Request-ID": refused})
+            TRANSCRIPT.append(reply)
+            expect_error(reply, 404, "not_found")
+        assert world.kore.none_for(refused)
+        assert gw.records_for(refused, terminal=False) == []
+    finally:
+        assert gw.process.stop() == 0
+
+
 def test_openapi_document_covers_every_route(w: World) -> None:
     """§2: GET /openapi.json — an OpenAPI 3.1 document of every route in the table."""
     from openapi_spec_validator import validate
@@ -1893,10 +1980,9 @@ INVALID_INPUT = [
     pytest.param(None, {"userId": "a\x7fb"}, "userId", id="userId-DEL"),
     pytest.param(None, {"userId": "a\x85b"}, "userId", id="userId-C1-NEL"),
     pytest.param(None, {"userId": "a\x9fb"}, "userId", id="userId-C1-APC"),
-    pytest.param(None, {"userId": "u", "channel": "RTM"}, "channel", id="channel-uppercase"),
     pytest.param(None, {"userId": "u", "channel": ""}, "channel", id="channel-empty"),
-    pytest.param(None, {"userId": "u", "channel": "a" * 33}, "channel", id="channel-33-chars"),
-    pytest.param(None, {"userId": "u", "channel": "a-b"}, "channel", id="channel-dash"),
+    pytest.param(None, {"userId": "u", "channel": "a" * 65}, "channel", id="channel-65-chars"),
+    pytest.param(None, {"userId": "u", "channel": "a.b"}, "channel", id="channel-dot"),
     pytest.param(None, {"userId": "u", "channel": "a b"}, "channel", id="channel-space"),
     pytest.param(None, {"userId": "u", "channel": 7}, "channel", id="channel-number"),
     pytest.param(None, {"userId": "u", "channel": "rtm\n"}, "channel",
@@ -1930,8 +2016,11 @@ VALID_INPUT = [
     pytest.param(None, {"userId": "ユーザー-ü-🙂"}, id="userId-unicode"),
     pytest.param(None, {"userId": "line\u2028sep"}, id="userId-U+2028-is-not-Cc"),
     pytest.param(None, {"userId": "mail@example.com with space"}, id="userId-space"),
-    pytest.param(None, {"userId": "u", "channel": "a" * 32}, id="channel-32-chars"),
+    pytest.param(None, {"userId": "u", "channel": "a" * 64}, id="channel-64-chars"),
     pytest.param(None, {"userId": "u", "channel": "rtm_2"}, id="channel-underscore-digit"),
+    pytest.param(None, {"userId": "u", "channel": "ivrVoice"}, id="channel-camel-case"),
+    pytest.param(None, {"userId": "u", "channel": "ivrInst-6ad846f2-75b0-55a1-8029-aab86de09817"},
+                 id="channel-webhook-instance"),
 ]
 
 
@@ -2022,7 +2111,7 @@ def test_hostile_bodies_never_get_a_500(w: World, raw: bytes) -> None:
 def test_denied_record_says_what_was_asked(w: World) -> None:
     """§3: `botId`, `userId`, `channel`: what was asked — also when the ask is refused."""
     rid, bot = unique("asked"), unique("st-asked")
-    expect_error(w.main.deactivate(bot, {"userId": "u-asked", "channel": "NOT-valid"}, rid=rid),
+    expect_error(w.main.deactivate(bot, {"userId": "u-asked", "channel": "NOT.valid"}, rid=rid),
                  400, "invalid_request")
     record = expect_denied(w.main, rid, 400, "rejected", "invalid_request")
     assert (record["botId"], record["userId"]) == (bot, "u-asked"), record
@@ -2438,7 +2527,7 @@ def test_hash_user_ids_replaces_user_id_with_its_sha256(w: World) -> None:
     ok, bad = unique("hash-ok"), unique("hash-bad")
     assert w.hashed.deactivate(unique("st-hash"), {"userId": user}, rid=ok).status == 200
     reply = w.hashed.batch({"items": [{"botId": unique("st-hash"), "userId": user,
-                                       "channel": "BAD"}]}, rid=bad)
+                                       "channel": "B.A.D"}]}, rid=bad)
     assert reply.json()["results"][0]["status"] == 400
     records = w.hashed.records_for(ok) + w.hashed.records_for(f"{bad}.0")
     assert len(records) == 3
@@ -2469,6 +2558,177 @@ def test_rotation_continues_the_chain_in_the_next_file(w: World) -> None:
     assert good.returncode == 0, good.stdout + good.stderr
     bad = run_cli(["audit", "verify", *map(str, reversed(files))])
     assert bad.returncode != 0
+
+
+def hmac_hash(record: Mapping[str, Any], key: str = CHAIN_KEY) -> str:
+    """§3 (2026-12-03), independently: HMAC-SHA256(key, prev + canonical) in hex."""
+    body = {k: v for k, v in record.items() if k != "hash"}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    data = (record["prev"] + canonical).encode("utf-8")
+    return hmac.new(key.encode("utf-8"), data, hashlib.sha256).hexdigest()
+
+
+def anchors_in(text: str) -> list[dict[str, Any]]:
+    """The `audit.anchor` entries of a structured log (JSON lines; others ignored)."""
+    found = []
+    for line in text.splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and entry.get("event") == "audit.anchor":
+            found.append(entry)
+    return found
+
+
+@pytest.fixture(scope="module")
+def keyed(world: World) -> Iterator[Gateway]:
+    """A gateway with an HMAC chain key (from the environment), anchors every 0.2 s and a
+    small `max_bytes` (rotation)."""
+    root = world.root / "keyed"
+    gw = start_gateway("keyed", root, {
+        "upstream": {"base_url": world.kore.url, "allow_insecure_http": True},
+        "audit": {"path": str(root / "audit" / "keyed.jsonl"), "max_bytes": 2048,
+                  "chain_key_env": ENV_CHAIN, "anchor_every_s": 0.2},
+        "logging": {"format": "json"},
+        "apps": [app_table("sessions", ["st-*"], client_secret=SECRET_SESSIONS)],
+        "callers": [{"name": "crm-service", "key_sha256": hashlib.sha256(
+            world.crm_key.encode()).hexdigest(), "bots": ["st-*"]}],
+    }, key=world.crm_key, env={ENV_CHAIN: CHAIN_KEY})
+    try:
+        gw.process.wait_http(gw.host, gw.port)
+        for _ in range(10):
+            assert gw.deactivate(unique("st-keyed"), {"userId": "u"}).status == 200
+        yield gw
+    finally:
+        gw.process.stop()
+
+
+def _keyed_files(gw: Gateway) -> list[Path]:
+    return [p for p in gw.audit_files() if p.suffix == ".jsonl"]
+
+
+def test_keyed_chain_is_hmac_and_marks_every_file(keyed: Gateway) -> None:
+    """§3 "A rewrite needs a key": with `audit.chain_key_env` the hash is HMAC-SHA256(key,
+    prev + canonical) in hex and the first record of every file carries "chain":
+    "hmac-sha256" (inside the canonical form); rotation keeps the chain across files."""
+    files = _keyed_files(keyed)
+    assert len(files) >= 2, files
+    prev = ZEROS
+    for path in files:
+        records = read_jsonl(path)
+        assert records[0]["chain"] == HMAC_CHAIN, path
+        assert records[0]["prev"] == prev
+        for record in records:
+            assert record["hash"] == hmac_hash(record), (path, record["seq"])
+            assert record["hash"] != chain_hash(record)
+            prev = record["hash"]
+        assert all("chain" not in r for r in records[1:])
+    text = "".join(p.read_text(encoding="utf-8") for p in files) + keyed.process.output()
+    assert CHAIN_KEY not in text
+
+
+def test_audit_verify_checks_the_keyed_chain_with_the_key_only(keyed: Gateway,
+                                                              tmp_path: Path) -> None:
+    """§3: `audit verify --key-env NAME | --key-file PATH` checks a keyed chain; without the key
+    it cannot check the hashes, and says so with a non-zero exit, never "intact"."""
+    files = list(map(str, _keyed_files(keyed)))
+    key_file = tmp_path / "chain.key"
+    key_file.write_text(CHAIN_KEY + "\n", encoding="utf-8")
+    by_env = run_cli(["audit", "verify", "--key-env", ENV_CHAIN, *files],
+                     env={ENV_CHAIN: CHAIN_KEY})
+    assert by_env.returncode == 0, by_env.stdout + by_env.stderr
+    by_file = run_cli(["audit", "verify", "--key-file", str(key_file), *files])
+    assert by_file.returncode == 0, by_file.stdout + by_file.stderr
+    wrong = run_cli(["audit", "verify", "--key-env", ENV_CHAIN, *files],
+                    env={ENV_CHAIN: "not-the-key"})
+    assert wrong.returncode != 0
+    keyless = run_cli(["audit", "verify", *files])
+    assert keyless.returncode != 0 and "intact" not in keyless.stdout + keyless.stderr
+    for done in (by_env, by_file, wrong, keyless):
+        assert CHAIN_KEY not in done.stdout + done.stderr
+
+
+def test_anchors_are_logged_and_a_rewrite_fails_against_them(keyed: Gateway,
+                                                            tmp_path: Path) -> None:
+    """§3: every `anchor_every_s` the gateway logs `audit.anchor {"file", "seq", "hash"}`;
+    `audit verify --anchors LOGFILE…` fails when the file disagrees with a shipped anchor: a
+    full rewrite (record 1's userId and caller, every plain hash recomputed, the last record
+    dropped) fails with the key, and against the anchors without it."""
+    files = _keyed_files(keyed)
+    last = read_jsonl(files[-1])[-1]
+    deadline = time.monotonic() + 10
+    while not any(a["seq"] == last["seq"] for a in anchors_in(keyed.process.output())):
+        assert time.monotonic() < deadline, "no anchor of the last record"
+        time.sleep(0.05)
+    found = anchors_in(keyed.process.output())
+    assert all(set(a) >= {"file", "seq", "hash"} for a in found)
+    assert {a["file"] for a in found} == {str(keyed.audit_path)}
+    [newest] = [a for a in found if a["seq"] == last["seq"]][:1]
+    assert newest["hash"] == last["hash"]
+    shipped = tmp_path / "shipped.log"
+    shipped.write_text(keyed.process.output(), encoding="utf-8")
+    good = run_cli(["audit", "verify", "--key-env", ENV_CHAIN, *map(str, files),
+                    "--anchors", str(shipped)], env={ENV_CHAIN: CHAIN_KEY})
+    assert good.returncode == 0, good.stdout + good.stderr
+
+    forged_dir = tmp_path / "forged"
+    forged_dir.mkdir()
+    records = [r for path in files for r in read_jsonl(path)][:-1]
+    records[0]["userId"], records[0]["caller"] = "someone-else", "narrow-service"
+    records[0].pop("chain")
+    _rechain(records)
+    forged = forged_dir / keyed.audit_path.name
+    forged.write_text(_lines(records), encoding="utf-8")
+    with_key = run_cli(["audit", "verify", "--key-env", ENV_CHAIN, str(forged)],
+                       env={ENV_CHAIN: CHAIN_KEY})
+    assert with_key.returncode != 0, with_key.stdout + with_key.stderr
+    against_anchors = run_cli(["audit", "verify", str(forged), "--anchors", str(shipped)])
+    assert against_anchors.returncode != 0, against_anchors.stdout + against_anchors.stderr
+
+
+def test_an_anchor_is_logged_at_shutdown(world: World) -> None:
+    """§3: "… and at shutdown": the last record is anchored when the gateway stops."""
+    root = world.root / "anchor-at-stop"
+    gw = start_gateway("anchor-at-stop", root, {
+        "server": {"auth": "none"},
+        "upstream": {"base_url": world.kore.url, "allow_insecure_http": True},
+        "audit": {"path": str(root / "audit" / "stop.jsonl"), "anchor_every_s": 3600},
+        "logging": {"format": "json"},
+        "apps": [app_table("sessions", ["st-*"], client_secret=SECRET_SESSIONS)],
+    }, key=None)
+    try:
+        gw.process.wait_http(gw.host, gw.port)
+        for _ in range(2):
+            assert gw.deactivate(unique("st-stop"), {"userId": "u"}).status == 200
+        assert anchors_in(gw.process.output()) == []
+    finally:
+        assert gw.process.stop() == 0
+    [anchor] = anchors_in(gw.process.log_path.read_text(encoding="utf-8"))
+    last = read_jsonl(gw.audit_path)[-1]
+    assert (anchor["file"], anchor["seq"], anchor["hash"]) == (
+        str(gw.audit_path), last["seq"], last["hash"])
+
+
+LINE_BREAKING = "a\u2028b\u2029c\u202ad\u202be\u202cf\u202dg\u202eh\u2066i\u2067j\u2068k\u2069l"
+
+
+def test_audit_line_escapes_unicode_line_breaks_and_bidi_controls(w: World) -> None:
+    """§3 "One record, one line, for every reader": U+2028, U+2029 and the bidi controls are
+    written as \\uXXXX escapes; the canonical form, from the parsed values, is unchanged."""
+    rid = unique("one-line")
+    reply = w.main.deactivate(unique("st-line"), {"userId": LINE_BREAKING}, rid=rid)
+    assert reply.status == 200, reply.text
+    records = w.main.records_for(rid)
+    assert [r["userId"] for r in records] == [LINE_BREAKING] * 2
+    for record in records:
+        assert record["hash"] == chain_hash(record)
+    raw = w.main.audit_path.read_bytes()
+    for char in LINE_BREAKING[1::2]:
+        assert char.encode("utf-8") not in raw, f"U+{ord(char):04X} written raw"
+        assert f"\\u{ord(char):04x}".encode() in raw.lower()
+    text = raw.decode("utf-8")
+    assert len(text.splitlines()) == len(text.split("\n")) - 1
 
 
 def _rechain(records: list[dict[str, Any]], start: int = 0) -> None:

@@ -40,15 +40,17 @@ json_values = st.recursive(
                                                                 max_size=4),
     max_leaves=12)
 user_ids = st.one_of(st.just("u-1"), st.text(max_size=300), st.integers(), st.none())
+kore_channels = st.sampled_from(["rtm", "ivrVoice", "msteams", "web-sdk",
+                                 "ivrInst-6ad846f2-75b0-55a1-8029-aab86de09817"])
 single_bodies = st.fixed_dictionaries(
     {"userId": user_ids},
-    optional={"channel": st.one_of(st.just("rtm"), st.text(max_size=40), st.integers()),
+    optional={"channel": st.one_of(kore_channels, st.text(max_size=70), st.integers()),
               "status": st.sampled_from(["inactive", "active", ""]),
               "extra": json_values})
 batch_bodies = st.fixed_dictionaries({"items": st.lists(
     st.fixed_dictionaries({"botId": st.one_of(st.just(BOT), st.text(max_size=10)),
                            "userId": user_ids},
-                          optional={"channel": st.just("rtm")}) | json_values,
+                          optional={"channel": kore_channels}) | json_values,
     max_size=5)}, optional={"more": json_values})
 bodies = st.one_of(
     single_bodies.map(lambda b: json.dumps(b).encode()),

@@ -380,7 +380,11 @@ class TestChannelRules:
         pytest.param("rtm", id="rtm"),
         pytest.param("a", id="one-char"),
         pytest.param("msteams_1", id="underscore-digit"),
-        pytest.param("c" * 32, id="32-chars"),
+        pytest.param("c" * 64, id="64-chars"),
+        pytest.param("ivrVoice", id="camel-case"),
+        pytest.param("RTM", id="upper-case"),
+        pytest.param("web-sdk", id="hyphen"),
+        pytest.param("ivrInst-6ad846f2-75b0-55a1-8029-aab86de09817", id="webhook-instance"),
     ])
     async def test_valid_channel_is_sent_upstream(self, gateway: Any, sandbox: Any,
                                                   audit: AuditTrail, channel: str) -> None:
@@ -403,10 +407,10 @@ class TestChannelRules:
         audit.expect(*success(request_id(resp), channel=None))
 
     @pytest.mark.parametrize("channel", [
-        pytest.param("RTM", id="upper-case"),
-        pytest.param("web-chat", id="hyphen"),
         pytest.param("", id="empty"),
-        pytest.param("c" * 33, id="33-chars"),
+        pytest.param("c" * 65, id="65-chars"),
+        pytest.param("ivr.voice", id="dot"),
+        pytest.param("ivr/voice", id="slash"),
         pytest.param("ch an", id="space"),
         pytest.param("\u00e7", id="non-ascii"),
         pytest.param("rtm\n", id="trailing-newline"),

@@ -138,10 +138,14 @@ async def test_circuit_state_open_after_failures(start_gateway: StartGateway, sa
                                                  auth_headers: dict[str, str]) -> None:
     client = await start_gateway(upstream={"breaker_failures": 1, "max_attempts": 1})
     host = sandbox.url.removeprefix("http://")
-    assert sample(await scrape(client), "kore_gateway_circuit_state", host=host) == 0
+    assert sample(await scrape(client), "kore_gateway_circuit_state", host=host, bot="*") == 0
+    assert "bot=\"" + BOT not in (await (await client.get("/metrics")).text())
     sandbox.faults.error_status, sandbox.faults.fail_first = 503, 1
     assert await deactivate(client, auth_headers) == 502
-    assert sample(await scrape(client), "kore_gateway_circuit_state", host=host) == 2
+    samples = await scrape(client)
+    assert sample(samples, "kore_gateway_circuit_state", host=host, bot=BOT) == 2
+    assert sample(samples, "kore_gateway_circuit_state", host=host, bot="*") == 0
+    assert sample(samples, "kore_gateway_circuit_open_bots") == 1
 
 
 async def test_injected_registry_gets_the_counts(

@@ -101,7 +101,7 @@ async def test_two_workers_report_summed_counters(sandbox: Any, tmp_path: Path) 
         assert sample(samples, "kore_gateway_token_mints_total", app="sessions") == 2
         assert sample(samples, "kore_gateway_in_flight") == 0
         assert sample(samples, "kore_gateway_circuit_state",
-                      host=sandbox.url.removeprefix("http://")) == 0
+                      host=sandbox.url.removeprefix("http://"), bot="*") == 0
     scraped = [sample(s, "kore_gateway_requests_total", route="/metrics", status="200",
                       caller="anonymous") for s in scrapes]
     assert scraped == [float(n) for n in range(SCRAPES)], "each scrape sees the ones before"

@@ -200,8 +200,11 @@ class TestUpstreamAuth:
         assert resp.status == 200, await resp.text()
         rid = request_id(resp)
         refused, served = sandbox.calls
-        first = expect_upstream_call(refused, bot_id=BOT, user_id="u-1", request_id=rid)
-        second = expect_upstream_call(served, bot_id=BOT, user_id="u-1", request_id=rid)
+        # a jti app's tokens live 120 s by default: each serves one attempt
+        first = expect_upstream_call(refused, bot_id=BOT, user_id="u-1", request_id=rid,
+                                     ttl_s=120)
+        second = expect_upstream_call(served, bot_id=BOT, user_id="u-1", request_id=rid,
+                                      ttl_s=120)
         assert refused.headers["auth"] != served.headers["auth"]
         assert first["jti"] != second["jti"]
         audit.expect(requested(rid), completed(rid, outcome="success", status=200,
@@ -228,6 +231,9 @@ class TestUpstreamAuth:
         set_faults(sandbox, **faults)
         resp = await gateway.post(URL, json=BODY, headers=AUTH)
         error = await expect_error(resp, 502, "upstream_auth_failed")
+        host = sandbox.url.removeprefix("http://")
+        assert f"Kore.ai at {host} refused" in error["message"]  # names the host
+        assert "Bot Sessions scope is assigned to the app and published" in error["message"]
         rid = error["requestId"]
         calls = expect_calls(sandbox, 2, rid)  # the first try and one re-mint, no more
         assert [c.status for c in calls] == [status, status]
@@ -338,6 +344,58 @@ class TestUpstreamUnavailable:
         assert len(events) == 7
         went_upstream = [e for e in events.values() if e[0] == "deactivate.requested"]
         assert len(went_upstream) == len(sandbox.calls) >= 1
+
+
+ODD_SUCCESS = [pytest.param("empty", 200, id="empty-200"),
+               pytest.param("no_content", 204, id="204"),
+               pytest.param("string_true", 200, id="success-string-true")]
+
+
+class TestOddSuccessAnswers:
+    """A 2xx without `{"success": true}` is not taken for a success: 502 at once (no retry:
+    Kore.ai may well have closed the session) and audited as failed."""
+
+    @pytest.mark.parametrize("mode, upstream_status", ODD_SUCCESS)
+    async def test_simplified_route_is_502_and_audited(
+            self, gateway: Any, sandbox: Any, audit: AuditTrail, mode: str,
+            upstream_status: int) -> None:
+        set_faults(sandbox, odd_success=mode)
+        resp = await gateway.post(URL, json=BODY, headers=AUTH)
+        error = await expect_error(resp, 502, "upstream_unavailable",
+                                   names=f"answered {upstream_status} without success: true")
+        rid = error["requestId"]
+        [call] = expect_calls(sandbox, 1, rid)
+        assert call.status == upstream_status
+        audit.expect(requested(rid),
+                     completed(rid, outcome="failed", status=502, upstream_status=upstream_status,
+                               attempts=1, error="upstream_unavailable"))
+
+    @pytest.mark.parametrize("mode, upstream_status", ODD_SUCCESS)
+    async def test_kore_route_is_502_not_kores_2xx(
+            self, gateway: Any, sandbox: Any, audit: AuditTrail, mode: str,
+            upstream_status: int) -> None:
+        set_faults(sandbox, odd_success=mode)
+        resp = await gateway.put(f"/api/public/bot/{BOT}/session", json=BODY, headers=AUTH)
+        rid = (await expect_error(resp, 502, "upstream_unavailable"))["requestId"]
+        expect_calls(sandbox, 1, rid)
+        audit.expect(requested(rid, route=ROUTE_KORE),
+                     completed(rid, outcome="failed", status=502, upstream_status=upstream_status,
+                               attempts=1, error="upstream_unavailable", route=ROUTE_KORE))
+
+    @pytest.mark.parametrize("mode, upstream_status", ODD_SUCCESS)
+    async def test_batch_item_is_502(self, gateway: Any, sandbox: Any, audit: AuditTrail,
+                                     mode: str, upstream_status: int) -> None:
+        set_faults(sandbox, odd_success=mode)
+        resp = await gateway.post("/v1/sessions/deactivate", headers={**AUTH, "X-Request-ID": "odd"},
+                                  json={"items": [{"botId": BOT, "userId": "u-1"}]})
+        assert resp.status == 200, await resp.text()
+        [result] = (await resp.json())["results"]
+        assert (result["status"], result["success"], result["error"]["code"]) == (
+            502, False, "upstream_unavailable")
+        audit.expect(requested("odd.0", route=ROUTE_BATCH),
+                     completed("odd.0", outcome="failed", status=502,
+                               upstream_status=upstream_status, attempts=1,
+                               error="upstream_unavailable", route=ROUTE_BATCH))
 
 
 class TestUpstreamTimeout:

@@ -113,19 +113,22 @@ class TestClaims:
         assert claims["roles"] == ["a", "b"]
 
     def test_extra_claims_cannot_override_reserved_claims(self) -> None:
-        extra = {"appId": "cs-evil", "iat": 1, "exp": 2**40, "jti": "fixed", "tenant": "acme"}
+        extra = {"appId": "cs-evil", "iat": 1, "exp": 2**40, "jti": "fixed", "tenant": "acme",
+                 "kore_jti": "fixed", "kore_iss": "cs-evil", "kore_sub": "someone"}
         plain = claims_for(hs_app(extra_claims=extra), T0)
         assert plain == claims_for(hs_app(), T0) | {"tenant": "acme"}
         assert claims_for(hs_app(jti=True, extra_claims=extra), T0)["jti"] != "fixed"
 
     @settings(max_examples=50, deadline=None)
-    @given(extra=st.dictionaries(st.sampled_from(["appId", "iat", "exp", "jti", "sub", "x"]),
+    @given(extra=st.dictionaries(st.sampled_from(["appId", "iat", "exp", "jti", "sub", "x",
+                                                  "kore_jti", "kore_iss", "kore_sub"]),
                                  st.integers()))
     def test_reserved_claims_survive_any_extra_claims(self, extra: dict[str, int]) -> None:
         claims = claims_for(hs_app(extra_claims=extra), T0)
         assert (claims["appId"], claims["iat"], claims["exp"]) == ("cs-main", 1_700_000_000,
                                                                    1_700_000_600)
         assert "jti" not in claims
+        assert not {"kore_jti", "kore_iss", "kore_sub"} & set(claims)
 
 
 class TestMint:

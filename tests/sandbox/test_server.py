@@ -167,10 +167,8 @@ class TestTokenRejected:
     @pytest.mark.parametrize(
         ("claims", "msg"),
         [
-            ({"key": "wrong-secret-that-is-long-enough-0123456789"}, "Invalid signature"),
             ({"ttl_s": 0}, "Token expired"),
             ({"ttl_s": -5}, "Token expired"),
-            ({"app_id": "cs-unknown"}, "Unknown appId"),
             ({"algorithm": "HS512"}, "Algorithm mismatch"),
             ({"iat": int(START) + 61}, "Token issued in the future"),
             ({"exp": None}, "Missing claim: exp"),
@@ -178,10 +176,8 @@ class TestTokenRejected:
             ({"nbf": int(START) + 10}, "Token not yet valid"),
         ],
         ids=[
-            "wrong-secret",
             "expires-now",
             "expired",
-            "unknown-app-id",
             "alg-mismatch",
             "iat-future",
             "no-exp",
@@ -196,13 +192,25 @@ class TestTokenRejected:
         assert resp.status == 401
         assert await error_msg(resp) == msg
 
+    @pytest.mark.parametrize(
+        "claims",
+        [{"key": "wrong-secret-that-is-long-enough-0123456789"}, {"app_id": "cs-unknown"}],
+        ids=["wrong-secret", "unknown-app-id"],
+    )
+    async def test_kores_invalid_sdk_credentials(
+        self, client: Client, clock: FakeClock, claims: dict[str, Any]
+    ) -> None:
+        resp = await put(client, mint(clock, **claims))
+        assert resp.status == 401
+        assert await resp.json() == {"errors": [{"msg": "Invalid SDK credentials", "code": 4002}]}
+
     async def test_iat_up_to_60_s_ahead_is_accepted(self, client: Client, clock: FakeClock) -> None:
         assert (await put(client, mint(clock, iat=int(START) + 60))).status == 200
 
     async def test_missing_auth_header_is_401(self, client: Client) -> None:
         resp = await put(client, None)
         assert resp.status == 401
-        assert await error_msg(resp) == "Missing auth header"
+        assert await resp.json() == {"errors": [{"msg": "Invalid SDK credentials", "code": 4002}]}
 
     async def test_authorization_header_is_not_auth(self, client: Client, clock: FakeClock) -> None:
         resp = await client.put(
@@ -216,7 +224,9 @@ class TestTokenRejected:
         assert (resp.status, await error_msg(resp)) == (401, "Algorithm mismatch")
 
     async def test_garbage_token_is_401(self, client: Client) -> None:
-        assert (await put(client, "not.a.jwt")).status == 401
+        resp = await put(client, "not.a.jwt")
+        assert resp.status == 401
+        assert await resp.json() == {"errors": [{"msg": "Invalid JWT token", "code": 4002}]}
 
     async def test_rs_app_rejects_hs_token_signed_with_the_secret(
         self, client: Client, clock: FakeClock
@@ -232,17 +242,62 @@ class TestTokenRejected:
         assert (call.status, call.claims) == (401, None)
 
 
+REPLAY = {"errors": [{"msg": "error verifying the jwt: possibly a replay", "code": 401}]}
+EXP_TOO_FAR = {"errors": [{"msg": 'error verifying the jwt: if "jti" claim "exp" must be '
+                                  "<= 1 hour(s)", "code": 401}]}
+
+
 class TestJti:
-    async def test_replay_is_401_when_enforced(
-        self, connect: ClientFactory, apps: list[SandboxApp], clock: FakeClock
+    """Kore.ai's jti validations (its SDK security page), whether or not Enforce JTI is on."""
+
+    @pytest.mark.parametrize("enforce", [True, False], ids=["enforced", "not-enforced"])
+    async def test_replay_is_refused_with_kores_message(
+        self, connect: ClientFactory, apps: list[SandboxApp], clock: FakeClock, enforce: bool
     ) -> None:
-        client = await connect(KoreSandbox(apps, enforce_jti=True, clock=clock))
+        client = await connect(KoreSandbox(apps, enforce_jti=enforce, clock=clock))
         token = mint(clock, jti="j-1")
         assert (await put(client, token)).status == 200
         resp = await put(client, token)
-        assert resp.status == 401
-        assert await error_msg(resp) == "JTI already used"
+        assert (resp.status, await resp.json()) == (401, REPLAY)
         assert (await put(client, mint(clock, jti="j-2"))).status == 200
+
+    async def test_a_replay_with_a_new_signature_is_still_a_replay(
+        self, client: Client, clock: FakeClock
+    ) -> None:
+        assert (await put(client, mint(clock, jti="j-1"))).status == 200
+        clock.now += 1  # another iat: another token, the same jti
+        assert (await (await put(client, mint(clock, jti="j-1"))).json()) == REPLAY
+
+    async def test_kore_jti_is_the_jti_kore_reads(self, client: Client, clock: FakeClock) -> None:
+        assert (await put(client, mint(clock, jti="a", kore_jti="k"))).status == 200
+        resp = await put(client, mint(clock, jti="b", kore_jti="k"))
+        assert (resp.status, await resp.json()) == (401, REPLAY)
+
+    @pytest.mark.parametrize("enforce", [True, False], ids=["enforced", "not-enforced"])
+    async def test_exp_more_than_an_hour_ahead_is_refused(
+        self, connect: ClientFactory, apps: list[SandboxApp], clock: FakeClock, enforce: bool
+    ) -> None:
+        client = await connect(KoreSandbox(apps, enforce_jti=enforce, clock=clock))
+        resp = await put(client, mint(clock, jti="far", ttl_s=3601))
+        assert (resp.status, await resp.json()) == (401, EXP_TOO_FAR)
+        assert (await put(client, mint(clock, jti="edge", ttl_s=3600))).status == 200
+
+    async def test_the_cap_is_read_on_kores_clock_not_from_iat(
+        self, client: Client, clock: FakeClock
+    ) -> None:
+        token = mint(clock, jti="skew", ttl_s=3600)
+        clock.now -= 5  # Kore.ai's clock 5 s behind the issuer's
+        assert (await (await put(client, token)).json()) == EXP_TOO_FAR
+
+    async def test_without_a_jti_a_long_exp_is_fine(self, client: Client, clock: FakeClock) -> None:
+        assert (await put(client, mint(clock, ttl_s=86400))).status == 200
+
+    async def test_a_jti_is_forgotten_once_its_token_expired(
+        self, client: Client, clock: FakeClock
+    ) -> None:
+        assert (await put(client, mint(clock, jti="j-1", ttl_s=60))).status == 200
+        clock.now += 61
+        assert (await put(client, mint(clock, jti="j-1", ttl_s=60))).status == 200
 
     async def test_missing_jti_is_401_when_enforced(
         self, connect: ClientFactory, apps: list[SandboxApp], clock: FakeClock
@@ -251,10 +306,10 @@ class TestJti:
         resp = await put(client, mint(clock))
         assert (resp.status, await error_msg(resp)) == (401, "Missing claim: jti")
 
-    async def test_replay_is_accepted_when_not_enforced(
+    async def test_tokens_without_jti_may_repeat_when_not_enforced(
         self, client: Client, clock: FakeClock
     ) -> None:
-        token = mint(clock, jti="j-1")
+        token = mint(clock)
         assert [(await put(client, token)).status for _ in range(2)] == [200, 200]
 
 
@@ -358,8 +413,34 @@ class TestFaults:
         self, client: Client, sandbox: KoreSandbox, clock: FakeClock
     ) -> None:
         sandbox.faults.reject_token_next = 1
-        statuses = [(await put(client, mint(clock))).status for _ in range(2)]
-        assert statuses == [401, 200]
+        resp = await put(client, mint(clock))
+        assert await resp.json() == {"errors": [{"msg": "Invalid SDK credentials", "code": 4002}]}
+        assert (await put(client, mint(clock))).status == 200
+
+    @pytest.mark.parametrize(
+        ("mode", "status", "body"),
+        [("empty", 200, b""), ("no_content", 204, b""),
+         ("string_true", 200, b'{"success": "true"}')],
+    )
+    async def test_odd_success_answers_an_accepted_call_oddly(
+        self, client: Client, sandbox: KoreSandbox, clock: FakeClock, mode: str, status: int,
+        body: bytes,
+    ) -> None:
+        sandbox.faults.odd_success = mode
+        resp = await put(client, mint(clock))
+        assert (resp.status, await resp.read()) == (status, body)
+        assert sandbox.calls[-1].status == status
+        assert (await put(client, None)).status == 401  # only calls Kore.ai would accept
+
+    async def test_echo_token_quotes_the_jwt_in_error_answers(
+        self, client: Client, sandbox: KoreSandbox, clock: FakeClock
+    ) -> None:
+        sandbox.faults.echo_token = True
+        sandbox.faults.fail_first, sandbox.faults.error_status = 1, 400
+        token = mint(clock)
+        resp = await put(client, token)
+        assert (resp.status, await error_msg(resp)) == (400, f"Bad Request (auth: {token})")
+        assert (await put(client, mint(clock))).status == 200
 
     async def test_limits_429_past_budget_until_window_slides(
         self, client: Client, sandbox: KoreSandbox, clock: FakeClock
@@ -421,18 +502,35 @@ class TestControlRoutes:
         assert sandbox.faults.limits == [(1, 60.0)]
         assert [(await put(client, mint(clock))).status for _ in range(2)] == [200, 429]
 
+    async def test_faults_fire_only_for_the_bots_named(
+        self, client: Client, sandbox: KoreSandbox, clock: FakeClock
+    ) -> None:
+        resp = await client.put("/__sandbox/faults",
+                                json={"error_rate": 1, "error_status": 503, "bots": ["st-bad*"]})
+        assert resp.status == 200
+        bad = "/api/public/bot/st-bad-1/session"
+        assert (await put(client, mint(clock), path=bad)).status == 503
+        assert (await put(client, mint(clock))).status == 200  # st-demo: untouched
+        await client.put("/__sandbox/faults", json={"bots": []})
+        assert (await put(client, mint(clock))).status == 503  # [] = every bot
+
     @pytest.mark.parametrize(
         ("patch", "field"),
         [
             ({"latency": 5}, "latency"),
+            ({"bots": "st-*"}, "bots"),
+            ({"bots": [""]}, "bots"),
             ({"error_rate": 2}, "error_rate"),
             ({"error_status": 200}, "error_status"),
             ({"fail_first": 1.5}, "fail_first"),
             ({"drop_rate": True}, "drop_rate"),
             ({"limits": [[0, 60]]}, "limits"),
             ({"limits": "600/60"}, "limits"),
+            ({"odd_success": "maybe"}, "odd_success"),
+            ({"echo_token": "yes"}, "echo_token"),
         ],
-        ids=["unknown", "rate", "status", "fraction", "bool", "zero-calls", "not-list"],
+        ids=["unknown", "bots-not-list", "bots-empty-glob", "rate", "status", "fraction", "bool",
+             "zero-calls", "not-list", "odd-success", "echo-token"],
     )
     async def test_bad_faults_are_400_and_change_nothing(
         self, client: Client, sandbox: KoreSandbox, patch: dict[str, Any], field: str
@@ -495,10 +593,14 @@ class TestCommandLine:
             *("--listen", "[::1]:0", "--enforce-jti", "--error-rate", "0.25"),
             *("--limit", "600/60", "--limit", "18000/3600", "--known-bot", "st-a*"),
             *("--session-path", "/api/public/{botId}/sessions", "--seed", "3"),
+            *("--fault-bot", "st-bad-*"),
+            *("--odd-success", "no_content", "--echo-token"),
         )
         sandbox = sandbox_from_args(args, apps)
         assert args.listen == "[::1]:0"
-        assert sandbox.faults == Faults(error_rate=0.25, limits=[(600, 60), (18000, 3600)], seed=3)
+        assert sandbox.faults == Faults(error_rate=0.25, limits=[(600, 60), (18000, 3600)], seed=3,
+                                        odd_success="no_content", echo_token=True,
+                                        bots=["st-bad-*"])
 
     @pytest.mark.parametrize(
         "argv",
@@ -508,8 +610,9 @@ class TestCommandLine:
             ("--error-rate", "2"),
             ("--limit", "600"),
             ("--session-path", "/x"),
+            ("--odd-success", "sometimes"),
         ],
-        ids=["public-listen", "no-port", "rate", "limit", "path"],
+        ids=["public-listen", "no-port", "rate", "limit", "path", "odd-success"],
     )
     def test_bad_flags_exit(self, argv: tuple[str, ...]) -> None:
         with pytest.raises(SystemExit):
