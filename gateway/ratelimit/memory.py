@@ -407,7 +407,7 @@ class MemoryRateLimiter:
         now = self._clock()
         state, started = self.store.refused(bot_id, grant, retry_after_s, now,
                                             self.log.times(bot_id))
-        self.log.forget(bot_id, grant.slot)  # as Kore.ai, a refused call counts in no window
+        self.log.forget(bot_id, grant.slot)  # a refused call takes no place in a window
         self.log.void_after(bot_id, now)
         if started:
             self._metrics.ratelimit_paused()

@@ -10,7 +10,7 @@ workers, so a learned budget holds exactly across the workers, not per worker.
 
 Why a mapped file and not a helper process or a manager: no extra process to supervise, no
 socket round trip on the request path, nothing lost when a worker restarts, and a fixed size
-(`CAPACITY` slots of at most ~4.3 KiB). Every read-modify-write holds an `flock` on the file
+(`CAPACITY` slots of at most ~4.2 KiB). Every read-modify-write holds an `flock` on the file
 for microseconds, and only for bots in the table; a call for any other bot takes no lock at
 all: it looks the bot up in this process's index of the table, rebuilt when the table's
 generation changes. When the table is full, expired slots are reused first, then the one
