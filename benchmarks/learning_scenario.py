@@ -144,10 +144,18 @@ class Stack:
         self.workdir.mkdir(parents=True, exist_ok=True)
         try:
             await self._start()
+        except RuntimeError as exc:
+            await self.__aexit__()
+            raise RuntimeError(f"{exc}\n{self.logs()}") from None
         except BaseException:
             await self.__aexit__()
             raise
         return self
+
+    def logs(self, tail: int = 2000) -> str:
+        """The end of every process's log, for a start that failed."""
+        return "\n".join(f"--- {path.name}:\n{path.read_text(errors='replace')[-tail:]}"
+                         for path in sorted(self.workdir.glob("*.log")))
 
     async def _start(self) -> None:
         if self.redis is not None:
