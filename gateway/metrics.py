@@ -19,12 +19,13 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, values
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -35,6 +36,31 @@ CIRCUIT_STATES = {"closed": 0, "half_open": 1, "open": 2}  # kore_gateway_circui
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 AUDIT_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# (bot, learned budget or None, seconds of pause left) for each bot Kore.ai refused lately
+LearnedView = Callable[[], Iterable[tuple[str, int | None, float]]]
+
+
+class _LearnedCollector:
+    """The rate-limit learning gauges, read from the limiter whenever /metrics is scraped:
+    learned budgets come and go with time, and with several workers the shared state is the
+    truth (one worker answers the scrape), not a value each worker last wrote."""
+
+    def __init__(self) -> None:
+        self.view: LearnedView = lambda: ()
+
+    def collect(self) -> Iterable[Metric]:
+        budgets = GaugeMetricFamily(
+            "kore_gateway_ratelimit_learned_budget", "A bot's budget in the shortest window, "
+            "learned from Kore.ai's rate-limit answers (only while below the configured one).",
+            labels=["bot"])
+        paused = 0
+        for bot, budget, pause_s in self.view():
+            if budget is not None:
+                budgets.add_metric([bot], budget)
+            paused += pause_s > 0
+        yield budgets
+        yield GaugeMetricFamily("kore_gateway_ratelimit_paused_bots", "Bots for which no call "
+                                "goes to Kore.ai until its rate-limit pause ends.", value=paused)
 
 
 class Metrics:
@@ -86,6 +112,11 @@ class Metrics:
             "kore_gateway_ratelimit_redis_fallback", "1 while the Redis rate-limit backend is "
             "unreachable and a local share of the budget is used, else 0 (worst worker).",
             multiprocess_mode="livemax", registry=r)
+        self._pauses = Counter("kore_gateway_ratelimit_pauses_total", "Pauses started by "
+                               "Kore.ai's rate-limit answers (429, or its rate-limit message).",
+                               registry=r)
+        self._learned = _LearnedCollector()
+        r.register(self._learned)
         self._worker_restarts = Counter(
             "kgw_worker_restarts_total", "Workers of `serve --workers N` started again after "
             "one died (crash, SIGKILL, OOM kill); each restarted worker counts itself.",
@@ -171,6 +202,12 @@ class Metrics:
     def ratelimit_redis_fallback(self, active: bool) -> None:
         self._redis_fallback.set(1 if active else 0)
 
+    def ratelimit_paused(self) -> None:
+        self._pauses.inc()
+
+    def ratelimit_learned(self, view: LearnedView) -> None:
+        """Where the learning gauges are read from (the process's rate limiter)."""
+        self._learned.view = view
     def worker_restarted(self) -> None:
         self._worker_restarts.inc()
     def audit_unauthenticated_suppressed(self) -> None:
@@ -194,6 +231,7 @@ class Metrics:
             return generate_latest(self.registry)
         merged = CollectorRegistry()
         multiprocess.MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
+        merged.register(self._learned)
         return generate_latest(merged)
 
 
