@@ -103,7 +103,7 @@ class Deactivator:
         try:
             caller.authorize(d.bot_id)
             app = self.tokens.app_for(d.bot_id)
-            await self.limiter.acquire(d.bot_id, deadline)
+            ask.trace.grant = await self.limiter.acquire(d.bot_id, deadline)
             ticket = self.breaker.before_call(d.bot_id)
         except GatewayError as exc:
             await self.deny(ask, exc)

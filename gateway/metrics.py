@@ -29,13 +29,14 @@ import shutil
 import tempfile
 import time
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, values
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -54,6 +55,35 @@ CIRCUIT_STATES = {"closed": 0, "half_open": 1, "open": 2}  # kore_gateway_circui
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 AUDIT_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# (bot, learned budget or None, seconds of pause left) for each bot Kore.ai refused lately
+LearnedView = Callable[[], Iterable[tuple[str, int | None, float]]]
+
+
+class _LearnedCollector:
+    """The rate-limit learning gauges, read from the limiter whenever /metrics is scraped:
+    learned budgets come and go with time, and with several workers the shared state is the
+    truth (one worker answers the scrape), not a value each worker last wrote (so they are
+    left out of the workers' snapshots)."""
+
+    NAMES = frozenset({"kore_gateway_ratelimit_learned_budget",
+                       "kore_gateway_ratelimit_paused_bots"})
+
+    def __init__(self) -> None:
+        self.view: LearnedView = lambda: ()
+
+    def collect(self) -> Iterable[Metric]:
+        budgets = GaugeMetricFamily(
+            "kore_gateway_ratelimit_learned_budget", "A bot's budget in the shortest window, "
+            "learned from Kore.ai's rate-limit answers (only while below the configured one).",
+            labels=["bot"])
+        paused = 0
+        for bot, budget, pause_s in self.view():
+            if budget is not None:
+                budgets.add_metric([bot], budget)
+            paused += pause_s > 0
+        yield budgets
+        yield GaugeMetricFamily("kore_gateway_ratelimit_paused_bots", "Bots for which no call "
+                                "goes to Kore.ai until its rate-limit pause ends.", value=paused)
 
 
 class Metrics:
@@ -112,6 +142,11 @@ class Metrics:
             "kore_gateway_ratelimit_redis_fallback", "1 while the Redis rate-limit backend is "
             "unreachable and a local share of the budget is used, else 0 (worst worker).",
             multiprocess_mode="livemax", registry=r)
+        self._pauses = Counter("kore_gateway_ratelimit_pauses_total", "Pauses started by "
+                               "Kore.ai's rate-limit answers (429, or its rate-limit message).",
+                               registry=r)
+        self._learned = _LearnedCollector()
+        r.register(self._learned)
         self._worker_restarts = Counter(
             "kgw_worker_restarts_total", "Workers of `serve --workers N` started again after "
             "one died (crash, SIGKILL, OOM kill); each restarted worker counts itself.",
@@ -196,6 +231,13 @@ class Metrics:
     def ratelimit_redis_fallback(self, active: bool) -> None:
         self._redis_fallback.set(1 if active else 0)
 
+    def ratelimit_paused(self) -> None:
+        self._pauses.inc()
+
+    def ratelimit_learned(self, view: LearnedView) -> None:
+        """Where the learning gauges are read from (the process's rate limiter)."""
+        self._learned.view = view
+
     def worker_restarted(self) -> None:
         self._worker_restarts.inc()
 
@@ -221,6 +263,7 @@ class Metrics:
         self._shared.publish()
         merged = CollectorRegistry()
         merged.register(_Families(self._shared.merged()))
+        merged.register(self._learned)  # read live here: the shared state is the truth
         return generate_latest(merged)
 
     def publish(self) -> None:
@@ -313,7 +356,8 @@ class _Shared:
     def publish(self) -> None:
         if self._modes is None:
             self._modes = self.metrics.gauge_modes()
-        families = [_family_dict(family, self._modes) for family in self.metrics.registry.collect()]
+        families = [_family_dict(family, self._modes) for family in self.metrics.registry.collect()
+                    if family.name not in _LearnedCollector.NAMES]
         text = json.dumps({"pid": os.getpid(), "time": time.time(), "families": families})
         temporary = self.path.with_suffix(".tmp")
         temporary.write_text(text, encoding="utf-8")

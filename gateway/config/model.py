@@ -155,6 +155,8 @@ class RateLimitConfig:
     redis_url: Secret | None = None
     local_fallback_fraction: float = 0.5  # share of the budget used while Redis is down
     redis_timeout_s: float = 0.25
+    backoff_s: float = 5.0  # pause after Kore.ai's rate-limit answer without Retry-After (doubles)
+    max_pause_s: float = 3600.0  # the longest pause, whatever Kore.ai's Retry-After says
 
 
 DEFAULT_LOG_FILE_MAX_BYTES = 10_485_760

@@ -258,7 +258,11 @@ def _rate_limit(t: Table) -> RateLimitConfig:
         local_fallback_fraction=t.number("local_fallback_fraction", d.local_fallback_fraction,
                                          low=0, high=1),
         redis_timeout_s=t.number("redis_timeout_s", d.redis_timeout_s, low=0.01, high=10),
+        backoff_s=t.number("backoff_s", d.backoff_s, low=0.01, high=86400),
+        max_pause_s=t.number("max_pause_s", d.max_pause_s, low=0.01, high=86400),
     )
+    if rl.max_pause_s < rl.backoff_s:
+        t.fail("max_pause_s", f"must be at least backoff_s ({rl.backoff_s:g})")
     if rl.enabled and rl.backend == "redis" and rl.redis_url is None:
         t.fail("redis_url", 'is required when backend = "redis" (as redis_url, redis_url_env '
                "or redis_url_file)")

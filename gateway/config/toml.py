@@ -50,7 +50,7 @@ class Table:
         if name not in self.data:
             return default
         value = self.get(name, int if integer else float, default)
-        if value < low or (high is not None and value > high):
+        if not value >= low or (high is not None and not value <= high):  # nan fails both
             bound = f"between {low:g} and {high:g}" if high is not None else f"at least {low:g}"
             self.fail(name, f"must be {bound}")
             return default

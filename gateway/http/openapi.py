@@ -389,7 +389,10 @@ def _output_schemas() -> dict[str, Any]:
                 "auditDiskFreeBytes": {
                     "type": ["integer", "null"], "minimum": 0,
                     "description": "Bytes free for the gateway on the audit log's volume "
-                                   "(null when it cannot be read)."}}},
+                                   "(null when it cannot be read)."},
+                "pausedBots": {"type": "integer", "minimum": 0,
+                               "description": "Bots paused after Kore.ai's rate-limit answer "
+                                              "(as this process knows them)."}}},
     }
 
 

@@ -32,8 +32,16 @@ from gateway.http.reload import ConfigChange, ReloadStatus, diff, live_config
 from gateway.kore.client import KoreClient
 from gateway.kore.tokens import TokenCache
 from gateway.metrics import Metrics, shared_dir
-from gateway.ratelimit.memory import MemoryRateLimiter, RateLimiter, Unlimited, spaced
+from gateway.ratelimit.learning import Policy
+from gateway.ratelimit.memory import (
+    SPACING_MARGIN_S,
+    MemoryRateLimiter,
+    RateLimiter,
+    Unlimited,
+    spaced,
+)
 from gateway.ratelimit.redis import RedisRateLimiter
+from gateway.ratelimit.shared import attach
 from gateway.validation import Validator
 
 log = structlog.get_logger(__name__)
@@ -67,8 +75,10 @@ class Runtime:
         self.keyless = KeylessBudget(max(MIN_KEYLESS_SHARE, config.server.max_in_flight // 10))
         self.tokens = TokenCache(config.apps, metrics=self.metrics)
         self.limiter = make_limiter(config, workers, self.metrics)
+        self.metrics.ratelimit_learned(
+            lambda: ((v.bot_id, v.budget, v.paused_s) for v in self.limiter.learned()))
         self.client = KoreClient(config.upstream, self.tokens, self.limiter,
-                                 metrics=self.metrics)
+                                 metrics=self.metrics, max_pause_s=config.rate_limit.max_pause_s)
         self.breaker = CircuitBreaker(self.client.host,
                                       failures=config.upstream.breaker_failures,
                                       cooldown_s=config.upstream.breaker_cooldown_s,
@@ -159,7 +169,8 @@ class Runtime:
         detail = {"status": "ready" if ok else "not_ready", "checks": checks,
                   "circuit": self.breaker.detail(), "rateLimit": self.limiter.detail(),
                   "configReload": self.reload_status.detail(),
-                  "auditDiskFreeBytes": self.audit_disk_free()}
+                  "auditDiskFreeBytes": self.audit_disk_free(),
+                  "pausedBots": sum(v.paused_s > 0 for v in self.limiter.learned())}
         return ok, detail
 
     def audit_disk_free(self) -> int | None:
@@ -222,7 +233,8 @@ async def close_orphans(config: Config, workers: int) -> None:
 
 
 def make_limiter(config: Config, workers: int, metrics: Metrics | None = None) -> RateLimiter:
-    """Memory: each of N workers takes 1/N of the budget. Redis: the budget is global, and
+    """Memory: each of N workers takes 1/N of the budget, and what Kore.ai's refusals teach is
+    shared through the supervisor's table. Redis: the budget and the learning are global, and
     while Redis is lost each worker takes 1/N of the replica's `local_fallback_fraction`."""
     rl = config.rate_limit
     if not rl.enabled:
@@ -230,5 +242,8 @@ def make_limiter(config: Config, workers: int, metrics: Metrics | None = None) -
     if rl.backend == "redis":
         return RedisRateLimiter(rl, fallback_share=rl.local_fallback_fraction / workers,
                                 metrics=metrics)
-    return MemoryRateLimiter(spaced(config.rate_limit.windows), share=1 / workers,
-                             metrics=metrics)
+    policy = Policy.of(rl.windows, rl.backoff_s, rl.max_pause_s)
+    shared = attach(policy, SPACING_MARGIN_S) if workers > 1 else None
+    return MemoryRateLimiter(spaced(rl.windows), share=1 / workers, metrics=metrics,
+                             backoff_s=rl.backoff_s, max_pause_s=rl.max_pause_s,
+                             margin_s=SPACING_MARGIN_S, store=shared)

@@ -40,6 +40,7 @@ from gateway.http.runtime import Runtime
 from gateway.http.supervisor import HangupRelay, Supervisor, worker_signals
 from gateway.logs import LogFile, LogFileError, configure, worker_file
 from gateway.metrics import in_worker, multiprocess_dir
+from gateway.ratelimit.shared import shared_table
 
 log = structlog.get_logger(__name__)
 
@@ -156,7 +157,9 @@ def _install_signals(stop: asyncio.Event, halt: Callable[[], bool], *,
 
 def serve(config: Config, workers: int = 1, *, watch_s: float | None = None) -> int:
     raise_fd_limit()  # every client connection is a descriptor; workers inherit the limit
-    with multiprocess_dir(workers):  # set before spawning: the workers share their metrics
+    # Both set before spawning: the workers share their metrics and what Kore.ai's rate-limit
+    # answers taught (`ratelimit/shared.py`).
+    with multiprocess_dir(workers), shared_table(config.rate_limit, workers):
         if workers <= 1:
             return event_loop.run(run_worker(config, watch_s=watch_s))
         config = _claim_ports(config)

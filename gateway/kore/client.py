@@ -3,6 +3,11 @@
 Raises only the `UpstreamError` family: no aiohttp exception escapes this module. Knows
 nothing of callers or the audit log; the core (`deactivation.py`) passes a `CallTrace` that
 this module fills with the attempt count and the last upstream status.
+
+Kore.ai's rate-limit answer (a 429, or its message "Rate limit for this API has been reached"
+on any status) is reported to the rate limiter, which pauses the bot and learns its real
+budget; the retry then waits for a slot like any call. Kore.ai's `Retry-After` counts only
+as a finite number of seconds or an HTTP date, capped at `rate_limit.max_pause_s`.
 """
 
 from __future__ import annotations
@@ -10,7 +15,9 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import json
+import math
 import random
+import re
 import ssl
 import time
 from collections.abc import Callable
@@ -37,7 +44,7 @@ from gateway.errors import (
 from gateway.kore.scrub import scrub
 from gateway.kore.tokens import TokenCache
 from gateway.metrics import Metrics
-from gateway.ratelimit.memory import RateLimiter
+from gateway.ratelimit.memory import Grant, RateLimiter
 from gateway.validation import Deactivation
 
 log = structlog.get_logger(__name__)
@@ -45,14 +52,21 @@ log = structlog.get_logger(__name__)
 MAX_ANSWER_BYTES = 65536  # Kore.ai's answers are small; never buffer an unbounded one
 MIN_ATTEMPT_S = 0.05  # a retry with less time than this before the deadline is not started
 STATIC_HEADERS = {"Content-Type": "application/json"}  # on every call, exactly once
+DEFAULT_MAX_PAUSE_S = 3600.0  # rate_limit.max_pause_s
+# Kore.ai's words when its limit is spent, lower-cased (docs/xo/apis/automation/rate-limit.md)
+RATE_LIMIT_MESSAGE = "rate limit for this api has been reached"
+MAX_SCANNED_STRINGS = 64  # of an answer body, when looking for Kore.ai's message
+_SECONDS = re.compile(r"[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?")
 
 
 @dataclass(slots=True)
 class CallTrace:
-    """What happened upstream for one caller request."""
+    """What happened upstream for one caller request, and the rate-limit grant of the attempt
+    in progress (reported back when Kore.ai refuses it for its limit)."""
 
     attempts: int = 0
     upstream_status: int | None = None
+    grant: Grant | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,22 +94,45 @@ def ssl_context(config: UpstreamConfig) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=config.ca_file)
 
 
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """`Retry-After` as delay seconds or an HTTP date → seconds from now (None if absent/bad)."""
+def parse_retry_after(value: str | None, now: float | None = None, *,
+                      cap_s: float = DEFAULT_MAX_PAUSE_S) -> float | None:
+    """`Retry-After` as seconds from now: a finite, non-negative number of seconds or an HTTP
+    date, capped at `cap_s`. Anything else (`1e999`, `nan`, `-1`, garbage) is None: absent."""
     if not value:
         return None
     value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
+    if _SECONDS.fullmatch(value):
+        seconds = float(value)
+        return min(seconds, cap_s) if math.isfinite(seconds) else None
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        if when.tzinfo is None:
+            return None
+        delta = when.timestamp() - (time.time() if now is None else now)
+    except (TypeError, ValueError, IndexError, OverflowError, OSError):
         return None
-    if when.tzinfo is None:
-        return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+    return min(max(0.0, delta), cap_s)
+
+
+def is_rate_limit_answer(status: int, body: Any) -> bool:
+    """An upstream 429, or Kore.ai's message "Rate limit for this API has been reached" in the
+    body of an answer of any status."""
+    return status == 429 or any(RATE_LIMIT_MESSAGE in text.lower() for text in _strings(body))
+
+
+def _strings(body: Any) -> list[str]:
+    """The strings of a parsed answer, in a bounded walk (an answer is at most 64 KiB)."""
+    found: list[str] = []
+    todo = [body]
+    while todo and len(found) < MAX_SCANNED_STRINGS:
+        item = todo.pop()
+        if isinstance(item, str):
+            found.append(item)
+        elif isinstance(item, dict):
+            todo.extend(item.values())
+        elif isinstance(item, list):
+            todo.extend(item[:MAX_SCANNED_STRINGS])
+    return found
 
 
 def kore_message(body: Any) -> str:
@@ -117,8 +154,10 @@ class KoreClient:
 
     def __init__(self, config: UpstreamConfig, tokens: TokenCache, limiter: RateLimiter, *,
                  rng: Callable[[], float] = random.random,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None,
+                 max_pause_s: float = DEFAULT_MAX_PAUSE_S) -> None:
         self.config = config
+        self.max_pause_s = max_pause_s
         self._metrics = metrics if metrics is not None else Metrics()
         self.tokens = tokens
         self.limiter = limiter
@@ -156,10 +195,13 @@ class KoreClient:
         counted = 0
         reminted = False
         error: UpstreamError | None = None
+        paused = False  # the rate limiter paused the bot after Kore.ai's rate-limit answer
         while True:
             if trace.attempts:
-                await self._retry_slot(d.bot_id, deadline, error)
+                trace.grant = await self._retry_slot(d.bot_id, deadline, error)
             token = await self.tokens.token(app)
+            if trace.grant is not None:
+                trace.grant = await self.limiter.sending(d.bot_id, trace.grant)
             trace.attempts += 1
             try:
                 answer = await self._send(url, token.value, payload, request_id, deadline)
@@ -169,7 +211,8 @@ class KoreClient:
                 error = exc
             else:
                 trace.upstream_status = answer.status
-                if answer.status in (401, 403) and not reminted:
+                if answer.status in (401, 403) and not reminted and not is_rate_limit_answer(
+                        answer.status, answer.body):
                     # Our token was refused: drop it and try once with a fresh one.
                     self.tokens.drop(app, token)
                     reminted, error = True, None
@@ -179,19 +222,36 @@ class KoreClient:
                 judged = self._judge(answer)
                 if judged is None:
                     return answer.body
+                paused = isinstance(judged, UpstreamRateLimited) and await self._learn(
+                    d.bot_id, trace, answer, judged)
                 error = judged
             counted += 1
-            await self._before_retry(error, counted, deadline, request_id)
+            await self._before_retry(error, counted, deadline, request_id, paused)
+
+    async def _learn(self, bot_id: str, trace: CallTrace, answer: Answer,
+                     error: UpstreamRateLimited) -> bool:
+        """Kore.ai said the bot's limit is spent: the limiter pauses the bot and learns (True
+        when it paused). The caller's `Retry-After` is the pause, else Kore.ai's own, else 1 s."""
+        grant = trace.grant if trace.grant is not None else Grant(slot=time.monotonic())
+        paused = await self.limiter.refused(bot_id, grant, answer.retry_after_s)
+        error.retry_after_s = paused if paused > 0 else (
+            answer.retry_after_s if answer.retry_after_s is not None else 1.0)
+        log.warning("upstream.rate_limited", bot_id=bot_id, upstream_status=answer.status,
+                    retry_after_s=answer.retry_after_s, paused_s=round(paused, 3))
+        return paused > 0
 
     async def _retry_slot(self, bot_id: str, deadline: float, error: UpstreamError | None
-                          ) -> None:
+                          ) -> Grant:
         """A rate-limit slot for the next attempt. Without one in time, the caller gets the
-        last attempt's error (`RateLimited` only when none failed: the re-mint after 401/403)."""
+        last attempt's error (`RateLimited` only when none failed: the re-mint after 401/403),
+        with the honest `Retry-After` when Kore.ai's own limit is what holds it back."""
         try:
-            await self.limiter.acquire(bot_id, deadline)
-        except RateLimited:
+            return await self.limiter.acquire(bot_id, deadline)
+        except RateLimited as refused:
             if error is None:
                 raise
+            if isinstance(error, UpstreamRateLimited):
+                error.retry_after_s = refused.retry_after_s
             log.info("upstream.retry_not_started", reason="rate_limit", error=error.code)
             raise error from None
 
@@ -199,9 +259,14 @@ class KoreClient:
         """None for a success, else the error this answer means."""
         status, body = answer.status, answer.body
         message = kore_message(body)
+        if 200 <= status < 300 and isinstance(body, dict) and body.get("success") is True:
+            return None
+        if is_rate_limit_answer(status, body):
+            retry = answer.retry_after_s
+            return UpstreamRateLimited(
+                "Kore.ai's rate limit for this bot is reached", upstream_status=status,
+                retry_after_s=retry if retry is not None else 1.0)
         if 200 <= status < 300:
-            if isinstance(body, dict) and body.get("success") is True:
-                return None
             # Not retried: Kore.ai took the call and may well have closed the session.
             return UpstreamUnavailable(f"Kore.ai answered {status} without success: true",
                                        upstream_status=status)
@@ -211,11 +276,6 @@ class KoreClient:
         if status in (401, 403):
             return UpstreamAuthFailed(self._auth_failed_message(status, message),
                                       upstream_status=status)
-        if status == 429:
-            retry = answer.retry_after_s
-            return UpstreamRateLimited(
-                "Kore.ai's rate limit for this bot is reached", upstream_status=status,
-                retry_after_s=retry if retry is not None else 1.0)
         return UpstreamUnavailable(f"Kore.ai answered {status}", upstream_status=status)
 
     def _auth_failed_message(self, status: int, message: str) -> str:
@@ -226,15 +286,17 @@ class KoreClient:
                 f"scope is assigned to the app and published in Kore.ai{said}")
 
     async def _before_retry(self, error: UpstreamError, counted: int, deadline: float,
-                            request_id: str) -> None:
-        """Sleeps before the next attempt, or raises `error` when no retry may start."""
+                            request_id: str, paused: bool) -> None:
+        """Sleeps before the next attempt, or raises `error` when no retry may start. A bot
+        the rate limiter paused waits for its pause in the next attempt's slot instead."""
         status = error.upstream_status
         retryable = isinstance(error, UpstreamRateLimited) or (
             isinstance(error, UpstreamUnavailable) and (status is None or status >= 500))
         if not retryable or counted >= self.config.max_attempts:
             raise error
         delay = self._backoff(counted)
-        if isinstance(error, UpstreamRateLimited) and error.retry_after_s is not None:
+        if isinstance(error, UpstreamRateLimited) and error.retry_after_s is not None and (
+                not paused):
             delay = max(delay, error.retry_after_s)
         if time.monotonic() + delay + MIN_ATTEMPT_S >= deadline:
             raise error
@@ -261,8 +323,8 @@ class KoreClient:
                                          allow_redirects=False) as resp:
                 raw = await read_bounded(resp.content, MAX_ANSWER_BYTES)
                 self._metrics.upstream_attempt(resp.status, time.monotonic() - started)
-                return Answer(resp.status, decode_answer(raw),
-                              parse_retry_after(resp.headers.get("Retry-After")))
+                return Answer(resp.status, decode_answer(raw), parse_retry_after(
+                    resp.headers.get("Retry-After"), cap_s=self.max_pause_s))
         except TimeoutError:
             self._metrics.upstream_attempt("timeout", time.monotonic() - started)
             raise UpstreamTimeout("Kore.ai did not answer within the deadline") from None

@@ -1,40 +1,97 @@
-"""Kore.ai's per-bot rate limits, applied before a call leaves the gateway.
+"""Kore.ai's per-bot rate limits, applied before a call leaves the gateway, in this process.
 
 Each bot has one or more windows ("at most `calls` per `per_s` seconds"). A call is granted
-the earliest time at which every window has room; it waits for that time if it can still
-finish within its deadline, otherwise it is refused with an honest `Retry-After`.
-Knows nothing of HTTP. Backends follow the `RateLimiter` protocol.
+the earliest time at which every window has room and the bot's previous grant is `spacing`
+old; it waits for that time if it can still finish within its deadline, otherwise it is
+refused with an honest `Retry-After`. On top of the configured windows sit the pause and the
+budget learned from Kore.ai's refusals (`learning.py`), kept by a `LearnedStore`: this
+process's own (`LocalLearning`), or the table the workers of one supervisor share
+(`shared.py`). Knows nothing of HTTP. Backends follow the `RateLimiter` protocol.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import time
-from collections import deque
+from array import array
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
-
-from cachetools import TLRUCache
 
 from gateway.errors import RateLimited
 from gateway.metrics import Metrics
+from gateway.ratelimit.learning import (
+    Learned,
+    Policy,
+    accepted_before,
+    budget_at,
+    expired,
+    refuse,
+    shown,
+)
 
 Windows = Sequence[tuple[int, float]]
 MAX_TRACKED_BOTS = 100_000
+MAX_LEARNED_BOTS = 4096  # bots with a learned pause or budget at one time, as shared.CAPACITY
+MIN_SWEEP_BOTS = 1024  # below this many bots, idle ones are not swept out
 CALL_MARGIN_S = 0.25  # time left for the call itself after waiting for a slot
 # A grant keeps its place in a window this much longer than `per_s`: a call reaches Kore.ai a
 # little after its grant (audit fsync, connection, network), and unevenly, so a call granted
 # exactly `per_s` after an earlier one could land inside Kore.ai's window of that earlier call.
 SPACING_MARGIN_S = 0.2
+# One bot's grants are paced `spacing` apart: its windows' average interval, capped at
+# MAX_SPACING_S so a bot with a small budget still gets its few calls at once. A whole window's
+# budget granted in one instant would reach Kore.ai over the time the gateway takes to send it,
+# and the next window, granted on time, would then overlap the tail of that burst.
+MAX_SPACING_S = 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """A slot for one upstream call: `wait_s` waited for it, at `slot` on the backend's clock
+    (Redis's when `remote`), under the bot's learning `epoch` (a refusal from Kore.ai makes
+    older grants void)."""
+
+    wait_s: float = 0.0
+    slot: float = 0.0
+    epoch: int = 0
+    remote: bool = False
+    due: float = 0.0  # the slot on this process's monotonic clock (`slot` itself unless remote)
+
+
+@dataclass(frozen=True, slots=True)
+class BotView:
+    """What `/metrics` and `/readyz` show of one bot that Kore.ai refused lately."""
+
+    bot_id: str
+    budget: int | None  # the learned budget in the shortest window; None when not below the
+    # configured one
+    paused_s: float  # the pause left, 0 when none
 
 
 class RateLimiter(Protocol):
-    async def acquire(self, bot_id: str, deadline: float) -> float:
-        """Waits for a slot for one upstream call; returns the seconds waited.
+    async def acquire(self, bot_id: str, deadline: float) -> Grant:
+        """Waits for a slot for one upstream call.
 
         Raises `RateLimited` (without waiting) when the slot comes too late for `deadline`
         (a `time.monotonic()` value)."""
+        ...
+
+    async def sending(self, bot_id: str, grant: Grant) -> Grant:
+        """The call under `grant` leaves now: its place in the windows moves from the slot to
+        now when later (the audit write or a busy event loop held it back), as Kore.ai counts
+        a call when it arrives. Returns the grant as it now stands."""
+        ...
+
+    async def refused(self, bot_id: str, grant: Grant, retry_after_s: float | None) -> float:
+        """Kore.ai refused the call made under `grant` for its rate limit: learns from it.
+        Returns the bot's pause left, in seconds (0 when this limiter does not pause)."""
+        ...
+
+    def learned(self) -> list[BotView]:
+        """The bots with a learned budget or a pause, as this process knows them."""
         ...
 
     async def start(self) -> None:
@@ -49,10 +106,19 @@ class RateLimiter(Protocol):
 
 
 class Unlimited:
-    """`[rate_limit] enabled = false`."""
+    """`[rate_limit] enabled = false`: nothing paced, nothing learned."""
 
-    async def acquire(self, bot_id: str, deadline: float) -> float:
+    async def acquire(self, bot_id: str, deadline: float) -> Grant:
+        return Grant()
+
+    async def sending(self, bot_id: str, grant: Grant) -> Grant:
+        return grant
+
+    async def refused(self, bot_id: str, grant: Grant, retry_after_s: float | None) -> float:
         return 0.0
+
+    def learned(self) -> list[BotView]:
+        return []
 
     async def start(self) -> None:
         return None
@@ -74,77 +140,285 @@ def scaled(windows: Windows, share: float) -> tuple[tuple[int, float], ...]:
     return tuple((max(1, math.floor(calls * share)), per_s) for calls, per_s in windows)
 
 
+def spacing_of(windows: Windows) -> float:
+    return min(MAX_SPACING_S, *(per_s / calls for calls, per_s in windows))
+
+
+class GrantLog:
+    """Each bot's recent grant times, oldest first, kept compact: a bare float for a bot with
+    one grant, else an array of doubles holding at most `keep` (+ a little slack).
+
+    Bots are swept out once idle for `idle_s` (their latest grant that old): a sweep runs
+    whenever the number of bots has doubled since the last one, so it costs O(1) per grant.
+    Still near `max_bots` after a sweep, the longest-known bots go, down to 7/8 of it (a busy
+    bot evicted so forgets its grants: the bound holds memory, not every budget).
+    """
+
+    def __init__(self, keep: int, idle_s: float, max_bots: int = MAX_TRACKED_BOTS) -> None:
+        self.keep, self.idle_s, self.max_bots = keep, idle_s, max_bots
+        self._slack = max(8, keep // 4)
+        self._bots: dict[str, float | array[float]] = {}
+        self._sweep_at = MIN_SWEEP_BOTS
+
+    def __len__(self) -> int:
+        return len(self._bots)
+
+    def bots(self) -> list[str]:
+        return list(self._bots)
+
+    def times(self, bot_id: str) -> Sequence[float]:
+        held = self._bots.get(bot_id)
+        if held is None:
+            return ()
+        return (held,) if isinstance(held, float) else held
+
+    def add(self, bot_id: str, at: float, now: float) -> None:
+        held = self._bots.get(bot_id)
+        if held is None:
+            if len(self._bots) >= self._sweep_at:
+                self.sweep(now)
+            self._bots[bot_id] = float(at)
+        elif isinstance(held, float):
+            self._bots[bot_id] = array("d", (held, at))
+        else:
+            held.append(at)
+            if len(held) > self.keep + self._slack:
+                del held[:len(held) - self.keep]
+
+    def sweep(self, now: float) -> None:
+        """Drops the idle bots, then the longest-known ones when still near `max_bots`."""
+        idle = [bot for bot, held in self._bots.items()
+                if (held if isinstance(held, float) else held[-1]) + self.idle_s <= now]
+        for bot in idle:
+            del self._bots[bot]
+        if len(self._bots) >= self.max_bots - 1:
+            keep = self.max_bots - self.max_bots // 8
+            for bot in list(itertools.islice(self._bots, len(self._bots) - keep)):
+                del self._bots[bot]
+        self._sweep_at = min(self.max_bots, max(MIN_SWEEP_BOTS, 2 * len(self._bots)))
+
+    def void_after(self, bot_id: str, now: float) -> None:
+        """Forgets the bot's grants for slots still to come: Kore.ai's refusal voided them."""
+        kept = [t for t in self.times(bot_id) if t <= now]
+        self._set(bot_id, kept)
+
+    def forget(self, bot_id: str, at: float) -> None:
+        """Forgets one grant (a caller gave its slot back)."""
+        times = list(self.times(bot_id))
+        if at in times:
+            times.remove(at)
+            self._set(bot_id, times)
+
+    def restamp(self, bot_id: str, at: float, now: float) -> None:
+        """Moves one grant from `at` to `now`, keeping the log in order. The grant is recent,
+        so both ends of the search are near the end of the log."""
+        held = self._bots.get(bot_id)
+        if isinstance(held, float):
+            if held == at:
+                self._bots[bot_id] = now
+            return
+        if held is None:
+            return
+        i = len(held) - 1
+        while i >= 0 and held[i] != at:
+            i -= 1
+        if i < 0:
+            return
+        del held[i]
+        j = len(held)
+        while j > 0 and held[j - 1] > now:
+            j -= 1
+        held.insert(j, now)
+
+    def _set(self, bot_id: str, times: list[float]) -> None:
+        if not times:
+            self._bots.pop(bot_id, None)
+        else:
+            self._bots[bot_id] = times[0] if len(times) == 1 else array("d", times)
+
+
+Fits = Callable[[float], bool]
+
+
+class LearnedStore(Protocol):
+    """Where the pause and learned budget of each bot live, and how a grant honours them."""
+
+    def reserve(self, bot_id: str, slot: float, now: float, times: Sequence[float],
+                fits: Fits) -> tuple[float, int, bool]:
+        """Moves `slot` past the bot's pause and learned budget; records it if `fits(slot)`.
+        `times` are this process's grants for the bot. Returns (slot, epoch, granted)."""
+        ...
+
+    def refused(self, bot_id: str, grant: Grant, retry_after_s: float | None, now: float,
+                times: Sequence[float]) -> tuple[Learned, bool]:
+        """Learns from Kore.ai's refusal of `grant`, forgets that grant and those for slots
+        still to come; returns the state and whether a new pause started."""
+        ...
+
+    def epoch(self, bot_id: str, now: float) -> int:
+        """The bot's current epoch (0 when nothing is learned)."""
+        ...
+
+    def restamp(self, bot_id: str, at: float, now: float) -> None:
+        """The grant at `at` left at `now` (see `RateLimiter.sending`)."""
+        ...
+
+    def views(self, now: float) -> list[BotView]: ...
+
+
+class LocalLearning:
+    """The learned state of this process's bots, next to its complete grant log."""
+
+    def __init__(self, policy: Policy, margin_s: float) -> None:
+        self.policy, self.margin_s = policy, margin_s
+        self._states: dict[str, Learned] = {}
+
+    def _state(self, bot_id: str, now: float) -> Learned | None:
+        state = self._states.get(bot_id)
+        if state is not None and expired(state, self.policy, now):
+            del self._states[bot_id]
+            return None
+        return state
+
+    def reserve(self, bot_id: str, slot: float, now: float, times: Sequence[float],
+                fits: Fits) -> tuple[float, int, bool]:
+        state = self._state(bot_id, now)
+        if state is None:
+            return slot, 0, fits(slot)
+        slot = max(slot, state.pause_until)
+        budget = budget_at(state, self.policy, slot)
+        if budget is not None and len(times) >= budget:
+            slot = max(slot, times[-budget] + self.policy.window_s + self.margin_s)
+        return slot, state.epoch, fits(slot)
+
+    def refused(self, bot_id: str, grant: Grant, retry_after_s: float | None, now: float,
+                times: Sequence[float]) -> tuple[Learned, bool]:
+        accepted = accepted_before(times, grant.slot, self.policy.window_s + self.margin_s)
+        state, started = refuse(self._state(bot_id, now), self.policy, now=now,
+                                slot=grant.slot, accepted=accepted, retry_after_s=retry_after_s)
+        if bot_id not in self._states and len(self._states) >= MAX_LEARNED_BOTS:
+            self.views(now)  # drops the expired
+            while len(self._states) >= MAX_LEARNED_BOTS:
+                del self._states[next(iter(self._states))]
+        self._states[bot_id] = state
+        return state, started
+
+    def epoch(self, bot_id: str, now: float) -> int:
+        state = self._state(bot_id, now)
+        return 0 if state is None else state.epoch
+
+    def restamp(self, bot_id: str, at: float, now: float) -> None:
+        return None  # the grant log is this process's own: `MemoryRateLimiter` moves it
+
+    def views(self, now: float) -> list[BotView]:
+        for bot in [b for b, s in self._states.items() if expired(s, self.policy, now)]:
+            del self._states[bot]
+        return [BotView(bot, shown(s, self.policy, now), max(0.0, s.pause_until - now))
+                for bot, s in self._states.items()]
+
+
 class MemoryRateLimiter:
-    """Per-bot sliding windows kept in this process.
+    """Per-bot sliding windows kept in this process, plus what Kore.ai's refusals taught.
 
     Grants are handed out in order, so only the `calls`-th most recent grant of each window
-    matters: a window has room at `t` once that grant is at least `per_s` old.
+    matters: a window has room at `t` once that grant is at least `per_s` old. One log of grant
+    times per bot serves every window.
     """
 
     def __init__(self, windows: Windows, *, share: float = 1.0,
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, backoff_s: float = 5.0,
+                 max_pause_s: float = 3600.0, margin_s: float = 0.0,
+                 store: LearnedStore | None = None, spacing_s: float | None = None) -> None:
+        """`windows` are paced as given (with any margin already added); `margin_s` is that
+        margin, so that learning measures Kore.ai's own windows. `spacing_s` defaults to
+        `spacing_of(windows)`, as the Redis backend's."""
         self.windows = scaled(windows, share)
+        self.spacing_s = spacing_of(self.windows) if spacing_s is None else spacing_s
+        self.policy = Policy.of([(c, p - margin_s) for c, p in windows], backoff_s, max_pause_s)
+        self.store: LearnedStore = store if store is not None else LocalLearning(
+            self.policy, margin_s)
         self._metrics = metrics if metrics is not None else Metrics()
         self._clock = clock
         self._sleep = sleep
-        longest = max(per for _, per in self.windows)
-
-        def until_stale(_bot: str, grants: list[deque[float]], _now: float) -> float:
-            # The latest grant may be a slot in the future: it counts until `longest` after it.
-            return max(w[-1] for w in grants) + longest
-
-        self._bots: TLRUCache[str, list[deque[float]]] = TLRUCache(
-            MAX_TRACKED_BOTS, ttu=until_stale, timer=clock)
+        self.log = GrantLog(max(calls for calls, _ in self.windows),
+                            max(per for _, per in self.windows))
         self.waits = 0
         self.rejections = 0
+
+    def _local_slot(self, times: Sequence[float], now: float) -> float:
+        slot = now
+        if times:
+            slot = max(slot, times[-1] + self.spacing_s)
+        for calls, per_s in self.windows:
+            if len(times) >= calls:
+                slot = max(slot, times[-calls] + per_s)
+        return slot
 
     def next_slot(self, bot_id: str, now: float | None = None) -> float:
         """The earliest time a call for `bot_id` may go out (`now`: one clock read for both)."""
         now = self._clock() if now is None else now
-        grants = self._bots.get(bot_id)
-        if grants is None:
-            return now
-        slot = now
-        for (calls, per_s), window in zip(self.windows, grants, strict=True):
-            if window:
-                slot = max(slot, window[-1])
-            if len(window) >= calls:
-                slot = max(slot, window[-calls] + per_s)
+        times = self.log.times(bot_id)
+        slot, _, _ = self.store.reserve(bot_id, self._local_slot(times, now), now, times,
+                                        lambda _slot: False)
         return slot
 
-    def reserve(self, bot_id: str, deadline: float) -> float:
-        """Takes the next slot if it leaves time for the call; returns the wait in seconds."""
+    def reserve(self, bot_id: str, deadline: float) -> Grant:
+        """Takes the next slot if it leaves time for the call."""
         now = self._clock()
-        slot = self.next_slot(bot_id, now)
-        if slot > now and slot + CALL_MARGIN_S > deadline:
+        times = self.log.times(bot_id)
+
+        def fits(slot: float) -> bool:
+            return slot <= now or slot + CALL_MARGIN_S <= deadline
+
+        slot, epoch, granted = self.store.reserve(bot_id, self._local_slot(times, now), now,
+                                                  times, fits)
+        if not granted:
             self.rejections += 1
             self._metrics.ratelimit_rejected()
-            wait = slot - now
-            raise RateLimited(
-                f"the Kore.ai rate limit for bot {bot_id} is spent; retry in {math.ceil(wait)} s",
-                retry_after_s=wait)
-        grants = self._bots.get(bot_id)
-        if grants is None:
-            grants = [deque(maxlen=calls) for calls, _ in self.windows]
-        for window in grants:
-            window.append(slot)
-        self._bots[bot_id] = grants  # re-set so the expiry counts from the latest grant
-        return slot - now
+            raise rate_limited(bot_id, slot - now)
+        self.log.add(bot_id, slot, now)
+        return Grant(slot - now, slot, epoch, due=slot)
 
-    async def acquire(self, bot_id: str, deadline: float) -> float:
-        wait = self.reserve(bot_id, deadline)
-        if wait > 0:
+    async def acquire(self, bot_id: str, deadline: float) -> Grant:
+        waited = 0.0
+        while True:  # ends: each round sleeps until a slot, and a slot past the deadline raises
+            grant = self.reserve(bot_id, deadline)
+            if grant.wait_s <= 0:
+                return Grant(waited, grant.slot, grant.epoch, due=grant.due)
             self.waits += 1
             self._metrics.ratelimit_waited()
-            await self._sleep(wait)
-        return wait
+            await self._sleep(grant.wait_s)
+            waited += grant.wait_s
+            if self.store.epoch(bot_id, self._clock()) == grant.epoch:
+                return Grant(waited, grant.slot, grant.epoch, due=grant.due)
+            self.log.forget(bot_id, grant.slot)  # Kore.ai refused meanwhile: ask again
+
+    async def sending(self, bot_id: str, grant: Grant) -> Grant:
+        now = self._clock()
+        if grant.remote or now <= grant.slot:
+            return grant
+        self.log.restamp(bot_id, grant.slot, now)
+        self.store.restamp(bot_id, grant.slot, now)
+        return Grant(grant.wait_s, now, grant.epoch, due=now)
+
+    async def refused(self, bot_id: str, grant: Grant, retry_after_s: float | None) -> float:
+        now = self._clock()
+        state, started = self.store.refused(bot_id, grant, retry_after_s, now,
+                                            self.log.times(bot_id))
+        self.log.forget(bot_id, grant.slot)  # a refused call takes no place in a window
+        self.log.void_after(bot_id, now)
+        if started:
+            self._metrics.ratelimit_paused()
+        return max(0.0, state.pause_until - now)
+
+    def learned(self) -> list[BotView]:
+        return self.store.views(self._clock())
 
     def history(self) -> dict[str, list[float]]:
-        """Each tracked bot's recent grant times (as many as its largest window keeps)."""
-        largest = max(range(len(self.windows)), key=lambda i: self.windows[i][0])
-        return {bot: list(grants[largest]) for bot, grants in list(self._bots.items())}
+        """Each tracked bot's recent grant times."""
+        return {bot: list(self.log.times(bot)) for bot in self.log.bots()}
 
     async def start(self) -> None:
         return None
@@ -154,3 +428,9 @@ class MemoryRateLimiter:
 
     async def aclose(self) -> None:
         return None
+
+
+def rate_limited(bot_id: str, wait_s: float) -> RateLimited:
+    return RateLimited(
+        f"the Kore.ai rate limit for bot {bot_id} is spent; retry in {math.ceil(wait_s)} s",
+        retry_after_s=wait_s)

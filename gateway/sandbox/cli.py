@@ -13,7 +13,15 @@ from typing import Any
 from aiohttp import web
 
 from gateway.config.model import is_loopback
-from gateway.sandbox.faults import FAULT_CHECKS, Faults, integer_in, parse_limit
+from gateway.sandbox.faults import (
+    FAULT_CHECKS,
+    LIMIT_ANSWERS,
+    LIMIT_PRESETS,
+    Faults,
+    integer_in,
+    limit_preset,
+    parse_limit,
+)
 from gateway.sandbox.server import (
     DEFAULT_KNOWN_BOTS,
     DEFAULT_SESSION_PATH,
@@ -33,6 +41,10 @@ _FAULT_FLAGS = {
     "retry_after_s": "Retry-After sent with --rate-429 (default 1)",
     "drop_rate": "fraction of calls whose connection is closed without an answer",
     "reject_token_next": "the next N calls get 401 as if the token were rejected",
+    "limit_status": "status of rate-limit answers (default 429; e.g. 400 or 200: Kore.ai's "
+                    "message on another status)",
+    "retry_after_header": "Retry-After text sent verbatim with rate-limit answers (e.g. 1e999)",
+    "limit_scale": "every --limit/--limits window lasts PER_S times this (e.g. 0.1: 60/6 s)",
     "odd_success": "answer accepted calls with an odd 2xx: empty, no_content (204) or "
                    "string_true ({\"success\": \"true\"})",
 }
@@ -70,6 +82,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="per-bot window, repeatable (e.g. 600/60)",
     )
     parser.add_argument(
+        "--limits",
+        dest="limit_preset",
+        type=_arg(limit_preset),
+        metavar="PRESET",
+        help="Kore.ai's documented per-bot windows: " + ", ".join(
+            f"{name} ({' + '.join(f'{c}/{p:g}s' for c, p in windows)})"
+            for name, windows in LIMIT_PRESETS.items()) + "; adds to --limit",
+    )
+    parser.add_argument(
+        "--limit-answer",
+        type=_arg(FAULT_CHECKS["limit_answer"]),
+        metavar="STYLE",
+        help=f"how --rate-429 and the limits answer: {' or '.join(LIMIT_ANSWERS)} (Kore.ai's "
+             "documented message, no Retry-After); default retry-after",
+    )
+    parser.add_argument(
         "--known-bot",
         action="append",
         metavar="GLOB",
@@ -94,6 +122,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def sandbox_from_args(args: argparse.Namespace, apps: Sequence[SandboxApp]) -> KoreSandbox:
     given = {name: getattr(args, name, None) for name in FAULT_CHECKS}
+    preset = getattr(args, "limit_preset", None)
+    if preset is not None:
+        given["limits"] = [*(given["limits"] or []), *preset]
     faults = Faults(**{name: value for name, value in given.items() if value is not None})
     return KoreSandbox(
         apps,

@@ -13,9 +13,12 @@ A call to a session path is handled in this order:
 1. recorded in `calls` (status 0 until answered; it stays 0 when dropped);
 2. any method but `PUT` → 405;
 3. faults, in order: drop (connection closed, no answer) · latency · `reject_token_next` (401) ·
-   `fail_first`, then `error_rate` (`error_status`) · `rate_429` (429 + Retry-After) ·
-   per-bot `limits` (sliding windows on `clock`; 429 + the honest Retry-After); all of them
-   only for the botIds matching a `bots` glob, when `bots` is given;
+   `fail_first`, then `error_rate` (`error_status`) · `rate_429` · per-bot `limits` (sliding
+   logs on `clock`, each window `limit_scale` times as long; a refused call counts in none);
+   all of them only for the botIds matching a `bots` glob, when `bots` is given. Both rate
+   faults answer as `limit_answer` says: 429 + Retry-After (`retry_after_header` verbatim,
+   else `retry_after_s`, else for `limits` the honest wait), or Kore.ai's documented message
+   without Retry-After; either on `limit_status`;
 4. JWT from the `auth` header → 401 (`jwt.py`: Kore.ai's "Invalid SDK credentials" / code 4002
    for no token, an unknown `appId` or a bad signature; its jti messages);
 5. body (`application/json` object: `userId`, `status` = "inactive", `channel`) → 400;
@@ -51,7 +54,7 @@ from urllib.parse import unquote
 
 from aiohttp import web
 
-from gateway.sandbox.faults import FaultError, Faults, checked_faults
+from gateway.sandbox.faults import KORE_RATE_LIMIT_MESSAGE, FaultError, Faults, checked_faults
 from gateway.sandbox.jwt import (
     INVALID_CREDENTIALS,
     KORE_AUTH_CODE,
@@ -131,9 +134,14 @@ def _bad_request(msg: str) -> _KoreError:
     return _KoreError(400, msg)
 
 
-def _too_many_requests(retry_after_s: float) -> _KoreError:
-    seconds = max(0, math.ceil(retry_after_s))
-    return _KoreError(429, "Too Many Requests", {"Retry-After": str(seconds)})
+def _rate_limited(faults: Faults, retry_after_s: float) -> _KoreError:
+    """A refusal for the rate limit, as `faults.limit_answer` says."""
+    if faults.limit_answer == "kore":
+        return _KoreError(faults.limit_status, KORE_RATE_LIMIT_MESSAGE)
+    retry = faults.retry_after_header
+    if retry is None:
+        retry = str(max(0, math.ceil(retry_after_s)))
+    return _KoreError(faults.limit_status, "Too Many Requests", {"Retry-After": retry})
 
 
 class KoreSandbox:
@@ -268,7 +276,7 @@ class KoreSandbox:
         if self._roll(faults.error_rate):
             raise _KoreError(faults.error_status, _reason(faults.error_status))
         if self._roll(faults.rate_429):
-            raise _too_many_requests(faults.retry_after_s)
+            raise _rate_limited(faults, faults.retry_after_s)
         self._check_limits(call.bot_id or "")
 
     def _roll(self, rate: float) -> bool:
@@ -277,7 +285,8 @@ class KoreSandbox:
     def _check_limits(self, bot_id: str) -> None:
         """Sliding-window log per bot and window: a call counts for `per_s` seconds."""
         now = self._clock()
-        limits = list(self._faults.limits)
+        scale = self._faults.limit_scale
+        limits = [(calls, per_s * scale) for calls, per_s in self._faults.limits]
         windows = [self._window(bot_id, calls, per_s, now) for calls, per_s in limits]
         waits = [
             window[len(window) - calls] + per_s - now
@@ -285,7 +294,7 @@ class KoreSandbox:
             if len(window) >= calls
         ]
         if waits:
-            raise _too_many_requests(max(waits))
+            raise _rate_limited(self._faults, max(waits))
         for window in windows:
             window.append(now)
 
@@ -323,7 +332,7 @@ class KoreSandbox:
             setattr(self._faults, name, value)
         if "seed" in changes:
             self._rng.seed(self._faults.seed)
-        if "limits" in changes:
+        if "limits" in changes or "limit_scale" in changes:
             self._windows.clear()
         return web.json_response(dataclasses.asdict(self._faults))
 

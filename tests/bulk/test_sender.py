@@ -171,7 +171,9 @@ class TestRun:
         """Kore.ai's 429 reaches the run as the gateway's 429 + Retry-After: 1; no row is
         sent again before that second has passed, and every row ends succeeded."""
         sandbox.faults.rate_429, sandbox.faults.retry_after_s = 1.0, 1
-        url = await start(upstream={"timeout_s": 1})  # a 1 s Retry-After passes the deadline
+        # The run's own handling of 429 + Retry-After; the gateway's pacing is off, so that it
+        # does not learn a budget from the storm (tests/integration/test_kore_limits.py).
+        url = await start(upstream={"timeout_s": 1}, rate_limit={"enabled": False})
         task = asyncio.create_task(run(url, rows_of(16), tmp_path / "r.csv", concurrency=4))
         await wait_until(lambda: sum(c.status == 429 for c in sandbox.calls) >= 4)
         sandbox.faults.rate_429 = 0.0
@@ -185,7 +187,7 @@ class TestRun:
     async def test_429_past_max_attempts_leaves_the_row_not_done(
             self, start: Start, sandbox: Sandbox, tmp_path: Path) -> None:
         sandbox.faults.rate_429, sandbox.faults.retry_after_s = 1.0, 1
-        url = await start(upstream={"timeout_s": 1})
+        url = await start(upstream={"timeout_s": 1}, rate_limit={"enabled": False})
         summary = await run(url, rows_of(1), tmp_path / "r.csv", max_attempts=2,
                             max_wait_s=0.2)
         assert (summary.not_done, summary.exit_code()) == (1, 1)

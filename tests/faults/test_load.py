@@ -5,6 +5,7 @@ and a burst against Kore.ai's per-bot limits (scaled down) never causes an upstr
 from __future__ import annotations
 
 import asyncio
+import math
 import subprocess
 import sys
 import time
@@ -83,7 +84,10 @@ async def test_load_through_a_failing_upstream(start_gateway: Any, sandbox: Any,
     assert len(answers) == CALLS
     expect_contract_answers(answers)
     statuses = Counter(status for status, _, _ in answers.values())
-    assert statuses[200] >= CALLS * 0.9, statuses
+    # Each 429 from Kore.ai teaches its bot a budget (contract §2: what Kore.ai accepted in
+    # the window before it), so many of a bot's later calls are refused by the gateway itself.
+    assert statuses[200] + statuses[429] >= CALLS * 0.95, statuses
+    assert statuses[200] >= CALLS * 0.25, statuses
     records = expect_one_terminal_record_each(audit, set(answers))
     completed = [r for r in records if r["event"] == "deactivate.completed"]
     by_rid: dict[str, list[Any]] = {}
@@ -93,7 +97,7 @@ async def test_load_through_a_failing_upstream(start_gateway: Any, sandbox: Any,
         assert record["attempts"] == len(by_rid.get(record["requestId"], [])), record
         assert record["status"] == answers[record["requestId"]][0]
     assert sum(r["attempts"] for r in completed) == len(sandbox.calls)
-    assert len(sandbox.calls) > CALLS  # the faults really forced retries
+    assert len(sandbox.calls) > len(completed)  # the faults really forced retries
     expect_cli_verifies(rotated_files(audit.path), len(records))
 
 
@@ -126,14 +130,18 @@ async def burst(start_gateway: Any, sandbox: Any, rate_limit: dict[str, Any],
 
 async def test_burst_against_kores_per_bot_limits_never_gets_an_upstream_429(
         start_gateway: Any, sandbox: Any, audit: AuditTrail) -> None:
+    started = time.monotonic()
     answers = await burst(start_gateway, sandbox, {"windows": [LIMIT]})
+    took = time.monotonic() - started
 
     assert sandbox.emulator.stats()["upstream_429"] == 0
     expect_contract_answers(answers)
     statuses = Counter(status for status, _, _ in answers.values())
     assert set(statuses) <= {200, 429}, statuses
-    # Each bot: one window's worth at once, a second after waiting, the rest refused.
-    assert 2 * LIMIT["calls"] <= statuses[200] <= 4 * LIMIT["calls"], statuses
+    # Each bot: a window's worth (paced over the window), more as windows pass, the rest
+    # refused: never more than the windows the burst lasted allow.
+    windows = math.ceil(took / LIMIT["per_s"])
+    assert 2 * LIMIT["calls"] <= statuses[200] <= 2 * LIMIT["calls"] * windows, (statuses, took)
     records = expect_one_terminal_record_each(audit, set(answers))
     for rid, (status, _, _) in answers.items():
         if status == 429:  # refused by the gateway's own pacing: nothing went upstream

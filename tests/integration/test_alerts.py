@@ -1,10 +1,5 @@
 """Every metric docs/operations.md names (its metrics table and the PromQL of its alerts) is
 served by a real gateway's /metrics: an alert on a metric that does not exist never fires.
-
-Some of these metrics come from parallel work and land with it, under the names fixed for
-everyone (PENDING). Until they have landed, their absence alone marks the test as an expected
-failure; any other missing name fails it. Once they are all on main, PENDING is emptied and
-the check is strict for every name.
 """
 
 from __future__ import annotations
@@ -13,15 +8,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 OPERATIONS = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
 METRIC = re.compile(r"\b(?:kore_gateway|kgw)_[a-z0-9_]*[a-z0-9]")
-PENDING = frozenset({
-    "kore_gateway_ratelimit_paused_bots",  # learning Kore.ai's real limits
-    "kore_gateway_ratelimit_learned_budget",
-})
 SUFFIXES = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count"),
             "summary": ("_sum", "_count")}
 
@@ -53,6 +43,4 @@ async def test_every_metric_the_operations_page_names_is_served(gateway: Any) ->
     resp = await gateway.get("/metrics")
     assert resp.status == 200
     missing = sorted(named_in_docs() - served(await resp.text()))
-    if missing and set(missing) <= PENDING:
-        pytest.xfail(f"not merged yet: {missing}")
     assert not missing, f"named in {OPERATIONS.name} but not served by /metrics: {missing}"

@@ -34,10 +34,28 @@ def http_date(seconds_from_now: float, now: float = NOW) -> str:
 
 class TestParseRetryAfter:
     @pytest.mark.parametrize(("value", "expected"), [
-        ("3", 3.0), (" 7 ", 7.0), ("0", 0.0), ("1.5", 1.5), ("-4", 0.0),
-    ], ids=["seconds", "padded", "zero", "fraction", "negative-is-now"])
+        ("3", 3.0), (" 7 ", 7.0), ("0", 0.0), ("1.5", 1.5), ("1e2", 100.0),
+    ], ids=["seconds", "padded", "zero", "fraction", "exponent"])
     def test_delay_seconds(self, value: str, expected: float) -> None:
         assert parse_retry_after(value, now=NOW) == expected
+
+    @pytest.mark.parametrize("value", ["86400", "1e5", "99999999999999999999"],
+                             ids=["a-day", "exponent", "huge"])
+    def test_capped_at_max_pause(self, value: str) -> None:
+        assert parse_retry_after(value, now=NOW, cap_s=3600) == 3600
+        assert parse_retry_after(value, now=NOW, cap_s=60) == 60
+
+    def test_far_http_date_is_capped(self) -> None:
+        assert parse_retry_after(http_date(10 * 86400), now=NOW, cap_s=3600) == 3600
+        assert parse_retry_after("Fri, 31 Dec 9999 23:59:59 GMT", now=NOW, cap_s=7) == 7
+
+    @pytest.mark.parametrize("value", [
+        "1e999", "inf", "Infinity", "nan", "NaN", "-1", "-0.5", "+3", "1_000", "0x10", "3 s",
+        "\u0663", "Mon, 99 Foo 2026 99:99:99 GMT",
+    ], ids=["overflow", "inf", "infinity", "nan", "nan-caps", "negative", "negative-fraction",
+            "plus-sign", "underscore", "hex", "unit", "arabic-digit", "impossible-date"])
+    def test_not_a_finite_number_of_seconds_is_absent(self, value: str) -> None:
+        assert parse_retry_after(value, now=NOW) is None
 
     def test_http_date_in_the_future(self) -> None:
         assert parse_retry_after(http_date(30), now=NOW) == pytest.approx(30)

@@ -35,13 +35,15 @@ def sleep(clock: FakeClock) -> FakeSleep:
 
 
 def limiter(clock: FakeClock, sleep: FakeSleep, windows: list[tuple[int, float]],
-            share: float = 1.0) -> MemoryRateLimiter:
-    return MemoryRateLimiter(windows, share=share, clock=clock, sleep=sleep)
+            share: float = 1.0, spacing_s: float | None = 0.0) -> MemoryRateLimiter:
+    """Unpaced unless `spacing_s` is None (the default pacing) or given: the window tests
+    count in whole windows."""
+    return MemoryRateLimiter(windows, share=share, clock=clock, sleep=sleep, spacing_s=spacing_s)
 
 
 async def acquire(lim: MemoryRateLimiter, clock: FakeClock, bot: str = BOT,
                   timeout_s: float = FAR) -> float:
-    return await lim.acquire(bot, clock() + timeout_s)
+    return (await lim.acquire(bot, clock() + timeout_s)).wait_s
 
 
 class TestMemoryRateLimiter:
@@ -91,7 +93,7 @@ class TestMemoryRateLimiter:
     def test_grants_handed_out_in_order(self, clock: FakeClock, sleep: FakeSleep) -> None:
         """Callers arriving together are queued one window apart, none overtaking another."""
         lim = limiter(clock, sleep, [(2, 10)])
-        waits = [lim.reserve(BOT, clock() + FAR) for _ in range(5)]
+        waits = [lim.reserve(BOT, clock() + FAR).wait_s for _ in range(5)]
         assert waits == [0, 0, pytest.approx(10), pytest.approx(10), pytest.approx(20)]
 
     async def test_refuses_when_slot_after_deadline(self, clock: FakeClock,
@@ -169,9 +171,9 @@ class TestMemoryRateLimiter:
                                                  sleep: FakeSleep) -> None:
         lim = limiter(clock, sleep, [(1, 10)])
         start = clock()
-        slots = [clock() + lim.reserve(BOT, clock() + FAR) for _ in range(3)]
+        slots = [clock() + lim.reserve(BOT, clock() + FAR).wait_s for _ in range(3)]
         clock.advance(10.5)  # the second caller has just been let through
-        slots.append(clock() + lim.reserve(BOT, clock() + FAR))
+        slots.append(clock() + lim.reserve(BOT, clock() + FAR).wait_s)
         assert slots == [start, start + 10, start + 20, start + 30]
 
     async def test_acquire_sleeps_on_the_event_loop_by_default(self) -> None:
@@ -179,7 +181,7 @@ class TestMemoryRateLimiter:
         loop = asyncio.get_running_loop()
         await lim.acquire(BOT, loop.time() + 5)
         started = loop.time()
-        waited = await lim.acquire(BOT, loop.time() + 5)
+        waited = (await lim.acquire(BOT, loop.time() + 5)).wait_s
         assert 0 < waited <= 0.05 and loop.time() - started >= waited * 0.9
         await lim.aclose()
 
@@ -198,7 +200,7 @@ class TestScaled:
 
 async def test_unlimited_never_waits() -> None:
     lim = Unlimited()
-    assert [await lim.acquire(BOT, 0) for _ in range(1000)] == [0.0] * 1000
+    assert [(await lim.acquire(BOT, 0)).wait_s for _ in range(1000)] == [0.0] * 1000
     await lim.aclose()
 
 
@@ -223,7 +225,7 @@ def test_no_window_ever_exceeded(windows: list[tuple[int, float]],
             clock.advance(gap)
             deadline = clock() + timeout_s
             try:
-                waited = await lim.acquire(bot, deadline)
+                waited = (await lim.acquire(bot, deadline)).wait_s
             except RateLimited as exc:
                 assert exc.retry_after_s is not None and exc.retry_after_s > 0
                 continue
@@ -255,7 +257,7 @@ def test_callers_that_cannot_wait_never_exceed_a_window(
         for bot, gap in steps:
             clock.advance(gap)
             try:
-                assert await lim.acquire(bot, clock() + CALL_MARGIN_S / 2) == 0
+                assert (await lim.acquire(bot, clock() + CALL_MARGIN_S / 2)).wait_s == 0
             except RateLimited as exc:
                 assert exc.retry_after_s is not None and exc.retry_after_s > 0
                 continue

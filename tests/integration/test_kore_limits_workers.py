@@ -1,0 +1,59 @@
+"""`serve --workers 2` with the memory backend: what Kore.ai's rate-limit answer taught one
+worker, the other follows (the supervisor's shared table), over real processes and sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import BOT, CALLER_KEY, base_settings, merge, write_config
+from tests.integration.test_crash import wait_healthy
+from tests.integration.test_workers import start, stop, wait_listening
+
+CALLS = 20
+
+
+async def one(url: str, path: str, method: str = "POST") -> tuple[int, dict[str, Any] | str]:
+    """One request on its own connection, so that either worker may answer it."""
+    async with (aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True),
+                                      timeout=aiohttp.ClientTimeout(total=15)) as s,
+                s.request(method, url + path, json={"userId": "u-1"} if method == "POST" else None,
+                          headers={"Authorization": f"Bearer {CALLER_KEY}"}) as resp):
+        body = await resp.json() if resp.content_type == "application/json" else await resp.text()
+        return resp.status, body
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="SO_REUSEPORT and POSIX signals")
+async def test_a_worker_that_saw_no_refusal_still_pauses(sandbox: Any, tmp_path: Path) -> None:
+    sandbox.faults.rate_429, sandbox.faults.limit_answer = 1.0, "kore"
+    settings = merge(base_settings(tmp_path, sandbox.url), {
+        "upstream": {"timeout_s": 5}, "rate_limit": {"backoff_s": 60}})
+    log = tmp_path / "gateway.log"
+    proc = start(write_config(tmp_path, settings), log)
+    try:
+        [listen] = await wait_listening(log, proc)
+        url = f"http://{listen}"
+        await wait_healthy(url, proc)
+        path = f"/v1/bots/{BOT}/sessions/deactivate"
+        first = await one(url, path)
+        assert first[0] == 429 and len(sandbox.calls) == 1
+        later = await asyncio.gather(*(one(url, path) for _ in range(CALLS)))
+        ready = await asyncio.gather(*(one(url, "/readyz", "GET") for _ in range(10)))
+        metrics = (await one(url, "/metrics", "GET"))[1]
+    finally:
+        code = stop(proc)
+    assert code == 0
+    assert [status for status, _ in later] == [429] * CALLS
+    assert len(sandbox.calls) == 1, "a worker sent a call during the pause"
+    assert {body["pausedBots"] for _, body in ready} == {1}  # type: ignore[index]
+    assert isinstance(metrics, str)
+    assert f'kore_gateway_ratelimit_learned_budget{{bot="{BOT}"}} 1.0' in metrics
+    assert "kore_gateway_ratelimit_paused_bots 1.0" in metrics
+    assert "kore_gateway_ratelimit_pauses_total 1.0" in metrics
+    pids = {line for line in log.read_text().splitlines() if '"gateway.listening"' in line}
+    assert len(pids) == 2
