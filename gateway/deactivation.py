@@ -137,13 +137,14 @@ class Deactivator:
         await self._complete(ask, 200, None)
         return body
 
-    async def _complete(self, ask: Ask, status: int, error: GatewayError | None) -> None:
-        """The terminal record: the answer does not wait for its fsync."""
+    async def _complete(self, ask: Ask, status: int, error: GatewayError | None, *,
+                        durable: bool = False) -> None:
+        """The terminal record: the answer does not wait for its fsync (`durable=False`)."""
         ask.settled = True
         record = {"event": "deactivate.completed", **ask.subject(), "app": ask.app,
                   **_result(ask, status, error, ask.trace)}
         try:
-            await self.audit.append(record, durable=False)
+            await self.audit.append(record, durable=durable)
         except AuditUnavailable:
             # The PUT went out and its requested record is durable; the caller must not
             # believe a result we could not record, so it sees audit_unavailable and retries.
@@ -171,8 +172,8 @@ class Deactivator:
         if ask.app is None:
             await self.deny(ask, error)
             return
-        try:
-            await self._complete(ask, error.status, error)
+        try:  # durable: a shutdown waits for the requests it cut short to be recorded
+            await self._complete(ask, error.status, error, durable=True)
         except AuditUnavailable:
             pass  # logged by _complete
 
