@@ -1,9 +1,11 @@
-"""One benchmark run: start stub, peer and gateway on loopback, drive them, collect figures.
+"""One benchmark run: start the stub, the peers and the gateway on loopback, drive them, collect
+figures.
 
 Phases, each bounded in time: start-up (ready times) → warm-up → `rounds` saturation rounds,
-nginx and gateway alternating (wrk; CPU time and RSS sampled around each) → `rounds` latency
-rounds at a fixed rate, direct-to-stub / nginx / gateway alternating → shut down (the gateway
-must exit 0 and every worker's audit chain must verify) → figures.
+nginx, aiohttp floor and gateway alternating (wrk; CPU time and RSS sampled around each) →
+`rounds` latency rounds at a fixed rate, direct-to-stub / nginx / floor / gateway alternating
+→ shut down (the gateway must exit 0 and every worker's audit chain must verify) → figures.
+The targets are checked against the floor of the same run (`report.targets`).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import jwt
 from benchmarks import load, peers, stubs
 from benchmarks.nginx import nginx_binary
 from benchmarks.procs import RssSampler, Server, wait_status
-from benchmarks.report import targets
+from benchmarks.report import PEERS, targets
 from gateway.audit.log import verify_files
 
 MIB = 1024 * 1024
@@ -103,6 +105,9 @@ class Bench:
             self.kind, self.dir / "stub", self.creds.client_id, self.creds.secret)
         await wait_status(stub, "/healthz", START_TIMEOUT_S)
         ready: dict[str, Any] = {"nginx": None}
+        floor = self.servers["floor"] = peers.start_floor(
+            self.dir / "floor", self.s.workers, stub.url, self.static_jwt)
+        ready["floor"] = round(await wait_status(floor, "/healthz", START_TIMEOUT_S), 3)
         if self.with_peer:
             peer = self.servers["nginx"] = peers.start_peer(
                 self.dir / "nginx", self.s.workers, stub.url, self.static_jwt)
@@ -132,6 +137,7 @@ class Bench:
             "gateway": load.Request("POST", simple, body, {
                 **json_type, "Authorization": f"Bearer {self.creds.caller_key}"}),
             "nginx": load.Request("POST", simple, body, json_type),
+            "floor": load.Request("POST", simple, body, json_type),
             "direct": load.Request(
                 "PUT", f"/api/public/bot/{peers.BOT}/session",
                 b'{"userId":"u-1001","status":"inactive","channel":"rtm"}',
@@ -140,7 +146,7 @@ class Bench:
 
     def saturate(self) -> dict[str, Saturation]:
         requests = self.requests()
-        names = ["nginx", "gateway"] if self.with_peer else ["gateway"]
+        names = ["nginx", "floor", "gateway"] if self.with_peer else ["floor", "gateway"]
         scripts = {n: load.wrk_script(requests[n], self.dir / f"{n}.lua") for n in names}
         for name in names:  # warm-up: connection pools, the first JWT, page cache
             result = self._wrk(name, scripts[name], self.s.warmup_s)
@@ -167,9 +173,10 @@ class Bench:
 
     async def latency(self) -> dict[str, dict[str, Any]]:
         requests = self.requests()
-        urls = {"direct": self.servers["stub"].url, "gateway": self.servers["gateway"].url}
+        urls = {"direct": self.servers["stub"].url}
         if self.with_peer:
             urls["nginx"] = self.servers["nginx"].url
+        urls |= {"floor": self.servers["floor"].url, "gateway": self.servers["gateway"].url}
         samples: dict[str, list[float]] = {name: [] for name in urls}
         failed = dict.fromkeys(urls, 0)
         late = dict.fromkeys(urls, 0.0)
@@ -199,7 +206,7 @@ class Bench:
 
     def stop(self) -> dict[str, Any]:
         codes: dict[str, Any] = {}
-        for name in ("gateway", "nginx", "stub"):
+        for name in ("gateway", "floor", "nginx", "stub"):
             if name in self.servers:
                 codes[name] = self.servers[name].stop()
         return codes
@@ -276,35 +283,35 @@ async def run(settings: Settings, *, keep: bool = False) -> dict[str, Any]:
         audit = {**bench.audit_check(),
                  "records_per_commit_saturation": _per_commit(scrapes[0], scrapes[1]),
                  f"records_per_commit_{settings.rate:g}_rps": _per_commit(scrapes[1], scrapes[2])}
-        nginx_workers = ([p for p in saturation["nginx"].rss_peak]
-                         if "nginx" in saturation else [])
         results = _figures(settings, bench, ready, saturation, latency, mints, audit, codes,
-                           workers, supervisor_rss, nginx_workers, directory)
+                           workers, supervisor_rss, directory)
         results["duration_s"] = round(time.monotonic() - began, 1)
         results["machine"]["loadavg_1m_at_start"] = round(load_at_start, 2)
         return results
 
 
+
 def _figures(settings: Settings, bench: Bench, ready: dict[str, Any],
              saturation: dict[str, Saturation], latency: dict[str, dict[str, Any]],
              mints: dict[str, Any], audit: dict[str, Any], codes: dict[str, Any],
-             workers: list[int], supervisor_rss: float | None, nginx_workers: list[int],
-             directory: Path) -> dict[str, Any]:
-    gw, ng = saturation["gateway"], saturation.get("nginx")
-    sat: dict[str, Any] = {"gateway": gw.figures(), "nginx": ng.figures() if ng else {}}
-    sat["ratio"] = _ratio(sat["gateway"]["rps"], sat["nginx"].get("rps"))
-    cpu = {"gateway": gw.cpu_us(), "nginx": ng.cpu_us() if ng else None}
-    cpu["ratio"] = _ratio(cpu["gateway"], cpu["nginx"], 2)
-    lat: dict[str, Any] = {**latency}
-    lat.setdefault("nginx", {})
-    direct = latency["direct"]
-    lat["added_p50_ms"] = _round(latency["gateway"]["p50_ms"] - direct["p50_ms"], 3)
-    lat["added_p99_ms"] = _round(latency["gateway"]["p99_ms"] - direct["p99_ms"], 3)
-    if "nginx" in latency:
-        lat["nginx_added_p50_ms"] = _round(latency["nginx"]["p50_ms"] - direct["p50_ms"], 3)
-        lat["nginx_added_p99_ms"] = _round(latency["nginx"]["p99_ms"] - direct["p99_ms"], 3)
+             workers: list[int], supervisor_rss: float | None, directory: Path
+             ) -> dict[str, Any]:
+    gw = saturation["gateway"]
+    sat: dict[str, Any] = {name: saturation[name].figures() if name in saturation else {}
+                           for name in ("gateway", *PEERS)}
+    cpu: dict[str, Any] = {name: saturation[name].cpu_us() if name in saturation else None
+                           for name in ("gateway", *PEERS)}
+    for peer in PEERS:
+        sat[f"ratio_{peer}"] = _ratio(sat["gateway"]["rps"], sat[peer].get("rps"))
+        cpu[f"ratio_{peer}"] = _ratio(cpu["gateway"], cpu[peer], 2)
     gw_rss = [round(gw.rss_peak.get(pid, 0) / MIB, 1) for pid in workers]
-    ng_rss = [round(ng.rss_peak[pid] / MIB, 1) for pid in nginx_workers] if ng else []
+    rss: dict[str, Any] = {"gateway_workers": gw_rss,
+                           "gateway_worker_max": max(gw_rss, default=0.0),
+                           "gateway_supervisor": supervisor_rss}
+    for peer in PEERS:
+        peaks = [round(b / MIB, 1) for b in saturation[peer].rss_peak.values()] \
+            if peer in saturation else []
+        rss[f"{peer}_workers"], rss[f"{peer}_worker_max"] = peaks, max(peaks, default=None)
     results: dict[str, Any] = {
         "label": settings.label,
         "when": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -312,10 +319,8 @@ def _figures(settings: Settings, bench: Bench, ready: dict[str, Any],
         "settings": {**settings.__dict__, "stub": bench.kind, "peer": bench.with_peer},
         "saturation": sat,
         "cpu_us_per_request": cpu,
-        "latency_200": lat,
-        "rss_mib": {"gateway_workers": gw_rss, "gateway_worker_max": max(gw_rss, default=0.0),
-                    "gateway_supervisor": supervisor_rss, "nginx_workers": ng_rss,
-                    "nginx_worker_max": max(ng_rss, default=None)},
+        "latency_200": _latency_figures(latency),
+        "rss_mib": rss,
         "ready_s": ready,
         "jwt": mints,
         "audit": audit,
@@ -323,6 +328,21 @@ def _figures(settings: Settings, bench: Bench, ready: dict[str, Any],
     }
     results["targets"] = targets(results)
     return results
+
+
+def _latency_figures(latency: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Each target's p50/p99, and what each adds over the stub and the gateway over the floor."""
+    lat: dict[str, Any] = {**latency}
+    lat.setdefault("nginx", {})
+    direct, floor, gw = latency["direct"], latency["floor"], latency["gateway"]
+    for q in ("p50", "p99"):
+        lat[f"added_{q}_ms"] = _round(gw[f"{q}_ms"] - direct[f"{q}_ms"], 3)
+        lat[f"floor_added_{q}_ms"] = _round(floor[f"{q}_ms"] - direct[f"{q}_ms"], 3)
+        lat[f"over_floor_{q}_ms"] = _round(gw[f"{q}_ms"] - floor[f"{q}_ms"], 3)
+        if "nginx" in latency:
+            lat[f"nginx_added_{q}_ms"] = _round(latency["nginx"][f"{q}_ms"]
+                                                - direct[f"{q}_ms"], 3)
+    return lat
 
 
 def _rss_mib(pid: int) -> float:

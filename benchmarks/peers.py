@@ -1,15 +1,21 @@
-"""The two servers compared: the gateway (`kore-gateway serve --workers N`, every feature on)
-and its peer, nginx as the reverse proxy a platform team would otherwise deploy.
+"""The servers compared: the gateway (`kore-gateway serve --workers N`, every feature on) and
+its two peers, each turning the simplified call (`POST /v1/bots/{botId}/sessions/deactivate`)
+into the Kore.ai PUT on the same stub with a static `auth` header (a long-lived JWT pasted into
+its config):
 
-The peer turns the simplified call (`POST /v1/bots/{botId}/sessions/deactivate`) into the
-Kore.ai PUT on the same stub and adds a static `auth` header (a long-lived JWT pasted into its
-config); the body passes through as sent. It has no caller keys, no input rules, no audit and no
-token renewal: it is the floor of what forwarding costs, not an equivalent product.
+- the aiohttp floor (`benchmarks/floor.py`): the barest proxy on the gateway's own stack
+  (aiohttp, uvloop, forked workers); the targets are set against it;
+- nginx, the reverse proxy a platform team would otherwise deploy, as the outside reference;
+  the body passes through as sent.
+
+Neither has caller keys, input rules, audit or token renewal: they are floors of what
+forwarding costs, not equivalent products.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +62,17 @@ def start_peer(directory: Path, workers: int, stub_url: str, static_jwt: str) ->
         }}
     }}"""
     return start_nginx("nginx", directory, workers, http, f"http://127.0.0.1:{port}")
+
+
+def start_floor(directory: Path, workers: int, stub_url: str, static_jwt: str) -> Server:
+    from benchmarks.floor import TOKEN_ENV
+
+    directory.mkdir(parents=True, exist_ok=True)
+    listen = f"127.0.0.1:{free_port()}"
+    argv = [sys.executable, "-m", "benchmarks.floor", "--listen", listen, "--upstream",
+            stub_url, "--workers", str(workers)]
+    env = {**os.environ, TOKEN_ENV: static_jwt}
+    return start("floor", argv, f"http://{listen}", directory / "floor.log", env=env)
 
 
 def gateway_config(directory: Path, stub_url: str, creds: Credentials) -> Path:

@@ -6,6 +6,7 @@ HTTP beyond the `Authorization` header's text, and nothing of tokens or Kore.ai.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import secrets
@@ -25,11 +26,17 @@ class Caller:
     bots: tuple[str, ...]
 
     def may_touch(self, bot_id: str) -> bool:
-        return any(fnmatchcase(bot_id, glob) for glob in self.bots)
+        return _matches(bot_id, self.bots)
 
     def authorize(self, bot_id: str) -> None:
         if not self.may_touch(bot_id):
             raise Forbidden(f"caller {self.name} may not touch bot {bot_id}")
+
+
+@functools.lru_cache(maxsize=16384)
+def _matches(bot_id: str, globs: tuple[str, ...]) -> bool:
+    """Whether `bot_id` matches one of `globs` (remembered: every request asks twice)."""
+    return any(fnmatchcase(bot_id, glob) for glob in globs)
 
 
 LOCAL_CALLER = Caller("local", ("*",))

@@ -1,12 +1,20 @@
 """The HTTP-free core of one deactivation: authorize → app → rate limit → audit(requested)
 → upstream → audit(completed). Every ask ends with exactly one terminal audit record.
 
-Knows nothing of aiohttp: `app.py` parses the request into an `Ask` and renders the result.
+The `requested` record is durable before the call goes upstream. The `completed` record of a
+call that went upstream is written before the answer when the audit log is idle, or queued
+for the commit under way, and made durable by its group commit's fsync after the answer
+(contract §3: the answer need not wait for it; `AuditLog.append(durable=False)`); a restart closes
+every `requested` record a crash left without its terminal one with `"outcome": "unknown"`
+(`close_left_open`). Refusals (`deactivate.denied`) are durable before the answer. Knows nothing of aiohttp: `app.py` parses the request into an `Ask` and
+renders the result.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +37,9 @@ ROUTE_SIMPLE = "POST /v1/bots/{botId}/sessions/deactivate"
 ROUTE_BATCH = "POST /v1/sessions/deactivate"
 ROUTE_KORE = "PUT /api/public/bot/{botId}/session"
 MAX_RAW_CHARS = 256  # what a denied record keeps of an invalid value
+RESTARTED = "gateway_restarted"  # the error of a record closed at restart
+# Not carried from a `requested` record into the record that closes it at restart.
+_NOT_CARRIED = frozenset({"ts", "seq", "event", "prev", "hash", "chain"})
 
 
 @dataclass(slots=True)
@@ -126,12 +137,14 @@ class Deactivator:
         await self._complete(ask, 200, None)
         return body
 
-    async def _complete(self, ask: Ask, status: int, error: GatewayError | None) -> None:
+    async def _complete(self, ask: Ask, status: int, error: GatewayError | None, *,
+                        durable: bool = False) -> None:
+        """The terminal record: the answer does not wait for its fsync (`durable=False`)."""
         ask.settled = True
         record = {"event": "deactivate.completed", **ask.subject(), "app": ask.app,
                   **_result(ask, status, error, ask.trace)}
         try:
-            await self.audit.append(record)
+            await self.audit.append(record, durable=durable)
         except AuditUnavailable:
             # The PUT went out and its requested record is durable; the caller must not
             # believe a result we could not record, so it sees audit_unavailable and retries.
@@ -159,10 +172,31 @@ class Deactivator:
         if ask.app is None:
             await self.deny(ask, error)
             return
-        try:
-            await self._complete(ask, error.status, error)
+        try:  # durable: a shutdown waits for the requests it cut short to be recorded
+            await self._complete(ask, error.status, error, durable=True)
         except AuditUnavailable:
             pass  # logged by _complete
+
+    async def close_left_open(self, requested: Sequence[dict[str, Any]]) -> None:
+        await close_left_open(self.audit, requested)
+
+
+async def close_left_open(audit: AuditLog, requested: Sequence[dict[str, Any]]) -> None:
+    """At start-up, before serving: closes each `requested` record a crash left without its
+    terminal one (`audit.recovery.unclosed`) with a durable `deactivate.completed` record,
+    `"outcome": "unknown"`: whether Kore.ai closed the session cannot be known."""
+    if not requested:
+        return
+    await asyncio.gather(*(audit.append(closing_record(r)) for r in requested))
+    log.warning("audit.closed_at_restart", path=str(audit.path), records=len(requested),
+                request_ids=[r.get("requestId") for r in requested[:20]])
+
+
+def closing_record(requested: dict[str, Any]) -> dict[str, Any]:
+    """What asked (carried from the requested record as written) and an unknown result."""
+    carried = {k: v for k, v in requested.items() if k not in _NOT_CARRIED}
+    return {"event": "deactivate.completed", **carried, "outcome": "unknown", "status": None,
+            "upstreamStatus": None, "attempts": None, "durationMs": None, "error": RESTARTED}
 
 
 def is_outage(error: GatewayError) -> bool:

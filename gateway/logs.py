@@ -15,7 +15,10 @@ thread and unraisable ones. What is redacted:
 - in exception messages (tracebacks included) and in library log messages, also every quoted
   literal (`'…'`, `"…"`): that is how a library quotes the request line or header it refused.
 
-The audit log is not a log and never passes through here.
+The audit log is not a log and never passes through here. `access()` writes the one line per
+answered request without structlog's processor chain: the same fields, context variables,
+timestamp and redaction, to the same stream, built in one step (the chain costs several times
+more, once per request).
 """
 
 from __future__ import annotations
@@ -67,8 +70,18 @@ def _replace(match: re.Match[str]) -> str:
     return REDACTED
 
 
+# In ASCII text every secret shape contains one of these (lower-cased): a text without any is
+# returned as it is, without running the pattern (most log fields, once per request).
+_SHAPE_MARKERS = ("eyj", "kgw_", "://", "'", '"', "bearer", "basic", "authorization", "cookie",
+                  "api-key")
+
+
 def scrub(text: str) -> str:
     """`text` with every secret shape (see the module docstring) replaced."""
+    if text.isascii():  # non-ASCII text may match case-insensitively in ways lower() misses
+        lowered = text.lower()
+        if not any(marker in lowered for marker in _SHAPE_MARKERS):
+            return text
     return _SECRET_SHAPES.sub(_replace, text)
 
 
@@ -79,13 +92,30 @@ def scrub_message(text: str) -> str:
 
 def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Drops secret-named fields and masks every secret shape in the others."""
-    for name in list(event):
-        event[name] = _masked(name, event[name])
+    for name, value in event.items():
+        if type(value) in _SCALARS and not _secret_name(name):
+            continue  # numbers, booleans and None under an ordinary name: nothing to mask
+        masked = _masked(name, value)
+        if masked is not value:
+            event[name] = masked
     return event
 
 
+_SCALARS = frozenset({int, float, bool, type(None)})
+_NAMES: dict[str, bool] = {}  # field name → secret-named; the call sites' names, bounded
+
+
+def _secret_name(name: str) -> bool:
+    secret = _NAMES.get(name)
+    if secret is None:
+        secret = name.lower() in REDACTED_KEYS
+        if len(_NAMES) < 4096:
+            _NAMES[name] = secret
+    return secret
+
+
 def _masked(name: str, value: Any, depth: int = 0) -> Any:
-    if name.lower() in REDACTED_KEYS:
+    if _secret_name(name):
         return REDACTED
     if isinstance(value, str):
         return scrub(value)
@@ -230,7 +260,52 @@ def worker_file(path: str, worker: int) -> str:
     return str(p.with_name(f"{p.stem}-w{worker}{p.suffix}"))
 
 
+_second = -1
+_second_text = ""
+
+
+def utc_timestamp() -> str:
+    """Now as RFC 3339 UTC with microseconds and Z (`2026-11-23T22:47:37.123456Z`); the
+    date and time of day are formatted once a second."""
+    global _second, _second_text
+    seconds, nanos = divmod(time.time_ns(), 1_000_000_000)
+    if seconds != _second:
+        _second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+        _second = seconds
+    return f"{_second_text}.{nanos // 1000:06d}Z"
+
+
+_access_out: structlog.WriteLogger | None = None  # set by configure() for JSON at info level
+_access_config: tuple[Any, Any] = (None, None)  # the structlog set-up it belongs to
+
+
+def _current_config() -> tuple[Any, Any]:
+    """Which structlog set-up is in force (another one, e.g. a test's, takes the lines): its
+    last processor (a capture swaps the list's contents, not the list) and logger factory."""
+    config = structlog.get_config()
+    processors = config["processors"]
+    return processors[-1] if processors else None, config["logger_factory"]
+
+
+def access(event: str, **fields: Any) -> None:
+    """An info line, as structlog would write it with `configure()`'s processors: context
+    variables, the fields, event, level and timestamp, redacted, one JSON line, one write."""
+    out = _access_out
+    processors, factory = _current_config()
+    if out is None or processors is not _access_config[0] or factory is not _access_config[1]:
+        # The console format, a level above info, or another set-up than configure()'s.
+        structlog.get_logger("gateway.access").info(event, **fields)
+        return
+    line = structlog.contextvars.get_contextvars()
+    line.update(fields)
+    line["event"] = event
+    line["level"] = "info"
+    line["timestamp"] = utc_timestamp()
+    out.msg(render_json(redact(None, "info", line)))
+
+
 def configure(level: str = "info", fmt: str = "auto", file: LogFile | None = None) -> None:
+    global _access_out, _access_config
     console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty() and file is None)
     renderer: Any = (structlog.dev.ConsoleRenderer() if console
                      else structlog.processors.JSONRenderer(serializer=render_json))
@@ -252,6 +327,10 @@ def configure(level: str = "info", fmt: str = "auto", file: LogFile | None = Non
         cache_logger_on_first_use=True,
     )
     route_standard_logging(number, renderer, stream)
+    # The same stream, so the same lock as structlog's own lines: whole lines, never mixed.
+    _access_out = structlog.WriteLogger(file=stream) if number <= logging.INFO and not console \
+        else None
+    _access_config = _current_config()
 
 
 def route_standard_logging(level: int, renderer: Any, stream: TextIO) -> None:

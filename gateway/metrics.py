@@ -5,30 +5,49 @@ The only module that imports `prometheus_client`. Other modules call the small m
 audit batch committed …) and never see a metric object. Each `Metrics` has its own registry
 unless one is given, so tests and several apps in one process never share counts.
 
-Several workers (`serve --workers N`) use prometheus-client's multiprocess mode: the supervisor
-points `PROMETHEUS_MULTIPROC_DIR` at a fresh directory before spawning them
-(`multiprocess_dir`), every worker writes its samples to memory-mapped files there, and
-whichever worker answers `/metrics` merges all of them. Counters and histograms are summed
-over workers (finished ones included); `in_flight` is summed and `circuit_state` is the
-maximum over live workers. In that mode a worker must hold a single `Metrics` (the runtime's):
-each instance keeps its own copy of a series' value and writes it whole to the shared file.
+Every value lives in the process that moves it (prometheus-client's in-process values, never
+its multiprocess memory-mapped files: those cost a lock and a file write per increment).
+Several workers (`serve --workers N`) share a directory (`multiprocess_dir`, set up by the
+supervisor before the workers start): each worker's `Metrics` publishes a snapshot of its
+registry there, one small JSON file per worker, every `PUBLISH_EVERY_S` off the request path
+and at shutdown, and whichever worker answers `/metrics` publishes its own fresh snapshot and
+merges all of them (`render`). Counters and histograms are summed over workers (finished ones
+included); gauges follow their `multiprocess_mode` (`kore_gateway_in_flight` is summed and
+`kore_gateway_circuit_state` is the maximum over live workers). Another worker's counts are at
+most `PUBLISH_EVERY_S` old in a scrape; a counter never goes down from one scrape to the next,
+whichever worker answers, because every file only ever grows and each scrape reads each file
+as it is.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+import time
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, values
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, Gauge, values
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import generate_latest
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# In-process values always, even when the environment names a multiprocess directory.
+values.ValueClass = values.MutexValue
+
+MULTIPROC_ENV = "KORE_GATEWAY_METRICS_DIR"  # set by the supervisor for its workers
+LEGACY_ENV = "PROMETHEUS_MULTIPROC_DIR"  # an operator's choice of directory, still honoured
+PUBLISH_EVERY_S = 1.0
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # what generate_latest writes
 ANONYMOUS = "anonymous"  # the caller label of a request that was not authenticated
 CIRCUIT_STATES = {"closed": 0, "half_open": 1, "open": 2}  # kore_gateway_circuit_state values
@@ -43,7 +62,11 @@ LearnedView = Callable[[], Iterable[tuple[str, int | None, float]]]
 class _LearnedCollector:
     """The rate-limit learning gauges, read from the limiter whenever /metrics is scraped:
     learned budgets come and go with time, and with several workers the shared state is the
-    truth (one worker answers the scrape), not a value each worker last wrote."""
+    truth (one worker answers the scrape), not a value each worker last wrote (so they are
+    left out of the workers' snapshots)."""
+
+    NAMES = frozenset({"kore_gateway_ratelimit_learned_budget",
+                       "kore_gateway_ratelimit_paused_bots"})
 
     def __init__(self) -> None:
         self.view: LearnedView = lambda: ()
@@ -66,33 +89,38 @@ class _LearnedCollector:
 class Metrics:
     """Every metric of one process, registered in `registry` (a private one by default)."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, *,
+                 shared_dir: Path | None = None) -> None:
+        """`shared_dir`: publish to and merge from the workers' directory (one `Metrics` per
+        worker process may do so: the runtime's)."""
         self.registry = registry if registry is not None else CollectorRegistry()
+        self._shared = _Shared(shared_dir, self) if shared_dir is not None else None
         r = self.registry
-        self._requests = Counter(
+        # Moved by every request: plain counts (`FastCounter`, `FastHistogram`).
+        self._requests = FastCounter(
             "kore_gateway_requests_total", "HTTP requests answered, by route template, "
             "status and caller (anonymous when not authenticated).",
             ("route", "status", "caller"), registry=r)
-        self._request_seconds = Histogram(
+        self._request_seconds = FastHistogram(
             "kore_gateway_request_duration_seconds", "Time from request to response in the "
-            "gateway, by route template.", ("route",), buckets=LATENCY_BUCKETS_S, registry=r)
-        self._upstream = Counter(
+            "gateway, by route template.", ("route",), LATENCY_BUCKETS_S, registry=r)
+        self._upstream = FastCounter(
             "kore_gateway_upstream_requests_total", "Attempts sent to Kore.ai, by its HTTP "
             "status (timeout or error when there was none).", ("status",), registry=r)
-        self._upstream_seconds = Histogram(
+        self._upstream_seconds = FastHistogram(
             "kore_gateway_upstream_latency_seconds", "Duration of one attempt sent to Kore.ai.",
-            buckets=LATENCY_BUCKETS_S, registry=r)
+            (), LATENCY_BUCKETS_S, registry=r)
         self._mints = Counter("kore_gateway_token_mints_total",
                               "JWTs signed, by Kore.ai app.", ("app",), registry=r)
-        self._hits = Counter("kore_gateway_token_cache_hits_total",
-                             "Upstream attempts served by a cached JWT, by Kore.ai app.",
-                             ("app",), registry=r)
-        self._audit_seconds = Histogram(
+        self._hits = FastCounter("kore_gateway_token_cache_hits_total",
+                                 "Upstream attempts served by a cached JWT, by Kore.ai app.",
+                                 ("app",), registry=r)
+        self._audit_seconds = FastHistogram(
             "kore_gateway_audit_write_seconds", "Duration of one audit group commit "
-            "(write and fsync).", buckets=AUDIT_BUCKETS_S, registry=r)
-        self._audit_batch = Histogram(
+            "(write and fsync).", (), AUDIT_BUCKETS_S, registry=r)
+        self._audit_batch = FastHistogram(
             "kore_gateway_audit_batch_records", "Records made durable by one audit group "
-            "commit.", buckets=BATCH_BUCKETS, registry=r)
+            "commit.", (), BATCH_BUCKETS, registry=r)
         self._audit_errors = Counter("kore_gateway_audit_write_errors_total",
                                      "Audit group commits that failed.", registry=r)
         self._waits = Counter("kore_gateway_ratelimit_waits_total", "Upstream calls that "
@@ -102,6 +130,8 @@ class Metrics:
         self._in_flight = Gauge("kore_gateway_in_flight", "Deactivation requests being "
                                 "handled (compare with server.max_in_flight).",
                                 multiprocess_mode="livesum", registry=r)
+        self.in_flight = 0  # read by the gauge when collected: no gauge write per request
+        self._in_flight.set_function(lambda: self.in_flight)
         self._circuit = Gauge("kore_gateway_circuit_state", "Circuit breaker of the upstream: "
                               "0 closed, 1 half-open, 2 open (worst worker); bot=\"*\" is the "
                               "host as a whole, other bots have a series only while not closed.",
@@ -152,24 +182,24 @@ class Metrics:
         return child
 
     def request(self, route: str, status: int, caller: str | None, seconds: float) -> None:
-        self._child(self._requests, route, str(status), caller or ANONYMOUS).inc()
-        self._child(self._request_seconds, route).observe(seconds)
+        self._requests.inc((route, str(status), caller or ANONYMOUS))
+        self._request_seconds.observe(seconds, (route,))
 
     def request_started(self) -> None:
-        self._in_flight.inc()
+        self.in_flight += 1
 
     def request_finished(self) -> None:
-        self._in_flight.dec()
+        self.in_flight -= 1
 
     def upstream_attempt(self, status: int | str, seconds: float) -> None:
-        self._child(self._upstream, str(status)).inc()
+        self._upstream.inc((str(status),))
         self._upstream_seconds.observe(seconds)
 
     def token_minted(self, app: str) -> None:
         self._child(self._mints, app).inc()
 
     def token_cache_hit(self, app: str) -> None:
-        self._child(self._hits, app).inc()
+        self._hits.inc((app,))
 
     def audit_committed(self, records: int, seconds: float) -> None:
         self._audit_batch.observe(records)
@@ -185,8 +215,7 @@ class Metrics:
         self._rejections.inc()
 
     def circuit_state(self, host: str, bot: str, state: str) -> None:
-        """A bot's circuit (bot "*": the host's). A bot's closed circuit drops its series; in
-        multiprocess mode the worker's file keeps it, at 0, until the worker exits."""
+        """A bot's circuit (bot "*": the host's). A bot's closed circuit drops its series."""
         child = self._child(self._circuit, host, bot)
         child.set(CIRCUIT_STATES[state])
         if state == "closed" and bot != "*":
@@ -208,8 +237,10 @@ class Metrics:
     def ratelimit_learned(self, view: LearnedView) -> None:
         """Where the learning gauges are read from (the process's rate limiter)."""
         self._learned.view = view
+
     def worker_restarted(self) -> None:
         self._worker_restarts.inc()
+
     def audit_unauthenticated_suppressed(self) -> None:
         self._suppressed.inc()
 
@@ -226,50 +257,230 @@ class Metrics:
         self._child(self._closed, reason).inc()
 
     def render(self) -> bytes:
-        """The Prometheus text format: this registry, or every worker's samples merged."""
-        if not os.environ.get(MULTIPROC_ENV):
+        """The Prometheus text format: this registry, or every worker's snapshot merged."""
+        if self._shared is None:
             return generate_latest(self.registry)
+        self._shared.publish()
         merged = CollectorRegistry()
-        multiprocess.MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
-        merged.register(self._learned)
+        merged.register(_Families(self._shared.merged()))
+        merged.register(self._learned)  # read live here: the shared state is the truth
         return generate_latest(merged)
+
+    def publish(self) -> None:
+        """Writes this worker's snapshot to the shared directory (nothing for one worker)."""
+        if self._shared is not None:
+            self._shared.publish()
+
+    async def publish_every(self, seconds: float = PUBLISH_EVERY_S) -> None:
+        """Publishes until cancelled (a task of the runtime's); nothing for one worker."""
+        if self._shared is None:
+            return
+        while True:
+            await asyncio.sleep(seconds)
+            self._shared.publish()
+
+    def gauge_modes(self) -> dict[str, str]:
+        """How each gauge of this `Metrics` merges over workers (its `multiprocess_mode`)."""
+        return {g._name: g._multiprocess_mode for g in vars(self).values()
+                if isinstance(g, Gauge)}
+
+
+class FastCounter(Collector):
+    """A labelled counter for the request path: a dict of counts, no lock and no exemplar.
+
+    Moved from the event loop's thread only (the audit writer thread never counts), so a
+    plain `+=` cannot race. Collected like any prometheus-client counter (no `_created`).
+    """
+
+    def __init__(self, name: str, documentation: str, labels: tuple[str, ...], *,
+                 registry: CollectorRegistry) -> None:
+        self.name, self.documentation, self.labels = name, documentation, labels
+        self.counts: dict[tuple[str, ...], float] = {}
+        registry.register(self)
+
+    def inc(self, labels: tuple[str, ...] = ()) -> None:
+        counts = self.counts
+        counts[labels] = counts.get(labels, 0.0) + 1.0
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labels)
+        for labels, value in list(self.counts.items()):
+            family.add_metric(labels, value)
+        return [family]
+
+
+class FastHistogram(Collector):
+    """A labelled histogram for the request path: per series, one count per bucket and the
+    sum, found with one `bisect`; event-loop thread only, like `FastCounter`."""
+
+    def __init__(self, name: str, documentation: str, labels: tuple[str, ...],
+                 buckets: Sequence[float], *, registry: CollectorRegistry) -> None:
+        self.name, self.documentation, self.labels = name, documentation, labels
+        self.bounds = tuple(float(b) for b in buckets)
+        les = [floatToGoString(b) for b in self.bounds]  # type: ignore[no-untyped-call]
+        self._les = [*les, "+Inf"]
+        self.series: dict[tuple[str, ...], list[float]] = {}  # buckets …, +Inf, sum
+        registry.register(self)
+
+    def observe(self, value: float, labels: tuple[str, ...] = ()) -> None:
+        series = self.series.get(labels)
+        if series is None:
+            series = self.series[labels] = [0.0] * (len(self.bounds) + 2)
+        series[bisect_left(self.bounds, value)] += 1.0  # the first bound ≥ value: "le"
+        series[-1] += value
+
+    def collect(self) -> Iterable[Metric]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labels)
+        for labels, series in list(self.series.items()):
+            cumulative = list(accumulate(series[:-1]))
+            family.add_metric(list(labels), list(zip(self._les, cumulative, strict=True)),
+                              sum_value=series[-1])
+        return [family]
+
+
+# --- several workers -------------------------------------------------------------------------
+
+_LIVE = "worker-"  # worker-<pid>.json: a live worker's snapshot
+_EXITED = "exited-"  # renamed by the supervisor once the worker is gone (`worker_exited`)
+
+
+class _Shared:
+    """One worker's side of the shared directory: its snapshot file, and the merge."""
+
+    def __init__(self, directory: Path, metrics: Metrics) -> None:
+        self.directory = directory
+        self.metrics = metrics
+        self.path = directory / f"{_LIVE}{os.getpid()}.json"
+        self._modes: dict[str, str] | None = None
+
+    def publish(self) -> None:
+        if self._modes is None:
+            self._modes = self.metrics.gauge_modes()
+        families = [_family_dict(family, self._modes) for family in self.metrics.registry.collect()
+                    if family.name not in _LearnedCollector.NAMES]
+        text = json.dumps({"pid": os.getpid(), "time": time.time(), "families": families})
+        temporary = self.path.with_suffix(".tmp")
+        temporary.write_text(text, encoding="utf-8")
+        os.replace(temporary, self.path)  # a reader sees the old snapshot or the new one
+
+    def merged(self) -> list[Metric]:
+        snapshots = sorted(_read_snapshots(self.directory),
+                           key=lambda snap: snap["pid"] != os.getpid())  # ours first: its order
+        return merge(snapshots)
+
+
+def _family_dict(family: Metric, modes: dict[str, str]) -> dict[str, Any]:
+    return {"name": family.name, "type": family.type, "help": family.documentation,
+            "mode": modes.get(family.name) if family.type == "gauge" else None,
+            "samples": [[s.name, s.labels, s.value] for s in family.samples
+                        if not s.name.endswith("_created")]}
+
+
+def _read_snapshots(directory: Path) -> Iterator[dict[str, Any]]:
+    for path in directory.glob("*.json"):
+        if not path.name.startswith((_LIVE, _EXITED)):
+            continue
+        try:
+            snapshot = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # renamed away between listing and reading, or not ours
+        if isinstance(snapshot, dict) and isinstance(snapshot.get("families"), list):
+            snapshot["exited"] = path.name.startswith(_EXITED)
+            yield snapshot
+
+
+def merge(snapshots: Iterable[dict[str, Any]]) -> list[Metric]:
+    """Worker snapshots → one family each: counters and histograms summed, gauges by mode."""
+    families: dict[str, Metric] = {}
+    merged: dict[str, dict[tuple[Any, ...], tuple[float, float]]] = {}
+    for snap in snapshots:
+        for fam in snap["families"]:
+            mode = fam.get("mode") or "sum"
+            if snap["exited"] and mode.startswith("live"):
+                continue  # a gone worker's gauges no longer describe anything
+            if fam["name"] not in families:
+                families[fam["name"]] = Metric(fam["name"], fam["help"], fam["type"])
+                merged[fam["name"]] = {}
+            samples = merged[fam["name"]]
+            for name, labels, value in fam["samples"]:
+                if mode in ("all", "liveall"):
+                    labels = {**labels, "pid": str(snap["pid"])}
+                key = (name, *sorted(labels.items()))
+                samples[key] = _combine(mode, samples.get(key), (float(value), snap["time"]))
+    for name, family in families.items():
+        for (sample, *labels), (value, _) in merged[name].items():
+            family.add_sample(sample, dict(labels), value)
+    return list(families.values())
+
+
+def _combine(mode: str, old: tuple[float, float] | None, new: tuple[float, float]
+             ) -> tuple[float, float]:
+    """(value, snapshot time) of one sample over two workers."""
+    if old is None:
+        return new
+    kind = mode.removeprefix("live")
+    if kind == "max":
+        return max(old, new)
+    if kind == "min":
+        return min(old, new)
+    if kind == "mostrecent":
+        return old if old[1] >= new[1] else new
+    return old[0] + new[0], max(old[1], new[1])  # sum, and counters and histograms
+
+
+class _Families(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self.families
+
+
+def shared_dir() -> Path | None:
+    """The workers' directory set up by `multiprocess_dir`, or None (a single process)."""
+    given = os.environ.get(MULTIPROC_ENV)
+    return Path(given) if given else None
 
 
 @contextmanager
 def multiprocess_dir(workers: int) -> Iterator[Path | None]:
-    """Multiprocess mode for the workers about to be spawned; enter it before spawning.
+    """The directory the workers about to be started share; enter it before starting them.
 
-    A `PROMETHEUS_MULTIPROC_DIR` set by the operator is used, emptied of old samples first.
-    Otherwise, with several workers, a fresh temporary directory is made and removed at exit.
+    With several workers: the operator's `PROMETHEUS_MULTIPROC_DIR` when set, emptied of old
+    snapshots first, otherwise a fresh temporary directory, removed at exit. Its path is
+    handed to the workers in `KORE_GATEWAY_METRICS_DIR`.
     """
-    given = os.environ.get(MULTIPROC_ENV)
-    if given:
-        path = Path(given)
-        path.mkdir(parents=True, exist_ok=True)
-        for stale in path.glob("*.db"):
-            stale.unlink()
-        yield path
-        return
     if workers <= 1:
         yield None
         return
-    made = Path(tempfile.mkdtemp(prefix="kore-gateway-metrics-"))
-    os.environ[MULTIPROC_ENV] = str(made)
+    given = os.environ.get(LEGACY_ENV)
+    if given:
+        path = Path(given)
+        path.mkdir(parents=True, exist_ok=True)
+        for stale in [*path.glob("*.db"), *path.glob(f"{_LIVE}*.json"),
+                      *path.glob(f"{_EXITED}*.json")]:
+            stale.unlink()
+    else:
+        path = Path(tempfile.mkdtemp(prefix="kore-gateway-metrics-"))
+    os.environ[MULTIPROC_ENV] = str(path)
     try:
-        yield made
+        yield path
     finally:
         os.environ.pop(MULTIPROC_ENV, None)
-        shutil.rmtree(made, ignore_errors=True)
+        if not given:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def worker_exited(pid: int) -> None:
     """Drops a finished worker's live gauges; its counters still count in the sums."""
-    if os.environ.get(MULTIPROC_ENV):
-        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+    directory = shared_dir()
+    if directory is not None:
+        with contextlib.suppress(OSError):
+            os.replace(directory / f"{_LIVE}{pid}.json", directory / f"{_EXITED}{pid}.json")
 
 
 def in_worker() -> None:
-    """First thing in a worker process. A forked worker inherits prometheus-client as the
-    supervisor imported it, before `multiprocess_dir` set the environment: pick its value
-    class again so that this worker's metrics go to the shared files."""
-    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
+    """First thing in a worker process: in-process metric values (a spawned worker imports
+    prometheus-client afresh, and it picks memory-mapped values when the environment names a
+    multiprocess directory)."""
+    values.ValueClass = values.MutexValue

@@ -43,21 +43,36 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 def test_every_figure_is_measured(smoke: dict[str, Any]) -> None:
     r = smoke
-    gateway, nginx = r["saturation"]["gateway"], r["saturation"]["nginx"]
-    assert gateway["ok"] > 0 and nginx["ok"] > 0
-    assert gateway["errors"]["status"] == 0 == nginx["errors"]["status"]
-    for key in ("gateway", "nginx", "ratio"):
-        assert r["cpu_us_per_request"][key] > 0
-    for target in ("direct", "nginx", "gateway"):
+    sat = r["saturation"]
+    for name in ("gateway", "floor", "nginx"):
+        assert sat[name]["ok"] > 0 and sat[name]["errors"]["status"] == 0, name
+        assert r["cpu_us_per_request"][name] > 0, name
+    for key in ("ratio_floor", "ratio_nginx"):
+        assert r["cpu_us_per_request"][key] > 0 and sat[key] > 0
+    for target in ("direct", "nginx", "floor", "gateway"):
         latency = r["latency_200"][target]
         assert isinstance(latency, dict)
         assert latency["samples"] > 0 and latency["failed"] == 0 and latency["p99_ms"] > 0
+    assert isinstance(r["latency_200"]["over_floor_p50_ms"], float)
     assert len(r["rss_mib"]["gateway_workers"]) == 2
+    assert len(r["rss_mib"]["floor_workers"]) == 2
     assert 0 < r["ready_s"]["gateway_first"] <= r["ready_s"]["gateway_all_workers"]
+    assert r["ready_s"]["floor"] > 0
     assert r["jwt"]["mints"] >= 1 and r["jwt"]["over_allowed"] == 0
     assert r["jwt"]["mints_from_metrics"] == r["jwt"]["mints"]  # logs and /metrics agree
     assert r["audit"]["records_per_commit_saturation"] >= 1
     assert r["settings"]["stub"] == "nginx" and r["settings"]["peer"] is True
+
+
+def test_targets_are_judged_against_the_floor_of_the_same_run(smoke: dict[str, Any]) -> None:
+    by_key = {t["key"]: t for t in smoke["targets"]}
+    cpu = smoke["cpu_us_per_request"]
+    assert by_key["cpu_ratio_floor"]["value"] == cpu["ratio_floor"]
+    assert abs(cpu["ratio_floor"] - cpu["gateway"] / cpu["floor"]) < 0.01
+    lat = smoke["latency_200"]
+    assert abs(lat["over_floor_p50_ms"]
+               - (lat["gateway"]["p50_ms"] - lat["floor"]["p50_ms"])) < 0.002
+    assert all(t["met"] in (True, False) for t in smoke["targets"])
 
 
 def test_gateway_shut_down_cleanly_with_intact_audit_chains(smoke: dict[str, Any]) -> None:
@@ -70,6 +85,7 @@ def test_writes_json_table_and_plot(smoke: dict[str, Any]) -> None:
     out = Path(smoke["_out"])
     table = (out / "latest.md").read_text()
     assert "| CPU time per deactivation (µs) |" in table
+    assert "| gateway | aiohttp floor | nginx |" in table
     assert table.count("| met |") + table.count("| **missed** |") == len(TARGETS)
     assert (out / "latest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| saturation throughput" in smoke["_stdout"]
@@ -92,4 +108,26 @@ def test_compare_puts_before_and_after_side_by_side() -> None:
     after = {"label": "latest", "saturation": {"gateway": {"rps": 250.0}}}
     table = compare(before, after)
     assert "| saturation throughput, gateway (req/s) | 100 | 250 |" in table
-    assert "| CPU ratio gateway ÷ nginx | – | – |" in table
+    assert "| CPU ratio gateway ÷ floor | – | – |" in table
+
+
+def test_profile_charges_each_sample_to_the_nearest_known_part() -> None:
+    from benchmarks.profile import parse_collapsed, report
+
+    stacks = [
+        # a write in aiohttp's shared writer, under the client: the client's
+        ("process 1:x;run (gateway/http/loop.py:27);KoreClient._send (gateway/kore/client.py:250);"
+        "ClientRequest.send (aiohttp/client_reqrep.py:1);"
+        "StreamWriter._writelines (aiohttp/http_writer.py:106) 3"),
+        # JSON under the audit log: the audit log's
+        "process 1:x;AuditLog._chain (gateway/audit/log.py:1);canonical (gateway/jsoncodec.py:1) 2",
+        "process 2:x;Runner.run (asyncio/runners.py:86) 1",
+        "not a sample line",
+    ]
+    profile = parse_collapsed(line + "\n" for line in stacks)
+    assert profile.samples == 6
+    assert profile.by_category == {"aiohttp client": 3, "audit log": 2,
+                                   "event loop (uvloop, in C: epoll, sockets, callbacks)": 1}
+    assert profile.own["StreamWriter._writelines (aiohttp/http_writer.py:106)"] == 3
+    text = report(profile, requests=100, cpu_s=0.06, wall_s=1.0, top=3)
+    assert "|  50.0% |  300.0 | aiohttp client |" in text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import warnings
 from pathlib import Path
@@ -17,11 +18,13 @@ from gateway.logs import (
     LogFile,
     LogFileError,
     Throttle,
+    access,
     configure,
     redact,
     safe_traceback,
     scrub,
     scrub_message,
+    utc_timestamp,
     worker_file,
 )
 from tests.conftest import FakeClock
@@ -161,6 +164,74 @@ class TestOneWritePerLine:
         assert len(writes) == 2
         assert all(w.endswith("\n") and w.count("\n") == 1 for w in writes)
         assert [json.loads(w)["event"] for w in writes] == ["first", "second"]
+
+
+class TestAccessLine:
+    """`access()`: the per-request line without structlog's chain, the same line it would be."""
+
+    def test_same_fields_as_a_structlog_line(self, capsys: pytest.CaptureFixture[str]) -> None:
+        configure("info", "json")
+        structlog.contextvars.bind_contextvars(worker=1, request_id="req-9")
+        try:
+            access("request", method="POST", status=200, duration_ms=1.5)
+            structlog.get_logger("t").info("request", method="POST", status=200,
+                                           duration_ms=1.5)
+        finally:
+            structlog.contextvars.clear_contextvars()
+        fast, chain = stderr_lines(capsys)
+        assert fast.keys() == chain.keys()
+        assert {k: v for k, v in fast.items() if k != "timestamp"} == \
+               {k: v for k, v in chain.items() if k != "timestamp"}
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", fast["timestamp"])
+
+    def test_secrets_are_redacted(self, capsys: pytest.CaptureFixture[str]) -> None:
+        configure("info", "json")
+        structlog.contextvars.bind_contextvars(request_id=JWT)
+        try:
+            access("request", caller=f"Bearer {KEY}", token="abc-secret", status=401)
+        finally:
+            structlog.contextvars.clear_contextvars()
+        err = capsys.readouterr().err
+        assert JWT not in err and KEY not in err and "abc-secret" not in err
+        [line] = [json.loads(x) for x in err.splitlines()]
+        assert line["request_id"] == "[redacted-jwt]" and line["token"] == "[redacted]"
+        assert line["status"] == 401
+
+    def test_one_write_per_line(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        writes: list[str] = []
+
+        class Recorder:
+            def write(self, text: str) -> int:
+                writes.append(text)
+                return len(text)
+
+            def flush(self) -> None:
+                pass
+
+        monkeypatch.setattr("sys.stderr", Recorder())
+        configure("info", "json")
+        access("request", status=200)
+        access("request", status=404)
+        assert [json.loads(w)["status"] for w in writes] == [200, 404]
+        assert all(w.endswith("\n") and w.count("\n") == 1 for w in writes)
+
+    def test_level_and_console_format_are_honoured(
+            self, capsys: pytest.CaptureFixture[str]) -> None:
+        configure("warning", "json")
+        access("request", status=200)
+        assert capsys.readouterr().err == ""
+        configure("info", "console")
+        access("request", status=200, token="abc-secret-console")
+        err = capsys.readouterr().err
+        assert "request" in err and "abc-secret-console" not in err
+
+    def test_utc_timestamp_is_now(self) -> None:
+        import datetime
+
+        stamp = utc_timestamp()
+        parsed = datetime.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(
+            tzinfo=datetime.UTC)
+        assert abs((datetime.datetime.now(datetime.UTC) - parsed).total_seconds()) < 5
 
 
 class TestLogFile:
@@ -319,3 +390,46 @@ class TestThrottle:
         clock.advance(1.0)
         assert throttle("e") == 3
         assert throttle("e") == 0
+
+
+class TestScrubShortcut:
+    """`scrub` skips the pattern for ASCII text without a marker: never a different result."""
+
+    @pytest.mark.parametrize("text", [
+        "plain words", "POST", "/v1/bots/{botId}/sessions/deactivate", "crm-service",
+        f"x {JWT} y", f"BeArEr {KEY}", "Basic dXNlcjpwYXNz", "https://user:pw@host/x",
+        "AUTHORIZATION: token", "Set-Cookie: a=b", "X-API-KEY=abc", "b'\\x00raw'", 'rb"x"',
+        "kgw_abc", "eyJhbGciOi.eyJzdWIiOi.sig", "ſet-cookie: a=b", "baſic abc",
+        "x-api-\u212aey: v", "Bearer\u00a0abc"])
+    def test_same_as_the_pattern(self, text: str) -> None:
+        from gateway.logs import _SECRET_SHAPES, _replace
+
+        assert scrub(text) == _SECRET_SHAPES.sub(_replace, text)
+
+    def test_random_text_same_as_the_pattern(self) -> None:
+        from hypothesis import given, settings
+        from hypothesis import strategies as st
+
+        from gateway.logs import _SECRET_SHAPES, _replace
+
+        pieces = st.sampled_from(["eyJ", "kgw_", "://", "@", "'", '"', "b'", "Bearer ", "bAsIc ",
+                                  "authorization", "cookie", "api-key", ":", " ", "a", "Z",
+                                  "0", ".", "-", "_", "\u017f", "\u212a"])
+
+        @settings(max_examples=400, deadline=None)
+        @given(st.lists(pieces | st.text(max_size=3), max_size=12).map("".join))
+        def check(text: str) -> None:
+            assert scrub(text) == _SECRET_SHAPES.sub(_replace, text)
+
+        check()
+
+
+def test_access_line_follows_another_structlog_set_up(capsys: pytest.CaptureFixture[str]) -> None:
+    """A set-up other than configure()'s (a test's capture) gets the line, not a stale stream."""
+    from structlog.testing import capture_logs
+
+    configure("info", "json")
+    with capture_logs() as logs:
+        access("request", status=200)
+    assert [e["event"] for e in logs] == ["request"]
+    assert capsys.readouterr().err == ""

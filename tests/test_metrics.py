@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.audit.log import AuditLog
@@ -16,7 +16,13 @@ from gateway.breaker import MAX_BOT_SERIES, CircuitBreaker
 from gateway.config.model import KoreApp, Secret
 from gateway.errors import AuditUnavailable, RateLimited
 from gateway.kore.tokens import TokenCache
-from gateway.metrics import MULTIPROC_ENV, Metrics, multiprocess_dir
+from gateway.metrics import (
+    LEGACY_ENV,
+    MULTIPROC_ENV,
+    Metrics,
+    multiprocess_dir,
+    worker_exited,
+)
 from gateway.ratelimit.memory import MemoryRateLimiter
 from tests.conftest import FakeClock
 
@@ -179,10 +185,51 @@ class TestInstrumentedParts:
         assert value(registry, "kore_gateway_audit_batch_records_count") == 0
 
 
+class TestFastMetrics:
+    """The request path's counters and histograms expose exactly what prometheus-client's do."""
+
+    def test_histogram_matches_prometheus_client_at_and_between_bounds(self) -> None:
+        from prometheus_client import Histogram
+
+        from gateway.metrics import LATENCY_BUCKETS_S, FastHistogram
+
+        ours, theirs = CollectorRegistry(), CollectorRegistry()
+        fast = FastHistogram("h_seconds", "h", ("route",), LATENCY_BUCKETS_S, registry=ours)
+        reference = Histogram("h_seconds", "h", ("route",), buckets=LATENCY_BUCKETS_S,
+                              registry=theirs)
+        for seconds in (0.0, 0.001, 0.005, 0.0050001, 0.3, 1.0, 29.9, 30.0, 31.0, 1e9):
+            for route in ("/a", "/b"):
+                fast.observe(seconds, (route,))
+                reference.labels(route).observe(seconds)
+
+        def samples(registry: CollectorRegistry) -> list[tuple[str, str, float]]:
+            return sorted((s.name, repr(sorted(s.labels.items())), s.value)
+                          for f in registry.collect() for s in f.samples
+                          if not s.name.endswith("_created"))
+
+        assert samples(ours) == samples(theirs)
+
+    def test_counter_matches_prometheus_client(self) -> None:
+        from prometheus_client import Counter
+
+        from gateway.metrics import FastCounter
+
+        ours, theirs = CollectorRegistry(), CollectorRegistry()
+        fast = FastCounter("c_total", "c", ("status",), registry=ours)
+        reference = Counter("c_total", "c", ("status",), registry=theirs)
+        for status in ("200", "200", "503"):
+            fast.inc((status,))
+            reference.labels(status).inc()
+        text = [line for line in generate_latest(theirs).decode().splitlines()
+                if "_created" not in line]
+        assert generate_latest(ours).decode().splitlines() == text
+
+
 class TestMultiprocessDir:
     def test_fresh_directory_for_several_workers_removed_at_exit(
             self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(MULTIPROC_ENV, raising=False)
+        monkeypatch.delenv(LEGACY_ENV, raising=False)
         monkeypatch.setenv("TMPDIR", str(tmp_path))
         monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
         with multiprocess_dir(2) as path:
@@ -199,10 +246,96 @@ class TestMultiprocessDir:
     def test_operator_directory_is_kept_but_emptied_of_old_samples(
             self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         (tmp_path / "counter_123.db").write_bytes(b"old")
+        (tmp_path / "worker-123.json").write_text("{}")
+        (tmp_path / "exited-124.json").write_text("{}")
         (tmp_path / "notes.txt").write_text("keep")
-        monkeypatch.setenv(MULTIPROC_ENV, str(tmp_path))
+        monkeypatch.setenv(LEGACY_ENV, str(tmp_path))
+        monkeypatch.delenv(MULTIPROC_ENV, raising=False)
         with multiprocess_dir(4) as path:
-            assert path == tmp_path
-            assert not (tmp_path / "counter_123.db").exists()
-        assert (tmp_path / "notes.txt").exists() and os.environ[MULTIPROC_ENV] == str(tmp_path)
+            assert path == tmp_path and os.environ[MULTIPROC_ENV] == str(tmp_path)
+            assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+        assert (tmp_path / "notes.txt").exists() and MULTIPROC_ENV not in os.environ
 
+
+SIMPLE = "/v1/bots/{botId}/sessions/deactivate"
+
+
+def scraped(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(metrics.render().decode())
+            for s in family.samples}
+
+
+def other_worker(directory: Path, pid: int, *, requests: int, in_flight: int,
+                 circuit: str) -> None:
+    """What another worker would have published: its snapshot, under its own pid."""
+    worker = Metrics(shared_dir=directory)
+    for _ in range(requests):
+        worker.request(SIMPLE, 200, "crm", 0.01)
+    for _ in range(in_flight):
+        worker.request_started()
+    worker.circuit_state("kore.example", "*", circuit)
+    worker.publish()
+    os.replace(directory / f"worker-{os.getpid()}.json", directory / f"worker-{pid}.json")
+
+
+class TestWorkersMerged:
+    """Each worker counts in process and publishes a snapshot; a scrape merges them all."""
+
+    def test_counters_and_histograms_are_summed_gauges_follow_their_mode(
+            self, tmp_path: Path) -> None:
+        other_worker(tmp_path, 4001, requests=3, in_flight=2, circuit="open")
+        mine = Metrics(shared_dir=tmp_path)
+        mine.request(SIMPLE, 200, "crm", 0.02)
+        mine.request_started()
+        mine.circuit_state("kore.example", "*", "closed")
+        samples = scraped(mine)
+        key = (("caller", "crm"), ("route", SIMPLE), ("status", "200"))
+        assert samples[("kore_gateway_requests_total", key)] == 4
+        assert samples[("kore_gateway_request_duration_seconds_count", (("route", SIMPLE),))] == 4
+        assert samples[("kore_gateway_request_duration_seconds_bucket",
+                        (("le", "+Inf"), ("route", SIMPLE)))] == 4
+        assert samples[("kore_gateway_in_flight", ())] == 3  # livesum
+        circuit = ("kore_gateway_circuit_state", (("bot", "*"), ("host", "kore.example")))
+        assert samples[circuit] == 2  # livemax
+        assert not any(name.endswith("_created") for name, _ in samples)
+
+    def test_an_exited_worker_keeps_its_counts_but_not_its_live_gauges(
+            self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        other_worker(tmp_path, 4002, requests=5, in_flight=1, circuit="open")
+        monkeypatch.setenv(MULTIPROC_ENV, str(tmp_path))
+        worker_exited(4002)
+        mine = Metrics(shared_dir=tmp_path)
+        samples = scraped(mine)
+        key = (("caller", "crm"), ("route", SIMPLE), ("status", "200"))
+        assert samples[("kore_gateway_requests_total", key)] == 5
+        assert samples[("kore_gateway_in_flight", ())] == 0
+        assert ("kore_gateway_circuit_state", (("bot", "*"), ("host", "kore.example"))) \
+            not in samples
+
+    def test_a_scrape_publishes_its_own_counts_first(self, tmp_path: Path) -> None:
+        mine = Metrics(shared_dir=tmp_path)
+        mine.ratelimit_rejected()
+        mine.render()
+        published = (tmp_path / f"worker-{os.getpid()}.json").read_text()
+        assert "kore_gateway_ratelimit_rejections_total" in published
+        mine.ratelimit_rejected()
+        assert scraped(mine)[("kore_gateway_ratelimit_rejections_total", ())] == 2
+
+    async def test_publishes_periodically_off_the_request_path(self, tmp_path: Path) -> None:
+        mine = Metrics(shared_dir=tmp_path)
+        mine.token_minted("sessions")
+        task = asyncio.create_task(mine.publish_every(0.01))
+        path = tmp_path / f"worker-{os.getpid()}.json"
+        for _ in range(200):
+            if path.exists():
+                break
+            await asyncio.sleep(0.01)
+        task.cancel()
+        assert "kore_gateway_token_mints_total" in path.read_text()
+
+    async def test_a_single_process_publishes_nothing(self, tmp_path: Path) -> None:
+        alone = Metrics()
+        alone.publish()
+        await alone.publish_every(0.01)  # returns at once
+        assert b"kore_gateway_requests_total" in alone.render()

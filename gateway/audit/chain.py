@@ -56,7 +56,7 @@ class ChainKey:
 
 def canonical(record: Mapping[str, Any]) -> str:
     """The text the chain hash covers: the record without ``hash``, keys sorted, compact."""
-    body = {key: value for key, value in record.items() if key != "hash"}
+    body = record if "hash" not in record else {k: v for k, v in record.items() if k != "hash"}
     return jsoncodec.canonical(body)  # byte-identical to the json.dumps above, faster
 
 

@@ -1,7 +1,9 @@
 """The audit log: append-only JSON Lines, sequence-numbered and hash-chained.
 
 Owns appending to the audit file: appends made durable (written and fsynced) before they are
-acknowledged, group commit, size-based rotation and start-up recovery. It knows nothing of
+acknowledged (`append`), or, for records a restart can make up for, acknowledged once written
+and made durable by the same group commit's fsync right after (`append(durable=False)`),
+group commit, size-based rotation and start-up recovery of the chain. It knows nothing of
 HTTP, JWTs or caller keys; what goes into a record is decided by its callers. What the chain
 hash covers and how files are verified is `audit_chain.py`'s, file names, locking and tail
 reading `audit_files.py`'s; their public names are re-exported here.
@@ -24,14 +26,14 @@ whole: when the key is set, removed or changed, `open()` starts a new file.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import hashlib
 import os
+import queue
 import threading
 import time
-from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -65,6 +67,7 @@ from gateway.audit.files import (
     tail,
 )
 from gateway.errors import AuditUnavailable
+from gateway.logs import utc_timestamp
 from gateway.metrics import Metrics
 
 __all__ = [
@@ -89,7 +92,9 @@ HALT_WAIT_S = 2.0
 
 log = structlog.get_logger(__name__)
 
-_Pending = tuple[dict[str, Any], "asyncio.Future[dict[str, Any]]"]
+# A record, its caller's future (None: nobody waits any more) and whether the caller waits
+# for the fsync (True) or only for the write (False).
+_Pending = tuple[dict[str, Any], "asyncio.Future[dict[str, Any]] | None", bool]
 _T = TypeVar("_T")
 
 
@@ -101,8 +106,8 @@ class AuditLog:
     """The append-only audit file: durable, group-committed, hash-chained appends.
 
     File state (descriptor, size, last seq and hash) is only touched by `open()` at start-up
-    and then by one worker thread, so writes, fsyncs, rotation and reopening never block the
-    event loop and never run concurrently. Records are chained by that thread just before
+    and then by the log's own thread (`_Writer`), so writes, fsyncs, rotation and reopening
+    never block the event loop and never run concurrently. Records are chained by that thread just before
     they are written, so a failed batch leaves no gap: the next batch chains onto the last
     durable record.
     """
@@ -131,8 +136,9 @@ class AuditLog:
         self._seq = 0  # seq of the last durable record
         self._prev = ZERO_HASH  # hash of the last durable record
         self._pending: list[_Pending] = []
+        self._retained: list[_Pending] = []  # written, acknowledged, then not made durable
         self._flusher: asyncio.Task[None] | None = None
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit")
+        self._worker = _Writer()
         self._opened = self._closed = False
         self._healthy = True
         self._failed_errno: int | None = None  # last failure logged, to log each new one once
@@ -170,24 +176,40 @@ class AuditLog:
         self._opened = True
         log.info("audit.opened", path=str(self._path), seq=self._seq)
 
-    async def append(self, record: Mapping[str, Any]) -> dict[str, Any]:
-        """Write `record` and return it as written, once it is durable.
+    async def append(self, record: Mapping[str, Any], *, durable: bool = True
+                     ) -> dict[str, Any]:
+        """Write `record` and return it as written, once it is durable (fsynced).
+
+        With `durable=False`, return once it is written, before the fsync of its group
+        commit, when the log's thread is idle; while a commit is in progress, return at once
+        (the record goes into the next commit: the caller never waits behind another batch's
+        fsync). If its write or fsync fails after that, the record is kept and written again
+        by the next commit (a later append, a successful `probe()`, or `close()`), so it is
+        only lost with the process (and a restart closes what it left open,
+        `audit.recovery`).
 
         Raises `AuditUnavailable` when it cannot be written (nothing of it stays in the file),
-        and `ValueError`/`TypeError` at once for a record that cannot be encoded as JSON.
+        and `ValueError`/`TypeError` for a record that cannot be encoded as JSON (it alone is
+        left out of its batch).
         """
         if not self._opened:
             raise RuntimeError("AuditLog.open() was not called")
         if self._closed:
             raise AuditUnavailable(_UNAVAILABLE)
         prepared = self._prepare(record)
+        if not durable and self._flusher is not None:  # a commit is under way
+            self._pending.append((prepared, None, False))
+            return prepared
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         future.add_done_callback(_retrieve)  # a cancelled caller must not leave it unretrieved
-        self._pending.append((prepared, future))
+        self._pending.append((prepared, future, durable))
+        self._flush_soon()
+        # A caller that stops waiting cancels only its future: the record stays in its batch.
+        return await future
+
+    def _flush_soon(self) -> None:
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._drain())
-        # Shielded: a caller that stops waiting does not unmake a record already in a batch.
-        return await asyncio.shield(future)
 
     def disk_free(self) -> int | None:
         """Bytes an unprivileged writer may still add on the log's volume; None if unknown.
@@ -199,6 +221,7 @@ class AuditLog:
         except OSError:
             return None
         return stats.f_bavail * stats.f_frsize
+
     async def head(self) -> tuple[int, str]:
         """seq and hash of the last durable record (0 and 64 zeros before the first)."""
         if self._closed or not self._opened:
@@ -217,6 +240,8 @@ class AuditLog:
             self._note_failure(exc)
             return False
         self._note_success()
+        if self._retained:
+            self._flush_soon()  # what a failed commit kept, now that the file is writable
         return True
 
     def halt(self, timeout_s: float = HALT_WAIT_S) -> bool:
@@ -235,57 +260,96 @@ class AuditLog:
         self._closed = True
         if self._flusher is not None:
             await asyncio.shield(self._flusher)
+        if self._retained:  # one last try for records a failed commit kept
+            await self._drain()
+            if self._retained:
+                log.error("audit.records_lost", path=str(self._path), records=len(self._retained))
         await self._in_worker(self._close_fd)
         await self._in_worker(self._reserve.close)
-        self._worker.shutdown(wait=False)
+        self._worker.stop()
 
     # -- event-loop side ---------------------------------------------------------------------
 
     def _prepare(self, record: Mapping[str, Any]) -> dict[str, Any]:
-        """A copy in on-disk key order, with ``ts`` and placeholders for the chain fields."""
+        """A copy in on-disk key order (ts, seq, event, …, prev; `hash` is added last when
+        the record is chained), with ``ts`` now and placeholders for ``seq`` and ``prev``."""
         body = {key: value for key, value in record.items() if key not in _OWN_KEYS}
         if self._hash_user_ids:
             body = _with_user_id_hashed(body)
-        head: dict[str, Any] = {"ts": _now(), "seq": 0}
+        prepared: dict[str, Any] = {"ts": utc_timestamp(), "seq": 0}
         if "event" in body:
-            head["event"] = body.pop("event")
-        prepared = {**head, **body, "prev": ZERO_HASH, "hash": ""}
-        # Fail this caller now rather than the whole batch later.
-        _encode(prepared)
+            prepared["event"] = body.pop("event")
+        prepared.update(body)
+        prepared["prev"] = ZERO_HASH
         return prepared
 
     async def _drain(self) -> None:
-        """The flusher: commit what is pending, batch after batch, until nothing is left."""
+        """The flusher: commit what is pending (after what a failed commit kept), batch after
+        batch, until nothing new is left."""
         try:
-            while self._pending:
-                batch, self._pending = self._pending, []
-                await self._commit(batch)
+            while self._pending or self._retained:
+                batch = self._retained + self._pending
+                self._retained, self._pending = [], []
+                if not await self._commit(batch) and not self._pending:
+                    break  # kept records wait for the next append, probe or close
         finally:
             self._flusher = None
 
-    async def _commit(self, batch: list[_Pending]) -> None:
+    async def _commit(self, batch: list[_Pending]) -> bool:
         started = time.monotonic()
+        records = [record for record, _, _ in batch]
         try:
-            await self._in_worker(self._write_batch, [record for record, _ in batch])
+            refused = await self._in_worker(self._write_batch, records,
+                                            self._when_written(batch))
         except OSError as exc:
             self._metrics.audit_failed()
             self._note_failure(exc)
-            _reject(batch, exc)
-        except asyncio.CancelledError as exc:
+            self._fail(batch, exc)
+            return False
+        except asyncio.CancelledError as exc:  # the write may still happen: nothing is kept
             _reject(batch, exc)
             raise
         except Exception as exc:  # a bug must fail its batch, not strand the callers
             log.exception("audit.write_error", path=str(self._path))
-            _reject(batch, exc)
-        else:
-            self._metrics.audit_committed(len(batch), time.monotonic() - started)
-            self._note_success()
-            for record, future in batch:
-                if not future.done():
-                    future.set_result(record)
+            self._fail(batch, exc)
+            return False
+        self._metrics.audit_committed(len(batch) - len(refused), time.monotonic() - started)
+        self._note_success()
+        _settle(batch, range(len(batch)), refused)
+        for index, (record, future, _) in enumerate(batch):
+            if index in refused and future is None:
+                log.error("audit.record_not_encodable", record_event=record.get("event"),
+                          request_id=record.get("requestId"),
+                          error=type(refused[index]).__name__)
+        return True
+
+    def _when_written(self, batch: list[_Pending]
+                      ) -> Callable[[dict[int, Exception]], None] | None:
+        """For the writer thread, between write and fsync: acknowledges the records whose
+        callers wait for the write only (`durable=False`)."""
+        shown = [i for i, (_, future, durable) in enumerate(batch)
+                 if future is not None and not durable]
+        if not shown:
+            return None
+        loop = asyncio.get_running_loop()
+
+        def written(refused: dict[int, Exception]) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(_settle, batch, shown, refused)
+
+        return written
+
+    def _fail(self, batch: list[_Pending], cause: BaseException) -> None:
+        """Callers waiting for a failed commit get `AuditUnavailable`. Records already
+        acknowledged as written (their fsync failed, so the write was cut back) are kept for
+        the next commit, in their order, as are records kept from an earlier failure."""
+        kept = [(record, None, False) for record, future, durable in batch
+                if future is None or (not durable and _acknowledged(future))]
+        self._retained = kept + self._retained
+        _reject(batch, cause)
 
     async def _in_worker(self, func: Callable[..., _T], *args: Any) -> _T:
-        return await asyncio.get_running_loop().run_in_executor(self._worker, func, *args)
+        return await self._worker.run(func, *args)
 
     def _note_failure(self, exc: OSError) -> None:
         if self._healthy or exc.errno != self._failed_errno:
@@ -301,16 +365,26 @@ class AuditLog:
 
     # -- worker-thread side (and open() at start-up) -----------------------------------------
 
-    def _write_batch(self, records: list[dict[str, Any]]) -> None:
-        """Chain `records` onto the last durable one, write them at once and fsync."""
+    def _write_batch(self, records: list[dict[str, Any]],
+                     written: Callable[[dict[int, Exception]], None] | None = None
+                     ) -> dict[int, Exception]:
+        """Chain `records` onto the last durable one, write them at once (then call
+        `written`) and fsync; returns the records that cannot be encoded (by index), which
+        are left out of the chain."""
         fd = self._writable_fd()
-        data = self._chain(records, first_in_file=not self._size)
+        data, refused = self._chain(records, first_in_file=not self._size)
+        if not data:
+            if written is not None:
+                written(refused)
+            return refused
         if self._size and self._size + len(data) > self._max_bytes:
             fd = self._rotate()
-            data = self._chain(records, first_in_file=True)
+            data, refused = self._chain(records, first_in_file=True)
         with self._io_lock:  # see `halt()`
             try:
                 _write_all(fd, data)
+                if written is not None:
+                    written(refused)
                 if self._fsync:
                     os.fsync(fd)
                     self.fsyncs += 1
@@ -318,16 +392,33 @@ class AuditLog:
                 self._undo_partial(fd)
                 raise
         self._size += len(data)
-        self._seq, self._prev = records[-1]["seq"], records[-1]["hash"]
+        self._seq, self._prev = seq_and_hash(records, refused)
+        return refused
 
-    def _chain(self, records: list[dict[str, Any]], *, first_in_file: bool) -> bytes:
+    def _chain(self, records: list[dict[str, Any]], *, first_in_file: bool
+               ) -> tuple[bytes, dict[int, Exception]]:
+        """One canonical form, one hash and one line per record."""
         seq, prev = self._seq, self._prev
-        mark(records[0], self._key is not None and first_in_file)
-        for record in records:
-            seq += 1
-            record["seq"], record["prev"] = seq, prev
-            prev = record["hash"] = chain_hash(prev, canonical(record), self._key)
-        return b"".join(_encode(record) for record in records)
+        first = first_in_file
+        lines: list[bytes] = []
+        refused: dict[int, Exception] = {}
+        for index, record in enumerate(records):
+            record.pop("hash", None)  # chained again after a failed commit
+            record["seq"], record["prev"] = seq + 1, prev
+            keyed_first = self._key is not None and first
+            if keyed_first or CHAIN_FIELD in record:
+                record["hash"] = ""
+                mark(record, keyed_first)  # ``chain`` on the first record of a keyed file
+                del record["hash"]
+            try:
+                digest = chain_hash(prev, canonical(record), self._key)
+                record["hash"] = digest
+                lines.append(_encode(record))
+            except (ValueError, TypeError) as exc:  # not JSON: this record alone is refused
+                refused[index] = exc
+                continue
+            seq, prev, first = seq + 1, digest, False
+        return b"".join(lines), refused
 
     def _continues_chain(self) -> bool:
         """At open: whether the current file's mode (plain, or keyed with this key) is ours."""
@@ -451,16 +542,86 @@ def _with_user_id_hashed(body: dict[str, Any]) -> dict[str, Any]:
     return hashed
 
 
-def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+def seq_and_hash(records: list[dict[str, Any]], refused: Mapping[int, Exception]
+                 ) -> tuple[int, str]:
+    """seq and hash of the last record of a batch that was written."""
+    last = next(r for i, r in reversed(list(enumerate(records))) if i not in refused)
+    return last["seq"], last["hash"]
+
+
+def _settle(batch: list[_Pending], indexes: Iterable[int], refused: dict[int, Exception]
+            ) -> None:
+    """Resolves the futures at `indexes` not yet resolved: the record, or the encoder's error
+    for a record that is not JSON."""
+    for index in indexes:
+        record, future, _ = batch[index]
+        if future is not None and not future.done():
+            if index in refused:
+                future.set_exception(refused[index])
+            else:
+                future.set_result(record)
+
+
+def _acknowledged(future: asyncio.Future[dict[str, Any]]) -> bool:
+    return future.done() and not future.cancelled() and future.exception() is None
 
 
 def _reject(batch: list[_Pending], cause: BaseException) -> None:
-    for _, future in batch:
-        if not future.done():
+    for _, future, _ in batch:
+        if future is not None and not future.done():
             error = AuditUnavailable(_UNAVAILABLE)
             error.__cause__ = cause
             future.set_exception(error)
+
+
+class _Writer:
+    """The audit file's own thread: runs one call at a time, in order, and hands each result
+    back to the event loop with one wake-up (a queue and `call_soon_threadsafe`; about half
+    the CPU of a `ThreadPoolExecutor` round trip)."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    async def run(self, func: Callable[..., _T], *args: Any) -> _T:
+        loop = asyncio.get_running_loop()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._serve, name="audit", daemon=True)
+            self._thread.start()
+        future: asyncio.Future[_T] = loop.create_future()
+        self._jobs.put((loop, future, func, args))
+        return await future
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread = None
+
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            loop, future, func, args = job
+            try:
+                result = func(*args)
+            except Exception as exc:  # noqa: BLE001 - raised in the waiting coroutine
+                _hand_back(loop, future, None, exc)
+            else:
+                _hand_back(loop, future, result, None)
+
+
+def _hand_back(loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], result: Any,
+               error: BaseException | None) -> None:
+    def settle() -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    try:
+        loop.call_soon_threadsafe(settle)
+    except RuntimeError:
+        pass  # the loop is closed: nobody waits any more
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

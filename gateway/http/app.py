@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -39,7 +39,8 @@ from gateway.http.connection import handler_options
 from gateway.http.forwarded import budget_key
 from gateway.http.openapi import document as openapi_document
 from gateway.http.runtime import Runtime
-from gateway.logs import Throttle, skip_note
+from gateway.jsoncodec import compact
+from gateway.logs import Throttle, access, skip_note
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.metrics import Metrics
 from gateway.validation import Deactivation, parse_json
@@ -76,7 +77,7 @@ def authorization_of(request: web.Request) -> str | None:
 
 def request_id_of(request: web.Request) -> str:
     given = request.headers.get("X-Request-ID", "")
-    return given if REQUEST_ID_PATTERN.fullmatch(given) else uuid.uuid4().hex
+    return given if REQUEST_ID_PATTERN.fullmatch(given) else os.urandom(16).hex()
 
 
 @web.middleware
@@ -96,8 +97,8 @@ async def envelope_middleware(request: web.Request, handler: Handler) -> web.Str
         # A keyless flood must not flood the log either: its lines are throttled.
         skipped = 0 if response.status != 401 else throttle("request.unauthenticated")
         if skipped is not None:
-            log.info("request", method=request.method, route=route, status=response.status,
-                     caller=caller, duration_ms=round(seconds * 1000, 3), **skip_note(skipped))
+            access("request", method=request.method, route=route, status=response.status,
+                   caller=caller, duration_ms=round(seconds * 1000, 3), **skip_note(skipped))
         return response
     finally:
         structlog.contextvars.unbind_contextvars("request_id")
@@ -157,8 +158,11 @@ async def read_json(request: web.Request, limit: int, timeout_s: float) -> Any:
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"the body is larger than {limit} bytes")
     try:
-        async with asyncio.timeout(timeout_s):
+        if request.content.is_eof():  # the whole body came with the head: nothing to wait for
             raw = await request.read()
+        else:
+            async with asyncio.timeout(timeout_s):
+                raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(f"the body is larger than {limit} bytes") from None
     except TimeoutError:
@@ -285,8 +289,17 @@ async def deactivate_simplified(request: web.Request) -> web.Response:
     async with InFlight(rt, ask):
         d = await _admitted(request, ask, caller, rt.validator.simplified)
         await rt.deactivator.deactivate(ask, caller, d)
-    return web.json_response({"success": True, "botId": d.bot_id, "userId": d.user_id,
-                              "channel": d.channel, "requestId": ask.request_id})
+    return json_answer({"success": True, "botId": d.bot_id, "userId": d.user_id,
+                        "channel": d.channel, "requestId": ask.request_id})
+
+
+JSON_TYPE = {"Content-Type": "application/json; charset=utf-8"}
+
+
+def json_answer(body: Any, status: int = 200) -> web.Response:
+    """A JSON answer encoded by orjson (`jsoncodec.compact`: the standard library's bytes
+    where orjson's could differ), with json_response's content type."""
+    return web.Response(body=compact(body), status=status, headers=JSON_TYPE)
 
 
 async def deactivate_kore(request: web.Request) -> web.Response:

@@ -8,25 +8,30 @@ readiness verdict. Turning HTTP into calls on it is `app.py`'s.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from gateway.audit.anchors import Anchors
 from gateway.audit.keyless import UnauthenticatedAudit
-from gateway.audit.log import AuditLog, ChainKey
+from gateway.audit.log import AuditLog, AuditOpenError, ChainKey, rotated_files
+from gateway.audit.recovery import unclosed
 from gateway.auth import Authenticator
 from gateway.breaker import CircuitBreaker
 from gateway.config.model import Config
-from gateway.deactivation import Deactivator
+from gateway.deactivation import Deactivator, close_left_open
 from gateway.errors import Overloaded
 from gateway.http.forwarded import TrustedProxies
 from gateway.http.keyless import KeylessBudget
 from gateway.http.reload import ConfigChange, ReloadStatus, diff, live_config
 from gateway.kore.client import KoreClient
 from gateway.kore.tokens import TokenCache
-from gateway.metrics import Metrics
+from gateway.metrics import Metrics, shared_dir
 from gateway.ratelimit.learning import Policy
 from gateway.ratelimit.memory import (
     SPACING_MARGIN_S,
@@ -39,7 +44,12 @@ from gateway.ratelimit.redis import RedisRateLimiter
 from gateway.ratelimit.shared import attach
 from gateway.validation import Validator
 
+log = structlog.get_logger(__name__)
+
 READY_CACHE_S = 1.0  # readiness probes are cheap but not free: reuse a verdict this long
+# Beyond a request's own deadline (upstream.timeout_s, or server.drain_s at shutdown): how
+# much older than a log's last record an open `requested` record may be (`audit.recovery`).
+RECOVERY_MARGIN_S = 60.0
 MIN_KEYLESS_SHARE = 16  # keyless answers held back at once: at least this, or max_in_flight/10
 
 
@@ -50,7 +60,7 @@ class Runtime:
                  metrics: Metrics | None = None) -> None:
         self.config = config
         self.worker, self.workers = worker, workers
-        self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics = metrics if metrics is not None else Metrics(shared_dir=shared_dir())
         self.auth = Authenticator(config.callers, config.server.auth)
         self.validator = Validator(config.upstream.bot_id_pattern)
         self.audit = AuditLog(audit_path(config, worker, workers),
@@ -84,12 +94,18 @@ class Runtime:
         self.tasks: set[asyncio.Task[Any] | None] = set()  # handlers of in-flight requests
         self.draining = False
         self._ready: tuple[float, dict[str, Any]] | None = None  # (when, checks)
+        self._publisher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self.audit.open()
+        await self.deactivator.close_left_open(
+            unclosed(self.audit.path, window_s=recovery_window_s(self.config)))
+        if self.worker == 0:
+            await close_orphans(self.config, self.workers)
         await self.client.start()
         await self.limiter.start()
         self.anchors.start()
+        self._publisher = asyncio.create_task(self.metrics.publish_every())
 
     async def close(self) -> None:
         await self.client.close()
@@ -99,6 +115,11 @@ class Runtime:
         await self.anchors.stop()
         await self.audit.close()
         await self.anchors.emit()  # the last anchor covers every record written
+        if self._publisher is not None:
+            self._publisher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._publisher
+        self.metrics.publish()  # the final counts of this worker, for the others' scrapes
 
     def reload(self, new: Config) -> ConfigChange:
         """Takes new callers and apps (secrets included) in one step; other settings stay.
@@ -171,6 +192,44 @@ def audit_path(config: Config, worker: int, workers: int) -> str:
         return config.audit.path
     path = Path(config.audit.path)
     return str(path.with_name(f"{path.stem}-w{worker}{path.suffix}"))
+
+
+def recovery_window_s(config: Config) -> float:
+    return config.upstream.timeout_s + config.server.drain_s + RECOVERY_MARGIN_S
+
+
+def orphan_paths(config: Config, workers: int) -> list[Path]:
+    """Audit files of this config that no worker of this run writes: another worker count
+    ran before (`name.jsonl` with one worker, `name-w{n}.jsonl` with several)."""
+    base = Path(config.audit.path)
+    ours = {Path(audit_path(config, n, workers)) for n in range(workers)}
+    per_worker = re.compile(re.escape(base.stem) + r"-w\d+" + re.escape(base.suffix))
+    try:
+        siblings = [p for p in base.parent.iterdir() if per_worker.fullmatch(p.name)]
+    except OSError:
+        siblings = []
+    candidates = {base, *siblings} - ours
+    return sorted(p for p in candidates if rotated_files(p))
+
+
+async def close_orphans(config: Config, workers: int) -> None:
+    """Closes what a crash left open in the audit files no worker of this run writes."""
+    for path in orphan_paths(config, workers):
+        requested = unclosed(path, window_s=recovery_window_s(config))
+        if not requested:
+            continue
+        orphan = AuditLog(path, hash_user_ids=config.audit.hash_user_ids,
+                          max_bytes=config.audit.max_bytes, fsync=config.audit.fsync,
+                          chain_key=chain_key(config))
+        try:
+            orphan.open()
+        except AuditOpenError as exc:  # e.g. still held by a gateway that is running
+            log.warning("audit.orphan_not_closed", path=str(path), error=str(exc))
+            continue
+        try:
+            await close_left_open(orphan, requested)
+        finally:
+            await orphan.close()
 
 
 def make_limiter(config: Config, workers: int, metrics: Metrics | None = None) -> RateLimiter:

@@ -26,6 +26,7 @@ from typing import Any
 from urllib.parse import quote
 
 import aiohttp
+import orjson
 import structlog
 from yarl import URL
 
@@ -350,6 +351,10 @@ def decode_answer(raw: bytes) -> Any:
     """Kore.ai's answer as JSON (else text), scrubbed of anything shaped like a JWT first."""
     text = scrub(raw.decode("utf-8", "replace"))
     try:
-        return json.loads(text)
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        return json.loads(text)  # what orjson refuses and JSON allows (integers past 64 bits)
     except (ValueError, RecursionError):  # not JSON, or nested past what json can read
         return text

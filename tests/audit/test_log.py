@@ -251,6 +251,88 @@ class TestAppend:
         await log.close()  # closing twice is harmless
 
 
+class TestAppendWritten:
+    """`append(durable=False)`: acknowledged once written; the fsync follows in the same
+    commit, and a record whose fsync failed is written again by the next commit."""
+
+    async def test_acknowledged_before_the_fsync(
+            self, log_path: Path, open_log: OpenLog, monkeypatch: pytest.MonkeyPatch) -> None:
+        log = open_log(log_path)
+        gate = FsyncGate()
+        monkeypatch.setattr(os, "fsync", gate)
+        written = asyncio.create_task(log.append(request(1), durable=False))
+        durable = asyncio.create_task(log.append(request(2)))
+        await gate.wait_entered()  # the batch is written, its fsync is held
+        assert (await asyncio.wait_for(written, 5))["seq"] == 1
+        assert [r["requestId"] for r in read_records(log_path)] == ["r-1", "r-2"]
+        assert not durable.done(), "a durable append still waits for the fsync"
+        gate.released.set()
+        assert (await durable)["seq"] == 2
+        assert log.fsyncs == 1 and verify_files([log_path]).records == 2
+
+    async def test_kept_over_a_failed_fsync_and_written_by_the_next_commit(
+            self, log_path: Path, open_log: OpenLog, monkeypatch: pytest.MonkeyPatch) -> None:
+        log = open_log(log_path)
+        await log.append(request(0))
+        gate = FsyncGate(fail_first=True)
+        monkeypatch.setattr(os, "fsync", gate)
+        with capture_logs():
+            written = asyncio.create_task(log.append(request(1), durable=False))
+            await gate.wait_entered()
+            assert (await asyncio.wait_for(written, 5))["requestId"] == "r-1"
+            gate.released.set()
+            for _ in range(200):  # the failed fsync cut the write back
+                if not log.healthy:
+                    break
+                await asyncio.sleep(0.01)
+            assert len(read_records(log_path)) == 1
+            assert await log.probe() is True  # writable again: the kept record goes
+            for _ in range(200):
+                if len(read_records(log_path)) == 2:
+                    break
+                await asyncio.sleep(0.01)
+        assert [(r["requestId"], r["seq"]) for r in read_records(log_path)] == [("r-0", 1),
+                                                                              ("r-1", 2)]
+        assert verify_files([log_path]).ok
+
+    async def test_never_waits_behind_another_batchs_fsync(
+            self, log_path: Path, open_log: OpenLog, monkeypatch: pytest.MonkeyPatch) -> None:
+        log = open_log(log_path)
+        gate = FsyncGate()
+        monkeypatch.setattr(os, "fsync", gate)
+        durable = asyncio.create_task(log.append(request(1)))
+        await gate.wait_entered()  # a commit is under way, held in its fsync
+        queued = await asyncio.wait_for(log.append(request(2), durable=False), 5)
+        assert queued["requestId"] == "r-2" and [r["requestId"] for r in
+                                                 read_records(log_path)] == ["r-1"]
+        gate.released.set()
+        await durable
+        for _ in range(200):  # the next commit takes it
+            if len(read_records(log_path)) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert verify_files([log_path]).records == 2
+
+    async def test_a_failed_write_fails_the_caller(self, log_path: Path,
+                                                   open_log: OpenLog) -> None:
+        log = open_log(log_path)
+        await log.append(request(0))
+        break_in_full_device(log)
+        with capture_logs(), pytest.raises(AuditUnavailable):
+            await log.append(request(1), durable=False)
+        assert await log.probe() is True
+        await log.append(request(2))
+        assert [r["requestId"] for r in read_records(log_path)] == ["r-0", "r-2"]
+
+    async def test_an_unencodable_one_fails_alone(self, log_path: Path,
+                                                  open_log: OpenLog) -> None:
+        log = open_log(log_path)
+        results = await asyncio.gather(log.append(request(1, userId="\ud800"), durable=False),
+                                       log.append(request(2)), return_exceptions=True)
+        assert isinstance(results[0], ValueError)
+        assert [r["requestId"] for r in read_records(log_path)] == ["r-2"]
+
+
 class TestGroupCommit:
     async def test_concurrent_appends_share_fsyncs(self, log_path: Path, open_log: OpenLog) -> None:
         log = open_log(log_path)

@@ -1,15 +1,18 @@
 """`server.admin_listen` on the real `serve` process: while the API listens on loopback,
 /metrics is scrapeable on the admin address only, with one worker and with `--workers 2`
-(every worker answers there, each with the sum of all of them)."""
+(every worker answers there, each with the sum of all of them, the others' counts as
+published at most `PUBLISH_EVERY_S` ago)."""
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from gateway.metrics import PUBLISH_EVERY_S
 from tests.conftest import BOT, CALLER_KEY, base_settings, merge, write_config
 from tests.integration.served import Served, fresh
 from tests.integration.test_metrics_endpoint import SIMPLE, parse, sample
@@ -38,6 +41,7 @@ async def test_metrics_only_on_the_admin_address(sandbox: Any, tmp_path: Path,
             status, text = await fresh("POST", f"{api}/v1/bots/{BOT}/sessions/deactivate",
                                        json={"userId": f"u-{i}"}, headers=AUTH)
             assert status == 200, text
+        await asyncio.sleep(2 * PUBLISH_EVERY_S)  # every worker has published its counts
         for _ in range(TRIES):
             status, text = await fresh("GET", f"{admin}/metrics")
             assert status == 200, text

@@ -1,4 +1,6 @@
-"""SIGKILL of the gateway in the middle of a stream of calls loses no write-ahead record."""
+"""SIGKILL of the gateway in the middle of a stream of calls loses no write-ahead record, and
+the restarted gateway first closes every `requested` record left without its terminal one
+(`"outcome": "unknown"`), in its own file, in rotated files and in per-worker files."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway.audit.log import verify_files
+from gateway.audit.log import rotated_files, verify_files
 from tests.conftest import BOT, CALLER_KEY, base_settings, merge, read_records, write_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,9 +44,24 @@ async def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout_s: float
     raise AssertionError("gateway did not become healthy")
 
 
-def start_gateway(config_path: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(config_path)],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def start_gateway(config_path: Path, workers: int = 1) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(config_path),
+                             "--workers", str(workers)], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def chain_records(path: Path) -> list[dict[str, Any]]:
+    """Every record of one chain: its rotated files, oldest first, then the current file."""
+    return [r for file in rotated_files(path) for r in read_records(file)]
+
+
+def assert_every_request_closed_once(records: list[dict[str, Any]]) -> list[str]:
+    """Each requested record has exactly one completed record (by request ID, counted: the
+    calls after the restart reuse IDs); returns the IDs closed as unknown."""
+    requested = [r["requestId"] for r in records if r["event"] == "deactivate.requested"]
+    completed = [r["requestId"] for r in records if r["event"] == "deactivate.completed"]
+    assert sorted(requested) == sorted(completed), "one terminal record per requested one"
+    return [r["requestId"] for r in records if r.get("outcome") == "unknown"]
 
 
 async def stream_calls(url: str, count: int, concurrency: int) -> list[int | None]:
@@ -96,7 +113,11 @@ async def test_sigkill_mid_stream_loses_no_requested_record(sandbox: Any, tmp_pa
     assert reached <= requested, f"calls without a durable requested record: {reached - requested}"
     assert verify_files([audit]).ok
 
-    # A restarted gateway continues the same chain.
+    before = read_records(audit)
+    left_open = {r["requestId"] for r in before if r["event"] == "deactivate.requested"} - {
+        r["requestId"] for r in before if r["event"] == "deactivate.completed"}
+
+    # A restarted gateway first closes what was left open, then continues the same chain.
     proc = start_gateway(config_path)
     try:
         await wait_healthy(url, proc)
@@ -107,3 +128,60 @@ async def test_sigkill_mid_stream_loses_no_requested_record(sandbox: Any, tmp_pa
     assert proc.returncode == 0
     report = verify_files([audit])
     assert report.ok, report.error
+    after = read_records(audit)[len(before):]
+    closing = after[:len(left_open)]
+    assert {r["requestId"] for r in closing} == left_open
+    assert all(r["event"] == "deactivate.completed" and r["outcome"] == "unknown"
+               and r["status"] is None and r["error"] == "gateway_restarted" for r in closing)
+    assert set(assert_every_request_closed_once(read_records(audit))) == left_open
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="POSIX signals")
+async def test_sigkill_of_two_workers_rotating_is_closed_by_the_restart(
+        sandbox: Any, tmp_path: Path) -> None:
+    """Two workers, each with its own chain rotated every few records, killed mid-stream; the
+    restart runs one worker, so both per-worker chains are closed by it (files no worker of
+    the new run writes), across their rotated files."""
+    sandbox.faults.latency_ms = 15
+    port = free_port()
+    settings = merge(base_settings(tmp_path, sandbox.url),
+                     {"server": {"listen": f"127.0.0.1:{port}"}, "audit": {"max_bytes": 1024}})
+    config_path = write_config(tmp_path, settings)
+    audit = Path(settings["audit"]["path"])
+    chains = [audit.with_name(f"deactivations-w{n}.jsonl") for n in (0, 1)]
+    url = f"http://127.0.0.1:{port}"
+    proc = start_gateway(config_path, workers=2)
+    try:
+        await wait_healthy(url, proc)
+        stream = asyncio.create_task(stream_calls(url, count=400, concurrency=20))
+        deadline = time.monotonic() + 10
+        while len(sandbox.calls) < 80 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        statuses = await asyncio.wait_for(stream, timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert None in statuses, "the kill did not happen mid-stream"
+    assert all(len(rotated_files(chain)) > 1 for chain in chains), "both chains rotated"
+    reached = {call.headers.get("X-Request-ID") for call in sandbox.calls}
+    requested = {r["requestId"] for chain in chains for r in chain_records(chain)
+                 if r["event"] == "deactivate.requested"}
+    assert reached <= requested, "every call that reached Kore.ai has a requested record"
+
+    proc = start_gateway(config_path, workers=1)
+    try:
+        await wait_healthy(url, proc)
+        assert await stream_calls(url, count=3, concurrency=3) == [200, 200, 200]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=15)
+    assert proc.returncode == 0
+    unknown = []
+    for chain in chains:
+        report = verify_files(rotated_files(chain))
+        assert report.ok, report.error
+        unknown += assert_every_request_closed_once(chain_records(chain))
+    assert unknown, "requests in flight at the kill were closed as unknown"
+    assert verify_files(rotated_files(audit)).ok and len(chain_records(audit)) == 6

@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from gateway.metrics import PUBLISH_EVERY_S
 from tests.conftest import BOT, CALLER_KEY, base_settings, merge, write_config
 from tests.integration.test_crash import wait_healthy
 from tests.integration.test_workers import start, stop, wait_listening
@@ -44,6 +45,7 @@ async def test_a_worker_that_saw_no_refusal_still_pauses(sandbox: Any, tmp_path:
         assert first[0] == 429 and len(sandbox.calls) == 1
         later = await asyncio.gather(*(one(url, path) for _ in range(CALLS)))
         ready = await asyncio.gather(*(one(url, "/readyz", "GET") for _ in range(10)))
+        await asyncio.sleep(2 * PUBLISH_EVERY_S)  # the pausing worker's count is published
         metrics = (await one(url, "/metrics", "GET"))[1]
     finally:
         code = stop(proc)

@@ -1,4 +1,7 @@
-"""`serve --workers 2` as a real subprocess: /metrics sums every worker, whichever answers."""
+"""`serve --workers 2` as a real subprocess: /metrics sums every worker, whichever answers.
+
+Each worker counts in process and publishes a snapshot at most `PUBLISH_EVERY_S` apart; the
+worker that answers a scrape publishes its own first and merges all of them."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from gateway.metrics import PUBLISH_EVERY_S
 from tests.conftest import BOT, CALLER_KEY, base_settings, merge, read_records, write_config
 from tests.integration.test_crash import REPO, free_port, wait_healthy
 from tests.integration.test_metrics_endpoint import SIMPLE, Samples, parse, sample
@@ -40,6 +44,7 @@ async def scrape(url: str) -> Samples:
 def start_workers(config_path: Path, tmp: Path, log: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, "TMPDIR": str(tmp)}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    env.pop("KORE_GATEWAY_METRICS_DIR", None)
     with log.open("wb") as stderr:
         return subprocess.Popen(
             [sys.executable, "-m", "gateway", "serve", "--config", str(config_path),
@@ -85,15 +90,19 @@ async def test_two_workers_report_summed_counters(sandbox: Any, tmp_path: Path) 
             "POST", f"{url}/v1/bots/{BOT}/sessions/deactivate", json={"userId": f"u-{i}"},
             headers={"Authorization": f"Bearer {CALLER_KEY}"}) for i in range(CALLS)))
         assert [status for status, _ in statuses] == [200] * CALLS
-        assert sorted(p.name for p in metrics_dir.glob("counter_*.db")), "multiprocess mode"
+        await asyncio.sleep(PUBLISH_EVERY_S * 2)  # every worker has published its counts
+        assert len(list(metrics_dir.glob("worker-*.json"))) == 2, "one snapshot per worker"
+        assert not list(metrics_dir.glob("*.db")), "no multiprocess files"
         scrapes = [await scrape(url) for _ in range(SCRAPES)]
+        await asyncio.sleep(PUBLISH_EVERY_S * 2)
+        settled = await scrape(url)
     finally:
         stop(proc)
     assert proc.returncode == 0
 
     per_worker = [read_records(tmp_path / "audit" / f"deactivations-w{n}.jsonl") for n in (0, 1)]
     assert all(per_worker), "both workers served deactivations"
-    for samples in scrapes:
+    for samples in [*scrapes, settled]:
         assert sample(samples, "kore_gateway_requests_total", route=SIMPLE, status="200",
                       caller="crm-service") == CALLS
         assert sample(samples, "kore_gateway_upstream_requests_total", status="200") == CALLS
@@ -103,6 +112,7 @@ async def test_two_workers_report_summed_counters(sandbox: Any, tmp_path: Path) 
         assert sample(samples, "kore_gateway_circuit_state",
                       host=sandbox.url.removeprefix("http://"), bot="*") == 0
     scraped = [sample(s, "kore_gateway_requests_total", route="/metrics", status="200",
-                      caller="anonymous") for s in scrapes]
-    assert scraped == [float(n) for n in range(SCRAPES)], "each scrape sees the ones before"
+                      caller="anonymous") for s in [*scrapes, settled]]
+    assert scraped == sorted(scraped), "a counter never goes down, whichever worker answers"
+    assert scraped[-1] == SCRAPES, "once published, every scrape before is counted"
     assert list(tmp.glob(METRICS_DIRS)) == [], "the metrics directory is removed at exit"
