@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -61,7 +62,8 @@ def test_printed_curl_line_closes_a_session_and_adds_two_audit_lines(tmp_path: P
         answer = subprocess.run([*shlex.split(curl), "-s", "--max-time", "10"],
                                 check=False, capture_output=True, text=True, timeout=15)
         assert answer.stdout.startswith("HTTP/1.1 200"), answer.stdout
-        assert '"success": true' in answer.stdout
+        body = json.loads(answer.stdout.split("\n\n", 1)[1].split("\r\n\r\n")[-1])
+        assert body["success"] is True and body["userId"] == "u-1001"
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=20)
