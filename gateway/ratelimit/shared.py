@@ -53,7 +53,10 @@ TMPFS = Path("/dev/shm")
 
 class _Header(ctypes.Structure):
     _fields_ = [("magic", ctypes.c_uint64), ("capacity", ctypes.c_uint32),
-                ("ring", ctypes.c_uint32), ("generation", ctypes.c_uint64)]
+                ("ring", ctypes.c_uint32), ("generation", ctypes.c_uint64),
+                # Slots are claimed lowest first and scanned only below `high`: a worker touches
+                # (and so maps into its RSS) only the pages of slots ever used, not the table.
+                ("high", ctypes.c_uint32), ("_pad", ctypes.c_uint32)]
 
 
 def _slot_type(ring: int) -> Any:
@@ -157,7 +160,7 @@ class Table:
         self._generation = int(self.header.generation)
         size, base = ctypes.sizeof(_slot_type(self.ring)), ctypes.sizeof(_Header)
         keys = (bytes(self._buf[base + i * size: base + i * size + 16])
-                for i in range(self.capacity))
+                for i in range(int(self.header.high)))
         self._index = {key: i for i, key in enumerate(keys) if any(key)}
 
     def claim(self, key: bytes, name: str, stale: Any) -> Any:
@@ -165,7 +168,11 @@ class Table:
         says which), else the one refused longest ago."""
         self.find(key)  # brings the index up to date
         used = set(self._index.values())
-        free = next((i for i in range(self.capacity) if i not in used), None)
+        high = int(self.header.high)
+        free = next((i for i in range(high) if i not in used), None)
+        if free is None and high < self.capacity:
+            free = high
+            self.header.high = high + 1
         if free is None:
             slots = [self.slots[i] for i in sorted(used)]
             victim = next((s for s in slots if stale(s)), None) or min(
