@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -157,11 +158,29 @@ def auth_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {CALLER_KEY}"}
 
 
-def read_records(path: Path) -> list[dict[str, Any]]:
+def read_records(path: Path, settle_s: float = 3.0) -> list[dict[str, Any]]:
+    """The records of one audit file. The terminal record of a call that went upstream may be
+    written just after its answer (contract §3), so wait up to `settle_s` for every
+    `deactivate.requested` record to be closed before returning what is there."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        records = _parse_records(path)
+        if not _open_requests(records) or time.monotonic() >= deadline:
+            return records
+        time.sleep(0.02)
+
+
+def _parse_records(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines(): U+2028 is data
     return [json.loads(line) for line in lines if line]
+
+
+def _open_requests(records: list[dict[str, Any]]) -> set[str]:
+    opened = {r.get("requestId") for r in records if r.get("event") == "deactivate.requested"}
+    closed = {r.get("requestId") for r in records if r.get("event") == "deactivate.completed"}
+    return {str(rid) for rid in opened - closed}
 
 
 @pytest.fixture

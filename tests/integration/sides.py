@@ -17,7 +17,7 @@ import jwt
 from multidict import CIMultiDict
 
 from gateway.audit.log import rotated_files, verify_files
-from tests.conftest import CALLER_KEY, CLIENT_ID, CLIENT_SECRET, OTHER_KEY
+from tests.conftest import CALLER_KEY, CLIENT_ID, CLIENT_SECRET, OTHER_KEY, read_records
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
@@ -128,13 +128,14 @@ class AuditTrail:
         self.path = path
 
     def records(self) -> list[dict[str, Any]]:
-        if not self.path.exists():
-            return []
-        text = self.path.read_text(encoding="utf-8")
-        for secret in (CLIENT_SECRET, CALLER_KEY, OTHER_KEY, "eyJ"):  # eyJ: any JWT
-            assert secret not in text
-        # Split on "\n" only: str.splitlines() would also cut at a U+2028 inside a userId.
-        return [json.loads(line) for line in text.split("\n") if line]
+        """Every record, once each call that went upstream has its terminal record (written
+        just after the answer, contract §3), or after a few seconds without."""
+        records = read_records(self.path)
+        if self.path.exists():
+            text = self.path.read_text(encoding="utf-8")
+            for secret in (CLIENT_SECRET, CALLER_KEY, OTHER_KEY, "eyJ"):  # eyJ: any JWT
+                assert secret not in text
+        return records
 
     def expect(self, *expected: Mapping[str, Any]) -> list[dict[str, Any]]:
         """Records matching `expected` in order (each a subset), chain and seq intact."""
