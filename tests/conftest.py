@@ -158,10 +158,13 @@ def auth_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {CALLER_KEY}"}
 
 
-def read_records(path: Path, settle_s: float = 3.0) -> list[dict[str, Any]]:
+SETTLE_S = 3.0  # how long a test waits for terminal records that follow their answer
+
+
+def read_records(path: Path, settle_s: float = 0.0) -> list[dict[str, Any]]:
     """The records of one audit file. The terminal record of a call that went upstream may be
-    written just after its answer (contract §3), so wait up to `settle_s` for every
-    `deactivate.requested` record to be closed before returning what is there."""
+    written just after its answer (contract §3): with `settle_s`, wait up to that long for
+    every `deactivate.requested` record to be closed before returning what is there."""
     deadline = time.monotonic() + settle_s
     while True:
         records = _parse_records(path)
@@ -185,7 +188,7 @@ def _open_requests(records: list[dict[str, Any]]) -> set[str]:
 
 @pytest.fixture
 def audit_records(config: Config) -> Callable[[], list[dict[str, Any]]]:
-    return lambda: read_records(Path(config.audit.path))
+    return lambda: read_records(Path(config.audit.path), settle_s=SETTLE_S)
 
 
 @pytest.fixture

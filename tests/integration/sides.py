@@ -17,7 +17,7 @@ import jwt
 from multidict import CIMultiDict
 
 from gateway.audit.log import rotated_files, verify_files
-from tests.conftest import CALLER_KEY, CLIENT_ID, CLIENT_SECRET, OTHER_KEY, read_records
+from tests.conftest import CALLER_KEY, CLIENT_ID, CLIENT_SECRET, OTHER_KEY, SETTLE_S, read_records
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
@@ -130,7 +130,7 @@ class AuditTrail:
     def records(self) -> list[dict[str, Any]]:
         """Every record, once each call that went upstream has its terminal record (written
         just after the answer, contract §3), or after a few seconds without."""
-        records = read_records(self.path)
+        records = read_records(self.path, settle_s=SETTLE_S)
         if self.path.exists():
             text = self.path.read_text(encoding="utf-8")
             for secret in (CLIENT_SECRET, CALLER_KEY, OTHER_KEY, "eyJ"):  # eyJ: any JWT
