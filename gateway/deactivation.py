@@ -78,8 +78,8 @@ def _raw(value: Any) -> Any:
 
 def _encodable(value: str | None) -> str | None:
     """A refused value as UTF-8 can carry it: a lone surrogate is kept as its `\\udXXX` escape."""
-    if value is None:
-        return None
+    if value is None or value.isascii():
+        return value
     return value.encode("utf-8", "backslashreplace").decode("utf-8")
 
 

@@ -76,12 +76,19 @@ _SHAPE_MARKERS = ("eyj", "kgw_", "://", "'", '"', "bearer", "basic", "authorizat
                   "api-key")
 
 
+def _has_marker(lowered: str) -> bool:
+    # `_SHAPE_MARKERS` spelled out: three times faster than any() over them, and a regular
+    # expression of them is slower still (tests/test_logs.py keeps the two lists equal).
+    return ("eyj" in lowered or "kgw_" in lowered or "://" in lowered or "'" in lowered
+            or '"' in lowered or "bearer" in lowered or "basic" in lowered
+            or "authorization" in lowered or "cookie" in lowered or "api-key" in lowered)
+
+
 def scrub(text: str) -> str:
     """`text` with every secret shape (see the module docstring) replaced."""
-    if text.isascii():  # non-ASCII text may match case-insensitively in ways lower() misses
-        lowered = text.lower()
-        if not any(marker in lowered for marker in _SHAPE_MARKERS):
-            return text
+    # Non-ASCII text may match case-insensitively in ways lower() misses: always the pattern.
+    if text.isascii() and not _has_marker(text.lower()):
+        return text
     return _SECRET_SHAPES.sub(_replace, text)
 
 

@@ -42,7 +42,7 @@ def parse_json(raw: bytes) -> Any:
     if _too_deep(text):
         raise InvalidRequest(f"body: JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
     try:
-        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+        return _DECODER.decode(text)
     except (ValueError, RecursionError) as exc:
         raise InvalidRequest(f"body: not valid JSON ({_short(exc)})") from None
 
@@ -64,6 +64,10 @@ def _finite_float(text: str) -> float:
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not allowed")
+
+
+# json.loads with these arguments would build a new decoder for every body.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
 
 
 def _too_deep(text: str) -> bool:

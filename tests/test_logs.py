@@ -406,6 +406,14 @@ class TestScrubShortcut:
 
         assert scrub(text) == _SECRET_SHAPES.sub(_replace, text)
 
+    def test_spelled_out_markers_are_the_markers(self) -> None:
+        """`_has_marker` (spelled out for speed) finds each marker and nothing else."""
+        from gateway.logs import _SHAPE_MARKERS, _has_marker
+
+        for marker in _SHAPE_MARKERS:
+            assert _has_marker(f"x{marker}y"), marker
+        assert not _has_marker("post /v1/bots/{botid}/sessions/deactivate crm-service 0.5")
+
     def test_random_text_same_as_the_pattern(self) -> None:
         from hypothesis import given, settings
         from hypothesis import strategies as st
