@@ -23,6 +23,7 @@ more, once per request).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -100,8 +101,11 @@ def scrub_message(text: str) -> str:
 def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Drops secret-named fields and masks every secret shape in the others."""
     for name, value in event.items():
-        if type(value) in _SCALARS and not _secret_name(name):
-            continue  # numbers, booleans and None under an ordinary name: nothing to mask
+        kind = type(value)
+        plain = kind in _SCALARS or (kind is str and value.isascii()
+                                     and not _has_marker(value.lower()))  # `scrub`'s shortcut
+        if plain and (_NAMES.get(name) is False or not _secret_name(name)):
+            continue  # an ordinary name, and nothing to mask
         masked = _masked(name, value)
         if masked is not value:
             event[name] = masked
@@ -308,11 +312,49 @@ def access(event: str, **fields: Any) -> None:
     line["event"] = event
     line["level"] = "info"
     line["timestamp"] = utc_timestamp()
-    out.msg(render_json(redact(None, "info", line)))
+    _queue(out, render_json(redact(None, "info", line)))
+
+
+# Access lines of one turn of the event loop, written together at its end: one write() for
+# many requests under load instead of one each (a system call, and a hand-off of the GIL to
+# the audit writer's thread). Lines are only held until the loop's next turn.
+_queued: list[str] = []
+PIPE_ATOMIC_BYTES = 4096  # POSIX PIPE_BUF: a write up to this size is never mixed with another
+
+
+def _queue(out: structlog.WriteLogger, text: str) -> None:
+    if not _queued:
+        try:
+            asyncio.get_running_loop().call_soon(flush_access, out)
+        except RuntimeError:  # no event loop: written at once
+            out.msg(text)
+            return
+    _queued.append(text)
+
+
+def flush_access(out: structlog.WriteLogger | None = None) -> None:
+    """Writes the queued access lines: whole lines, at most `PIPE_ATOMIC_BYTES` a write (the
+    workers share stderr: a pipe keeps such a write in one piece), one write per longer line."""
+    out = out or _access_out
+    lines = _queued.copy()
+    _queued.clear()
+    if out is None or not lines:
+        return
+    chunk: list[str] = []
+    size = 0
+    for text in lines:
+        length = (len(text) if text.isascii() else len(text.encode("utf-8", "replace"))) + 1
+        if chunk and size + length > PIPE_ATOMIC_BYTES:
+            out.msg("\n".join(chunk))
+            chunk, size = [], 0
+        chunk.append(text)
+        size += length
+    out.msg("\n".join(chunk))
 
 
 def configure(level: str = "info", fmt: str = "auto", file: LogFile | None = None) -> None:
     global _access_out, _access_config
+    flush_access()  # lines queued for the previous set-up
     console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty() and file is None)
     renderer: Any = (structlog.dev.ConsoleRenderer() if console
                      else structlog.processors.JSONRenderer(serializer=render_json))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -214,6 +215,35 @@ class TestAccessLine:
         access("request", status=404)
         assert [json.loads(w)["status"] for w in writes] == [200, 404]
         assert all(w.endswith("\n") and w.count("\n") == 1 for w in writes)
+
+    async def test_lines_of_one_loop_turn_share_writes_of_whole_lines(
+            self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """In the event loop, the lines of one turn are written at its end, together: whole
+        lines, no write over PIPE_ATOMIC_BYTES unless it is one line alone."""
+        from gateway.logs import PIPE_ATOMIC_BYTES
+
+        writes: list[str] = []
+
+        class Recorder:
+            def write(self, text: str) -> int:
+                writes.append(text)
+                return len(text)
+
+            def flush(self) -> None:
+                pass
+
+        monkeypatch.setattr("sys.stderr", Recorder())
+        configure("info", "json")
+        for status in range(60):
+            access("request", status=status, route="é" * 40)
+        access("request", status=999, route="x" * 5000)  # longer than a write on its own
+        assert writes == []  # held until the loop's next turn
+        await asyncio.sleep(0)
+        assert len(writes) > 2
+        assert all(w.endswith("\n") for w in writes)
+        assert all(len(w.encode()) <= PIPE_ATOMIC_BYTES for w in writes if w.count("\n") > 1)
+        lines = [json.loads(x) for w in writes for x in w.splitlines()]
+        assert [line["status"] for line in lines] == [*range(60), 999]
 
     def test_level_and_console_format_are_honoured(
             self, capsys: pytest.CaptureFixture[str]) -> None:

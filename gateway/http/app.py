@@ -90,10 +90,11 @@ async def envelope_middleware(request: web.Request, handler: Handler) -> web.Str
     try:
         response = await _handle(request, handler, request_id)
         response.headers["X-Request-ID"] = request_id
-        if response.status == 408 or runtime(request).draining or request.get(CLOSE):
+        rt = request.app[RUNTIME]
+        if response.status == 408 or rt.draining or request.get(CLOSE):
             response.force_close()  # a half-read body, or clients should move to another instance
         route, caller, seconds = _route_of(request), request.get(CALLER), time.monotonic() - started
-        runtime(request).metrics.request(route, response.status, caller, seconds)
+        rt.metrics.request(route, response.status, caller, seconds)
         # A keyless flood must not flood the log either: its lines are throttled.
         skipped = 0 if response.status != 401 else throttle("request.unauthenticated")
         if skipped is not None:
@@ -175,28 +176,27 @@ async def read_json(request: web.Request, limit: int, timeout_s: float) -> Any:
 Parse = Callable[[str, Any], Deactivation]
 
 
-def new_ask(request: web.Request, route: str, bot_id: Any = None) -> Ask:
+def new_ask(rt: Runtime, request: web.Request, route: str, bot_id: Any = None) -> Ask:
     """The ask of one request, with who knocked (`client`, see `forwarded.py`)."""
-    client = runtime(request).proxies.client(request.remote,
+    client = rt.proxies.client(request.remote,
                                              request.headers.getall("X-Forwarded-For", ()))
     return Ask(request[REQUEST_ID], route, bot_id=bot_id, client=client)
 
 
-async def authenticated(request: web.Request, ask: Ask) -> Caller:
+async def authenticated(rt: Runtime, request: web.Request, ask: Ask) -> Caller:
     """The caller, before anything counts against `max_in_flight`; a keyless request is
     refused here, within its own budget (`keyless.py`), and audited as one (`audit/keyless.py`)."""
-    rt = runtime(request)
     try:
         caller = rt.auth.authenticate(authorization_of(request))
     except Unauthenticated as exc:
-        await refuse_keyless(request, ask, exc)
+        await refuse_keyless(rt, request, ask, exc)
         raise
     ask.caller = request[CALLER] = caller.name
     return caller
 
 
-async def refuse_keyless(request: web.Request, ask: Ask, error: Unauthenticated) -> None:
-    rt = runtime(request)
+async def refuse_keyless(rt: Runtime, request: web.Request, ask: Ask,
+                         error: Unauthenticated) -> None:
     hold = rt.keyless.hold_s(budget_key(ask.client or ""))
     held = hold > 0 and rt.keyless.enter()
     if hold > 0:
@@ -212,16 +212,15 @@ async def refuse_keyless(request: web.Request, ask: Ask, error: Unauthenticated)
         await rt.deactivator.deny(ask, error)  # even when cut short: one record per request
 
 
-async def _admitted(request: web.Request, ask: Ask, caller: Caller, parse: Parse
-                    ) -> Deactivation:
+async def _admitted(rt: Runtime, request: web.Request, ask: Ask, caller: Caller,
+                    parse: Parse) -> Deactivation:
     """Authorize and validate one single-item request; audit a refusal."""
-    rt = runtime(request)
     try:
         try:
             bot_id = rt.validator.bot_id(ask.bot_id)
             caller.authorize(bot_id)
         except GatewayError:
-            await learn_what_was_asked(request, ask)
+            await learn_what_was_asked(rt, request, ask)
             raise
         body = await read_json(request, rt.config.server.max_body_bytes,
                                rt.config.server.client_timeout_s)
@@ -235,9 +234,8 @@ async def _admitted(request: web.Request, ask: Ask, caller: Caller, parse: Parse
         raise
 
 
-async def learn_what_was_asked(request: web.Request, ask: Ask) -> None:
+async def learn_what_was_asked(rt: Runtime, request: web.Request, ask: Ask) -> None:
     """A caller refused for its bot still has the userId and channel it sent recorded."""
-    rt = runtime(request)
     try:
         body = await read_json(request, rt.config.server.max_body_bytes,
                                rt.config.server.client_timeout_s)
@@ -284,10 +282,10 @@ def cut_short(exc: BaseException) -> GatewayError:
 
 async def deactivate_simplified(request: web.Request) -> web.Response:
     rt = runtime(request)
-    ask = new_ask(request, ROUTE_SIMPLE, bot_id=request.match_info["botId"])
-    caller = await authenticated(request, ask)
+    ask = new_ask(rt, request, ROUTE_SIMPLE, bot_id=request.match_info["botId"])
+    caller = await authenticated(rt, request, ask)
     async with InFlight(rt, ask):
-        d = await _admitted(request, ask, caller, rt.validator.simplified)
+        d = await _admitted(rt, request, ask, caller, rt.validator.simplified)
         await rt.deactivator.deactivate(ask, caller, d)
     return json_answer({"success": True, "botId": d.bot_id, "userId": d.user_id,
                         "channel": d.channel, "requestId": ask.request_id})
@@ -305,10 +303,10 @@ def json_answer(body: Any, status: int = 200) -> web.Response:
 async def deactivate_kore(request: web.Request) -> web.Response:
     """Kore.ai's own route and body; Kore.ai's 400/404 pass through as Kore.ai sent them."""
     rt = runtime(request)
-    ask = new_ask(request, ROUTE_KORE, bot_id=request.match_info["botId"])
-    caller = await authenticated(request, ask)
+    ask = new_ask(rt, request, ROUTE_KORE, bot_id=request.match_info["botId"])
+    caller = await authenticated(rt, request, ask)
     async with InFlight(rt, ask):
-        d = await _admitted(request, ask, caller, rt.validator.kore_compatible)
+        d = await _admitted(rt, request, ask, caller, rt.validator.kore_compatible)
         try:
             body = await rt.deactivator.deactivate(ask, caller, d)
         except UpstreamRejected as exc:
@@ -324,8 +322,8 @@ def kore_passthrough(exc: UpstreamRejected) -> web.Response:
 
 async def deactivate_batch(request: web.Request) -> web.Response:
     rt = runtime(request)
-    ask = new_ask(request, ROUTE_BATCH)
-    caller = await authenticated(request, ask)
+    ask = new_ask(rt, request, ROUTE_BATCH)
+    caller = await authenticated(rt, request, ask)
     async with InFlight(rt, ask):
         try:
             items = batch_items(await read_json(request, rt.config.server.max_body_bytes,

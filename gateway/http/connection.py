@@ -128,6 +128,7 @@ class GuardedRequestHandler(RequestHandler):
         self._write_timer: asyncio.TimerHandle | None = None
         self._last_data = 0.0  # loop time of the last bytes received
         self._head_bytes = 0  # of the request head being received
+        self._unparsed_bytes = 0  # received since the last complete head (bodies included)
         self._head_refused = False
         self._max_msg_queue_size = MAX_PIPELINED
         self._msg_queue_resume_size = MAX_PIPELINED // 2
@@ -159,14 +160,20 @@ class GuardedRequestHandler(RequestHandler):
         queued = len(self._messages)
         super().data_received(data)
         if data:
-            self._last_data = asyncio.get_running_loop().time()
-            self._guard.gate.idle(self)  # activity: to the back of the eviction line
+            self._last_data = self._loop.time()
+            self._unparsed_bytes += len(data)
         if len(self._messages) > queued:  # a complete request head is queued for its handler
-            self._check_heads(queued)  # it may have arrived in pieces while another was served
+            # A head is never longer than its bytes: with no more bytes than the limit since
+            # the last complete head, none of the heads just parsed can be over it.
+            if self._unparsed_bytes > self._guard.max_head_bytes:
+                self._check_heads(queued)  # it may have arrived in pieces while another was served
             self._head_bytes = 0
+            self._unparsed_bytes = len(data)  # a next head may have begun in these bytes
             self._disarm_head_timer()
-            self._guard.gate.busy(self)
+            self._guard.gate.busy(self)  # (not `idle` first: it would be undone at once)
             return
+        if data:
+            self._guard.gate.idle(self)  # activity: to the back of the eviction line
         if not self._awaiting_head():
             return
         self._head_bytes += len(data)

@@ -39,7 +39,7 @@ from gateway.http.gate import FD_RESERVED, fd_capped, raise_fd_limit
 from gateway.http.reload import Reloader
 from gateway.http.runtime import Runtime
 from gateway.http.supervisor import HangupRelay, Supervisor, worker_signals
-from gateway.logs import LogFile, LogFileError, configure, worker_file
+from gateway.logs import LogFile, LogFileError, configure, flush_access, worker_file
 from gateway.metrics import in_worker, multiprocess_dir
 from gateway.ratelimit.shared import shared_table
 
@@ -92,6 +92,7 @@ async def run_worker(config: Config, *, worker: int = 0, workers: int = 1,
     for runner in reversed(runners):  # the admin site first: the API app closes the runtime
         await runner.cleanup()
     log.info("gateway.stopped", worker=worker)
+    flush_access()
     return 0
 
 
