@@ -307,12 +307,12 @@ def access(event: str, **fields: Any) -> None:
         # The console format, a level above info, or another set-up than configure()'s.
         structlog.get_logger("gateway.access").info(event, **fields)
         return
-    line = structlog.contextvars.get_contextvars()
-    line.update(fields)
+    line = redact(None, "info", structlog.contextvars.get_contextvars() | fields)
+    # Added after redaction: the call sites' event names, the level and the clock are ours.
     line["event"] = event
     line["level"] = "info"
     line["timestamp"] = utc_timestamp()
-    _queue(out, render_json(redact(None, "info", line)))
+    _queue(out, render_json(line))
 
 
 # Access lines of one turn of the event loop, written together at its end: one write() for

@@ -88,34 +88,31 @@ async def envelope_middleware(request: web.Request, handler: Handler) -> web.Str
     request[REQUEST_ID] = request_id
     structlog.contextvars.bind_contextvars(request_id=request_id)
     try:
-        response = await _handle(request, handler, request_id)
+        try:
+            response = await handler(request)
+        except GatewayError as exc:
+            response = error_response(exc, request_id)
+        except web.HTTPException as exc:
+            response = error_response(_from_http(exc), request_id, allow=exc.headers.get("Allow"))
+        except Exception:
+            log.exception("request.unexpected_error", route=_route_of(request))
+            response = error_response(
+                GatewayError("an unexpected error occurred; it has been logged"), request_id)
         response.headers["X-Request-ID"] = request_id
         rt = request.app[RUNTIME]
-        if response.status == 408 or rt.draining or request.get(CLOSE):
+        status = response.status
+        if status == 408 or rt.draining or request.get(CLOSE):
             response.force_close()  # a half-read body, or clients should move to another instance
         route, caller, seconds = _route_of(request), request.get(CALLER), time.monotonic() - started
-        rt.metrics.request(route, response.status, caller, seconds)
+        rt.metrics.request(route, status, caller, seconds)
         # A keyless flood must not flood the log either: its lines are throttled.
-        skipped = 0 if response.status != 401 else throttle("request.unauthenticated")
+        skipped = 0 if status != 401 else throttle("request.unauthenticated")
         if skipped is not None:
-            access("request", method=request.method, route=route, status=response.status,
+            access("request", method=request.method, route=route, status=status,
                    caller=caller, duration_ms=round(seconds * 1000, 3), **skip_note(skipped))
         return response
     finally:
         structlog.contextvars.unbind_contextvars("request_id")
-
-
-async def _handle(request: web.Request, handler: Handler, request_id: str) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except GatewayError as exc:
-        return error_response(exc, request_id)
-    except web.HTTPException as exc:
-        return error_response(_from_http(exc), request_id, allow=exc.headers.get("Allow"))
-    except Exception:
-        log.exception("request.unexpected_error", route=_route_of(request))
-        err = GatewayError("an unexpected error occurred; it has been logged")
-        return error_response(err, request_id)
 
 
 def _route_of(request: web.Request) -> str:
