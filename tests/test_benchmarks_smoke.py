@@ -131,3 +131,20 @@ def test_profile_charges_each_sample_to_the_nearest_known_part() -> None:
     assert profile.own["StreamWriter._writelines (aiohttp/http_writer.py:106)"] == 3
     text = report(profile, requests=100, cpu_s=0.06, wall_s=1.0, top=3)
     assert "|  50.0% |  300.0 | aiohttp client |" in text
+
+
+def test_instruction_counts_are_read_from_the_requested_dumps_only(tmp_path: Path) -> None:
+    """`benchmarks.instructions`: the dumps asked for with `callgrind_control -d` are summed
+    over the processes; the one written at exit (start-up and shutdown in it) is not."""
+    from benchmarks.instructions import dumped_total
+
+    def dump(name: str, trigger: str, total: int) -> None:
+        (tmp_path / name).write_text(f"# callgrind format\nversion: 1\ndesc: Trigger: {trigger}\n"
+                                     f"events: Ir\nsummary: {total}\n\ntotals: {total}\n")
+
+    dump("callgrind-gateway.41", "Program termination", 9_000_000)
+    dump("callgrind-gateway.41.1", "Client Request: dump", 1_200_000)
+    dump("callgrind-gateway.42.1", "Client Request: dump", 34_000)
+    dump("callgrind-floor.43.1", "Client Request: dump", 700_000)
+    assert dumped_total(tmp_path, "gateway") == 1_234_000
+    assert dumped_total(tmp_path, "floor") == 700_000

@@ -1,0 +1,216 @@
+"""`python -m benchmarks.instructions`: CPU instructions per deactivation, counted, not timed.
+
+Time on a shared virtual machine varies by ±15 % from one few-second window to the next; the
+number of instructions a program executes for the same work does not (repeat runs agree within
+about 0.3 %). This runs one process of the gateway (`serve --workers 1`, every feature on, the
+config of `python -m benchmarks`) and one of the aiohttp floor under valgrind's callgrind, sends
+the same deactivations to each through the same nginx stub, and counts the user-space
+instructions each executes per request (system calls, which run in the kernel, are not in the
+count: `python -m benchmarks` measures those, as CPU time). `--variant` adds gateway runs with
+one feature switched off by its config key, which prices that feature.
+
+Needs valgrind (`apt-get install -y valgrind`) besides the benchmark's own needs; a run takes a
+minute or two per variant (everything under callgrind runs about fifty times slower).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+from benchmarks import peers, stubs
+from benchmarks.harness import _static_jwt
+from benchmarks.procs import Server, free_port, start, wait_status
+
+READY_TIMEOUT_S = 300.0  # start-up under callgrind takes tens of seconds
+BODY = b'{"userId":"u-1001","channel":"rtm"}'
+
+# A feature switched off by config, to price it: (name, TOML text replaced, by what).
+VARIANTS: dict[str, tuple[str, str, str]] = {
+    "no-access-log": ("the access line (logging.level = warning)",
+                      'level = "info"', 'level = "warning"'),
+    "no-rate-limit": ("the rate limit (rate_limit.enabled = false)",
+                      "enabled = true", "enabled = false"),
+    "no-fsync": ("the audit's fsync (audit.fsync = false)", "fsync = true", "fsync = false"),
+}
+
+
+@dataclass
+class Count:
+    name: str
+    requests: int
+    instructions: int
+
+    @property
+    def per_request(self) -> float:
+        return self.instructions / max(self.requests, 1)
+
+
+def callgrind_total(dump: Path) -> int:
+    """The `totals:` (or `summary:`) line of one callgrind output file."""
+    for line in dump.read_text(errors="replace").splitlines():
+        if line.startswith(("totals:", "summary:")):
+            return int(line.split()[1])
+    raise ValueError(f"{dump}: no totals line")
+
+
+def dumped_total(directory: Path, prefix: str) -> int:
+    """The instructions of the dumps requested with `callgrind_control -d` (not the one
+    written at exit), summed over the processes that wrote them."""
+    total = 0
+    for dump in sorted(directory.glob(f"callgrind-{prefix}.*")):
+        text = dump.read_text(errors="replace")
+        if "Trigger: Program termination" in text:
+            continue
+        total += callgrind_total(dump)
+    return total
+
+
+def _valgrind(directory: Path, prefix: str) -> list[str]:
+    return ["valgrind", "--tool=callgrind", f"--callgrind-out-file={directory}/callgrind-{prefix}.%p",
+            "--dump-instr=no", "--quiet"]
+
+
+async def _drive(url: str, headers: dict[str, str], count: int, concurrency: int) -> int:
+    """`count` deactivations, `concurrency` at a time; the number answered 200."""
+    ok = 0
+    gate = asyncio.Semaphore(concurrency)
+    async with aiohttp.ClientSession() as session:
+        async def one() -> None:
+            nonlocal ok
+            async with gate, session.post(url, data=BODY, headers=headers) as resp:
+                await resp.read()
+                ok += resp.status == 200
+
+        await asyncio.gather(*(one() for _ in range(count)))
+    return ok
+
+
+def _control(flag: str, pid: int) -> None:
+    subprocess.run(["callgrind_control", flag, str(pid)], capture_output=True, timeout=60,
+                   check=False)
+
+
+async def _count(name: str, server: Server, ready_path: str, headers: dict[str, str],
+                 args: argparse.Namespace, directory: Path, prefix: str) -> Count:
+    try:
+        await wait_status(server, ready_path, READY_TIMEOUT_S)
+        url = server.url + f"/v1/bots/{peers.BOT}/sessions/deactivate"
+        await _drive(url, headers, args.warmup, args.concurrency)
+        _control("-z", server.proc.pid)  # counting starts here
+        ok = await _drive(url, headers, args.requests, args.concurrency)
+        _control("-d", server.proc.pid)
+    finally:
+        server.stop()
+    if ok != args.requests:
+        raise RuntimeError(f"{name}: {ok} of {args.requests} requests answered 200; "
+                           f"see {server.log}")
+    deadline = time.monotonic() + 30
+    while True:  # the dump is written by the process itself, shortly after the request
+        try:
+            return Count(name, ok, dumped_total(directory, prefix))
+        except ValueError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.5)
+
+
+def gateway_argv(config: Path) -> list[str]:
+    return [sys.executable, "-m", "gateway", "serve", "--config", str(config), "--workers", "1"]
+
+
+async def measure(args: argparse.Namespace, directory: Path) -> list[Count]:
+    creds = peers.Credentials("cs-instructions", secrets.token_urlsafe(32),
+                              "kgw_" + secrets.token_hex(16))
+    stub = stubs.start_stub(stubs.stub_kind("auto"), directory / "stub", creds.client_id,
+                            creds.secret)
+    counts: list[Count] = []
+    try:
+        await wait_status(stub, "/healthz", 20)
+        port = free_port()
+        floor = start("floor", [*_valgrind(directory, "floor"), sys.executable, "-m",
+                                "benchmarks.floor", "--listen", f"127.0.0.1:{port}",
+                                "--upstream", stub.url, "--workers", "1"],
+                      f"http://127.0.0.1:{port}", directory / "floor.log",
+                      env={**os.environ, "BENCH_FLOOR_AUTH": _static_jwt(creds)})
+        counts.append(await _count("aiohttp floor", floor, "/healthz",
+                                   {"Content-Type": "application/json"}, args, directory,
+                                   "floor"))
+        caller = {"Content-Type": "application/json",
+                  "Authorization": f"Bearer {creds.caller_key}"}
+        for variant in ["gateway", *args.variant]:
+            config = peers.gateway_config(directory / variant, stub.url, creds)
+            if variant != "gateway":
+                _, old, new = VARIANTS[variant]
+                config.write_text(config.read_text().replace(old, new, 1))
+            server = start(variant, [*_valgrind(directory, variant), *gateway_argv(config)],
+                           peers.listen_url(config), directory / f"{variant}.log")
+            counts.append(await _count(variant, server, "/readyz", caller, args, directory,
+                                       variant))
+    finally:
+        stub.stop()
+    return counts
+
+
+def report(counts: Sequence[Count], args: argparse.Namespace) -> str:
+    floor = counts[0].per_request
+    gateway = next((c.per_request for c in counts if c.name == "gateway"), None)
+    lines = [(f"Instructions per deactivation (callgrind, user space), one process each, "
+              f"{args.requests} requests {args.concurrency} at a time after {args.warmup} "
+              "to warm up:"), "",
+             "| run | instructions per request | ÷ floor | feature's price |",
+             "|---|---:|---:|---:|"]
+    for c in counts:
+        price = ""
+        if c.name in VARIANTS and gateway is not None:
+            price = f"{gateway - c.per_request:,.0f} ({VARIANTS[c.name][0]})"
+        lines.append(f"| {c.name} | {c.per_request:,.0f} | {c.per_request / floor:.2f} | "
+                     f"{price} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.instructions",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--requests", type=int, default=1000, help="counted requests")
+    parser.add_argument("--warmup", type=int, default=100, help="requests before counting")
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--variant", action="append", default=[], choices=sorted(VARIANTS),
+                        help="also run the gateway with this feature off (repeatable)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the counts here")
+    args = parser.parse_args(argv)
+    if not (1 <= args.requests <= 100_000 and 0 <= args.warmup <= 10_000
+            and 1 <= args.concurrency <= 256):
+        parser.error("--requests 1..100000, --warmup 0..10000, --concurrency 1..256")
+    for tool in ("valgrind", "callgrind_control"):
+        if shutil.which(tool) is None:
+            print(f"{tool} is not installed: apt-get install -y valgrind", file=sys.stderr)
+            return 2
+    with tempfile.TemporaryDirectory(prefix="kgw-instructions-") as name:
+        counts = asyncio.run(measure(args, Path(name)))
+    text = report(counts, args)
+    print(text)
+    if args.json is not None:
+        args.json.write_text(json.dumps(
+            {"requests": args.requests, "warmup": args.warmup, "concurrency": args.concurrency,
+             "counts": [{"name": c.name, "per_request": round(c.per_request)} for c in counts]},
+            indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
