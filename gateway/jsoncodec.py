@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+from types import NoneType
 from typing import Any
 
 import orjson
@@ -90,9 +91,10 @@ def _plain(obj: Any, depth: int) -> bool:
         values = obj
     else:
         return kind in _SCALARS or kind is float and _same_float(obj)
-    for value in values:  # a plain loop: this runs twice for every audit record
+    for value in values:  # a plain loop: this runs three times for every audit record
         kind = type(value)
-        if kind in _SCALARS:
+        # `_SCALARS` spelled out: identity tests are cheaper than hashing the type for a set.
+        if kind is str or kind is NoneType or kind is int or kind is bool:
             continue
         if kind is float:
             if not _same_float(value):

@@ -273,9 +273,12 @@ class AuditLog:
     def _prepare(self, record: Mapping[str, Any]) -> dict[str, Any]:
         """A copy in on-disk key order (ts, seq, event, …, prev; `hash` is added last when
         the record is chained), with ``ts`` now and placeholders for ``seq`` and ``prev``."""
-        body = {key: value for key, value in record.items() if key not in _OWN_KEYS}
         if self._hash_user_ids:
-            body = _with_user_id_hashed(body)
+            record = _with_user_id_hashed(record)
+        if next(iter(record), None) == "event" and _OWN_KEYS.isdisjoint(record):
+            # The usual record (the deactivator's): one copy, already in order.
+            return {"ts": utc_timestamp(), "seq": 0, **record, "prev": ZERO_HASH}
+        body = {key: value for key, value in record.items() if key not in _OWN_KEYS}
         prepared: dict[str, Any] = {"ts": utc_timestamp(), "seq": 0}
         if "event" in body:
             prepared["event"] = body.pop("event")
@@ -532,7 +535,7 @@ def _encode(record: Mapping[str, Any]) -> bytes:
     return jsoncodec.one_line(jsoncodec.compact_line(record))
 
 
-def _with_user_id_hashed(body: dict[str, Any]) -> dict[str, Any]:
+def _with_user_id_hashed(body: Mapping[str, Any]) -> dict[str, Any]:
     """`body` with ``userId`` replaced, in place in the key order, by ``userIdHash``."""
     hashed: dict[str, Any] = {}
     for key, value in body.items():
