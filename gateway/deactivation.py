@@ -61,10 +61,11 @@ class Ask:
     def learn(self, d: Deactivation) -> None:
         self.bot_id, self.user_id, self.channel = d.bot_id, d.user_id, d.channel
 
-    def subject(self) -> dict[str, Any]:
-        return {"requestId": self.request_id, "caller": self.caller, "client": self.client,
-                "route": self.route, "botId": _raw(self.bot_id), "userId": _raw(self.user_id),
-                "channel": _raw(self.channel)}
+    def record(self, event: str, app: str | None) -> dict[str, Any]:
+        """The start of its audit record: the event, who asked what, and through which app."""
+        return {"event": event, "requestId": self.request_id, "caller": self.caller,
+                "client": self.client, "route": self.route, "botId": _raw(self.bot_id),
+                "userId": _raw(self.user_id), "channel": _raw(self.channel), "app": app}
 
     def duration_ms(self) -> float:
         return round((time.monotonic() - self.started) * 1000, 3)
@@ -72,7 +73,7 @@ class Ask:
 
 def _raw(value: Any) -> Any:
     if value is None or isinstance(value, str) and len(value) <= MAX_RAW_CHARS:
-        return _encodable(value)
+        return value if value is None or value.isascii() else _encodable(value)
     return _encodable((value if isinstance(value, str) else repr(value))[:MAX_RAW_CHARS] + "…")
 
 
@@ -109,8 +110,7 @@ class Deactivator:
             await self.deny(ask, exc)
             raise
         try:
-            await self.audit.append({"event": "deactivate.requested", **ask.subject(),
-                                     "app": app.name})
+            await self.audit.append(ask.record("deactivate.requested", app.name))
         except AuditUnavailable:
             self.breaker.release(ticket)
             await self.deny(ask, AuditUnavailable("the audit log cannot be written; "
@@ -141,8 +141,8 @@ class Deactivator:
                         durable: bool = False) -> None:
         """The terminal record: the answer does not wait for its fsync (`durable=False`)."""
         ask.settled = True
-        record = {"event": "deactivate.completed", **ask.subject(), "app": ask.app,
-                  **_result(ask, status, error, ask.trace)}
+        record = ask.record("deactivate.completed", ask.app)
+        _add_result(record, ask, status, error, ask.trace)
         try:
             await self.audit.append(record, durable=durable)
         except AuditUnavailable:
@@ -155,8 +155,8 @@ class Deactivator:
     async def deny(self, ask: Ask, error: GatewayError) -> None:
         """The terminal record of an ask stopped before going upstream (best effort)."""
         ask.settled = True
-        record = {"event": "deactivate.denied", **ask.subject(), "app": None,
-                  **_result(ask, error.status, error, CallTrace())}
+        record = ask.record("deactivate.denied", None)
+        _add_result(record, ask, error.status, error, CallTrace())
         try:
             if isinstance(error, Unauthenticated) and self.unauthenticated is not None:
                 await self.unauthenticated.deny(record)
@@ -205,8 +205,11 @@ def is_outage(error: GatewayError) -> bool:
                                                                "upstream_timeout")
 
 
-def _result(ask: Ask, status: int, error: GatewayError | None,
-            trace: CallTrace) -> dict[str, Any]:
-    return {"outcome": "success" if error is None else error.outcome, "status": status,
-            "upstreamStatus": trace.upstream_status, "attempts": trace.attempts,
-            "durationMs": ask.duration_ms(), "error": None if error is None else error.code}
+def _add_result(record: dict[str, Any], ask: Ask, status: int, error: GatewayError | None,
+                trace: CallTrace) -> None:
+    record["outcome"] = "success" if error is None else error.outcome
+    record["status"] = status
+    record["upstreamStatus"] = trace.upstream_status
+    record["attempts"] = trace.attempts
+    record["durationMs"] = ask.duration_ms()
+    record["error"] = None if error is None else error.code
