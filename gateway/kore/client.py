@@ -53,6 +53,7 @@ MAX_ANSWER_BYTES = 65536  # Kore.ai's answers are small; never buffer an unbound
 MIN_ATTEMPT_S = 0.05  # a retry with less time than this before the deadline is not started
 STATIC_HEADERS = {"Content-Type": "application/json"}  # on every call, exactly once
 DEFAULT_MAX_PAUSE_S = 3600.0  # rate_limit.max_pause_s
+MAX_CACHED_URLS = 4096  # session URLs kept per config (one per bot)
 # Kore.ai's words when its limit is spent, lower-cased (docs/xo/apis/automation/rate-limit.md)
 RATE_LIMIT_MESSAGE = "rate limit for this api has been reached"
 MAX_SCANNED_STRINGS = 64  # of an answer body, when looking for Kore.ai's message
@@ -164,6 +165,8 @@ class KoreClient:
         self._rng = rng
         self._session: aiohttp.ClientSession | None = None
         self.host = upstream_host(config.base_url)  # never with user:password@
+        self._urls: dict[str, URL] = {}  # bot → session URL, for `self._urls_for`'s config
+        self._urls_for = config
 
     async def start(self) -> None:
         secure = self.config.base_url.startswith("https:")
@@ -190,7 +193,7 @@ class KoreClient:
 
         The first attempt's rate-limit slot is taken by the caller; later attempts take their own.
         """
-        url = session_url(self.config, d.bot_id)
+        url = self._url(d.bot_id)
         payload = request_body(d)
         counted = 0
         reminted = False
@@ -227,6 +230,15 @@ class KoreClient:
                 error = judged
             counted += 1
             await self._before_retry(error, counted, deadline, request_id, paused)
+
+    def _url(self, bot_id: str) -> URL:
+        """`session_url`, built once per bot (a few hundred at most) and config."""
+        if self._urls_for is not self.config or len(self._urls) >= MAX_CACHED_URLS:
+            self._urls, self._urls_for = {}, self.config
+        url = self._urls.get(bot_id)
+        if url is None:
+            url = self._urls[bot_id] = session_url(self.config, bot_id)
+        return url
 
     async def _learn(self, bot_id: str, trace: CallTrace, answer: Answer,
                      error: UpstreamRateLimited) -> bool:
@@ -348,8 +360,11 @@ async def read_bounded(stream: aiohttp.StreamReader, limit: int) -> bytes:
 
 
 def decode_answer(raw: bytes) -> Any:
-    """Kore.ai's answer as JSON (else text), scrubbed of anything shaped like a JWT first."""
-    text = scrub(raw.decode("utf-8", "replace"))
+    """Kore.ai's answer as JSON (else text), scrubbed of anything shaped like a JWT first
+    (every JWT shape has two dots: an answer without one needs no pattern)."""
+    text = raw.decode("utf-8", "replace")
+    if "." in text:
+        text = scrub(text)
     try:
         return orjson.loads(text)
     except orjson.JSONDecodeError:

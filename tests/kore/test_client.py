@@ -245,3 +245,24 @@ class TestAnswerReading:
             assert await call(client, config, CallTrace()) == {"success": True}
         finally:
             await client.close()
+
+
+def test_answers_without_a_dot_skip_the_scrub_and_never_hold_a_jwt() -> None:
+    """`decode_answer` runs the JWT pattern only on text with a dot: every JWT shape has two."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from gateway.kore.client import decode_answer
+    from gateway.kore.scrub import JWT_SHAPE
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.text(alphabet="eyzJ0aZ_-.{}\": ", max_size=80))
+    def check(text: str) -> None:
+        decoded = decode_answer(text.encode())
+        shown = decoded if isinstance(decoded, str) else repr(decoded)
+        assert JWT_SHAPE.search(shown) is None or "." in text
+
+    check()
+    assert decode_answer(b'{"success": true}') == {"success": True}
+    token = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl"
+    assert token not in str(decode_answer(f'{{"echo": "{token}"}}'.encode()))
