@@ -144,21 +144,28 @@ class TestConfigure:
         assert JWT not in err and KEY not in err
 
 
+def record_stderr(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """What is written to sys.stderr from now on, one item per write() (called in the test
+    itself: pytest's capture sets sys.stderr again between a fixture and the test)."""
+    writes: list[str] = []
+
+    class Recorder:
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return len(text)
+
+        def flush(self) -> None:
+            pass
+
+    monkeypatch.setattr("sys.stderr", Recorder())
+    return writes
+
+
 class TestOneWritePerLine:
     """Workers share stderr: a line and its newline must reach it in one write()."""
 
     def test_each_line_is_written_whole(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        writes: list[str] = []
-
-        class Recorder:
-            def write(self, text: str) -> int:
-                writes.append(text)
-                return len(text)
-
-            def flush(self) -> None:
-                pass
-
-        monkeypatch.setattr("sys.stderr", Recorder())
+        writes = record_stderr(monkeypatch)
         configure("info", "json")
         structlog.get_logger("t").info("first", n=1)
         structlog.get_logger("t").warning("second", n=2)
@@ -199,17 +206,7 @@ class TestAccessLine:
         assert line["status"] == 401
 
     def test_one_write_per_line(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        writes: list[str] = []
-
-        class Recorder:
-            def write(self, text: str) -> int:
-                writes.append(text)
-                return len(text)
-
-            def flush(self) -> None:
-                pass
-
-        monkeypatch.setattr("sys.stderr", Recorder())
+        writes = record_stderr(monkeypatch)
         configure("info", "json")
         access("request", status=200)
         access("request", status=404)
@@ -222,17 +219,7 @@ class TestAccessLine:
         lines, no write over PIPE_ATOMIC_BYTES unless it is one line alone."""
         from gateway.logs import PIPE_ATOMIC_BYTES
 
-        writes: list[str] = []
-
-        class Recorder:
-            def write(self, text: str) -> int:
-                writes.append(text)
-                return len(text)
-
-            def flush(self) -> None:
-                pass
-
-        monkeypatch.setattr("sys.stderr", Recorder())
+        writes = record_stderr(monkeypatch)
         configure("info", "json")
         for status in range(60):
             access("request", status=status, route="é" * 40)
