@@ -89,7 +89,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     host, port = args.listen.rsplit(":", 1)
     token = os.environ[TOKEN_ENV]
     if args.workers == 1:  # served by this process (`benchmarks.instructions` counts it)
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
         event_loop.run(serve(host, int(port), args.upstream, token))
         return 0
     ctx = multiprocessing.get_context("fork")

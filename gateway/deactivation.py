@@ -73,7 +73,7 @@ class Ask:
 
 def _raw(value: Any) -> Any:
     if value is None or isinstance(value, str) and len(value) <= MAX_RAW_CHARS:
-        return value if value is None or value.isascii() else _encodable(value)
+        return _encodable(value)
     return _encodable((value if isinstance(value, str) else repr(value))[:MAX_RAW_CHARS] + "…")
 
 

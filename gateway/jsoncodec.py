@@ -91,7 +91,7 @@ def _plain(obj: Any, depth: int) -> bool:
         values = obj
     else:
         return kind in _SCALARS or kind is float and _same_float(obj)
-    for value in values:  # a plain loop: this runs three times for every audit record
+    for value in values:  # a plain loop: this runs twice for every audit record
         kind = type(value)
         # `_SCALARS` spelled out: identity tests are cheaper than hashing the type for a set.
         if kind is str or kind is NoneType or kind is int or kind is bool:

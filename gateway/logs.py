@@ -85,10 +85,15 @@ def _has_marker(lowered: str) -> bool:
             or "authorization" in lowered or "cookie" in lowered or "api-key" in lowered)
 
 
+def _clean(text: str) -> bool:
+    """True when `text` cannot hold a secret shape. Non-ASCII text may match
+    case-insensitively in ways lower() misses: it always goes through the pattern."""
+    return text.isascii() and not _has_marker(text.lower())
+
+
 def scrub(text: str) -> str:
     """`text` with every secret shape (see the module docstring) replaced."""
-    # Non-ASCII text may match case-insensitively in ways lower() misses: always the pattern.
-    if text.isascii() and not _has_marker(text.lower()):
+    if _clean(text):
         return text
     return _SECRET_SHAPES.sub(_replace, text)
 
@@ -102,9 +107,8 @@ def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[s
     """Drops secret-named fields and masks every secret shape in the others."""
     for name, value in event.items():
         kind = type(value)
-        plain = kind in _SCALARS or (kind is str and value.isascii()
-                                     and not _has_marker(value.lower()))  # `scrub`'s shortcut
-        if plain and (_NAMES.get(name) is False or not _secret_name(name)):
+        plain = kind in _SCALARS or (kind is str and _clean(value))
+        if plain and not _secret_name(name):
             continue  # an ordinary name, and nothing to mask
         masked = _masked(name, value)
         if masked is not value:

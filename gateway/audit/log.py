@@ -275,14 +275,12 @@ class AuditLog:
         the record is chained), with ``ts`` now and placeholders for ``seq`` and ``prev``."""
         if self._hash_user_ids:
             record = _with_user_id_hashed(record)
-        if next(iter(record), None) == "event" and _OWN_KEYS.isdisjoint(record):
-            # The usual record (the deactivator's): one copy, already in order.
-            return {"ts": utc_timestamp(), "seq": 0, **record, "prev": ZERO_HASH}
-        body = {key: value for key, value in record.items() if key not in _OWN_KEYS}
+        if not _OWN_KEYS.isdisjoint(record):  # the log's own fields are never the caller's
+            record = {key: value for key, value in record.items() if key not in _OWN_KEYS}
         prepared: dict[str, Any] = {"ts": utc_timestamp(), "seq": 0}
-        if "event" in body:
-            prepared["event"] = body.pop("event")
-        prepared.update(body)
+        if "event" in record:
+            prepared["event"] = record["event"]
+        prepared.update(record)  # `event` keeps its place, third
         prepared["prev"] = ZERO_HASH
         return prepared
 

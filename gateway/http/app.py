@@ -99,7 +99,7 @@ async def envelope_middleware(request: web.Request, handler: Handler) -> web.Str
             response = error_response(
                 GatewayError("an unexpected error occurred; it has been logged"), request_id)
         response.headers["X-Request-ID"] = request_id
-        rt = request.app[RUNTIME]
+        rt = runtime(request)
         status = response.status
         if status == 408 or rt.draining or request.get(CLOSE):
             response.force_close()  # a half-read body, or clients should move to another instance
