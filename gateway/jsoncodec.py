@@ -37,6 +37,18 @@ def canonical(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+def canonical_line(obj: Any) -> bytes:
+    """`canonical(obj)` UTF-8 encoded, refusing what a JSON line may not hold (NaN,
+    infinities: ValueError) and what UTF-8 cannot carry (a lone surrogate)."""
+    if _plain(obj, 0):
+        try:
+            return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
+        except orjson.JSONEncodeError:
+            pass
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False).encode("utf-8")
+
+
 def compact(obj: Any) -> bytes:
     """`json.dumps(obj, ensure_ascii=False, separators=(",", ":"))`, UTF-8 encoded."""
     if _plain(obj, 0):
@@ -45,18 +57,6 @@ def compact(obj: Any) -> bytes:
         except orjson.JSONEncodeError:
             pass
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-
-
-def compact_line(obj: Any) -> bytes:
-    """`json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)` + newline,
-    UTF-8 encoded; raises ValueError/TypeError for what the standard library refuses."""
-    if _plain(obj, 0):
-        try:
-            return orjson.dumps(obj, option=orjson.OPT_APPEND_NEWLINE)
-        except orjson.JSONEncodeError:
-            pass
-    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    return (text + "\n").encode("utf-8")
 
 
 # U+2028, U+2029 (line and paragraph separators), the bidi controls U+202A–U+202E and

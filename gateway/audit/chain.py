@@ -11,8 +11,8 @@ With a chain key the hash is ``HMAC-SHA256(key, prev + canonical)`` in hex, and 
 of every file carries ``"chain": "hmac-sha256"`` (inside the canonical form): a file is keyed or
 plain as a whole. Whoever can write the file but lacks the key cannot recompute the hashes.
 
-The key order on disk (ts, seq, event, …, prev, hash) is for human readers only: the hash never
-depends on it. The first record's ``prev`` is 64 zeros. Writing the chain is `log.py`'s; this
+On disk a line is the canonical form with ``hash`` added last (`log._line`): each record is
+encoded once, and its keys are in sorted order. The first record's ``prev`` is 64 zeros. Writing the chain is `log.py`'s; this
 module computes and checks it, against anchors (`anchors.py`) too when given.
 """
 
@@ -65,21 +65,24 @@ def chain_hash(prev: str, canonical_text: str, key: ChainKey | None = None) -> s
     return hashlib.sha256(data).hexdigest() if key is None else key.digest(data)
 
 
+def chain_digest(prev: str, canonical_bytes: bytes, key: ChainKey | None = None) -> str:
+    """`chain_hash` of a canonical form already UTF-8 encoded (`prev` is ASCII hex)."""
+    data = prev.encode("ascii") + canonical_bytes
+    return hashlib.sha256(data).hexdigest() if key is None else key.digest(data)
+
+
 def keyed(record: Mapping[str, Any]) -> bool:
     """True when `record`, the first of its file, starts a keyed file."""
     return record.get(CHAIN_FIELD) == HMAC_CHAIN
 
 
 def mark(record: dict[str, Any], first_keyed: bool) -> None:
-    """Gives `record` ``chain`` (before ``prev`` and ``hash``) when it starts a keyed file, and
-    takes it away otherwise; in place, so that the writer's caller gets the record written."""
-    if first_keyed == (CHAIN_FIELD in record):
-        return
-    record.pop(CHAIN_FIELD, None)
-    prev, digest = record.pop("prev"), record.pop("hash")
+    """Gives `record` ``chain`` when it starts a keyed file, and takes it away otherwise; in
+    place, so that the writer's caller gets the record written."""
     if first_keyed:
         record[CHAIN_FIELD] = HMAC_CHAIN
-    record["prev"], record["hash"] = prev, digest
+    elif CHAIN_FIELD in record:
+        del record[CHAIN_FIELD]
 
 
 def continues(first_line: bytes, last_line: bytes, key: ChainKey | None) -> bool:

@@ -4,7 +4,8 @@ Up to `audit.max_unauthenticated_per_s` (default 20) `deactivate.denied` records
 requests (no key, an unknown key) are written one by one in each second of this process.
 Beyond that a denial is only counted, by client address, and at the end of the second the
 counts become one `audit.unauthenticated_suppressed` record: `count` (every suppressed denial)
-and `clients` (the ten addresses with the most, address → count). Its `client` is null: it
+and `clients` (the ten addresses with the most, address → count; in the file, as every
+object, in key order). Its `client` is null: it
 speaks for many. A keyless flood so costs the disk at most that many records and one summary
 a second. Requests with a valid key never pass through here: they are audited one by one.
 """

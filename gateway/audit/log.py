@@ -47,6 +47,7 @@ from gateway.audit.chain import (
     ChainKey,
     VerifyReport,
     canonical,
+    chain_digest,
     chain_hash,
     continues,
     mark,
@@ -201,7 +202,6 @@ class AuditLog:
             self._pending.append((prepared, None, False))
             return prepared
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        future.add_done_callback(_retrieve)  # a cancelled caller must not leave it unretrieved
         self._pending.append((prepared, future, durable))
         self._flush_soon()
         # A caller that stops waiting cancels only its future: the record stays in its batch.
@@ -271,17 +271,14 @@ class AuditLog:
     # -- event-loop side ---------------------------------------------------------------------
 
     def _prepare(self, record: Mapping[str, Any]) -> dict[str, Any]:
-        """A copy in on-disk key order (ts, seq, event, …, prev; `hash` is added last when
-        the record is chained), with ``ts`` now and placeholders for ``seq`` and ``prev``."""
+        """A copy with ``ts`` now and placeholders for ``seq`` and ``prev`` (`hash` is added
+        when the record is chained)."""
         if self._hash_user_ids:
             record = _with_user_id_hashed(record)
         if not _OWN_KEYS.isdisjoint(record):  # the log's own fields are never the caller's
             record = {key: value for key, value in record.items() if key not in _OWN_KEYS}
-        prepared: dict[str, Any] = {"ts": utc_timestamp(), "seq": 0}
-        if "event" in record:
-            prepared["event"] = record["event"]
-        prepared.update(record)  # `event` keeps its place, third
-        prepared["prev"] = ZERO_HASH
+        prepared = dict(record)
+        prepared["ts"], prepared["seq"], prepared["prev"] = utc_timestamp(), 0, ZERO_HASH
         return prepared
 
     async def _drain(self) -> None:
@@ -406,18 +403,17 @@ class AuditLog:
         for index, record in enumerate(records):
             record.pop("hash", None)  # chained again after a failed commit
             record["seq"], record["prev"] = seq + 1, prev
-            keyed_first = self._key is not None and first
+            keyed_first = first and self._key is not None
             if keyed_first or CHAIN_FIELD in record:
-                record["hash"] = ""
                 mark(record, keyed_first)  # ``chain`` on the first record of a keyed file
-                del record["hash"]
             try:
-                digest = chain_hash(prev, canonical(record), self._key)
-                record["hash"] = digest
-                lines.append(_encode(record))
+                body = jsoncodec.canonical_line(record)
             except (ValueError, TypeError) as exc:  # not JSON: this record alone is refused
                 refused[index] = exc
                 continue
+            digest = chain_digest(prev, body, self._key)
+            record["hash"] = digest
+            lines.append(_line(body, digest))
             seq, prev, first = seq + 1, digest, False
         return b"".join(lines), refused
 
@@ -528,9 +524,12 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
-def _encode(record: Mapping[str, Any]) -> bytes:
-    """One line for every reader: see `jsoncodec.one_line` (the hash covers parsed values)."""
-    return jsoncodec.one_line(jsoncodec.compact_line(record))
+def _line(canonical_bytes: bytes, digest: str) -> bytes:
+    """The line of a record: its canonical form with ``hash`` added last, so the record is
+    encoded once. One line for every reader: see `jsoncodec.one_line` (the hash covers the
+    parsed values)."""
+    line = b"".join((canonical_bytes[:-1], b',"hash":"', digest.encode("ascii"), b'"}\n'))
+    return jsoncodec.one_line(line)
 
 
 def _with_user_id_hashed(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -546,6 +545,8 @@ def _with_user_id_hashed(body: Mapping[str, Any]) -> dict[str, Any]:
 def seq_and_hash(records: list[dict[str, Any]], refused: Mapping[int, Exception]
                  ) -> tuple[int, str]:
     """seq and hash of the last record of a batch that was written."""
+    if not refused:
+        return records[-1]["seq"], records[-1]["hash"]
     last = next(r for i, r in reversed(list(enumerate(records))) if i not in refused)
     return last["seq"], last["hash"]
 
@@ -558,7 +559,7 @@ def _settle(batch: list[_Pending], indexes: Iterable[int], refused: dict[int, Ex
         record, future, _ = batch[index]
         if future is not None and not future.done():
             if index in refused:
-                future.set_exception(refused[index])
+                _set_exception(future, refused[index])
             else:
                 future.set_result(record)
 
@@ -572,7 +573,15 @@ def _reject(batch: list[_Pending], cause: BaseException) -> None:
         if future is not None and not future.done():
             error = AuditUnavailable(_UNAVAILABLE)
             error.__cause__ = cause
-            future.set_exception(error)
+            _set_exception(future, error)
+
+
+def _set_exception(future: asyncio.Future[Any], error: BaseException) -> None:
+    """Fails `future`, already marked as retrieved: a caller cancelled after this, before it
+    resumed, would otherwise leave "exception was never retrieved" behind. The caller that
+    awaits it still gets `error`. (Cheaper than a done-callback on every future.)"""
+    future.set_exception(error)
+    future.exception()
 
 
 class _Writer:
@@ -615,7 +624,7 @@ def _hand_back(loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], res
         if future.done():
             return
         if error is not None:
-            future.set_exception(error)
+            _set_exception(future, error)
         else:
             future.set_result(result)
 
@@ -624,7 +633,3 @@ def _hand_back(loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], res
     except RuntimeError:
         pass  # the loop is closed: nobody waits any more
 
-
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()

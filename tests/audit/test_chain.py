@@ -101,9 +101,11 @@ class TestKeyedLog:
         await fill(log, 3)
         first, *rest = lines_of(log_path)
         assert first[CHAIN_FIELD] == HMAC_CHAIN and all(CHAIN_FIELD not in r for r in rest)
-        assert list(first)[-3:] == [CHAIN_FIELD, "prev", "hash"]
         body = {k: v for k, v in first.items() if k != "hash"}
         text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        # The line is the canonical form, with the hash added last.
+        assert log_path.read_text("utf-8").splitlines()[0] == (
+            text[:-1] + f',"hash":"{first["hash"]}"}}')
         assert first["hash"] == hmac.new(b"k" * 32, (ZERO_HASH + text).encode("utf-8"),
                                          hashlib.sha256).hexdigest()
 
