@@ -332,7 +332,7 @@ class KoreClient:
             async with self._session.put(url, data=payload, headers=headers,
                                          timeout=aiohttp.ClientTimeout(total=remaining),
                                          allow_redirects=False) as resp:
-                raw = await read_bounded(resp.content, MAX_ANSWER_BYTES)
+                raw = await read_answer(resp, MAX_ANSWER_BYTES)
                 self._metrics.upstream_attempt(resp.status, time.monotonic() - started)
                 return Answer(resp.status, decode_answer(raw), parse_retry_after(
                     resp.headers.get("Retry-After"), cap_s=self.max_pause_s))
@@ -343,6 +343,14 @@ class KoreClient:
             self._metrics.upstream_attempt("error", time.monotonic() - started)
             raise UpstreamUnavailable(f"Kore.ai could not be reached ({type(exc).__name__})"
                                       ) from None
+
+
+async def read_answer(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The whole answer, up to `limit` bytes: at once when its length is known and within the
+    limit (aiohttp's parser stops at `Content-Length`), else chunk by chunk."""
+    if resp.content_length is not None and resp.content_length <= limit:
+        return await resp.read()
+    return await read_bounded(resp.content, limit)
 
 
 async def read_bounded(stream: aiohttp.StreamReader, limit: int) -> bytes:

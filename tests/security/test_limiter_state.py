@@ -7,7 +7,13 @@ from __future__ import annotations
 import tracemalloc
 
 from gateway.config.model import DEFAULT_WINDOWS
-from gateway.ratelimit.memory import MAX_TRACKED_BOTS, GrantLog, MemoryRateLimiter, spaced
+from gateway.ratelimit.memory import (
+    AGE_TRIM_EVERY,
+    MAX_TRACKED_BOTS,
+    GrantLog,
+    MemoryRateLimiter,
+    spaced,
+)
 from tests.conftest import FakeClock
 
 BOTS = 100_000
@@ -82,6 +88,17 @@ def test_an_idle_bot_keeps_one_float_and_a_busy_one_is_trimmed() -> None:
     for t in range(100):
         log.add("st-busy", float(t), float(t))
     assert len(log.times("st-busy")) <= 5 + 8 and log.times("st-busy")[-1] == 99.0
+
+
+def test_a_window_of_many_calls_keeps_no_stale_grants() -> None:
+    """`keep` far above what the bot makes in a window: grants older than two windows go."""
+    log = GrantLog(keep=1_000_000_000, idle_s=60.0)
+    for t in range(3 * AGE_TRIM_EVERY):
+        log.add("st-busy", t * 0.1, t * 0.1)  # 10 grants a second
+    times = log.times("st-busy")
+    assert times[-1] == (3 * AGE_TRIM_EVERY - 1) * 0.1
+    assert len(times) <= 120 * 10 + AGE_TRIM_EVERY  # two windows' worth, plus one trim period
+    assert times[0] >= times[-1] - 120 - AGE_TRIM_EVERY * 0.1
 
 
 def test_the_gateway_tracks_at_most_max_tracked_bots() -> None:
