@@ -47,6 +47,9 @@ SPACING_MARGIN_S = 0.2
 # budget granted in one instant would reach Kore.ai over the time the gateway takes to send it,
 # and the next window, granted on time, would then overlap the tail of that burst.
 MAX_SPACING_S = 0.1
+# A call held back less than this keeps its slot: `SPACING_MARGIN_S` covers such a delay, and
+# moving a grant in the log on every call would cost each call more than anything else here.
+RESTAMP_MIN_S = SPACING_MARGIN_S / 4
 AGE_TRIM_EVERY = 4096  # grants of one bot between trims of the stale ones
 STALE_WINDOWS = 2  # grants this many longest windows old are stale (margins included)
 
@@ -406,7 +409,7 @@ class MemoryRateLimiter:
 
     async def sending(self, bot_id: str, grant: Grant) -> Grant:
         now = self._clock()
-        if grant.remote or now <= grant.slot:
+        if grant.remote or now <= grant.slot + RESTAMP_MIN_S:
             return grant
         self.log.restamp(bot_id, grant.slot, now)
         self.store.restamp(bot_id, grant.slot, now)

@@ -23,7 +23,7 @@ from gateway.ratelimit.learning import (
     expired,
     refuse,
 )
-from gateway.ratelimit.memory import CALL_MARGIN_S, Grant, MemoryRateLimiter
+from gateway.ratelimit.memory import CALL_MARGIN_S, RESTAMP_MIN_S, Grant, MemoryRateLimiter
 from gateway.ratelimit.shared import SharedLearning, Table, ring_size
 from tests.conftest import FakeClock
 
@@ -293,6 +293,8 @@ class TestSending:
         lim = make_limiter(clock)
         grant = lim.reserve(BOT, clock() + FAR)
         assert await lim.sending(BOT, grant) == grant
+        clock.advance(RESTAMP_MIN_S)  # held back no longer than the spacing margin covers
+        assert await lim.sending(BOT, grant) == grant and lim.log.times(BOT) == (grant.slot,)
         remote = Grant(slot=clock() - 5, remote=True)
         assert await lim.sending(BOT, remote) == remote
 
