@@ -202,11 +202,31 @@ def _library_message(_: Any, __: str, event: MutableMapping[str, Any]
 
 
 def render_json(event: Any, **kw: Any) -> str:
-    """One log line: orjson (several times faster), json.dumps for what orjson refuses."""
+    """One log line: orjson (several times faster), json.dumps for what orjson refuses; what
+    some readers take for a line break or a change of text direction is escaped, as in the
+    audit (`jsoncodec.one_line`)."""
     try:
-        return orjson.dumps(event, default=kw.get("default")).decode()
+        text = orjson.dumps(event, default=kw.get("default")).decode()
     except TypeError:
-        return json.dumps(event, **kw)
+        text = json.dumps(event, **kw)
+    return one_line_text(text)
+
+
+# What `jsoncodec.one_line` escapes in the audit, for text: U+2028, U+2029, the bidi controls
+# U+202A–U+202E and U+2066–U+2069, and U+0085 (NEL).
+_LINE_UNSAFE_TEXT = re.compile("[\u2028-\u202e\u2066-\u2069\u0085]")
+
+
+def one_line_text(text: str) -> str:
+    """JSON text with the characters above written as `\\uXXXX` escapes (inside strings, the
+    only place JSON lets them be: the text parses to the same values)."""
+    if text.isascii():
+        return text
+    return _LINE_UNSAFE_TEXT.sub(_escape_text, text)
+
+
+def _escape_text(found: re.Match[str]) -> str:
+    return f"\\u{ord(found[0]):04x}"
 
 
 class LogFileError(Exception):

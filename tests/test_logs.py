@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import structlog
 
+from gateway import jsoncodec
 from gateway.logs import (
     REDACTED_KEYS,
     LogFile,
@@ -21,6 +22,7 @@ from gateway.logs import (
     Throttle,
     access,
     configure,
+    one_line_text,
     redact,
     safe_traceback,
     scrub,
@@ -159,6 +161,29 @@ def record_stderr(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     monkeypatch.setattr("sys.stderr", Recorder())
     return writes
+
+
+class TestOneLinePerRecord:
+    @pytest.mark.parametrize("char", ["\u2028", "\u2029", "\u0085", "\u202e", "\u2066"])
+    def test_line_breaks_and_bidi_controls_are_escaped(
+            self, char: str, capsys: pytest.CaptureFixture[str]) -> None:
+        configure("info", "json")
+        structlog.get_logger("t").info("e", user_id=f"a{char}b")
+        access("request", caller=f"c{char}d")
+        err = capsys.readouterr().err
+        assert char not in err and f"\\u{ord(char):04x}" in err
+        assert [json.loads(line)["event"] for line in err.split("\n") if line] == \
+            ["e", "request"]
+        assert json.loads(err.split("\n")[0])["user_id"] == f"a{char}b"
+
+
+    def test_the_same_characters_as_the_audit_line(self) -> None:
+        for code in range(0x80, 0x3000):
+            text = f'"{chr(code)}"'
+            escaped_in_log = one_line_text(text) != text
+            escaped_in_audit = jsoncodec.one_line(text.encode("utf-8", "surrogatepass")) != \
+                text.encode("utf-8", "surrogatepass")
+            assert escaped_in_log == escaped_in_audit, hex(code)
 
 
 class TestOneWritePerLine:
