@@ -30,7 +30,6 @@ import contextlib
 import errno
 import hashlib
 import os
-import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -67,6 +66,7 @@ from gateway.audit.files import (
     rotated_path,
     tail,
 )
+from gateway.audit.writer import Writer, set_exception
 from gateway.errors import AuditUnavailable
 from gateway.logs import utc_timestamp
 from gateway.metrics import Metrics
@@ -107,7 +107,7 @@ class AuditLog:
     """The append-only audit file: durable, group-committed, hash-chained appends.
 
     File state (descriptor, size, last seq and hash) is only touched by `open()` at start-up
-    and then by the log's own thread (`_Writer`), so writes, fsyncs, rotation and reopening
+    and then by the log's own thread (`writer.Writer`), so writes, fsyncs, rotation and reopening
     never block the event loop and never run concurrently. Records are chained by that thread just before
     they are written, so a failed batch leaves no gap: the next batch chains onto the last
     durable record.
@@ -139,7 +139,7 @@ class AuditLog:
         self._pending: list[_Pending] = []
         self._retained: list[_Pending] = []  # written, acknowledged, then not made durable
         self._flusher: asyncio.Task[None] | None = None
-        self._worker = _Writer()
+        self._worker = Writer()
         self._opened = self._closed = False
         self._healthy = True
         self._failed_errno: int | None = None  # last failure logged, to log each new one once
@@ -559,7 +559,7 @@ def _settle(batch: list[_Pending], indexes: Iterable[int], refused: dict[int, Ex
         record, future, _ = batch[index]
         if future is not None and not future.done():
             if index in refused:
-                _set_exception(future, refused[index])
+                set_exception(future, refused[index])
             else:
                 future.set_result(record)
 
@@ -573,63 +573,4 @@ def _reject(batch: list[_Pending], cause: BaseException) -> None:
         if future is not None and not future.done():
             error = AuditUnavailable(_UNAVAILABLE)
             error.__cause__ = cause
-            _set_exception(future, error)
-
-
-def _set_exception(future: asyncio.Future[Any], error: BaseException) -> None:
-    """Fails `future`, already marked as retrieved: a caller cancelled after this, before it
-    resumed, would otherwise leave "exception was never retrieved" behind. The caller that
-    awaits it still gets `error`. (Cheaper than a done-callback on every future.)"""
-    future.set_exception(error)
-    future.exception()
-
-
-class _Writer:
-    """The audit file's own thread: runs one call at a time, in order, and hands each result
-    back to the event loop with one wake-up (a queue and `call_soon_threadsafe`; about half
-    the CPU of a `ThreadPoolExecutor` round trip)."""
-
-    def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-
-    async def run(self, func: Callable[..., _T], *args: Any) -> _T:
-        loop = asyncio.get_running_loop()
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._serve, name="audit", daemon=True)
-            self._thread.start()
-        future: asyncio.Future[_T] = loop.create_future()
-        self._jobs.put((loop, future, func, args))
-        return await future
-
-    def stop(self) -> None:
-        if self._thread is not None:
-            self._jobs.put(None)
-            self._thread = None
-
-    def _serve(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            loop, future, func, args = job
-            try:
-                result = func(*args)
-            except Exception as exc:  # noqa: BLE001 - raised in the waiting coroutine
-                _hand_back(loop, future, None, exc)
-            else:
-                _hand_back(loop, future, result, None)
-
-
-def _hand_back(loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], result: Any,
-               error: BaseException | None) -> None:
-    def settle() -> None:
-        if future.done():
-            return
-        if error is not None:
-            _set_exception(future, error)
-        else:
-            future.set_result(result)
-
-    try:
-        loop.call_soon_threadsafe(settle)
-    except RuntimeError:
-        pass  # the loop is closed: nobody waits any more
-
+            set_exception(future, error)

@@ -1,0 +1,74 @@
+"""The audit file's own thread (`Writer`): one call at a time, in order, off the event loop.
+
+`AuditLog` runs every write, fsync, rotation and reopening here, so none of them blocks the
+event loop and none runs concurrently with another. Each result goes back to the loop with
+one wake-up: a queue in, `call_soon_threadsafe` out, about half the CPU of a
+`ThreadPoolExecutor` round trip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+_T = TypeVar("_T")
+
+
+def set_exception(future: asyncio.Future[Any], error: BaseException) -> None:
+    """Fails `future`, already marked as retrieved: a caller cancelled after this, before it
+    resumed, would otherwise leave "exception was never retrieved" behind. The caller that
+    awaits it still gets `error`. (Cheaper than a done-callback on every future.)"""
+    future.set_exception(error)
+    future.exception()
+
+
+class Writer:
+    """A thread started with the first call; `stop()` ends it after the calls queued."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    async def run(self, func: Callable[..., _T], *args: Any) -> _T:
+        loop = asyncio.get_running_loop()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._serve, name="audit", daemon=True)
+            self._thread.start()
+        future: asyncio.Future[_T] = loop.create_future()
+        self._jobs.put((loop, future, func, args))
+        return await future
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread = None
+
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            loop, future, func, args = job
+            try:
+                result = func(*args)
+            except Exception as exc:  # noqa: BLE001 - raised in the waiting coroutine
+                _hand_back(loop, future, None, exc)
+            else:
+                _hand_back(loop, future, result, None)
+
+
+def _hand_back(loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], result: Any,
+               error: BaseException | None) -> None:
+    def settle() -> None:
+        if future.done():
+            return
+        if error is not None:
+            set_exception(future, error)
+        else:
+            future.set_result(result)
+
+    try:
+        loop.call_soon_threadsafe(settle)
+    except RuntimeError:
+        pass  # the loop is closed: nobody waits any more
+
