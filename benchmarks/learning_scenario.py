@@ -26,8 +26,6 @@ import os
 import platform
 import re
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,7 +37,13 @@ from typing import Any, Self
 import aiohttp
 
 from benchmarks.procs import free_port
-from benchmarks.redis_scenario import RedisServer, max_in_window, redis_binary, wait_status
+from benchmarks.redis_scenario import (
+    Processes,
+    RedisServer,
+    max_in_window,
+    redis_binary,
+    wait_status,
+)
 from gateway.audit.log import verify_files
 from gateway.auth import hash_key
 
@@ -49,7 +53,6 @@ CLIENT_ID = "cs-learning-scenario"
 CLIENT_SECRET = "learning-scenario-secret-loopback-only"
 CALLER_KEY = "kgw_learning_scenario_loopback_only"
 BOT = "st-learning-0"
-STOP_TIMEOUT_S = 15.0
 PRESET = "kore-bot-sessions"  # the sandbox's limit: 60 / 60 s + 1,800 / 3,600 s
 REAL_CALLS, REAL_WINDOW_S = 60, 60.0
 CONFIGURED = ((600, 60.0), (18000, 3600.0))  # the gateway's default [rate_limit] windows
@@ -117,28 +120,15 @@ key_sha256 = "{hash_key(CALLER_KEY)}"
 """
 
 
-class Stack:
+class Stack(Processes):
     """The limited sandbox, `gateways` gateway processes, and Redis when they share it."""
 
-    def __init__(self, run: Run, workdir: Path, redis: str | None) -> None:
-        self.run, self.workdir = run, workdir
-        self.redis = RedisServer(redis, workdir / "redis") if redis else None
-        self.sandbox_url = ""
-        self.gateway_urls: list[str] = []
-        self.audit_paths: list[Path] = []
-        self._procs: list[subprocess.Popen[bytes]] = []
-        self.exit_codes: list[int | None] = []
+    client_secret = CLIENT_SECRET
 
-    def _spawn(self, args: Sequence[str], name: str) -> subprocess.Popen[bytes]:
-        env = {**os.environ, "SCENARIO_CLIENT_SECRET": CLIENT_SECRET}
-        if self.redis is not None:
-            env["SCENARIO_REDIS_URL"] = self.redis.url
-        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-        with open(self.workdir / f"{name}.log", "wb") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "gateway", *args], cwd=REPO, env=env,
-                                    stdout=log, stderr=subprocess.STDOUT)
-        self._procs.append(proc)
-        return proc
+    def __init__(self, run: Run, workdir: Path, redis: str | None) -> None:
+        super().__init__(workdir, RedisServer(redis, workdir / "redis") if redis else None)
+        self.run = run
+        self.exit_codes: list[int | None] = []
 
     async def __aenter__(self) -> Self:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -168,29 +158,13 @@ class Stack:
                                "--limit-answer", "kore"], "sandbox")
         waits = [wait_status(self.sandbox_url + "/healthz", sandbox)]
         for n in range(self.run.gateways):
-            port = free_port()
-            config = self.workdir / f"gateway-{n}.toml"
-            self.audit_paths.append(self.workdir / "audit" / f"gateway-{n}.jsonl")
-            config.write_text(gateway_toml(self.run, port, self.sandbox_url,
-                                           self.audit_paths[-1]))
-            proc = self._spawn(["serve", "--config", str(config)], f"gateway-{n}")
-            self.gateway_urls.append(f"http://127.0.0.1:{port}")
-            waits.append(wait_status(self.gateway_urls[-1] + "/readyz", proc))
+            waits.append(self._start_gateway(
+                n, f"gateway-{n}.jsonl",
+                lambda port, audit: gateway_toml(self.run, port, self.sandbox_url, audit)))
         await asyncio.gather(*waits)
 
     async def __aexit__(self, *_: object) -> None:
-        for proc in self._procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self._procs:
-            try:
-                await asyncio.to_thread(proc.wait, STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        self.exit_codes = [p.returncode for p in self._procs[1:]]
-        if self.redis is not None:
-            self.redis.kill()
+        self.exit_codes = await self._stop_all()
 
     async def get(self, url: str) -> Any:
         async with (aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s,

@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Self
@@ -151,27 +151,66 @@ key_sha256 = "{hash_key(CALLER_KEY)}"
 """
 
 
-class Cluster:
-    """Redis, the rate-limited sandbox and `gateways` replicas, started and stopped together."""
+class Processes:
+    """The `python -m gateway …` processes of a scenario (sandbox first, then the gateways):
+    each logs to `workdir/<name>.log`, and all are stopped together."""
 
-    def __init__(self, scenario: Scenario, workdir: Path, redis: str) -> None:
-        self.scenario, self.workdir = scenario, workdir
-        self.redis = RedisServer(redis, workdir / "redis")
+    client_secret = CLIENT_SECRET  # the app's secret, given to the sandbox and the gateways
+
+    def __init__(self, workdir: Path, redis: RedisServer | None) -> None:
+        self.workdir, self.redis = workdir, redis
         self.sandbox_url = ""
         self.gateway_urls: list[str] = []
         self.audit_paths: list[Path] = []
         self._procs: list[subprocess.Popen[bytes]] = []
-        self.gateway_exit_codes: list[int | None] = []
 
     def _spawn(self, args: Sequence[str], name: str) -> subprocess.Popen[bytes]:
-        env = {**os.environ, "SCENARIO_REDIS_URL": self.redis.url,
-               "SCENARIO_CLIENT_SECRET": CLIENT_SECRET}
+        env = {**os.environ, "SCENARIO_CLIENT_SECRET": self.client_secret}
+        if self.redis is not None:
+            env["SCENARIO_REDIS_URL"] = self.redis.url
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         with open(self.workdir / f"{name}.log", "wb") as log:
             proc = subprocess.Popen([sys.executable, "-m", "gateway", *args], cwd=REPO, env=env,
                                     stdout=log, stderr=subprocess.STDOUT)
         self._procs.append(proc)
         return proc
+
+    def _start_gateway(self, n: int, audit_name: str,
+                       toml: Callable[[int, Path], str]) -> Coroutine[Any, Any, None]:
+        """Gateway `n` on a free port with `toml(port, audit_path)`; waits for its /readyz."""
+        port = free_port()
+        config = self.workdir / f"gateway-{n}.toml"
+        self.audit_paths.append(self.workdir / "audit" / audit_name)
+        config.write_text(toml(port, self.audit_paths[-1]))
+        proc = self._spawn(["serve", "--config", str(config)], f"gateway-{n}")
+        self.gateway_urls.append(f"http://127.0.0.1:{port}")
+        return wait_status(self.gateway_urls[-1] + "/readyz", proc)
+
+    async def _stop_all(self) -> list[int | None]:
+        """SIGTERM to every process, a kill past `STOP_TIMEOUT_S`; the gateways' exit codes."""
+        for proc in self._procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self._procs:
+            try:
+                await asyncio.to_thread(proc.wait, STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self.redis is not None:
+            self.redis.kill()
+        return [p.returncode for p in self._procs[1:]]
+
+
+class Cluster(Processes):
+    """Redis, the rate-limited sandbox and `gateways` replicas, started and stopped together."""
+
+    redis: RedisServer
+
+    def __init__(self, scenario: Scenario, workdir: Path, redis: str) -> None:
+        super().__init__(workdir, RedisServer(redis, workdir / "redis"))
+        self.scenario = scenario
+        self.gateway_exit_codes: list[int | None] = []
 
     async def __aenter__(self) -> Self:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -192,28 +231,13 @@ class Cluster:
                                "--limit", f"{s.calls}/{s.per_s}"], "sandbox")
         waits = [wait_status(self.sandbox_url + "/healthz", sandbox)]
         for n in range(s.gateways):
-            port = free_port()
-            config = self.workdir / f"gateway-{n}.toml"
-            self.audit_paths.append(self.workdir / "audit" / f"replica-{n}.jsonl")
-            config.write_text(gateway_toml(s, port, self.sandbox_url, self.audit_paths[-1]))
-            proc = self._spawn(["serve", "--config", str(config)], f"gateway-{n}")
-            self.gateway_urls.append(f"http://127.0.0.1:{port}")
-            waits.append(wait_status(self.gateway_urls[-1] + "/readyz", proc))
+            waits.append(self._start_gateway(
+                n, f"replica-{n}.jsonl",
+                lambda port, audit: gateway_toml(s, port, self.sandbox_url, audit)))
         await asyncio.gather(*waits)
 
     async def __aexit__(self, *_: object) -> None:
-        gateways = self._procs[1:]
-        for proc in self._procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self._procs:
-            try:
-                await asyncio.to_thread(proc.wait, STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        self.gateway_exit_codes = [p.returncode for p in gateways]
-        self.redis.kill()
+        self.gateway_exit_codes = await self._stop_all()
 
     async def readiness(self, url: str) -> tuple[int, dict[str, Any]]:
         async with aiohttp.ClientSession() as s, s.get(url + "/readyz") as resp:
