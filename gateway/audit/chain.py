@@ -12,8 +12,9 @@ of every file carries ``"chain": "hmac-sha256"`` (inside the canonical form): a 
 plain as a whole. Whoever can write the file but lacks the key cannot recompute the hashes.
 
 On disk a line is the canonical form with ``hash`` added last (`log._line`): each record is
-encoded once, and its keys are in sorted order. The first record's ``prev`` is 64 zeros. Writing the chain is `log.py`'s; this
-module computes and checks it, against anchors (`anchors.py`) too when given.
+encoded once, and its keys are in sorted order. The first record's ``prev`` is 64 zeros.
+Writing the chain is `log.py`'s; this module computes and checks it, against anchors
+(`anchors.py`) too when given.
 """
 
 from __future__ import annotations

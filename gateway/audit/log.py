@@ -107,10 +107,10 @@ class AuditLog:
     """The append-only audit file: durable, group-committed, hash-chained appends.
 
     File state (descriptor, size, last seq and hash) is only touched by `open()` at start-up
-    and then by the log's own thread (`writer.Writer`), so writes, fsyncs, rotation and reopening
-    never block the event loop and never run concurrently. Records are chained by that thread just before
-    they are written, so a failed batch leaves no gap: the next batch chains onto the last
-    durable record.
+    and then by the log's own thread (`writer.Writer`), so writes, fsyncs, rotation and
+    reopening never block the event loop and never run concurrently. Records are chained by
+    that thread just before they are written, so a failed batch leaves no gap: the next batch
+    chains onto the last durable record.
     """
 
     def __init__(

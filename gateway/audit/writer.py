@@ -71,4 +71,3 @@ def _hand_back(loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], res
         loop.call_soon_threadsafe(settle)
     except RuntimeError:
         pass  # the loop is closed: nobody waits any more
-
