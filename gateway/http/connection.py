@@ -46,7 +46,7 @@ from gateway.metrics import Metrics
 log = structlog.get_logger(__name__)
 throttle = Throttle()  # one client can cause these lines; a flood of them must not flood the log
 
-LINGER_S = 2.0  # after an early answer (413, 408), unread body bytes are drained this long
+LINGER_S = 2.0  # after an early answer (413, 408), what the client still sends is drained this long
 MAX_PIPELINED = 1  # parsed requests queued behind the one being served; then reading pauses
 WRITE_HIGH_WATER = 16 * 1024  # bytes buffered in the process before writing counts as stuck
 RECEIVE_BUFFER_BYTES = 16 * 1024  # the kernel's receive buffer of a client socket (doubled)
@@ -130,6 +130,7 @@ class GuardedRequestHandler(RequestHandler):
         self._head_bytes = 0  # of the request head being received
         self._unparsed_bytes = 0  # received since the last complete head (bodies included)
         self._head_refused = False
+        self._linger_timer: asyncio.TimerHandle | None = None  # set while lingering after a 408
         self._max_msg_queue_size = MAX_PIPELINED
         self._msg_queue_resume_size = MAX_PIPELINED // 2
         # aiohttp's parser emits up to 32 requests from one read before it pauses: built again
@@ -153,6 +154,8 @@ class GuardedRequestHandler(RequestHandler):
         self._arm_head_timer()
 
     def data_received(self, data: bytes) -> None:
+        if self._linger_timer is not None:  # answered and half-closed: what comes is dropped
+            return
         if self._head_refused:  # the connection closes after its 431; nothing more is read
             if self.transport is not None:
                 self.transport.pause_reading()
@@ -183,6 +186,9 @@ class GuardedRequestHandler(RequestHandler):
             self._arm_head_timer()
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+            self._linger_timer = None
         self._disarm_head_timer()
         self._disarm_write_timer()
         self._guard.gate.release(self)
@@ -306,7 +312,25 @@ class GuardedRequestHandler(RequestHandler):
                         timeout_s=self._head_timeout_s, **skip_note(skipped))
         self._guard.metrics.connection_closed("head_timeout")
         transport.write(timeout_answer(self._head_timeout_s))
-        self.force_close()  # closes once the answer is flushed
+        self._linger(transport)
+
+    def _linger(self, transport: asyncio.BaseTransport) -> None:
+        """Half-closes after the answer and drops what the client still sends, for up to
+        `LINGER_S`, then closes (nginx's lingering close). Closing a socket with unread bytes
+        would send a reset, which can reach a client that is still sending before it has read
+        its answer, and lose the answer for it."""
+        if not transport.can_write_eof():  # type: ignore[attr-defined]
+            self.force_close()
+            return
+        self._force_close = True  # the handler loop ends; the transport stays open to drain
+        if self._waiter is not None:
+            self._waiter.cancel()
+        transport.write_eof()  # type: ignore[attr-defined]  # a FIN once the answer is out
+        self._linger_timer = self._loop.call_later(LINGER_S, self._end_linger)
+
+    def _end_linger(self) -> None:
+        self._linger_timer = None
+        self.force_close()
 
 
 def _peer_host(transport: asyncio.BaseTransport) -> str | None:

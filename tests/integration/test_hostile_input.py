@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -67,6 +68,13 @@ async def trickle(writer: asyncio.StreamWriter, pieces: Iterator[bytes], every_s
             return
 
 
+def _read_to_eof(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def endless(piece: bytes) -> Iterator[bytes]:
     while True:
         yield piece
@@ -94,6 +102,21 @@ class TestSlowClients:
         assert error["code"] == "request_timeout" and "client_timeout_s" in error["message"]
         assert CLIENT_TIMEOUT_S * 0.8 <= took < CLIENT_TIMEOUT_S + 3
         assert live.sandbox.calls == []
+
+    async def test_after_the_408_the_gateway_half_closes_and_drains(self, live: Live) -> None:
+        """A client still sending when its 408 goes out reads the answer and a clean end (a
+        FIN), never a reset: what it sends afterwards is read and dropped, not refused."""
+        sock = socket.create_connection(("127.0.0.1", live.port), timeout=10)
+        try:
+            sock.sendall(f"POST {URL} HTTP/1.1\r\nHost: 127.0.0.1\r\n".encode())
+            data = await asyncio.to_thread(_read_to_eof, sock)
+            assert envelope(data)["code"] == "request_timeout"
+            for _ in range(2):  # after the answer and its FIN: a closed socket would reset
+                sock.sendall(b"X-Late: 1\r\n" * 100)  # the first, and the second would fail
+                await asyncio.sleep(0.2)
+            assert sock.recv(1) == b""  # still the clean end
+        finally:
+            sock.close()
 
     async def test_silent_connection_is_closed(self, live: Live) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", live.port)
