@@ -38,7 +38,7 @@ from gateway.bulk.sender import (
 from gateway.config.model import Secret
 from gateway.sandbox.server import KoreSandbox, SandboxApp
 from tests.conftest import BOT, CALLER_KEY, CLIENT_ID, CLIENT_SECRET, Sandbox
-from tests.integration.test_crash import free_port
+from tests.integration.live import refusing_port
 
 WAIT_S = 20.0
 
@@ -246,9 +246,9 @@ class TestRun:
         assert {r["code"] for r in result_lines(tmp_path / "r.csv")} == {"unauthenticated"}
 
     async def test_an_unreachable_gateway_stops_the_run(self, tmp_path: Path) -> None:
-        url = f"http://127.0.0.1:{free_port()}"
-        summary = await run(url, rows_of(10), tmp_path / "r.csv", concurrency=2,
-                            max_attempts=2)
+        with refusing_port() as port:
+            summary = await run(f"http://127.0.0.1:{port}", rows_of(10), tmp_path / "r.csv",
+                                concurrency=2, max_attempts=2)
         assert summary.stopped_by and "no answer" in summary.stopped_by
         assert (summary.not_done, summary.unsent) == (2, 8)
         assert {r["code"] for r in result_lines(tmp_path / "r.csv")} == {"connection_error"}

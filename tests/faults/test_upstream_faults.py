@@ -4,6 +4,7 @@ request ID (retries, re-mints and dropped connections included)."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ import pytest
 
 from tests.conftest import BOT
 from tests.faults.kore import AUTH, calls_for, expect_exact_attempts, inject
-from tests.integration.live import free_port
+from tests.integration.live import refusing_port
 from tests.integration.sides import AuditTrail, expect_error, retry_after
 
 MAX_ATTEMPTS = 3
@@ -77,11 +78,15 @@ async def deactivate(gateway: Any, route: str, rid: str) -> tuple[int, dict[str,
 @pytest.mark.parametrize("route", list(ROUTES))
 @pytest.mark.parametrize("name", list(SCENARIOS))
 async def test_attempts_are_exact_under_upstream_faults(
-        start_gateway: Any, sandbox: Any, audit: AuditTrail, name: str, route: str) -> None:
+        start_gateway: Any, sandbox: Any, audit: AuditTrail, name: str, route: str,
+        request: pytest.FixtureRequest) -> None:
     scenario = SCENARIOS[name]
     inject(sandbox, **scenario.faults)
     upstream = {"max_attempts": MAX_ATTEMPTS, **scenario.upstream}
-    base_url = f"http://127.0.0.1:{free_port()}" if scenario.closed_port else None
+    refused = contextlib.ExitStack()
+    request.addfinalizer(refused.close)
+    base_url = (f"http://127.0.0.1:{refused.enter_context(refusing_port())}"
+                if scenario.closed_port else None)
     gateway = await start_gateway(base_url=base_url, upstream=upstream)
     started = time.monotonic()
     status, error, rid = await deactivate(gateway, route, f"fault-{name}")

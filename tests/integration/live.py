@@ -49,6 +49,16 @@ def free_port() -> int:
 
 
 @contextmanager
+def refusing_port() -> Iterator[int]:
+    """A loopback port that refuses connections: held bound, not listening, while in use, so
+    no other server (the gateway under test included) can be given it meanwhile, as a port
+    merely found free could be."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield int(s.getsockname()[1])
+
+
+@contextmanager
 def live_gateway(make_config: Any, **tables: Any) -> Iterator[Live]:
     """`with live_gateway(make_config, server={…}) as live:` the gateway on `live.port`."""
     sandbox = KoreSandbox([SandboxApp(client_id=CLIENT_ID, key=CLIENT_SECRET)])

@@ -7,7 +7,6 @@ import asyncio
 import hashlib
 import json
 import os
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import pytest
 
 from gateway.http.app import RUNTIME
 from tests.conftest import BOT, CALLER_KEY, CLIENT_ID, CLIENT_SECRET
+from tests.integration.live import refusing_port
 from tests.integration.sides import (
     ROUTE_BATCH,
     ROUTE_KORE,
@@ -41,12 +41,6 @@ def expect_calls(sandbox: Any, count: int, rid: str) -> list[Any]:
     for each in sandbox.calls:
         expect_upstream_call(each, bot_id=BOT, user_id=BODY["userId"], request_id=rid)
     return list(sandbox.calls)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def wait_for_calls(sandbox: Any, count: int, timeout_s: float = 5) -> None:
@@ -324,9 +318,10 @@ class TestUpstreamUnavailable:
 
     async def test_closed_upstream_port_is_upstream_unavailable(
             self, start_gateway: Any, sandbox: Any, audit: AuditTrail) -> None:
-        gateway = await start_gateway(base_url=f"http://127.0.0.1:{free_port()}")
-        resp = await gateway.post(URL, json=BODY, headers=AUTH)
-        rid = (await expect_error(resp, 502, "upstream_unavailable"))["requestId"]
+        with refusing_port() as port:
+            gateway = await start_gateway(base_url=f"http://127.0.0.1:{port}")
+            resp = await gateway.post(URL, json=BODY, headers=AUTH)
+            rid = (await expect_error(resp, 502, "upstream_unavailable"))["requestId"]
         assert sandbox.calls == []
         audit.expect(requested(rid),
                      completed(rid, outcome="failed", status=502, upstream_status=None,
