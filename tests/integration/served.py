@@ -16,7 +16,7 @@ from typing import Any
 
 import aiohttp
 
-from tests.integration.test_crash import REPO
+REPO = Path(__file__).resolve().parents[2]
 
 
 class Served:

@@ -20,8 +20,7 @@ import pytest
 
 from gateway.audit.log import rotated_files, verify_files
 from tests.conftest import BOT, CALLER_KEY, base_settings, merge, read_records, write_config
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.integration.served import REPO, Served
 
 
 def free_port() -> int:
@@ -45,23 +44,9 @@ async def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout_s: float
 
 
 def start_gateway(config_path: Path, workers: int = 1) -> subprocess.Popen[bytes]:
-    """The gateway; its log lines go to `gateway.log` beside the config."""
-    with open(config_path.with_name("gateway.log"), "ab") as log:
-        return subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config",
-                                 str(config_path), "--workers", str(workers)], cwd=REPO,
-                                stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
-
-
-async def wait_listening(config_path: Path, workers: int, timeout_s: float = 15) -> None:
-    """Until every worker has logged `gateway.listening`: a stream started earlier could put
-    all its kept-alive connections on the first worker up."""
-    log = config_path.with_name("gateway.log")
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if log.read_text(errors="replace").count('"gateway.listening"') >= workers:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"not every worker logged gateway.listening: {log}")
+    return subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(config_path),
+                             "--workers", str(workers)], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
 
 
 def chain_records(path: Path) -> list[dict[str, Any]]:
@@ -164,10 +149,13 @@ async def test_sigkill_of_two_workers_rotating_is_closed_by_the_restart(
     audit = Path(settings["audit"]["path"])
     chains = [audit.with_name(f"deactivations-w{n}.jsonl") for n in (0, 1)]
     url = f"http://127.0.0.1:{port}"
-    proc = start_gateway(config_path, workers=2)
+    served = Served(config_path, tmp_path / "gateway.log", workers=2)
+    proc = served.proc
     try:
         await wait_healthy(url, proc)
-        await wait_listening(config_path, workers=2)
+        # Every worker: a stream started earlier could put all its kept-alive connections on
+        # the first one up.
+        await served.listening()
         stream = asyncio.create_task(stream_calls(url, count=400, concurrency=20))
         deadline = time.monotonic() + 10
         while len(sandbox.calls) < 80 and time.monotonic() < deadline:
