@@ -23,6 +23,7 @@ import pytest
 from gateway import __version__
 from gateway.audit.log import AuditLog
 from tests.conftest import base_settings, merge, write_config
+from tests.ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 RUN_TIMEOUT_S = 30
@@ -46,13 +47,6 @@ def gateway(*args: str, env: dict[str, str] | None = None,
 
 def assert_no_traceback(result: subprocess.CompletedProcess[str]) -> None:
     assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.fixture

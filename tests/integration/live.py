@@ -22,6 +22,7 @@ from gateway.http.server import make_runner
 from gateway.sandbox.server import KoreSandbox, SandboxApp
 from tests.conftest import CLIENT_ID, CLIENT_SECRET
 from tests.integration.sides import AuditTrail
+from tests.ports import free_port
 
 START_TIMEOUT_S = 15.0
 
@@ -40,12 +41,6 @@ class Live:
     def call(self, coro: Any, timeout_s: float = 10.0) -> Any:
         """Runs `coro` on the gateway's loop (to read or change state safely) and waits."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextmanager

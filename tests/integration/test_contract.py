@@ -32,7 +32,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -56,6 +55,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from tests.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
@@ -100,13 +101,6 @@ ENV_RS512 = "KGW_CONTRACT_RS512_KEY"
 ENV_CHAIN = "KGW_CONTRACT_CHAIN_KEY"
 CHAIN_KEY = "chain-key-" + secrets.token_hex(16)
 HMAC_CHAIN = "hmac-sha256"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def unique(prefix: str) -> str:

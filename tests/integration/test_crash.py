@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,12 +20,7 @@ import pytest
 from gateway.audit.log import rotated_files, verify_files
 from tests.conftest import BOT, CALLER_KEY, base_settings, merge, read_records, write_config
 from tests.integration.served import REPO, Served
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.ports import free_port
 
 
 async def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 15) -> None:

@@ -14,7 +14,6 @@ import pytest
 from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
-from benchmarks.redis_scenario import free_port
 from gateway.config.model import Config, RateLimitConfig, Secret
 from gateway.errors import RateLimited
 from gateway.http.runtime import make_limiter
@@ -29,6 +28,7 @@ from gateway.ratelimit.redis import (
     learned_key,
     window_keys,
 )
+from tests.ports import free_port
 from tests.redis_fixtures import RedisServer
 
 BOT = "st-redis-bot"
