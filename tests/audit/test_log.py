@@ -360,6 +360,94 @@ class TestGroupCommit:
         assert log.fsyncs == 2
         assert verify_files([log_path]).records == 11
 
+    async def test_a_commit_after_another_gathers_the_appends_of_the_next_turns(
+        self, log_path: Path, open_log: OpenLog, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        log = open_log(log_path)
+        appends: list[asyncio.Task[dict[str, Any]]] = []
+
+        async def late(i: int) -> dict[str, Any]:
+            for _ in range(i - 2):  # r-2 in the next loop turn, r-3 in the one after, …
+                await asyncio.sleep(0)
+            return await log.append(request(i))
+
+        real_commit = AuditLog._commit
+
+        async def commit_then_trickle(self: AuditLog, batch: list[Any]) -> bool:
+            done = await real_commit(self, batch)
+            if self.fsyncs == 1:  # the first commit is over: requests under way go on
+                appends.extend(asyncio.create_task(late(i)) for i in range(2, 6))
+            return done
+
+        monkeypatch.setattr(AuditLog, "_commit", commit_then_trickle)
+        gate = FsyncGate()
+        monkeypatch.setattr(os, "fsync", gate)
+        first = asyncio.create_task(log.append(request(0)))
+        await gate.wait_entered()
+        waiting = asyncio.create_task(log.append(request(1)))  # the log is busy now
+        await asyncio.sleep(0)
+        gate.released.set()
+        await asyncio.gather(first, waiting)
+        while len(appends) < 4:
+            await asyncio.sleep(0)
+        await asyncio.gather(*appends)
+        assert log.fsyncs == 2  # r-0 alone, then r-1 to r-5 together
+        assert [r["requestId"] for r in read_records(log_path)] == [f"r-{i}" for i in range(6)]
+
+    async def test_gathering_stops_after_gather_turns(
+        self, log_path: Path, open_log: OpenLog, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr(audit, "GATHER_TURNS", 3)
+        log = open_log(log_path)
+        batches: list[int] = []
+        appends: list[asyncio.Task[dict[str, Any]]] = []
+
+        async def late(i: int) -> dict[str, Any]:
+            for _ in range(i - 2):  # one more record every loop turn, for ten turns
+                await asyncio.sleep(0)
+            return await log.append(request(i))
+
+        real_commit = AuditLog._commit
+
+        async def commit_then_trickle(self: AuditLog, batch: list[Any]) -> bool:
+            batches.append(len(batch))
+            done = await real_commit(self, batch)
+            if self.fsyncs == 1:
+                appends.extend(asyncio.create_task(late(i)) for i in range(2, 12))
+            return done
+
+        monkeypatch.setattr(AuditLog, "_commit", commit_then_trickle)
+        gate = FsyncGate()
+        monkeypatch.setattr(os, "fsync", gate)
+        first = asyncio.create_task(log.append(request(0)))
+        await gate.wait_entered()
+        waiting = asyncio.create_task(log.append(request(1)))
+        await asyncio.sleep(0)
+        gate.released.set()
+        await asyncio.gather(first, waiting)
+        while len(appends) < 10:
+            await asyncio.sleep(0)
+        await asyncio.gather(*appends)
+        assert batches[:2] == [1, 4]  # r-0; then r-1 and the records of three turns
+        assert sum(batches) == 12 and verify_files([log_path]).records == 12
+
+    async def test_a_record_that_finds_the_log_idle_is_committed_at_once(
+        self, log_path: Path, open_log: OpenLog, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        log = open_log(log_path)
+        turns = 0
+        real_gather = AuditLog._gather
+
+        async def counted(self: AuditLog) -> None:
+            nonlocal turns
+            turns += 1
+            await real_gather(self)
+
+        monkeypatch.setattr(AuditLog, "_gather", counted)
+        for i in range(3):
+            await log.append(request(i))
+        assert turns == 0 and log.fsyncs == 3
+
     async def test_append_resolves_only_after_fsync(
         self, log_path: Path, open_log: OpenLog, monkeypatch: pytest.MonkeyPatch
     ) -> None:
