@@ -9,6 +9,7 @@ connection ever lands.
 
 from __future__ import annotations
 
+import functools
 import random
 import socket
 from pathlib import Path
@@ -19,8 +20,10 @@ _handed_out: set[int] = set()  # two calls never give the same port to one test 
 _pick = random.Random()  # the tests' own seeding of `random` must not make runs collide
 
 
+@functools.cache
 def ephemeral_low() -> int:
-    """The first port of the kernel's ephemeral range (Linux's default when unknown)."""
+    """The first port of the kernel's ephemeral range (Linux's default when unknown), read
+    once per test run."""
     try:
         return int(_EPHEMERAL_RANGE.read_text(encoding="ascii").split()[0])
     except (OSError, ValueError, IndexError):

@@ -103,6 +103,43 @@ class FsyncGate:
         assert await asyncio.to_thread(self.entered.wait, 5)
 
 
+async def trickle_after_first_commit(log: AuditLog, monkeypatch: pytest.MonkeyPatch, *,
+                                     later: int) -> list[int]:
+    """r-0 is committed alone while r-1 waits (the log is busy); once that commit is over,
+    `later` more requests under way append, one each loop turn (r-2 in the next turn, r-3 in
+    the one after, …). Returns the size of every commit."""
+    batches: list[int] = []
+    appends: list[asyncio.Task[dict[str, Any]]] = []
+
+    async def late(i: int) -> dict[str, Any]:
+        for _ in range(i - 2):
+            await asyncio.sleep(0)
+        return await log.append(request(i))
+
+    real_commit = AuditLog._commit
+
+    async def commit_then_trickle(self: AuditLog, batch: list[Any]) -> bool:
+        batches.append(len(batch))
+        done = await real_commit(self, batch)
+        if self.fsyncs == 1:  # the first commit is over: requests under way go on
+            appends.extend(asyncio.create_task(late(i)) for i in range(2, 2 + later))
+        return done
+
+    monkeypatch.setattr(AuditLog, "_commit", commit_then_trickle)
+    gate = FsyncGate()
+    monkeypatch.setattr(os, "fsync", gate)
+    first = asyncio.create_task(log.append(request(0)))
+    await gate.wait_entered()
+    waiting = asyncio.create_task(log.append(request(1)))
+    await asyncio.sleep(0)
+    gate.released.set()
+    await asyncio.gather(first, waiting)
+    while len(appends) < later:
+        await asyncio.sleep(0)
+    await asyncio.gather(*appends)
+    return batches
+
+
 @pytest.fixture(autouse=True)
 def fresh_structlog(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Uncached structlog defaults: capture_logs sees these events whatever ran before."""
@@ -364,34 +401,9 @@ class TestGroupCommit:
         self, log_path: Path, open_log: OpenLog, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         log = open_log(log_path)
-        appends: list[asyncio.Task[dict[str, Any]]] = []
-
-        async def late(i: int) -> dict[str, Any]:
-            for _ in range(i - 2):  # r-2 in the next loop turn, r-3 in the one after, …
-                await asyncio.sleep(0)
-            return await log.append(request(i))
-
-        real_commit = AuditLog._commit
-
-        async def commit_then_trickle(self: AuditLog, batch: list[Any]) -> bool:
-            done = await real_commit(self, batch)
-            if self.fsyncs == 1:  # the first commit is over: requests under way go on
-                appends.extend(asyncio.create_task(late(i)) for i in range(2, 6))
-            return done
-
-        monkeypatch.setattr(AuditLog, "_commit", commit_then_trickle)
-        gate = FsyncGate()
-        monkeypatch.setattr(os, "fsync", gate)
-        first = asyncio.create_task(log.append(request(0)))
-        await gate.wait_entered()
-        waiting = asyncio.create_task(log.append(request(1)))  # the log is busy now
-        await asyncio.sleep(0)
-        gate.released.set()
-        await asyncio.gather(first, waiting)
-        while len(appends) < 4:
-            await asyncio.sleep(0)
-        await asyncio.gather(*appends)
+        batches = await trickle_after_first_commit(log, monkeypatch, later=4)
         assert log.fsyncs == 2  # r-0 alone, then r-1 to r-5 together
+        assert batches == [1, 5]
         assert [r["requestId"] for r in read_records(log_path)] == [f"r-{i}" for i in range(6)]
 
     async def test_gathering_stops_after_gather_turns(
@@ -399,35 +411,7 @@ class TestGroupCommit:
     ) -> None:
         monkeypatch.setattr(audit, "GATHER_TURNS", 3)
         log = open_log(log_path)
-        batches: list[int] = []
-        appends: list[asyncio.Task[dict[str, Any]]] = []
-
-        async def late(i: int) -> dict[str, Any]:
-            for _ in range(i - 2):  # one more record every loop turn, for ten turns
-                await asyncio.sleep(0)
-            return await log.append(request(i))
-
-        real_commit = AuditLog._commit
-
-        async def commit_then_trickle(self: AuditLog, batch: list[Any]) -> bool:
-            batches.append(len(batch))
-            done = await real_commit(self, batch)
-            if self.fsyncs == 1:
-                appends.extend(asyncio.create_task(late(i)) for i in range(2, 12))
-            return done
-
-        monkeypatch.setattr(AuditLog, "_commit", commit_then_trickle)
-        gate = FsyncGate()
-        monkeypatch.setattr(os, "fsync", gate)
-        first = asyncio.create_task(log.append(request(0)))
-        await gate.wait_entered()
-        waiting = asyncio.create_task(log.append(request(1)))
-        await asyncio.sleep(0)
-        gate.released.set()
-        await asyncio.gather(first, waiting)
-        while len(appends) < 10:
-            await asyncio.sleep(0)
-        await asyncio.gather(*appends)
+        batches = await trickle_after_first_commit(log, monkeypatch, later=10)
         assert batches[:2] == [1, 4]  # r-0; then r-1 and the records of three turns
         assert sum(batches) == 12 and verify_files([log_path]).records == 12
 
