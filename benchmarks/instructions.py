@@ -33,7 +33,8 @@ import aiohttp
 
 from benchmarks import peers, stubs
 from benchmarks.harness import _static_jwt
-from benchmarks.procs import Server, free_port, start, wait_status
+from benchmarks.ports import free_port
+from benchmarks.procs import Server, start, wait_status
 
 READY_TIMEOUT_S = 300.0  # start-up under callgrind takes tens of seconds
 BODY = b'{"userId":"u-1001","channel":"rtm"}'

@@ -36,7 +36,7 @@ from typing import Any, Self
 
 import aiohttp
 
-from benchmarks.procs import free_port
+from benchmarks.ports import free_port
 from benchmarks.redis_scenario import (
     Processes,
     RedisServer,

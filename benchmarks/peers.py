@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.nginx import start_nginx
-from benchmarks.procs import Server, free_port, start
+from benchmarks.ports import free_port
+from benchmarks.procs import Server, start
 from gateway.auth import hash_key
 
 BOT = "st-bench-bot"

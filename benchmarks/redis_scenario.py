@@ -35,7 +35,7 @@ from typing import Any, Self
 
 import aiohttp
 
-from benchmarks.procs import free_port
+from benchmarks.ports import free_port
 from gateway.audit.log import verify_files
 from gateway.auth import hash_key
 

@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 from benchmarks.nginx import nginx_binary, start_nginx
-from benchmarks.procs import Server, free_port, start
+from benchmarks.ports import free_port
+from benchmarks.procs import Server, start
 
 STUB_WORKERS = 1
 SESSION_LOCATION = r"~ ^/api/public/bot/[^/]+/session$"

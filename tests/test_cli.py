@@ -20,10 +20,10 @@ from typing import Any
 
 import pytest
 
+from benchmarks.ports import free_port
 from gateway import __version__
 from gateway.audit.log import AuditLog
 from tests.conftest import base_settings, merge, write_config
-from tests.ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 RUN_TIMEOUT_S = 30

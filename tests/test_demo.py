@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.ports import free_port
 from gateway.audit.log import verify_files
 from tests.conftest import read_records
-from tests.integration.test_crash import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "config" / "demo.toml"

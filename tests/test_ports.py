@@ -1,4 +1,5 @@
-"""The test servers' listen ports: free, distinct, and out of the outgoing connections' way."""
+"""The listen ports of the servers the tests and benchmarks start: free, distinct, and out of
+the outgoing connections' way."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import socket
 
 import pytest
 
-from tests.ports import LOWEST_PORT, ephemeral_low, free_port
+from benchmarks.ports import LOWEST_PORT, ephemeral_low, free_port
 
 
 def test_ports_are_free_distinct_and_below_the_ephemeral_range() -> None:

@@ -14,9 +14,10 @@ from typing import Any
 
 import aiohttp
 
+from benchmarks.ports import free_port
 from tests.conftest import BOT, base_settings, merge, read_records, write_config
 from tests.faults.kore import AUTH
-from tests.integration.test_crash import REPO, free_port, wait_healthy
+from tests.integration.test_crash import REPO, wait_healthy
 
 URL = f"/v1/bots/{BOT}/sessions/deactivate"
 

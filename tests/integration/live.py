@@ -15,6 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
+from benchmarks.ports import free_port
 from gateway.config.model import Config
 from gateway.http.app import RUNTIME, create_app
 from gateway.http.runtime import Runtime
@@ -22,7 +23,6 @@ from gateway.http.server import make_runner
 from gateway.sandbox.server import KoreSandbox, SandboxApp
 from tests.conftest import CLIENT_ID, CLIENT_SECRET
 from tests.integration.sides import AuditTrail
-from tests.ports import free_port
 
 START_TIMEOUT_S = 15.0
 

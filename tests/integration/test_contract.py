@@ -56,7 +56,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tests.ports import free_port
+from benchmarks.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable

@@ -17,10 +17,10 @@ from typing import Any
 import aiohttp
 import pytest
 
+from benchmarks.ports import free_port
 from gateway.audit.log import rotated_files, verify_files
 from tests.conftest import BOT, CALLER_KEY, base_settings, merge, read_records, write_config
 from tests.integration.served import REPO, Served
-from tests.ports import free_port
 
 
 async def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 15) -> None:

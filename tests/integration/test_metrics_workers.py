@@ -17,9 +17,10 @@ from typing import Any
 import aiohttp
 import pytest
 
+from benchmarks.ports import free_port
 from gateway.metrics import PUBLISH_EVERY_S
 from tests.conftest import BOT, CALLER_KEY, base_settings, merge, read_records, write_config
-from tests.integration.test_crash import REPO, free_port, wait_healthy
+from tests.integration.test_crash import REPO, wait_healthy
 from tests.integration.test_metrics_endpoint import SIMPLE, Samples, parse, sample
 
 CALLS = 40

@@ -19,6 +19,7 @@ import aiohttp
 import jwt
 import pytest
 
+from benchmarks.ports import free_port
 from gateway.auth import hash_key
 from gateway.sandbox.server import SandboxApp
 from tests.conftest import (
@@ -30,7 +31,7 @@ from tests.conftest import (
     merge,
     write_config,
 )
-from tests.integration.test_crash import free_port, wait_healthy
+from tests.integration.test_crash import wait_healthy
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="POSIX signals")
 

@@ -14,6 +14,7 @@ import pytest
 from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
+from benchmarks.ports import free_port
 from gateway.config.model import Config, RateLimitConfig, Secret
 from gateway.errors import RateLimited
 from gateway.http.runtime import make_limiter
@@ -28,7 +29,6 @@ from gateway.ratelimit.redis import (
     learned_key,
     window_keys,
 )
-from tests.ports import free_port
 from tests.redis_fixtures import RedisServer
 
 BOT = "st-redis-bot"

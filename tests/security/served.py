@@ -20,9 +20,10 @@ from typing import Any
 
 import aiohttp
 
+from benchmarks.ports import free_port
 from gateway.audit.log import rotated_files
 from tests.conftest import BOT, CALLER_KEY, base_settings, merge, read_records, write_config
-from tests.integration.test_crash import REPO, free_port, wait_healthy
+from tests.integration.test_crash import REPO, wait_healthy
 
 KEYED = {"Authorization": f"Bearer {CALLER_KEY}"}
 # Sets RLIMIT_NOFILE (soft and hard) to argv[1], then becomes `python argv[2:]`.
