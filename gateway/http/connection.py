@@ -46,7 +46,7 @@ from gateway.metrics import Metrics
 log = structlog.get_logger(__name__)
 throttle = Throttle()  # one client can cause these lines; a flood of them must not flood the log
 
-LINGER_S = 2.0  # after an early answer (413, 408), what the client still sends is drained this long
+LINGER_S = 2.0  # after an early answer (413, 408, 431, 400), what the client still sends is drained this long
 MAX_PIPELINED = 1  # parsed requests queued behind the one being served; then reading pauses
 WRITE_HIGH_WATER = 16 * 1024  # bytes buffered in the process before writing counts as stuck
 RECEIVE_BUFFER_BYTES = 16 * 1024  # the kernel's receive buffer of a client socket (doubled)
@@ -130,7 +130,8 @@ class GuardedRequestHandler(RequestHandler):
         self._head_bytes = 0  # of the request head being received
         self._unparsed_bytes = 0  # received since the last complete head (bodies included)
         self._head_refused = False
-        self._linger_timer: asyncio.TimerHandle | None = None  # set while lingering after a 408
+        self._unreadable = False  # a request aiohttp's parser refused (or a 431) is answered
+        self._linger_timer: asyncio.TimerHandle | None = None  # set while lingering (408, 4xx)
         self._max_msg_queue_size = MAX_PIPELINED
         self._msg_queue_resume_size = MAX_PIPELINED // 2
         # aiohttp's parser emits up to 32 requests from one read before it pauses: built again
@@ -197,7 +198,12 @@ class GuardedRequestHandler(RequestHandler):
     async def finish_response(self, request: Any, resp: web.StreamResponse,
                               start_time: float | None) -> tuple[web.StreamResponse, bool]:
         answered = await super().finish_response(request, resp, start_time)
-        if not self._messages:
+        if self._unreadable and self.transport is not None:
+            # The rest of an unreadable request may still be on its way: dropped, not left
+            # unread, which would reset the connection and could lose the answer for it.
+            self.transport.resume_reading()
+            self._linger(self.transport)
+        elif not self._messages:
             self._guard.gate.idle(self)
         return answered
 
@@ -251,6 +257,7 @@ class GuardedRequestHandler(RequestHandler):
                         **skip_note(skipped))
         if request.writer.output_size > 0:
             raise ConnectionError("an answer was already being sent")
+        self._unreadable = status < 500  # a 400 or 431 of the parser's: linger after it
         return parse_error_response(exc, status)
 
     def log_exception(self, *args: Any, **kw: Any) -> None:

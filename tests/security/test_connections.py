@@ -148,9 +148,22 @@ class TestHeadLimit:
                 'kore_gateway_connections_closed_total{reason="head_too_large"}')
         finally:
             gateway.stop()
-        assert trickled in (431, 0)  # 0: reset while still sending, before reading the 431
+        assert trickled == 431  # read in full, though the client was still sending
         assert (first, second) == (200, 431) and b"server.max_head_bytes" in body
         assert refused == 2
+
+    async def test_a_request_line_too_long_is_answered_while_it_is_still_arriving(
+            self, sandbox: Any, tmp_path: Path) -> None:
+        """aiohttp's parser refuses the line at `server.max_header_bytes`; the rest of it is
+        read and dropped (lingering), so the 400 is not lost to a reset."""
+        gateway = await Served(tmp_path, sandbox.url).start()
+        try:
+            reader, writer = await open_from(client_address(0), gateway.port)
+            line = b"GET /healthz?pad=" + b"p" * 40_000 + b" HTTP/1.1\r\nHost: gw\r\n\r\n"
+            trickled = await trickle(reader, writer, line)
+        finally:
+            gateway.stop()
+        assert trickled == 400
 
 
 async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, data: bytes
