@@ -168,7 +168,7 @@ def read_records(path: Path, settle_s: float = 0.0) -> list[dict[str, Any]]:
     deadline = time.monotonic() + settle_s
     while True:
         records = _parse_records(path)
-        if not _open_requests(records) or time.monotonic() >= deadline:
+        if not open_requests(records) or time.monotonic() >= deadline:
             return records
         time.sleep(0.02)
 
@@ -180,7 +180,8 @@ def _parse_records(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in lines if line]
 
 
-def _open_requests(records: list[dict[str, Any]]) -> set[str]:
+def open_requests(records: list[dict[str, Any]]) -> set[str]:
+    """Request IDs with a `deactivate.requested` record and no `deactivate.completed` yet."""
     opened = {r.get("requestId") for r in records if r.get("event") == "deactivate.requested"}
     closed = {r.get("requestId") for r in records if r.get("event") == "deactivate.completed"}
     return {str(rid) for rid in opened - closed}
