@@ -40,7 +40,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 # Polls "$@" until it succeeds, at most $1 seconds.
 wait_for() {
@@ -65,9 +64,9 @@ user=$(docker image inspect -f '{{.Config.User}}' "$IMAGE")
 ok "image user $user, entrypoint $(docker image inspect -f '{{json .Config.Entrypoint}} {{json .Config.Cmd}}' "$IMAGE")"
 
 step "sandbox on loopback"
-SANDBOX_PORT=$(free_port)
-GATEWAY_PORT=$(free_port)
-ADMIN_PORT=$(free_port)
+# Three distinct ports below the ephemeral range (benchmarks/ports.py), from one process.
+read -r SANDBOX_PORT GATEWAY_PORT ADMIN_PORT < <("$PY" -c \
+  'from benchmarks.ports import free_port; print(*(free_port() for _ in range(3)))')
 CLIENT_ID=cs-00000000-0000-4000-8000-0000000smoke
 SECRET=$("$PY" -c 'import secrets; print(secrets.token_urlsafe(32))')
 KORE_SMOKE_SECRET=$SECRET "$REPO/.venv/bin/kore-gateway" sandbox --listen "127.0.0.1:$SANDBOX_PORT" \
