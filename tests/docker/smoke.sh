@@ -40,7 +40,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-
 # Polls "$@" until it succeeds, at most $1 seconds.
 wait_for() {
   local limit=$1; shift
