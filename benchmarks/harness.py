@@ -2,10 +2,13 @@
 figures.
 
 Phases, each bounded in time: start-up (ready times) → warm-up → `rounds` saturation rounds,
-nginx, aiohttp floor and gateway alternating (wrk; CPU time and RSS sampled around each) →
-`rounds` latency rounds at a fixed rate, direct-to-stub / nginx / floor / gateway alternating
-→ shut down (the gateway must exit 0 and every worker's audit chain must verify) → figures.
-The targets are checked against the floor of the same run (`report.targets`).
+nginx, aiohttp floor, floor with the contract's audit I/O and gateway alternating (wrk; CPU
+time and RSS sampled around each) → `rounds` latency rounds at a fixed rate, direct-to-stub /
+nginx / floor / floor with audit I/O / gateway alternating → shut down (the gateway must exit
+0 and every worker's audit chain must verify) → figures. The targets are checked against the
+floor of the same run (`report.targets`); the floor with the contract's audit I/O
+(`floor.AuditIO`) shows how much of each target's budget the contract's disk writes take
+before any of the gateway's code runs.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import jwt
 from benchmarks import load, peers, stubs
 from benchmarks.nginx import nginx_binary
 from benchmarks.procs import RssSampler, Server, wait_status
-from benchmarks.report import PEERS, targets
+from benchmarks.report import CONTRACT, PEERS, targets
 from gateway.audit.log import verify_files
 
 MIB = 1024 * 1024
@@ -108,6 +111,9 @@ class Bench:
         floor = self.servers["floor"] = peers.start_floor(
             self.dir / "floor", self.s.workers, stub.url, self.static_jwt)
         ready["floor"] = round(await wait_status(floor, "/healthz", START_TIMEOUT_S), 3)
+        contract = self.servers[CONTRACT] = peers.start_floor(
+            self.dir / CONTRACT, self.s.workers, stub.url, self.static_jwt, audit_io=True)
+        ready[CONTRACT] = round(await wait_status(contract, "/healthz", START_TIMEOUT_S), 3)
         if self.with_peer:
             peer = self.servers["nginx"] = peers.start_peer(
                 self.dir / "nginx", self.s.workers, stub.url, self.static_jwt)
@@ -138,6 +144,7 @@ class Bench:
                 **json_type, "Authorization": f"Bearer {self.creds.caller_key}"}),
             "nginx": load.Request("POST", simple, body, json_type),
             "floor": load.Request("POST", simple, body, json_type),
+            CONTRACT: load.Request("POST", simple, body, json_type),
             "direct": load.Request(
                 "PUT", f"/api/public/bot/{peers.BOT}/session",
                 b'{"userId":"u-1001","status":"inactive","channel":"rtm"}',
@@ -146,7 +153,8 @@ class Bench:
 
     def saturate(self) -> dict[str, Saturation]:
         requests = self.requests()
-        names = ["nginx", "floor", "gateway"] if self.with_peer else ["floor", "gateway"]
+        names = ["nginx"] if self.with_peer else []
+        names += ["floor", CONTRACT, "gateway"]
         scripts = {n: load.wrk_script(requests[n], self.dir / f"{n}.lua") for n in names}
         for name in names:  # warm-up: connection pools, the first JWT, page cache
             result = self._wrk(name, scripts[name], self.s.warmup_s)
@@ -176,7 +184,7 @@ class Bench:
         urls = {"direct": self.servers["stub"].url}
         if self.with_peer:
             urls["nginx"] = self.servers["nginx"].url
-        urls |= {"floor": self.servers["floor"].url, "gateway": self.servers["gateway"].url}
+        urls |= {name: self.servers[name].url for name in ("floor", CONTRACT, "gateway")}
         samples: dict[str, list[float]] = {name: [] for name in urls}
         failed = dict.fromkeys(urls, 0)
         late = dict.fromkeys(urls, 0.0)
@@ -206,7 +214,7 @@ class Bench:
 
     def stop(self) -> dict[str, Any]:
         codes: dict[str, Any] = {}
-        for name in ("gateway", "floor", "nginx", "stub"):
+        for name in ("gateway", "floor", CONTRACT, "nginx", "stub"):
             if name in self.servers:
                 codes[name] = self.servers[name].stop()
         return codes
@@ -218,6 +226,12 @@ class Bench:
                 "records_by_file": {name: r.records for name, r in reports.items()},
                 "chains_ok": bool(reports) and all(r.ok for r in reports.values()),
                 "errors": [r.error for r in reports.values() if not r.ok]}
+
+    def contract_records(self) -> dict[str, Any]:
+        """The lines the floor with the contract's audit I/O wrote: two a deactivation."""
+        files = sorted((self.dir / CONTRACT / "audit").glob("*.jsonl"))
+        return {"files": len(files),
+                "records": sum(f.read_bytes().count(b"\n") for f in files)}
 
     def mints(self, elapsed_s: float) -> dict[str, Any]:
         minted = peers.gateway_log_events(self.servers["gateway"].log, "token.minted")
@@ -280,7 +294,7 @@ async def run(settings: Settings, *, keep: bool = False) -> dict[str, Any]:
             mints["mints_from_metrics"] = scrapes[-1].get(MINTS_METRIC)
         finally:
             codes = bench.stop()
-        audit = {**bench.audit_check(),
+        audit = {**bench.audit_check(), "contract_io": bench.contract_records(),
                  "records_per_commit_saturation": _per_commit(scrapes[0], scrapes[1]),
                  f"records_per_commit_{settings.rate:g}_rps": _per_commit(scrapes[1], scrapes[2])}
         results = _figures(settings, bench, ready, saturation, latency, mints, audit, codes,
@@ -298,17 +312,20 @@ def _figures(settings: Settings, bench: Bench, ready: dict[str, Any],
              ) -> dict[str, Any]:
     gw = saturation["gateway"]
     sat: dict[str, Any] = {name: saturation[name].figures() if name in saturation else {}
-                           for name in ("gateway", *PEERS)}
+                           for name in ("gateway", *PEERS, CONTRACT)}
     cpu: dict[str, Any] = {name: saturation[name].cpu_us() if name in saturation else None
-                           for name in ("gateway", *PEERS)}
+                           for name in ("gateway", *PEERS, CONTRACT)}
     for peer in PEERS:
         sat[f"ratio_{peer}"] = _ratio(sat["gateway"]["rps"], sat[peer].get("rps"))
         cpu[f"ratio_{peer}"] = _ratio(cpu["gateway"], cpu[peer], 2)
+    # the contract's audit I/O alone, on the targets' scale: the floor with it ÷ the floor
+    sat[f"{CONTRACT}_ratio_floor"] = _ratio(sat[CONTRACT].get("rps"), sat["floor"].get("rps"))
+    cpu[f"{CONTRACT}_ratio_floor"] = _ratio(cpu[CONTRACT], cpu["floor"], 2)
     gw_rss = [round(gw.rss_peak.get(pid, 0) / MIB, 1) for pid in workers]
     rss: dict[str, Any] = {"gateway_workers": gw_rss,
                            "gateway_worker_max": max(gw_rss, default=0.0),
                            "gateway_supervisor": supervisor_rss}
-    for peer in PEERS:
+    for peer in (*PEERS, CONTRACT):
         peaks = [round(b / MIB, 1) for b in saturation[peer].rss_peak.values()] \
             if peer in saturation else []
         rss[f"{peer}_workers"], rss[f"{peer}_worker_max"] = peaks, max(peaks, default=None)
@@ -339,6 +356,9 @@ def _latency_figures(latency: dict[str, dict[str, Any]]) -> dict[str, Any]:
         lat[f"added_{q}_ms"] = _round(gw[f"{q}_ms"] - direct[f"{q}_ms"], 3)
         lat[f"floor_added_{q}_ms"] = _round(floor[f"{q}_ms"] - direct[f"{q}_ms"], 3)
         lat[f"over_floor_{q}_ms"] = _round(gw[f"{q}_ms"] - floor[f"{q}_ms"], 3)
+        contract = latency[CONTRACT][f"{q}_ms"]
+        lat[f"{CONTRACT}_added_{q}_ms"] = _round(contract - direct[f"{q}_ms"], 3)
+        lat[f"{CONTRACT}_over_floor_{q}_ms"] = _round(contract - floor[f"{q}_ms"], 3)
         if "nginx" in latency:
             lat[f"nginx_added_{q}_ms"] = _round(latency["nginx"][f"{q}_ms"]
                                                 - direct[f"{q}_ms"], 3)

@@ -65,15 +65,21 @@ def start_peer(directory: Path, workers: int, stub_url: str, static_jwt: str) ->
     return start_nginx("nginx", directory, workers, http, f"http://127.0.0.1:{port}")
 
 
-def start_floor(directory: Path, workers: int, stub_url: str, static_jwt: str) -> Server:
+def start_floor(directory: Path, workers: int, stub_url: str, static_jwt: str, *,
+                audit_io: bool = False) -> Server:
+    """The aiohttp floor; with `audit_io`, plus the contract's audit I/O (`floor.AuditIO`)."""
     from benchmarks.floor import TOKEN_ENV
 
     directory.mkdir(parents=True, exist_ok=True)
     listen = f"127.0.0.1:{free_port()}"
     argv = [sys.executable, "-m", "benchmarks.floor", "--listen", listen, "--upstream",
             stub_url, "--workers", str(workers)]
+    if audit_io:
+        (directory / "audit").mkdir(exist_ok=True)
+        argv += ["--audit-dir", str(directory / "audit")]
     env = {**os.environ, TOKEN_ENV: static_jwt}
-    return start("floor", argv, f"http://{listen}", directory / "floor.log", env=env)
+    return start("floor_audit" if audit_io else "floor", argv, f"http://{listen}",
+                 directory / "floor.log", env=env)
 
 
 def gateway_config(directory: Path, stub_url: str, creds: Credentials) -> Path:

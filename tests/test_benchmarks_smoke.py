@@ -44,12 +44,12 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def test_every_figure_is_measured(smoke: dict[str, Any]) -> None:
     r = smoke
     sat = r["saturation"]
-    for name in ("gateway", "floor", "nginx"):
+    for name in ("gateway", "floor", "floor_audit", "nginx"):
         assert sat[name]["ok"] > 0 and sat[name]["errors"]["status"] == 0, name
         assert r["cpu_us_per_request"][name] > 0, name
     for key in ("ratio_floor", "ratio_nginx"):
         assert r["cpu_us_per_request"][key] > 0 and sat[key] > 0
-    for target in ("direct", "nginx", "floor", "gateway"):
+    for target in ("direct", "nginx", "floor", "floor_audit", "gateway"):
         latency = r["latency_200"][target]
         assert isinstance(latency, dict)
         assert latency["samples"] > 0 and latency["failed"] == 0 and latency["p99_ms"] > 0
@@ -57,7 +57,7 @@ def test_every_figure_is_measured(smoke: dict[str, Any]) -> None:
     assert len(r["rss_mib"]["gateway_workers"]) == 2
     assert len(r["rss_mib"]["floor_workers"]) == 2
     assert 0 < r["ready_s"]["gateway_first"] <= r["ready_s"]["gateway_all_workers"]
-    assert r["ready_s"]["floor"] > 0
+    assert r["ready_s"]["floor"] > 0 and r["ready_s"]["floor_audit"] > 0
     assert r["jwt"]["mints"] >= 1 and r["jwt"]["over_allowed"] == 0
     assert r["jwt"]["mints_from_metrics"] == r["jwt"]["mints"]  # logs and /metrics agree
     assert r["audit"]["records_per_commit_saturation"] >= 1
@@ -75,6 +75,24 @@ def test_targets_are_judged_against_the_floor_of_the_same_run(smoke: dict[str, A
     assert all(t["met"] in (True, False) for t in smoke["targets"])
 
 
+def test_the_contracts_audit_io_is_measured_on_each_timed_targets_scale(
+        smoke: dict[str, Any]) -> None:
+    """The floor with the contract's audit I/O: its figures are shown beside each timed target,
+    computed against the same run's floor, and it really wrote two records a deactivation."""
+    cpu, sat, lat = smoke["cpu_us_per_request"], smoke["saturation"], smoke["latency_200"]
+    by_key = {t["key"]: t["contract_io"] for t in smoke["targets"]}
+    assert by_key["cpu_ratio_floor"] == cpu["floor_audit_ratio_floor"]
+    assert abs(cpu["floor_audit_ratio_floor"] - cpu["floor_audit"] / cpu["floor"]) < 0.01
+    assert by_key["throughput_ratio_floor"] == sat["floor_audit_ratio_floor"]
+    assert abs(by_key["over_floor_p50_ms"]
+               - (lat["floor_audit"]["p50_ms"] - lat["floor"]["p50_ms"])) < 0.002
+    assert by_key["over_floor_p99_ms"] == lat["floor_audit_over_floor_p99_ms"]
+    assert by_key["rss_mib_max"] is None
+    written = smoke["audit"]["contract_io"]
+    answered = sat["floor_audit"]["ok"] + lat["floor_audit"]["samples"]
+    assert written["files"] == 2 and written["records"] >= 2 * answered
+
+
 def test_gateway_shut_down_cleanly_with_intact_audit_chains(smoke: dict[str, Any]) -> None:
     audit, codes = smoke["audit"], smoke["exit_codes"]
     assert codes["gateway"] == 0
@@ -85,7 +103,8 @@ def test_writes_json_table_and_plot(smoke: dict[str, Any]) -> None:
     out = Path(smoke["_out"])
     table = (out / "latest.md").read_text()
     assert "| CPU time per deactivation (µs) |" in table
-    assert "| gateway | aiohttp floor | nginx |" in table
+    assert "| gateway | aiohttp floor | floor + audit I/O | nginx |" in table
+    assert "| the contract's audit I/O alone | verdict |" in table
     assert table.count("| met |") + table.count("| **missed** |") == len(TARGETS)
     assert (out / "latest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| saturation throughput" in smoke["_stdout"]
