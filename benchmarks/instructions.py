@@ -6,8 +6,10 @@ about 0.3 %). This runs one process of the gateway (`serve --workers 1`, every f
 config of `python -m benchmarks`) and one of the aiohttp floor under valgrind's callgrind, sends
 the same deactivations to each through the same nginx stub, and counts the user-space
 instructions each executes per request (system calls, which run in the kernel, are not in the
-count: `python -m benchmarks` measures those, as CPU time). `--variant` adds gateway runs with
-one feature switched off by its config key, which prices that feature.
+count: `python -m benchmarks` measures those, as CPU time). The floor with the contract's audit
+I/O (`floor.py --audit-dir`) is counted too: the user-space part of the disk writes the contract
+requires. `--variant` adds gateway runs with one feature switched off by its config key, which
+prices that feature.
 
 Needs valgrind (`apt-get install -y valgrind`) besides the benchmark's own needs; a run takes a
 minute or two per variant (everything under callgrind runs about fifty times slower).
@@ -141,15 +143,18 @@ async def measure(args: argparse.Namespace, directory: Path) -> list[Count]:
     counts: list[Count] = []
     try:
         await wait_status(stub, "/healthz", 20)
-        port = free_port()
-        floor = start("floor", [*_valgrind(directory, "floor"), sys.executable, "-m",
-                                "benchmarks.floor", "--listen", f"127.0.0.1:{port}",
-                                "--upstream", stub.url, "--workers", "1"],
-                      f"http://127.0.0.1:{port}", directory / "floor.log",
-                      env={**os.environ, "BENCH_FLOOR_AUTH": _static_jwt(creds)})
-        counts.append(await _count("aiohttp floor", floor, "/healthz",
-                                   {"Content-Type": "application/json"}, args, directory,
-                                   "floor"))
+        for name, prefix, extra in (("aiohttp floor", "floor", []),
+                                    ("floor + audit I/O", "floor_audit",
+                                     ["--audit-dir", str(directory)])):
+            port = free_port()
+            floor = start(prefix, [*_valgrind(directory, prefix), sys.executable, "-m",
+                                   "benchmarks.floor", "--listen", f"127.0.0.1:{port}",
+                                   "--upstream", stub.url, "--workers", "1", *extra],
+                          f"http://127.0.0.1:{port}", directory / f"{prefix}.log",
+                          env={**os.environ, "BENCH_FLOOR_AUTH": _static_jwt(creds)})
+            counts.append(await _count(name, floor, "/healthz",
+                                       {"Content-Type": "application/json"}, args, directory,
+                                       prefix))
         caller = {"Content-Type": "application/json",
                   "Authorization": f"Bearer {creds.caller_key}"}
         for variant in ["gateway", *args.variant]:
