@@ -57,15 +57,23 @@ class Ask:
     app: str | None = None  # set once the requested record is durable: the ask went upstream
     trace: CallTrace = field(default_factory=CallTrace)
     settled: bool = False  # its terminal record was written (or attempted); never a second
+    # botId, userId and channel, then each as a record keeps it (`_raw`): made for the first
+    # record, reused by the second while the three are the same objects
+    _raws: tuple[Any, Any, Any, Any, Any, Any] | None = None
 
     def learn(self, d: Deactivation) -> None:
         self.bot_id, self.user_id, self.channel = d.bot_id, d.user_id, d.channel
 
     def record(self, event: str, app: str | None) -> dict[str, Any]:
         """The start of its audit record: the event, who asked what, and through which app."""
+        raws = self._raws
+        if (raws is None or raws[0] is not self.bot_id or raws[1] is not self.user_id
+                or raws[2] is not self.channel):
+            raws = self._raws = (self.bot_id, self.user_id, self.channel, _raw(self.bot_id),
+                                 _raw(self.user_id), _raw(self.channel))
         return {"event": event, "requestId": self.request_id, "caller": self.caller,
-                "client": self.client, "route": self.route, "botId": _raw(self.bot_id),
-                "userId": _raw(self.user_id), "channel": _raw(self.channel), "app": app}
+                "client": self.client, "route": self.route, "botId": raws[3],
+                "userId": raws[4], "channel": raws[5], "app": app}
 
     def duration_ms(self) -> float:
         return round((time.monotonic() - self.started) * 1000, 3)

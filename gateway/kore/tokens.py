@@ -20,7 +20,7 @@ from typing import Any, TypeAlias
 
 import jwt
 import structlog
-from cachetools import LRUCache, TLRUCache
+from cachetools import TLRUCache
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
@@ -137,7 +137,13 @@ class TokenCache:
         # An entry vanishes by itself once it has MIN_REMAINING_S or less to live.
         self._tokens: TLRUCache[str, Token, float] = TLRUCache(
             maxsize=max(len(self._apps), 1), ttu=_sendable_until, timer=clock)
-        self._apps_by_bot: LRUCache[str, KoreApp] = LRUCache(maxsize=BOT_CACHE_SIZE)
+        # A plain dict emptied when full, like the client's session URLs: cachetools' LRUCache
+        # cost five Python calls on every request.
+        self._apps_by_bot: dict[str, KoreApp] = {}
+        # The request path's shortcut past the TLRUCache (about ten Python calls a request):
+        # app name → (the app, its token, when the token enters its renewal window or stops
+        # being sendable). Set only by `_cached`; emptied whenever a token is stored or dropped.
+        self._fresh: dict[str, tuple[KoreApp, Token, float]] = {}
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._renewals: dict[str, asyncio.Task[None]] = {}
         self._mints: Counter[str] = Counter()
@@ -145,7 +151,10 @@ class TokenCache:
     def app_for(self, bot_id: str) -> KoreApp:
         app = self._apps_by_bot.get(bot_id)
         if app is None:
-            app = self._apps_by_bot[bot_id] = select_app(self._apps, bot_id)
+            app = select_app(self._apps, bot_id)
+            if len(self._apps_by_bot) >= BOT_CACHE_SIZE:
+                self._apps_by_bot.clear()
+            self._apps_by_bot[bot_id] = app
         return app
 
     async def token(self, app: KoreApp) -> Token:
@@ -164,6 +173,7 @@ class TokenCache:
         """Forgets the cached token (only if it still is `token`, when one is given)."""
         if token is not None and self._tokens.get(app.name) != token:
             return  # a newer token replaced it: keep that one
+        self._fresh.pop(app.name, None)
         if self._tokens.pop(app.name, None) is not None:
             log.info("token.dropped", app=app.name)
 
@@ -180,6 +190,7 @@ class TokenCache:
         dropped = [name for name in stale if self._tokens.get(name) is not None]
         self._apps = tuple(apps)
         self._apps_by_bot.clear()
+        self._fresh.clear()
         self._tokens = TLRUCache(maxsize=max(len(self._apps), 1), ttu=_sendable_until,
                                  timer=self._clock)
         self._tokens.update(kept)
@@ -204,11 +215,19 @@ class TokenCache:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     def _cached(self, app: KoreApp) -> Token | None:
+        fresh = self._fresh.get(app.name)
+        if fresh is not None and fresh[0] is app and self._clock() < fresh[2]:
+            return fresh[1]  # neither due for renewal nor too old to send: as the cache has it
         if app not in self._apps:
             return None  # replaced by a reload: the cached token belongs to the new app
         token = self._tokens.get(app.name)
-        if token is not None and self._in_renew_window(app, token):
+        if token is None:
+            return None
+        if self._in_renew_window(app, token):
             self._start_renewal(app)
+        else:
+            until = min(token.expires_at - _renew_before_s(app), _sendable_until("", token, 0))
+            self._fresh[app.name] = (app, token, until)
         return token
 
     def _in_renew_window(self, app: KoreApp, token: Token) -> bool:
@@ -233,6 +252,7 @@ class TokenCache:
     def _mint_and_store(self, app: KoreApp) -> Token:
         token = self._mint(app)
         if app in self._apps:  # a request that began before a reload never caches its token
+            self._fresh.pop(app.name, None)
             self._tokens[app.name] = token
         return token
 

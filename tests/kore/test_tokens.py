@@ -251,6 +251,31 @@ class TestTokenCache:
             await settle()
             assert cache.mints("main") == 2
 
+    @pytest.mark.parametrize("renew", [60, 0], ids=["renewed-ahead", "no-early-renewal"])
+    async def test_the_request_paths_shortcut_never_outlives_the_cache(
+            self, renew: int, clock: FakeClock, make_cache: Callable[..., TokenCache]) -> None:
+        """A hit sets `_cached`'s shortcut past the TLRUCache; it answers only while the token
+        is neither due for renewal nor too old to send, and a drop ends it."""
+        app = hs_app(token_ttl_s=600, renew_before_s=renew)
+        cache = make_cache(app)
+        first = await cache.token(app)
+        assert await cache.token(app) is first and app.name in cache._fresh
+        ends = first.expires_at - max(renew, MIN_REMAINING_S)
+        clock.now = ends - 0.5
+        assert await cache.token(app) is first
+        await settle()
+        assert cache.mints("main") == 1
+        clock.now = ends  # renewal starts, or the token is too old to send: either way, a mint
+        token = await cache.token(app)
+        await settle()
+        assert cache.mints("main") == 2
+        assert (token is first) == (renew > MIN_REMAINING_S)  # renewed ahead, else replaced
+        renewed = await cache.token(app)
+        assert renewed is not first and await cache.token(app) is renewed
+        cache.drop(app)
+        assert app.name not in cache._fresh
+        assert await cache.token(app) is not renewed and cache.mints("main") == 3
+
     @pytest.mark.parametrize("left", [MIN_REMAINING_S - 0.5, MIN_REMAINING_S, 1])
     async def test_token_near_expiry_is_never_returned(
             self, left: float, clock: FakeClock, make_cache: Callable[..., TokenCache]) -> None:
