@@ -29,7 +29,7 @@ class Caller:
         return _matches(bot_id, self.bots)
 
     def authorize(self, bot_id: str) -> None:
-        if not self.may_touch(bot_id):
+        if not _matches(bot_id, self.bots):  # `may_touch`, one call fewer on every request
             raise Forbidden(f"caller {self.name} may not touch bot {bot_id}")
 
 

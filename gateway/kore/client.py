@@ -269,9 +269,9 @@ class KoreClient:
     def _judge(self, answer: Answer) -> UpstreamError | None:
         """None for a success, else the error this answer means."""
         status, body = answer.status, answer.body
-        message = kore_message(body)
         if 200 <= status < 300 and isinstance(body, dict) and body.get("success") is True:
             return None
+        message = kore_message(body)
         if is_rate_limit_answer(status, body):
             retry = answer.retry_after_s
             return UpstreamRateLimited(
