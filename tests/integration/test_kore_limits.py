@@ -59,10 +59,13 @@ class TestConfiguredTenTimesTooHigh:
         for status, took, _ in first + second:
             assert status == 200 and took < timeout_s
         # Shrunk from 600 to what Kore.ai accepted before its refusal (a little less when a
-        # loaded machine delays some calls of one window into the next).
+        # loaded machine delays some calls of one window into the next). The gateway counts
+        # over the window as it paces it, with its margin (`accepted_before`), here 0.2 s on a
+        # 3 s window: on a loaded machine that can take in one call Kore.ai had counted in the
+        # window before (seen once in a full run: 61).
         line = await metric(gateway, "kore_gateway_ratelimit_learned_budget{")
         assert line.startswith(f'kore_gateway_ratelimit_learned_budget{{bot="{BOT}"}} ')
-        assert 1 <= float(line.rsplit(" ", 1)[1]) <= REAL
+        assert 1 <= float(line.rsplit(" ", 1)[1]) <= REAL + 1
 
     async def test_without_learning_every_call_past_the_limit_is_refused_upstream(
             self, make_config: Any, gateway_for: Any, sandbox: Any) -> None:
