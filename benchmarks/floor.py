@@ -85,11 +85,15 @@ class AuditIO:
                 if not self.waiting:
                     return
                 batch, self.waiting = self.waiting, []
-            os.write(self.fd, b"".join(line for line, _ in batch))
-            os.fsync(self.fd)
+            failed: OSError | None = None
+            try:
+                os.write(self.fd, b"".join(line for line, _ in batch))
+                os.fsync(self.fd)
+            except OSError as exc:  # the waiting requests fail (500): never left hanging
+                failed = exc
             futures = [f for _, f in batch if f is not None]
             if futures:
-                self.loop.call_soon_threadsafe(_release, futures)
+                self.loop.call_soon_threadsafe(_release, futures, failed)
 
     def close(self) -> None:
         with self.ready:
@@ -99,10 +103,13 @@ class AuditIO:
         os.close(self.fd)
 
 
-def _release(futures: list[asyncio.Future[None]]) -> None:
+def _release(futures: list[asyncio.Future[None]], failed: OSError | None) -> None:
     for future in futures:
         if not future.done():
-            future.set_result(None)
+            if failed is None:
+                future.set_result(None)
+            else:
+                future.set_exception(failed)
 
 
 AUDIT = web.AppKey("audit", AuditIO)

@@ -167,3 +167,25 @@ def test_instruction_counts_are_read_from_the_requested_dumps_only(tmp_path: Pat
     dump("callgrind-floor.43.1", "Client Request: dump", 700_000)
     assert dumped_total(tmp_path, "gateway") == 1_234_000
     assert dumped_total(tmp_path, "floor") == 700_000
+
+
+async def test_floor_audit_io_writes_durably_and_fails_its_waiters_rather_than_hang(
+        tmp_path: Path) -> None:
+    """The floor + audit I/O: a line awaited is in the file; a write that fails fails the
+    requests waiting on it (a 500 the harness counts), it never leaves them hanging."""
+    import asyncio
+    import errno
+
+    from benchmarks.floor import AuditIO
+
+    audit = AuditIO(str(tmp_path / "audit.jsonl"))
+    audit.later(b"first\n")
+    await asyncio.wait_for(audit.durable(b"second\n"), 5)
+    assert (tmp_path / "audit.jsonl").read_bytes() == b"first\nsecond\n"
+    os.close(audit.fd)  # every write from now on fails (EBADF)
+    with pytest.raises(OSError) as failed:
+        await asyncio.wait_for(audit.durable(b"third\n"), 5)
+    assert failed.value.errno == errno.EBADF  # the write's own error, not a timeout
+    audit.fd = os.open(tmp_path / "spare", os.O_WRONLY | os.O_CREAT)  # for close() to close
+    audit.close()
+    assert not audit.thread.is_alive()
