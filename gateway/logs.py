@@ -108,10 +108,8 @@ def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[s
     for name, value in event.items():
         kind = type(value)
         plain = kind in _SCALARS or (kind is str and _clean(value))
-        if plain and _NAMES.get(name) is False:
-            continue  # an ordinary name (known already), and nothing to mask
-        if plain and not _secret_name(name):
-            continue  # an ordinary name, and nothing to mask
+        if plain and (_NAMES.get(name) is False or not _secret_name(name)):
+            continue  # an ordinary name (looked up inline once known), and nothing to mask
         masked = _masked(name, value)
         if masked is not value:
             event[name] = masked

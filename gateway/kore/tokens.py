@@ -16,7 +16,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, TypeVar
 
 import jwt
 import structlog
@@ -42,7 +42,20 @@ Clock: TypeAlias = Callable[[], float]
 MIN_REMAINING_S = 10  # a token with less life left is never sent: it could expire in flight
 # extra_claims cannot set these (the loader refuses them; a KoreApp built in code drops them)
 RESERVED_CLAIMS = frozenset(GATEWAY_CLAIMS + KORE_CLAIM_ALIASES)
-BOT_CACHE_SIZE = 4096  # bot IDs whose app `TokenCache.app_for` remembers
+BOT_CACHE_SIZE = 4096  # bot IDs a per-bot memo (`remember`) holds at most
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+def remember(memo: dict[_K, _V], key: _K, value: _V, limit: int = BOT_CACHE_SIZE) -> _V:
+    """Stores `value` in a per-bot memo: a plain dict emptied when full. On every request it
+    is cheaper than cachetools' LRUCache (five Python calls a lookup); a bot forgotten is
+    simply looked up anew."""
+    if len(memo) >= limit:
+        memo.clear()
+    memo[key] = value
+    return value
 
 
 class MintError(Exception):
@@ -137,9 +150,7 @@ class TokenCache:
         # An entry vanishes by itself once it has MIN_REMAINING_S or less to live.
         self._tokens: TLRUCache[str, Token, float] = TLRUCache(
             maxsize=max(len(self._apps), 1), ttu=_sendable_until, timer=clock)
-        # A plain dict emptied when full, like the client's session URLs: cachetools' LRUCache
-        # cost five Python calls on every request.
-        self._apps_by_bot: dict[str, KoreApp] = {}
+        self._apps_by_bot: dict[str, KoreApp] = {}  # a `remember` memo
         # The request path's shortcut past the TLRUCache (about ten Python calls a request):
         # app name → (the app, its token, when the token enters its renewal window or stops
         # being sendable). Set only by `_cached`; emptied whenever a token is stored or dropped.
@@ -151,10 +162,7 @@ class TokenCache:
     def app_for(self, bot_id: str) -> KoreApp:
         app = self._apps_by_bot.get(bot_id)
         if app is None:
-            app = select_app(self._apps, bot_id)
-            if len(self._apps_by_bot) >= BOT_CACHE_SIZE:
-                self._apps_by_bot.clear()
-            self._apps_by_bot[bot_id] = app
+            app = remember(self._apps_by_bot, bot_id, select_app(self._apps, bot_id))
         return app
 
     async def token(self, app: KoreApp) -> Token:
@@ -226,7 +234,7 @@ class TokenCache:
         if self._in_renew_window(app, token):
             self._start_renewal(app)
         else:
-            until = min(token.expires_at - _renew_before_s(app), _sendable_until("", token, 0))
+            until = token.expires_at - max(_renew_before_s(app), MIN_REMAINING_S)
             self._fresh[app.name] = (app, token, until)
         return token
 

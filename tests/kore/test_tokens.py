@@ -26,6 +26,7 @@ from gateway.kore.tokens import (
     TokenCache,
     claims_for,
     mint,
+    remember,
     select_app,
 )
 from tests.conftest import FakeClock
@@ -467,3 +468,11 @@ class TestReload:
         assert cache.app_for("st-b-1").name == "wide"
         cache.reload([hs_app("wide", bots=("st-*",))])
         assert cache.app_for("st-a-1").name == "wide"
+
+
+def test_a_per_bot_memo_is_emptied_when_full_never_grown_past_its_limit() -> None:
+    memo: dict[str, int] = {}
+    assert [remember(memo, f"bot-{i}", i, limit=3) for i in range(3)] == [0, 1, 2]
+    assert memo == {"bot-0": 0, "bot-1": 1, "bot-2": 2}
+    assert remember(memo, "bot-3", 3, limit=3) == 3
+    assert memo == {"bot-3": 3}
