@@ -27,7 +27,7 @@ JTI_TTL_MARGIN_S = 60  # a jti ttl this close to MAX_JTI_TTL_S is warned about: 
 # Kore.ai reads these as overrides of jti, iss and sub (its SDK security page): extra_claims
 # setting them would replace the gateway's own claims, so a config naming them is refused.
 KORE_CLAIM_ALIASES = ("kore_jti", "kore_iss", "kore_sub")
-GATEWAY_CLAIMS = ("appId", "iat", "exp", "jti")  # set by the gateway, never by extra_claims
+GATEWAY_CLAIMS = ("appId", "sub", "iat", "exp", "jti")  # set by the gateway, never by extra_claims
 
 
 class Secret:

@@ -362,7 +362,7 @@ def _check_claims(t: Table, app: KoreApp) -> None:
     own = [k for k in GATEWAY_CLAIMS if k in app.extra_claims]
     if own:
         t.fail("extra_claims", f"{', '.join(own)}: set by the gateway itself "
-               "(client_id, token_ttl_s, jti); they cannot be set here")
+               "(client_id, subject, token_ttl_s, jti); they cannot be set here")
 
 
 def config_warnings(config: Config) -> list[ConfigWarning]:

@@ -51,7 +51,7 @@ class TestExtraClaims:
         [line] = [p for p in found if p.startswith("apps[0].extra_claims: ")]
         assert "kore_jti, kore_iss, kore_sub" in line
 
-    @pytest.mark.parametrize("claim", ["appId", "iat", "exp", "jti"])
+    @pytest.mark.parametrize("claim", ["appId", "sub", "iat", "exp", "jti"])
     def test_a_claim_the_gateway_sets_is_a_config_error(self, tmp_path: Path,
                                                         claim: str) -> None:
         found = problems(tmp_path, extra_claims={claim: 1})

@@ -114,7 +114,8 @@ class TestClaims:
         assert claims["roles"] == ["a", "b"]
 
     def test_extra_claims_cannot_override_reserved_claims(self) -> None:
-        extra = {"appId": "cs-evil", "iat": 1, "exp": 2**40, "jti": "fixed", "tenant": "acme",
+        extra = {"appId": "cs-evil", "sub": "someone", "iat": 1, "exp": 2**40, "jti": "fixed",
+                 "tenant": "acme",
                  "kore_jti": "fixed", "kore_iss": "cs-evil", "kore_sub": "someone"}
         plain = claims_for(hs_app(extra_claims=extra), T0)
         assert plain == claims_for(hs_app(), T0) | {"tenant": "acme"}
@@ -128,6 +129,7 @@ class TestClaims:
         claims = claims_for(hs_app(extra_claims=extra), T0)
         assert (claims["appId"], claims["iat"], claims["exp"]) == ("cs-main", 1_700_000_000,
                                                                    1_700_000_600)
+        assert claims["sub"] == "kore-session-gateway"
         assert "jti" not in claims
         assert not {"kore_jti", "kore_iss", "kore_sub"} & set(claims)
 
