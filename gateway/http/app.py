@@ -18,6 +18,7 @@ from typing import Any
 
 import structlog
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from gateway.auth import Caller
 from gateway.config.model import Config, upstream_host
@@ -163,6 +164,10 @@ async def read_json(request: web.Request, limit: int, timeout_s: float) -> Any:
                 raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(f"the body is larger than {limit} bytes") from None
+    except RequestPayloadError:
+        # A Content-Encoding the body is not in, or a broken chunked encoding.
+        raise InvalidRequest("body: could not be read as sent (its Content-Encoding or "
+                             "chunked encoding is invalid)") from None
     except TimeoutError:
         # A client trickling its body would hold a request slot for ever.
         raise RequestTimeout(f"the body did not arrive within {timeout_s:g} s "

@@ -5,6 +5,7 @@ refused or percent-encoded into one upstream segment, and hostile JSON is refuse
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import socket
 import time
@@ -237,6 +238,32 @@ class TestHostileJson:
         assert [r["status"] for r in results] == [400, 200]
         records = AuditTrail(tmp_path / "audit" / "deactivations.jsonl").expect_chain()
         assert records[0]["botId"] == "st-\\udfff"  # kept, as its escape
+
+
+class TestContentEncoding:
+    @pytest.mark.parametrize("target", [URL, "/v1/sessions/deactivate",
+                                        f"/api/public/bot/{BOT}/session"])
+    @pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+    def test_a_body_not_in_its_content_encoding_is_refused_not_a_500(
+            self, live: Live, tmp_path: Path, target: str, encoding: str) -> None:
+        method = "PUT" if target.startswith("/api/") else "POST"
+        answer = send_raw(live.port, deactivation(
+            b'{"userId":"u-1"}', target=target, method=method,
+            extra=[("Content-Encoding", encoding), ("X-Request-ID", "not-gzip")]))
+        assert answer.status == 400, answer.head
+        error = answer.json()["error"]
+        assert (error["code"], error["requestId"]) == ("invalid_request", "not-gzip")
+        assert "Content-Encoding" in error["message"]
+        assert live.sandbox.calls == []
+        [record] = AuditTrail(tmp_path / "audit" / "deactivations.jsonl").expect_chain()
+        assert (record["event"], record["outcome"], record["status"]) == (
+            "deactivate.denied", "rejected", 400)
+
+    def test_a_body_in_its_content_encoding_is_served(self, live: Live) -> None:
+        body = gzip.compress(b'{"userId":"u-1"}')
+        answer = send_raw(live.port, deactivation(body, extra=[("Content-Encoding", "gzip")]))
+        assert answer.status == 200, answer.body
+        assert len(live.sandbox.calls) == 1
 
 
 ANY_BOT_ID = r"^(?s:.){1,300}$"  # lets every decoded segment reach the encoder
