@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,10 +125,18 @@ class Validator:
             raise InvalidRequest('status: must be "inactive"')
         return Deactivation(bot_id, user_id(fields), channel(fields))
 
-    def batch_item(self, item: Any, index: int) -> Deactivation:
+    def batch_item(self, item: Any, index: int,
+                   authorize: Callable[[str], None] | None = None) -> Deactivation:
+        """One batch item. `authorize(botId)` runs once its botId is valid and before the
+        rest is checked, as on the single route (whose botId is in the path): an item the
+        caller may not send gets the 403 it would get alone, whatever else is wrong in it."""
         prefix = f"items[{index}]."
+        if not isinstance(item, dict):
+            raise InvalidRequest(f"items[{index}]: must be a JSON object")
+        bot = self.bot_id(item.get("botId"), prefix + "botId")
+        if authorize is not None:
+            authorize(bot)
         fields = _object(item, _BATCH_ITEM_KEYS, prefix)
-        bot = self.bot_id(fields.get("botId"), prefix + "botId")
         return Deactivation(bot, user_id(fields, prefix), channel(fields, prefix))
 
 

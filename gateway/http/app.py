@@ -385,7 +385,7 @@ async def batch_item(rt: Runtime, caller: Caller, ask: Ask, index: int, item: An
     result: dict[str, Any] = {"index": index, "botId": ask.bot_id, "userId": ask.user_id}
     try:
         try:
-            d = rt.validator.batch_item(item, index)
+            d = rt.validator.batch_item(item, index, caller.authorize)
         except GatewayError as exc:
             await rt.deactivator.deny(ask, exc)
             raise

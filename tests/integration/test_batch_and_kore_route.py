@@ -142,6 +142,30 @@ class TestBatch:
             "b.9": ok_item("b.9", channel="rtm"),
         })
 
+    @pytest.mark.parametrize("rest", [
+        pytest.param({"userId": ""}, id="empty-user-id"),
+        pytest.param({"userId": "u-1", "extra": 1}, id="unknown-field"),
+        pytest.param({"userId": "u-1", "channel": "Bad channel"}, id="bad-channel"),
+        pytest.param({}, id="no-user-id"),
+    ])
+    async def test_an_item_gets_the_status_it_would_get_alone(
+            self, gateway: Any, sandbox: Any, audit: AuditTrail, rest: dict[str, Any]) -> None:
+        """A bot outside the caller's globs is a 403 before the rest of the item is read, as
+        on the single route, where the botId is in the path."""
+        single = await gateway.post(f"/v1/bots/{BOT}/sessions/deactivate", json=rest,
+                                    headers={**OTHER, "X-Request-ID": "alone"})
+        batch = await gateway.post(BATCH, json={"items": [{"botId": BOT, **rest}]},
+                                   headers={**OTHER, "X-Request-ID": "in-batch"})
+        assert batch.status == 200, await batch.text()
+        [result] = (await batch.json())["results"]
+        alone = (await single.json())["error"]["code"]
+        assert (result["status"], result["error"]["code"]) == (single.status, alone) == (
+            403, "forbidden")
+        assert sandbox.calls == []
+        records = {r["requestId"]: r for r in audit.records()}
+        assert (records["in-batch.0"]["outcome"], records["in-batch.0"]["status"]) == (
+            records["alone"]["outcome"], records["alone"]["status"]) == ("denied", 403)
+
     async def test_item_for_a_bot_without_app_is_not_configured(
             self, start_gateway: Any, sandbox: Any, audit: AuditTrail) -> None:
         gateway = await start_gateway(apps=[{"name": "sessions", "client_id": CLIENT_ID,
