@@ -19,6 +19,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
+from aiohttp.web_urldispatcher import _default_expect_handler
 
 from gateway.auth import Caller
 from gateway.config.model import Config, upstream_host
@@ -430,6 +431,15 @@ async def openapi_json(request: web.Request) -> web.Response:
 
 # --- assembly -------------------------------------------------------------------------------
 
+async def expect_handler(request: web.Request) -> None:
+    """`Expect: 100-continue` is answered as aiohttp answers it; any other expectation is
+    ignored (RFC 9110 lets a server answer 417, but aiohttp's 417 comes before the middleware:
+    no envelope, no request ID, and no audit record for a deactivation)."""
+    if request.headers.get("Expect", "").lower() == "100-continue":
+        await _default_expect_handler(request)
+
+
+
 def create_app(config: Config, *, worker: int = 0, workers: int = 1,
                metrics: Metrics | None = None) -> web.Application:
     app = web.Application(middlewares=[envelope_middleware],
@@ -438,9 +448,12 @@ def create_app(config: Config, *, worker: int = 0, workers: int = 1,
     app[RUNTIME] = Runtime(config, worker=worker, workers=workers, metrics=metrics)
     app[OPENAPI] = {}
     app.cleanup_ctx.append(_lifecycle)
-    app.router.add_post("/v1/bots/{botId}/sessions/deactivate", deactivate_simplified)
-    app.router.add_post("/v1/sessions/deactivate", deactivate_batch)
-    app.router.add_put("/api/public/bot/{botId}/session", deactivate_kore)
+    app.router.add_post("/v1/bots/{botId}/sessions/deactivate", deactivate_simplified,
+                        expect_handler=expect_handler)
+    app.router.add_post("/v1/sessions/deactivate", deactivate_batch,
+                        expect_handler=expect_handler)
+    app.router.add_put("/api/public/bot/{botId}/session", deactivate_kore,
+                       expect_handler=expect_handler)
     _operations_routes(app, metrics=not config.server.admin_listen)
     return app
 
@@ -457,11 +470,11 @@ def create_admin_app(rt: Runtime) -> web.Application:
 
 
 def _operations_routes(app: web.Application, *, metrics: bool) -> None:
-    app.router.add_get("/healthz", healthz, allow_head=True)
-    app.router.add_get("/readyz", readyz, allow_head=True)
+    app.router.add_get("/healthz", healthz, allow_head=True, expect_handler=expect_handler)
+    app.router.add_get("/readyz", readyz, allow_head=True, expect_handler=expect_handler)
     if metrics:  # with an admin listener, /metrics is served there only
-        app.router.add_get("/metrics", metrics_text)
-    app.router.add_get("/openapi.json", openapi_json)
+        app.router.add_get("/metrics", metrics_text, expect_handler=expect_handler)
+    app.router.add_get("/openapi.json", openapi_json, expect_handler=expect_handler)
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:

@@ -266,6 +266,36 @@ class TestContentEncoding:
         assert len(live.sandbox.calls) == 1
 
 
+class TestExpect:
+    def test_an_unknown_expectation_is_ignored_and_the_request_served(
+            self, live: Live, tmp_path: Path) -> None:
+        """Not aiohttp's bare 417, which comes without envelope, request ID or record."""
+        answer = send_raw(live.port, deactivation(b'{"userId":"u-1"}', extra=[
+            ("Expect", "something-else"), ("X-Request-ID", "expects")]))
+        assert answer.status == 200, answer.head
+        assert "x-request-id: expects" in answer.head.lower()
+        assert len(live.sandbox.calls) == 1
+        records = AuditTrail(tmp_path / "audit" / "deactivations.jsonl").expect_chain()
+        assert [r["event"] for r in records] == ["deactivate.requested", "deactivate.completed"]
+        probe = send_raw(live.port, request_bytes("GET", "/healthz", [("Expect", "x")]))
+        assert probe.status == 200 and "x-request-id" in probe.head.lower()
+
+    async def test_100_continue_is_answered_before_the_body(self, live: Live) -> None:
+        body = b'{"userId":"u-1"}'
+        head = deactivation(body, extra=[("Expect", "100-continue")])[:-len(body)]
+        reader, writer = await asyncio.open_connection("127.0.0.1", live.port)
+        try:
+            writer.write(head)
+            interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
+            assert interim.startswith(b"HTTP/1.1 100 Continue"), interim
+            writer.write(body)
+            data, _ = await read_until_closed(reader, limit_s=10)
+        finally:
+            writer.close()
+        assert data.startswith(b"HTTP/1.1 200"), data[:200]
+        assert len(live.sandbox.calls) == 1
+
+
 ANY_BOT_ID = r"^(?s:.){1,300}$"  # lets every decoded segment reach the encoder
 
 
