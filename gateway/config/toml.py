@@ -13,6 +13,9 @@ from typing import Any
 
 from gateway.config.model import Secret
 
+# The largest number a float key without its own upper bound takes (seconds or calls a second).
+MAX_FLOAT = 1e9
+
 
 class Table:
     """Reads one TOML table with typed getters, collecting problems instead of raising."""
@@ -50,6 +53,10 @@ class Table:
         if name not in self.data:
             return default
         value = self.get(name, int if integer else float, default)
+        if not integer and high is None and not value <= MAX_FLOAT:  # inf and nan fail too
+            # TOML allows inf; no duration or rate here means more than some 31 years.
+            self.fail(name, f"must be a finite number, at least {low:g} and at most {MAX_FLOAT:g}")
+            return default
         if not value >= low or (high is not None and not value <= high):  # nan fails both
             bound = f"between {low:g} and {high:g}" if high is not None else f"at least {low:g}"
             self.fail(name, f"must be {bound}")
