@@ -13,6 +13,7 @@ as a finite number of seconds or an HTTP date, capped at `rate_limit.max_pause_s
 from __future__ import annotations
 
 import asyncio
+import calendar
 import email.utils
 import json
 import math
@@ -57,6 +58,8 @@ DEFAULT_MAX_PAUSE_S = 3600.0  # rate_limit.max_pause_s
 RATE_LIMIT_MESSAGE = "rate limit for this api has been reached"
 MAX_SCANNED_STRINGS = 64  # of an answer body, when looking for Kore.ai's message
 _SECONDS = re.compile(r"[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?")
+_ASCTIME = re.compile(r"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun) (?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|"
+                      r"Sep|Oct|Nov|Dec) [ 0-9][0-9] [0-9]{2}:[0-9]{2}:[0-9]{2} [0-9]{4}")
 
 
 @dataclass(slots=True)
@@ -105,10 +108,14 @@ def parse_retry_after(value: str | None, now: float | None = None, *,
         seconds = float(value)
         return min(seconds, cap_s) if math.isfinite(seconds) else None
     try:
-        when = email.utils.parsedate_to_datetime(value)
-        if when.tzinfo is None:
-            return None
-        delta = when.timestamp() - (time.time() if now is None else now)
+        if _ASCTIME.fullmatch(value):  # the third HTTP-date form (RFC 9110 §5.6.7), in GMT
+            at = float(calendar.timegm(time.strptime(value, "%a %b %d %H:%M:%S %Y")))
+        else:
+            when = email.utils.parsedate_to_datetime(value)
+            if when.tzinfo is None:
+                return None
+            at = when.timestamp()
+        delta = at - (time.time() if now is None else now)
     except (TypeError, ValueError, IndexError, OverflowError, OSError):
         return None
     return min(max(0.0, delta), cap_s)

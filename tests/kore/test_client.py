@@ -60,6 +60,21 @@ class TestParseRetryAfter:
     def test_http_date_in_the_future(self) -> None:
         assert parse_retry_after(http_date(30), now=NOW) == pytest.approx(30)
 
+    @pytest.mark.parametrize("form", [
+        "%a, %d %b %Y %H:%M:%S GMT", "%A, %d-%b-%y %H:%M:%S GMT", "%a %b %e %H:%M:%S %Y",
+    ], ids=["imf-fixdate", "rfc850", "asctime"])
+    @pytest.mark.parametrize("at", [NOW, NOW - 14 * 86400], ids=["two-digit-day", "one"])
+    def test_every_http_date_form_counts(self, form: str, at: float) -> None:
+        """RFC 9110 §5.6.7: three forms, all in GMT (asctime's names no zone)."""
+        value = time.strftime(form, time.gmtime(at))
+        assert parse_retry_after(value, now=at - 30, cap_s=3600) == pytest.approx(30), value
+
+    def test_asctime_needs_its_exact_form(self) -> None:
+        value = time.strftime("%a %b %e %H:%M:%S %Y", time.gmtime(NOW - 14 * 86400))
+        assert "  1 " in value
+        assert parse_retry_after(value.replace("  ", " "), now=NOW) is None  # day unpadded
+        assert parse_retry_after(value.replace("Jan", "Xyz"), now=NOW) is None
+
     def test_http_date_in_the_past_means_now(self) -> None:
         assert parse_retry_after(http_date(-600), now=NOW) == 0.0
 
