@@ -47,7 +47,7 @@ ENV = "KORE_GATEWAY_RATELIMIT_TABLE"
 CAPACITY = 4096  # bots with learned state at one time
 MAX_RING = 512  # grants remembered per bot
 NAME_BYTES = 128  # of the botId, for /metrics labels
-MAGIC = 0x4B47575F524C5431  # "KGW_RLT1"
+MAGIC = 0x4B47575F524C5432  # "KGW_RLT2"
 TMPFS = Path("/dev/shm")
 
 
@@ -66,7 +66,10 @@ def _slot_type(ring: int) -> Any:
                     ("epoch", ctypes.c_uint32), ("count", ctypes.c_uint32),
                     ("head", ctypes.c_uint32), ("_pad", ctypes.c_uint32),
                     ("pause_until", ctypes.c_double), ("pause_s", ctypes.c_double),
-                    ("refused_at", ctypes.c_double), ("ring", ctypes.c_double * ring)]
+                    ("refused_at", ctypes.c_double),
+                    # The slot of the refused grant that claimed this slot for the bot: the
+                    # other workers' grants before it were not in the ring yet (`_merge`).
+                    ("claimed_by", ctypes.c_double), ("ring", ctypes.c_double * ring)]
     return Slot
 
 
@@ -242,11 +245,41 @@ def ring_void_after(slot: Any, now: float) -> None:
 
 
 class SharedLearning:
-    """A `LearnedStore` over a `Table`: what one worker learns, every worker follows."""
+    """A `LearnedStore` over a `Table`: what one worker learns, every worker follows.
+
+    A bot's grants go into its slot's ring only once the bot has a slot, that is after its
+    first refusal; the worker that saw it counted the calls Kore.ai accepted from its own grant
+    log. Every other worker adds its own grants of that window the first time it touches the
+    bot's slot afterwards (`_merge`), which raises the budget to what Kore.ai accepted from
+    all of them."""
 
     def __init__(self, table: Table, policy: Policy, margin_s: float) -> None:
         self.table, self.policy, self.margin_s = table, policy, margin_s
         self.spacing_s = min(0.1, policy.window_s / policy.configured)
+        self._merged: dict[bytes, float] = {}  # bot key → the `claimed_by` merged by this worker
+
+    def _merge(self, key: bytes, entry: Any, times: Sequence[float]) -> None:
+        """Under the lock: this worker's grants before the refusal that claimed the slot, into
+        its ring and its budget (once per claim)."""
+        claimed_by = float(entry.claimed_by)
+        if self._merged.get(key) == claimed_by:
+            return
+        if len(self._merged) >= CAPACITY:
+            self._merged.clear()
+        self._merged[key] = claimed_by
+        span = self.policy.window_s + self.margin_s
+        mine = [t for t in times if claimed_by - span < t < claimed_by]
+        if not mine:
+            return
+        ring = sorted(ring_times(entry) + mine)[-self.table.ring:]  # once per claim: no repeats
+        entry.count = entry.head = 0
+        for t in ring:
+            ring_push(entry, t)
+        # Refusals since the claim counted without these grants too: the budget is raised to
+        # what Kore.ai had accepted when it first refused (a later, lower limit is learned
+        # again when Kore.ai refuses at it).
+        accepted = accepted_before(ring, claimed_by, span)
+        entry.budget = max(int(entry.budget), min(accepted, self.policy.configured))
 
     def _load(self, slot: Any) -> Learned:
         return Learned(int(slot.budget), float(slot.pause_until), float(slot.pause_s),
@@ -272,6 +305,7 @@ class SharedLearning:
             entry = self._live(key, now)
             if entry is None:
                 return slot, 0, fits(slot)
+            self._merge(key, entry, times)
             state = self._load(entry)
             slot = max(slot, state.pause_until)
             if entry.count:
@@ -290,6 +324,8 @@ class SharedLearning:
         key, window = bot_key(bot_id), self.policy.window_s
         with self.table.locked():
             entry = self._live(key, now)
+            if entry is not None:
+                self._merge(key, entry, times)
             seen = times if entry is None else ring_times(entry)
             state, started = refuse(None if entry is None else self._load(entry), self.policy,
                                     now=now, slot=grant.slot, retry_after_s=retry_after_s,
@@ -300,6 +336,8 @@ class SharedLearning:
                     self._load(s), self.policy, now))
                 for at in [t for t in times if t > now - window - self.margin_s][-self.table.ring:]:
                     ring_push(entry, at)
+                entry.claimed_by = grant.slot
+                self._merged[key] = grant.slot  # its own grants are in the ring already
             self._save(entry, state)
             ring_forget(entry, grant.slot)
             ring_void_after(entry, now)

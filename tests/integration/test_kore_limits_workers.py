@@ -59,3 +59,35 @@ async def test_a_worker_that_saw_no_refusal_still_pauses(sandbox: Any, tmp_path:
     assert "kore_gateway_ratelimit_pauses_total 1.0" in metrics
     pids = {line for line in log.read_text().splitlines() if '"gateway.listening"' in line}
     assert len(pids) == 2
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="SO_REUSEPORT and POSIX signals")
+async def test_the_learned_budget_counts_the_calls_of_both_workers(sandbox: Any,
+                                                                   tmp_path: Path) -> None:
+    """Kore.ai accepts six calls in its window, sent by either worker: the budget learned is
+    six, not the share of the worker that saw the refusal."""
+    sandbox.faults.limits, sandbox.faults.limit_answer = [(6, 30.0)], "kore"
+    settings = merge(base_settings(tmp_path, sandbox.url), {
+        "upstream": {"timeout_s": 2},
+        "rate_limit": {"windows": [{"calls": 60, "per_s": 30}], "backoff_s": 60}})
+    log = tmp_path / "gateway.log"
+    proc = start(write_config(tmp_path, settings), log)
+    try:
+        [listen] = await wait_listening(log, proc)
+        url = f"http://{listen}"
+        await wait_healthy(url, proc)
+        path = f"/v1/bots/{BOT}/sessions/deactivate"
+        accepted = [await one(url, path) for _ in range(6)]  # each on its own connection
+        refused = await one(url, path)
+        later = await asyncio.gather(*(one(url, path) for _ in range(CALLS)))  # both workers
+        await asyncio.sleep(2 * PUBLISH_EVERY_S)
+        metrics = (await one(url, "/metrics", "GET"))[1]
+    finally:
+        code = stop(proc)
+    assert code == 0
+    assert [status for status, _ in accepted] == [200] * 6
+    assert refused[0] == 429 and {status for status, _ in later} == {429}
+    assert len(sandbox.calls) == 7, "a worker sent a call during the pause"
+    assert isinstance(metrics, str)
+    assert f'kore_gateway_ratelimit_learned_budget{{bot="{BOT}"}} 6.0' in metrics, [
+        line for line in metrics.splitlines() if "learned_budget" in line]

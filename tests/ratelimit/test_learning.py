@@ -336,6 +336,21 @@ class TestSharedTable:
         answers = [await call_through((a, b)[i % 2], kore) for i in range(12)]
         assert answers == ["200"] * 12
 
+    async def test_the_budget_counts_what_every_worker_sent(
+            self, workers: list[tuple[MemoryRateLimiter, SharedLearning]],
+            clock: FakeClock) -> None:
+        """Kore.ai accepted six, three from each worker: the worker that saw the refusal
+        counted its own three; the other adds its own the first time it touches the bot."""
+        (a, _), (b, _) = workers
+        kore = FakeKore(clock, 6)
+        answers = [await call_through((a, b)[i % 2], kore) for i in range(7)]
+        assert answers == ["200"] * 6 + ["kore-429"]  # the seventh, a's
+        assert [v.budget for v in a.learned()] == [3]
+        assert await call_through(b, kore) == "200"  # after the pause and the window
+        assert [v.budget for v in a.learned()] == [v.budget for v in b.learned()] == [6]
+        answers = [await call_through((a, b)[i % 2], kore) for i in range(12)]
+        assert answers == ["200"] * 12 and kore.refused == kore.refused[:1]
+
     async def test_a_waiter_in_the_other_worker_asks_again(
             self, workers: list[tuple[MemoryRateLimiter, SharedLearning]],
             clock: FakeClock) -> None:
