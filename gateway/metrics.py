@@ -66,6 +66,7 @@ class _LearnedCollector:
     left out of the workers' snapshots)."""
 
     NAMES = frozenset({"kore_gateway_ratelimit_learned_budget",
+                       "kore_gateway_ratelimit_pause_seconds",
                        "kore_gateway_ratelimit_paused_bots"})
 
     def __init__(self) -> None:
@@ -76,12 +77,19 @@ class _LearnedCollector:
             "kore_gateway_ratelimit_learned_budget", "A bot's budget in the shortest window, "
             "learned from Kore.ai's rate-limit answers (only while below the configured one).",
             labels=["bot"])
+        pauses = GaugeMetricFamily(
+            "kore_gateway_ratelimit_pause_seconds", "Seconds left of a bot's pause after "
+            "Kore.ai's rate-limit answer: no call for it goes to Kore.ai until then (only while "
+            "paused).", labels=["bot"])
         paused = 0
         for bot, budget, pause_s in self.view():
             if budget is not None:
                 budgets.add_metric([bot], budget)
-            paused += pause_s > 0
+            if pause_s > 0:
+                pauses.add_metric([bot], round(pause_s, 3))
+                paused += 1
         yield budgets
+        yield pauses
         yield GaugeMetricFamily("kore_gateway_ratelimit_paused_bots", "Bots for which no call "
                                 "goes to Kore.ai until its rate-limit pause ends.", value=paused)
 

@@ -56,6 +56,9 @@ async def test_a_worker_that_saw_no_refusal_still_pauses(sandbox: Any, tmp_path:
     assert isinstance(metrics, str)
     assert f'kore_gateway_ratelimit_learned_budget{{bot="{BOT}"}} 1.0' in metrics
     assert "kore_gateway_ratelimit_paused_bots 1.0" in metrics
+    [pause] = [line for line in metrics.splitlines()
+               if line.startswith(f'kore_gateway_ratelimit_pause_seconds{{bot="{BOT}"}} ')]
+    assert 0 < float(pause.split()[-1]) <= 60
     assert "kore_gateway_ratelimit_pauses_total 1.0" in metrics
     pids = {line for line in log.read_text().splitlines() if '"gateway.listening"' in line}
     assert len(pids) == 2

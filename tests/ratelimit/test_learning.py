@@ -250,8 +250,11 @@ class TestMemoryLearning:
         assert sample("kore_gateway_ratelimit_pauses_total") == 1.0
         assert sample("kore_gateway_ratelimit_learned_budget", {"bot": BOT}) == 3.0
         assert sample("kore_gateway_ratelimit_paused_bots") == 1.0
+        assert sample("kore_gateway_ratelimit_pause_seconds", {"bot": BOT}) == pytest.approx(5.0)
+        assert sample("kore_gateway_ratelimit_pause_seconds", {"bot": OTHER}) is None
         clock.advance(6)
         assert sample("kore_gateway_ratelimit_paused_bots") == 0.0
+        assert sample("kore_gateway_ratelimit_pause_seconds", {"bot": BOT}) is None
         clock.advance(TEN_WINDOWS * W)
         assert sample("kore_gateway_ratelimit_learned_budget", {"bot": BOT}) is None
 
