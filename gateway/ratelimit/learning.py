@@ -13,8 +13,9 @@ The rules, in the shortest configured window W:
   least 1). That is the level at which Kore.ai refused, so the budget is back at it as soon as
   the pause ends: the fast part of the recovery takes no window at all. The refused call
   itself is forgotten by the backends: as in Kore.ai's own count, it takes no place in a window;
-- `PROBE_WINDOWS` windows after the refusal the configured budget applies again: one probe
-  above the learned level per ten windows. Against a steady limit it costs one refused call
+- `PROBE_WINDOWS` windows after the refusal the configured budget applies again, also for a
+  caller already waiting (its slot is never pushed past that time): one probe above the
+  learned level per ten windows. Against a steady limit it costs one refused call
   (then the same learning again); after a one-off refusal the bot is back at its configured
   budget within ten windows;
 - other calls of the same burst that Kore.ai refuses (granted before the first refusal came
@@ -71,6 +72,12 @@ def budget_at(state: Learned | None, policy: Policy, now: float) -> int | None:
     if state is None or now >= probe_at(state, policy):
         return None
     return state.budget
+
+
+def learned_slot(slot: float, state: Learned, policy: Policy) -> float:
+    """A slot the learned budget pushed to `slot`: never past the time the configured budget
+    applies again (a caller already waiting goes then, not a window later)."""
+    return min(slot, probe_at(state, policy))
 
 
 def shown(state: Learned, policy: Policy, now: float) -> int | None:

@@ -29,6 +29,7 @@ from gateway.ratelimit.learning import (
     accepted_before,
     budget_at,
     expired,
+    learned_slot,
     refuse,
     shown,
 )
@@ -299,7 +300,8 @@ class LocalLearning:
         slot = max(slot, state.pause_until)
         budget = budget_at(state, self.policy, slot)
         if budget is not None and len(times) >= budget:
-            slot = max(slot, times[-budget] + self.policy.window_s + self.margin_s)
+            slot = max(slot, learned_slot(times[-budget] + self.policy.window_s + self.margin_s,
+                                          state, self.policy))
         return slot, state.epoch, fits(slot)
 
     def refused(self, bot_id: str, grant: Grant, retry_after_s: float | None, now: float,

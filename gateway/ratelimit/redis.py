@@ -91,12 +91,17 @@ if budget and slot >= probe_at then budget = nil end
 for i = 1, n do
   local key = KEYS[i]
   local calls, per = tonumber(ARGV[2 + 2 * i]), tonumber(ARGV[3 + 2 * i])
-  if i == short and budget then calls = math.min(calls, budget) end
   local last = redis.call('LINDEX', key, -1)
   if last then
     latest = math.max(latest or 0, tonumber(last))
-    if redis.call('LLEN', key) >= calls then
+    local size = redis.call('LLEN', key)
+    if size >= calls then
       slot = math.max(slot, tonumber(redis.call('LINDEX', key, -calls)) + per + margin)
+    end
+    -- the learned budget pushes a slot at most to probe_at, where the configured one applies
+    if i == short and budget and budget < calls and size >= budget then
+      slot = math.max(slot, math.min(tonumber(redis.call('LINDEX', key, -budget)) + per + margin,
+                                     probe_at))
     end
   end
 end

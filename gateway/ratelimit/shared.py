@@ -38,6 +38,7 @@ from gateway.ratelimit.learning import (
     accepted_before,
     budget_at,
     expired,
+    learned_slot,
     refuse,
     shown,
 )
@@ -312,8 +313,9 @@ class SharedLearning:
                 slot = max(slot, ring_at(entry, 1) + self.spacing_s)
             budget = budget_at(state, self.policy, slot)
             if budget is not None and entry.count >= min(budget, self.table.ring):
-                slot = max(slot, ring_at(entry, min(budget, self.table.ring))
-                           + self.policy.window_s + self.margin_s)
+                slot = max(slot, learned_slot(ring_at(entry, min(budget, self.table.ring))
+                                              + self.policy.window_s + self.margin_s,
+                                              state, self.policy))
             granted = fits(slot)
             if granted:
                 ring_push(entry, slot)

@@ -231,6 +231,19 @@ class TestMemoryLearning:
         answers = [await call_through(lim, kore) for _ in range(20)]
         assert answers == ["200"] * 20 and clock() - start < W / 2  # a whole configured window
 
+    async def test_a_waiting_caller_goes_when_the_configured_budget_applies_again(
+            self, clock: FakeClock) -> None:
+        """The learned budget never pushes a slot past the end of its ten windows."""
+        lim, kore = make_limiter(clock, calls=20), FakeKore(clock, 20)
+        for _ in range(3):
+            await call_through(lim, kore)
+        await lim.refused(BOT, await lim.acquire(BOT, clock() + FAR), None)  # budget 3
+        probe_at = clock() + TEN_WINDOWS * W
+        clock.advance(TEN_WINDOWS * W - W / 2)
+        grants = [lim.reserve(BOT, clock() + FAR) for _ in range(4)]
+        assert grants[2].slot < probe_at
+        assert grants[3].slot == pytest.approx(probe_at, abs=1e-6)  # not grants[0].slot + W
+
     async def test_pause_doubles_while_kore_keeps_refusing(self, clock: FakeClock) -> None:
         lim = make_limiter(clock, backoff_s=2.0, max_pause_s=10.0)
         pauses = []
@@ -353,6 +366,19 @@ class TestSharedTable:
         assert [v.budget for v in a.learned()] == [v.budget for v in b.learned()] == [6]
         answers = [await call_through((a, b)[i % 2], kore) for i in range(12)]
         assert answers == ["200"] * 12 and kore.refused == kore.refused[:1]
+
+    async def test_a_waiting_caller_goes_when_the_configured_budget_applies_again(
+            self, workers: list[tuple[MemoryRateLimiter, SharedLearning]],
+            clock: FakeClock) -> None:
+        (a, _), (b, _) = workers
+        kore = FakeKore(clock, 3)
+        answers = [await call_through(a, kore) for _ in range(4)]
+        assert answers[-1] == "kore-429" and [v.budget for v in b.learned()] == [3]
+        probe_at = clock() + TEN_WINDOWS * W
+        clock.advance(TEN_WINDOWS * W - W / 2)
+        grants = [(a, b)[i % 2].reserve(BOT, clock() + FAR) for i in range(4)]
+        assert grants[2].slot < probe_at
+        assert grants[3].slot == pytest.approx(probe_at, abs=1e-6)
 
     async def test_a_waiter_in_the_other_worker_asks_again(
             self, workers: list[tuple[MemoryRateLimiter, SharedLearning]],

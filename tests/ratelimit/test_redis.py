@@ -297,6 +297,20 @@ class TestRedisLearning:
         assert after.granted and 9.5 < after.wait <= 10.0 + MARGIN
         assert (after.epoch, after.budget) == (1, 3) and 4.8 < after.pause_s <= 5.0
 
+    async def test_a_waiter_goes_when_the_configured_budget_applies_again(
+            self, clients: Any) -> None:
+        """The learned budget never pushes a slot past the end of its ten windows."""
+        windows = learning_windows(clients(), [(60, 0.3)], backoff_s=0.05)
+        got = [await windows.reserve(BOT, FAR) for _ in range(3)]
+        await asyncio.sleep(got[2].wait)
+        assert (await windows.refused(BOT, got[2].slot, None)).budget == 2
+        probe = (await windows.reserve(BOT, 0.0)).probe_s  # paused: nothing reserved
+        await asyncio.sleep(probe - 0.2)  # two grants now, a third pushed past the probe
+        first, second, third = [await windows.reserve(BOT, FAR) for _ in range(3)]
+        assert (first.budget, second.budget) == (2, 2)
+        assert third.granted and third.wait == pytest.approx(third.probe_s, abs=0.002), third
+        assert third.wait < first.wait + 0.3 + MARGIN - 0.05  # not the learned window's push
+
     async def test_learned_budget_holds_for_every_replica(self, clients: Any) -> None:
         shape = [(60, 10.0), (1000, 100.0)]
         a = learning_windows(clients(), shape, backoff_s=0.01)
