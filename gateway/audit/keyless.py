@@ -1,9 +1,10 @@
 """Requests without a valid key in the audit: one record each up to a budget, then a count.
 
 Up to `audit.max_unauthenticated_per_s` (default 20) `deactivate.denied` records of keyless
-requests (no key, an unknown key) are written one by one in each second of this process.
-Beyond that a denial is only counted, by client address, and at the end of the second the
-counts become one `audit.unauthenticated_suppressed` record: `count` (every suppressed denial)
+requests (no key, an unknown key) are written one by one in any one second of this process
+(a sliding second: never twice that many across the turn of a clock second). Beyond that a
+denial is only counted, by client address, and at the end of the clock second the counts
+become one `audit.unauthenticated_suppressed` record: `count` (every suppressed denial)
 and `clients` (the ten addresses with the most, address → count; in the file, as every
 object, in key order). Its `client` is null: it
 speaks for many. A keyless flood so costs the disk at most that many records and one summary
@@ -15,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -41,27 +42,25 @@ class UnauthenticatedAudit:
         self._per_s = per_s
         self._metrics = metrics if metrics is not None else Metrics()
         self._clock = clock
-        self._second = -1  # the whole second of the clock the budget counts in
-        self._written = 0
+        # When the last `per_s` records were written: one more fits once the oldest is 1 s old.
+        self._written: deque[float] = deque(maxlen=max(per_s, 1))
         self._counts: Counter[str] = Counter()
         self._timer: asyncio.TimerHandle | None = None
         self._writing: set[asyncio.Task[None]] = set()
 
     async def deny(self, record: Mapping[str, Any]) -> None:
-        """Writes `record` (raising `AuditUnavailable` as `AuditLog.append` does) while this
-        second's budget lasts; afterwards counts it for the second's summary."""
+        """Writes `record` (raising `AuditUnavailable` as `AuditLog.append` does) while fewer
+        than `per_s` were written in the last second; otherwise counts it for the summary."""
         now = self._clock()
-        second = math.floor(now)
-        if second != self._second:
-            self._second, self._written = second, 0
-        if self._written < self._per_s:
-            self._written += 1
+        written = self._written
+        if self._per_s > 0 and (len(written) < self._per_s or now - written[0] >= 1.0):
+            written.append(now)
             await self._audit.append(record)
             return
         self._counts[str(record.get("client") or UNKNOWN_CLIENT)] += 1
         self._metrics.audit_unauthenticated_suppressed()
         if self._timer is None:
-            delay = second + 1 - now
+            delay = math.floor(now) + 1 - now
             self._timer = asyncio.get_running_loop().call_later(delay, self._flush)
 
     def summary(self) -> dict[str, Any] | None:

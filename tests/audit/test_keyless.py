@@ -1,4 +1,4 @@
-"""gateway.audit.keyless: keyless denials one by one up to a budget a second, then summed."""
+"""gateway.audit.keyless: keyless denials one by one up to a budget in any second, then summed."""
 
 from __future__ import annotations
 
@@ -55,6 +55,33 @@ class TestUnauthenticatedAudit:
         events = [r["event"] for r in read_records(log.path)]
         assert events.count("deactivate.denied") == 2
         assert events.count(SUPPRESSED_EVENT) == 1
+
+    async def test_never_more_than_the_budget_in_any_one_second(self, tmp_path: Path) -> None:
+        """A burst across the turn of a clock second gets `per_s` records, not twice that."""
+        log = await opened(tmp_path)
+        clock = FakeClock(1000.9)
+        keyless = UnauthenticatedAudit(log, 3, clock=clock)
+        for _ in range(5):
+            await keyless.deny(denied("a"))
+            clock.advance(0.05)  # 1000.9 … 1001.15: across 1001.0
+        written = len(read_records(log.path))
+        clock.advance(0.8)  # 1001.95: the first record is over 1 s old
+        await keyless.deny(denied("a"))
+        await keyless.aclose()
+        await log.close()
+        events = [r["event"] for r in read_records(log.path)]
+        assert written == 3
+        assert events.count("deactivate.denied") == 4 and events.count(SUPPRESSED_EVENT) == 1
+
+    async def test_a_budget_of_zero_writes_only_summaries(self, tmp_path: Path) -> None:
+        log = await opened(tmp_path)
+        keyless = UnauthenticatedAudit(log, 0, clock=FakeClock(1000.0))
+        for _ in range(3):
+            await keyless.deny(denied("a"))
+        await keyless.aclose()
+        await log.close()
+        assert [(r["event"], r.get("count")) for r in read_records(log.path)] == [
+            (SUPPRESSED_EVENT, 3)]
 
     async def test_only_the_ten_busiest_addresses_are_named(self, tmp_path: Path) -> None:
         log = await opened(tmp_path)
