@@ -30,6 +30,7 @@ import contextlib
 import errno
 import hashlib
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -90,6 +91,7 @@ _UNAVAILABLE = "audit log cannot be written"
 _OWN_KEYS = frozenset({"ts", "seq", CHAIN_FIELD, "prev", "hash"})  # set by the log alone
 _PROBE_BYTE = b" "  # never a newline: if left behind by a crash, start-up cuts it as a torn line
 HALT_WAIT_S = 2.0
+MIN_FREE_BYTES = 4096  # on the volume at start-up: less, and the start stops (`_check_usable`)
 # Group commit under load: before a commit that follows another, the loop turns again while a
 # turn adds records (see `AuditLog._gather`). A record that finds the log idle never waits.
 GATHER_TURNS = 32
@@ -168,6 +170,7 @@ class AuditLog:
         self._reserve.refill()
         try:
             self._reopen()
+            self._check_usable()
             self._seq, self._prev = self._recover()
             if self._size and not self._continues_chain():
                 self._rotate()  # a file is keyed with one key, or plain, as a whole
@@ -180,6 +183,22 @@ class AuditLog:
             raise
         self._opened = True
         log.info("audit.opened", path=str(self._path), seq=self._seq)
+
+    def _check_usable(self) -> None:
+        """At start-up: a file that opens on a full volume takes no record; the start stops
+        with the reason instead. (Not a device: one such as /dev/full starts and fails
+        closed, as a volume that fills up later does.)"""
+        assert self._fd is not None
+        if not stat.S_ISREG(os.fstat(self._fd).st_mode):
+            return
+        try:
+            volume = os.fstatvfs(self._fd)
+        except OSError:
+            return
+        free = (volume.f_bfree if os.geteuid() == 0 else volume.f_bavail) * volume.f_frsize
+        if free < MIN_FREE_BYTES:
+            raise AuditOpenError(f"audit log {self._path}: no space left on its volume "
+                                 f"({free} bytes free)")
 
     async def append(self, record: Mapping[str, Any], *, durable: bool = True
                      ) -> dict[str, Any]:

@@ -213,8 +213,22 @@ def _audit(t: Table) -> AuditConfig:
     )
     if not audit.path:
         t.fail("path", "must not be empty")
+    elif (problem := _audit_path_problem(Path(audit.path))) is not None:
+        t.fail("path", problem)
     t.finish()
     return audit
+
+
+def _audit_path_problem(path: Path) -> str | None:
+    """What keeps `audit.path` from ever opening, seen without opening it (so `check-config`
+    says what `serve` would): a directory there, or a file where a directory must be. What
+    depends on the moment (permissions, space) is found when the log opens."""
+    if path.is_dir():
+        return f"{path}: is a directory; give the path of the log file"
+    for parent in path.parents:  # nearest first: the deepest part that exists
+        if parent.exists():
+            return None if parent.is_dir() else f"{path}: {parent} is not a directory"
+    return None
 
 
 def _chain_key(t: Table, audit_dir: Path | None) -> Secret | None:

@@ -519,6 +519,25 @@ class TestOpenErrors:
         assert str(log_path) in str(raised.value)
         assert re.search(reason, str(raised.value))
 
+    def test_a_full_volume_stops_the_start(self, log_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+        """A full volume cannot be made on the test machine: its statvfs is replaced."""
+        real = os.fstatvfs
+
+        def full(fd: int) -> Any:
+            got = real(fd)
+            return os.statvfs_result((*got[:3], 0, 0, *got[5:]))  # no block free
+
+        monkeypatch.setattr(audit.os, "fstatvfs", full)
+        with pytest.raises(AuditOpenError, match="no space left on its volume") as raised:
+            AuditLog(log_path).open()
+        assert str(log_path) in str(raised.value)
+
+    def test_a_volume_with_room_opens(self, log_path: Path) -> None:
+        log = AuditLog(log_path)
+        log.open()
+        assert log.healthy
+
     @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
     def test_unwritable_directory_raises(self, log_path: Path) -> None:
         log_path.parent.mkdir()

@@ -152,6 +152,10 @@ CONFIG_ERRORS: list[tuple[str, Change, str, str]] = [
      "must be a number, not a boolean"),
     ("bool-for-window-calls", _set("rate_limit.windows", [{"calls": True, "per_s": 1}]),
      "rate_limit.windows[0].calls", "not a boolean"),
+    # an audit path that can never open (check-config says what serve would)
+    ("audit-path-is-a-directory", _set("audit.path", "."), "audit.path", "is a directory"),
+    ("audit-path-under-a-file", _set("audit.path", "gateway.toml/audit/log.jsonl"),
+     "audit.path", "gateway.toml is not a directory"),
     # out-of-range numbers
     ("timeout-inf", _set("upstream.timeout_s", float("inf")), "upstream.timeout_s",
      "must be a finite number"),
