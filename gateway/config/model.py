@@ -177,6 +177,8 @@ class CallerConfig:
     name: str
     key_sha256: str = field(repr=False)
     bots: tuple[str, ...] = ("*",)
+    # No `bots` in the file: every bot, and a warning says so (not a key of the file).
+    bots_unset: bool = field(default=False, metadata={"not_a_key": True})
 
 
 @dataclass(frozen=True, slots=True)

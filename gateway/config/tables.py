@@ -391,6 +391,15 @@ def config_warnings(config: Config) -> list[ConfigWarning]:
                 "token "
                 f"(use less than {MAX_JTI_TTL_S - JTI_TTL_MARGIN_S}, or leave it unset for "
                 f"{DEFAULT_JTI_TOKEN_TTL_S})")))
+        if not re.fullmatch(r"cs-[A-Za-z0-9-]+", app.client_id):
+            found.append(ConfigWarning(f"apps[{i}].client_id", (
+                "is not shaped like a Kore.ai client ID (cs-…, as Bot Builder shows it under "
+                "the app's client ID); Kore.ai will refuse tokens whose appId it does not know")))
+    for i, caller in enumerate(config.callers):
+        if caller.bots_unset:
+            found.append(ConfigWarning(f"callers[{i}].bots", (
+                f"is not set, so caller {caller.name} may touch every bot; give its globs "
+                '(bots = ["*"] says every bot on purpose and is not warned about)')))
     return found
 
 
@@ -408,10 +417,12 @@ def _callers(root: Table, problems: list[str], base: Path, env: Mapping[str, str
     callers = []
     for i, item in enumerate(_array(root, "callers")):
         t = Table(item, f"callers[{i}]", problems, base, env)
+        unset = isinstance(item, dict) and "bots" not in item
         caller = CallerConfig(
             name=t.get("name", str, ""),
             key_sha256=t.get("key_sha256", str, "").lower(),
             bots=t.strings("bots", ("*",)),
+            bots_unset=unset,
         )
         if not caller.name:
             t.fail("name", "is required")

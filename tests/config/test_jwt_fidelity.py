@@ -120,3 +120,33 @@ class TestJtiTokenTtl:
             await client.close()
         assert [e for e in logs if e["event"] == "gateway.started"]
         assert not [e for e in logs if e["event"] == "config.warning"]
+
+
+class TestShapeWarnings:
+    @pytest.mark.parametrize(("client_id", "warned"), [
+        ("cs-3a1b2c3d-0000-4000-8000-1234567890ab", False), ("cs-test-app", False),
+        ("3a1b2c3d-0000-4000-8000-1234567890ab", True), ("st-oops", True),
+    ], ids=["uuid", "short", "no-prefix", "a-bot-id"])
+    def test_a_client_id_not_shaped_like_kores_is_warned_about(
+            self, tmp_path: Path, client_id: str, warned: bool) -> None:
+        path = write_config(tmp_path, settings_with_app(tmp_path, client_id=client_id))
+        keys = [w.key for w in config_warnings(load_config(path, env={}))]
+        assert keys == (["apps[0].client_id"] if warned else [])
+
+    @pytest.mark.parametrize(("bots", "warned"), [
+        (None, True), (["*"], False), (["st-*"], False),
+    ], ids=["unset", "every-bot-on-purpose", "globs"])
+    def test_a_caller_without_bots_is_warned_about(self, tmp_path: Path,
+                                                   bots: list[str] | None,
+                                                   warned: bool) -> None:
+        settings = base_settings(tmp_path)
+        caller = settings["callers"][0]
+        caller.pop("bots", None)
+        if bots is not None:
+            caller["bots"] = bots
+        config = load_config(write_config(tmp_path, settings), env={})
+        found = [w for w in config_warnings(config) if w.key == "callers[0].bots"]
+        assert bool(found) is warned
+        if warned:
+            assert "may touch every bot" in found[0].message
+            assert config.callers[0].bots == ("*",)
