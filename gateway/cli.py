@@ -28,6 +28,7 @@ from gateway.http.server import ListenError
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "config" / "demo.toml"
 DEMO_KEY = "kgw_demo_local_only"  # the demo caller's key; config/demo.toml holds its hash
 DEMO_BOT = "st-demo-bot"
+MAX_WORKERS = 256  # past it, a typo (--workers 100000) would fork until memory runs out
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -133,8 +134,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.logs import LogFileError, configure
 
     config = resolve_config(args.config)
-    if args.workers < 1:
-        print("--workers must be at least 1", file=sys.stderr)
+    if not 1 <= args.workers <= MAX_WORKERS:
+        print(f"--workers must be 1–{MAX_WORKERS}", file=sys.stderr)
         return 2
     watch = args.watch_config
     if watch is not None and not MIN_WATCH_S <= watch <= MAX_WATCH_S:

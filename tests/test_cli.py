@@ -287,9 +287,10 @@ class TestServe:
         assert result.returncode == 2 and "GATEWAY_CONFIG" in result.stderr
         assert_no_traceback(result)
 
-    def test_workers_below_one_refused(self, good_config: Path) -> None:
-        result = gateway("serve", "--config", str(good_config), "--workers", "0")
-        assert result.returncode == 2 and "--workers" in result.stderr
+    @pytest.mark.parametrize("workers", ["0", "257", "100000"])
+    def test_workers_out_of_bounds_refused(self, good_config: Path, workers: str) -> None:
+        result = gateway("serve", "--config", str(good_config), "--workers", workers)
+        assert result.returncode == 2 and "--workers must be 1–256" in result.stderr
         assert_no_traceback(result)
 
     def test_port_in_use_is_a_clear_error(self, tmp_path: Path) -> None:

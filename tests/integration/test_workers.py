@@ -5,6 +5,7 @@ own verifiable audit chain."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import json
 import os
@@ -117,3 +118,40 @@ async def test_workers_share_one_per_bot_budget(sandbox: Any, tmp_path: Path) ->
         for first, later in zip(times, times[share:]):
             assert later - first >= SANDBOX_WINDOW_S, (path.name, later - first)
     assert sum(len(requested_times(p)) for p in files) == CALLS
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie has exited: it only waits for its parent to reap it
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+async def test_workers_do_not_outlive_a_killed_supervisor(sandbox: Any, tmp_path: Path) -> None:
+    """The supervisor SIGKILLed (as the OOM killer does): its workers get SIGTERM from the
+    kernel and exit, instead of staying behind, orphaned, on the port."""
+    settings = merge(base_settings(tmp_path, sandbox.url), {"server": {"drain_s": 1}})
+    log = tmp_path / "gateway.log"
+    proc = start(write_config(tmp_path, settings), log)
+    try:
+        await wait_listening(log, proc)
+        pids = [json.loads(line)["pid"] for line in log.read_text().splitlines()
+                if '"gateway.listening"' in line]
+        assert len(pids) == WORKERS and all(_alive(pid) for pid in pids)
+        proc.kill()
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 15
+        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert not [pid for pid in pids if _alive(pid)], log.read_text()[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
