@@ -156,9 +156,14 @@ class Deactivator:
         except AuditUnavailable:
             # The PUT went out and its requested record is durable; the caller must not
             # believe a result we could not record, so it sees audit_unavailable and retries.
-            log.error("audit.completion_lost", request_id=ask.request_id, status=status)
-            raise AuditUnavailable("the call reached Kore.ai but its result could not be "
-                                   "audited; retry when the gateway is ready") from None
+            # What it saw is kept for the log's next commit (with Kore.ai's status).
+            refused = AuditUnavailable("the call reached Kore.ai but its result could not be "
+                                       "audited; retry when the gateway is ready")
+            record = ask.record("deactivate.completed", ask.app)
+            _add_result(record, ask, refused.status, refused, ask.trace)
+            log.error("audit.completion_lost", request_id=ask.request_id, status=status,
+                      kept=self.audit.retain(record))
+            raise refused from None
 
     async def deny(self, ask: Ask, error: GatewayError) -> None:
         """The terminal record of an ask stopped before going upstream (best effort)."""
@@ -170,8 +175,10 @@ class Deactivator:
                 await self.unauthenticated.deny(record)
             else:
                 await self.audit.append(record)
-        except AuditUnavailable:
-            log.error("audit.denial_lost", request_id=ask.request_id, error=error.code)
+        except AuditUnavailable:  # kept for the log's next commit (a keyless one: counted)
+            kept = not isinstance(error, Unauthenticated) and self.audit.retain(record)
+            log.error("audit.denial_lost", request_id=ask.request_id, error=error.code,
+                      kept=kept)
 
     async def abandon(self, ask: Ask, error: GatewayError) -> None:
         """The terminal record of an ask cut short (shutdown past drain_s, a bug), if none yet."""

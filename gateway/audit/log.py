@@ -91,6 +91,7 @@ _UNAVAILABLE = "audit log cannot be written"
 _OWN_KEYS = frozenset({"ts", "seq", CHAIN_FIELD, "prev", "hash"})  # set by the log alone
 _PROBE_BYTE = b" "  # never a newline: if left behind by a crash, start-up cuts it as a torn line
 HALT_WAIT_S = 2.0
+MAX_RETAINED = 1_000  # records kept in memory for the next commit while the log is unwritable
 MIN_FREE_BYTES = 4096  # on the volume at start-up: less, and the start stops (`_check_usable`)
 # Group commit under load: before a commit that follows another, the loop turns again while a
 # turn adds records (see `AuditLog._gather`). A record that finds the log idle never waits.
@@ -229,6 +230,16 @@ class AuditLog:
         self._flush_soon()
         # A caller that stops waiting cancels only its future: the record stays in its batch.
         return await future
+
+    def retain(self, record: Mapping[str, Any]) -> bool:
+        """Keeps a record whose own append failed (`AuditUnavailable`) for the next commit:
+        the next append, a successful `probe()` or `close()` writes it, so a terminal record is
+        not lost while the process lives. False when not kept: the log is closed, or already
+        holds `MAX_RETAINED` records."""
+        if self._closed or not self._opened or len(self._retained) >= MAX_RETAINED:
+            return False
+        self._retained.append((self._prepare(record), None, False))
+        return True
 
     def _flush_soon(self) -> None:
         if self._flusher is None:

@@ -556,6 +556,33 @@ class TestFailure:
         assert event["log_level"] == "error" and event["path"] == "/dev/full"
         assert event["errno"] == "ENOSPC" and "No space left" in event["error"]
 
+    async def test_a_retained_record_is_written_by_the_next_commit(
+        self, log_path: Path, open_log: OpenLog
+    ) -> None:
+        """What a failed append could not write is kept, then written before what follows."""
+        log = open_log(log_path)
+        await log.append(request(1))
+        break_in_full_device(log)
+        with pytest.raises(AuditUnavailable):
+            await log.append(request(2))
+        assert log.retain(request(2, event="deactivate.denied"))
+        await log.append(request(3))
+        records = [json.loads(line) for line in log_path.read_bytes().splitlines()]
+        assert [(r["seq"], r["requestId"], r["event"]) for r in records] == [
+            (1, "r-1", "deactivate.requested"), (2, "r-2", "deactivate.denied"),
+            (3, "r-3", "deactivate.requested")]
+        assert verify_files([log_path]).records == 3
+
+    async def test_retained_records_are_bounded_and_none_once_closed(
+        self, log_path: Path, open_log: OpenLog, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr(audit, "MAX_RETAINED", 2)
+        log = open_log(log_path)
+        break_in_full_device(log)
+        assert [log.retain(request(i)) for i in range(3)] == [True, True, False]
+        await log.close()  # one last try: the device is still full
+        assert not log.retain(request(4))
+
     async def test_failed_write_leaves_nothing_and_recovers_without_gap(
         self, log_path: Path, open_log: OpenLog
     ) -> None:

@@ -548,6 +548,33 @@ class TestAuditUnavailable:
                                       attempts=1))
 
 
+    async def test_a_result_the_disk_refused_is_written_once_it_can_write(
+            self, tmp_path: Path, start_gateway: Any, sandbox: Any) -> None:
+        """The call reached Kore.ai, then the disk refused its terminal record: the caller gets
+        503, and the record of that answer is kept and written when the log can write again
+        (not left open until a restart)."""
+        gateway = await start_gateway()
+        set_faults(sandbox, latency_ms=400)
+        log_file = tmp_path / "audit" / "deactivations.jsonl"
+        saved = tmp_path / "saved.jsonl"
+        call = asyncio.ensure_future(gateway.post(URL, json=BODY, headers=AUTH))
+        await wait_for_calls(sandbox, 1)  # the requested record is durable, the PUT is out
+        os.rename(log_file, saved)
+        log_file.symlink_to("/dev/full")  # every write: ENOSPC
+        rid = (await expect_error(await call, 503, "audit_unavailable"))["requestId"]
+        assert [r["event"] for r in AuditTrail(saved).records()] == ["deactivate.requested"]
+        log_file.unlink()
+        os.rename(saved, log_file)
+        deadline = time.monotonic() + 5
+        while len(AuditTrail(log_file).records()) < 2:  # a readiness probe writes what was kept
+            assert time.monotonic() < deadline, AuditTrail(log_file).records()
+            assert (await gateway.get("/readyz")).status in (200, 503)
+            await asyncio.sleep(0.05)
+        AuditTrail(log_file).expect(
+            requested(rid), completed(rid, outcome="failed", status=503, upstream_status=200,
+                                      attempts=1, error="audit_unavailable"))
+        assert (await gateway.get("/readyz")).status == 200
+
 class TestOverloaded:
     async def test_beyond_max_in_flight_is_overloaded(self, start_gateway: Any, sandbox: Any,
                                                       audit: AuditTrail) -> None:
