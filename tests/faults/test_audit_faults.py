@@ -77,9 +77,13 @@ async def test_disk_full_fails_closed_and_recovers_without_restart(sandbox: Any,
     report = verify_files([gw.audit_path])
     assert report.ok, report.error
     records = gw.records()
+    # The refusals of the outage were kept, and written first once the disk had room again.
     assert [(r["requestId"], r["event"]) for r in records] == [
         ("before", "deactivate.requested"), ("before", "deactivate.completed"),
+        ("while-full", "deactivate.denied"), ("still-full", "deactivate.denied"),
         ("after", "deactivate.requested"), ("after", "deactivate.completed")]
+    assert {(r["outcome"], r["status"], r["error"]) for r in records[2:4]} == {
+        ("failed", 503, "audit_unavailable")}
     assert [c.headers["x-request-id"] for c in sandbox.calls] == ["before", "after"]
 
 
