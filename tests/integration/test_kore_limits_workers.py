@@ -4,7 +4,9 @@ worker, the other follows (the supervisor's shared table), over real processes a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,25 @@ from tests.integration.test_crash import wait_healthy
 from tests.integration.test_workers import start, stop, wait_listening
 
 CALLS = 20
+PATH = f"/v1/bots/{BOT}/sessions/deactivate"
+
+
+@contextlib.asynccontextmanager
+async def two_workers(sandbox: Any, tmp_path: Path, overrides: dict[str, Any]
+                      ) -> AsyncIterator[tuple[str, Path]]:
+    """`serve --workers 2` with these settings, ready: its URL and log; stopped cleanly."""
+    log = tmp_path / "gateway.log"
+    proc = start(write_config(tmp_path, merge(base_settings(tmp_path, sandbox.url), overrides)),
+                 log)
+    try:
+        [listen] = await wait_listening(log, proc)
+        url = f"http://{listen}"
+        await wait_healthy(url, proc)
+        yield url, log
+    except BaseException:
+        stop(proc)
+        raise
+    assert stop(proc) == 0
 
 
 async def one(url: str, path: str, method: str = "POST") -> tuple[int, dict[str, Any] | str]:
@@ -32,24 +53,14 @@ async def one(url: str, path: str, method: str = "POST") -> tuple[int, dict[str,
 @pytest.mark.skipif(sys.platform != "linux", reason="SO_REUSEPORT and POSIX signals")
 async def test_a_worker_that_saw_no_refusal_still_pauses(sandbox: Any, tmp_path: Path) -> None:
     sandbox.faults.rate_429, sandbox.faults.limit_answer = 1.0, "kore"
-    settings = merge(base_settings(tmp_path, sandbox.url), {
-        "upstream": {"timeout_s": 5}, "rate_limit": {"backoff_s": 60}})
-    log = tmp_path / "gateway.log"
-    proc = start(write_config(tmp_path, settings), log)
-    try:
-        [listen] = await wait_listening(log, proc)
-        url = f"http://{listen}"
-        await wait_healthy(url, proc)
-        path = f"/v1/bots/{BOT}/sessions/deactivate"
-        first = await one(url, path)
+    async with two_workers(sandbox, tmp_path, {"upstream": {"timeout_s": 5},
+                                               "rate_limit": {"backoff_s": 60}}) as (url, log):
+        first = await one(url, PATH)
         assert first[0] == 429 and len(sandbox.calls) == 1
-        later = await asyncio.gather(*(one(url, path) for _ in range(CALLS)))
+        later = await asyncio.gather(*(one(url, PATH) for _ in range(CALLS)))
         ready = await asyncio.gather(*(one(url, "/readyz", "GET") for _ in range(10)))
         await asyncio.sleep(2 * PUBLISH_EVERY_S)  # the pausing worker's count is published
         metrics = (await one(url, "/metrics", "GET"))[1]
-    finally:
-        code = stop(proc)
-    assert code == 0
     assert [status for status, _ in later] == [429] * CALLS
     assert len(sandbox.calls) == 1, "a worker sent a call during the pause"
     assert {body["pausedBots"] for _, body in ready} == {1}  # type: ignore[index]
@@ -70,24 +81,14 @@ async def test_the_learned_budget_counts_the_calls_of_both_workers(sandbox: Any,
     """Kore.ai accepts six calls in its window, sent by either worker: the budget learned is
     six, not the share of the worker that saw the refusal."""
     sandbox.faults.limits, sandbox.faults.limit_answer = [(6, 30.0)], "kore"
-    settings = merge(base_settings(tmp_path, sandbox.url), {
-        "upstream": {"timeout_s": 2},
-        "rate_limit": {"windows": [{"calls": 60, "per_s": 30}], "backoff_s": 60}})
-    log = tmp_path / "gateway.log"
-    proc = start(write_config(tmp_path, settings), log)
-    try:
-        [listen] = await wait_listening(log, proc)
-        url = f"http://{listen}"
-        await wait_healthy(url, proc)
-        path = f"/v1/bots/{BOT}/sessions/deactivate"
-        accepted = [await one(url, path) for _ in range(6)]  # each on its own connection
-        refused = await one(url, path)
-        later = await asyncio.gather(*(one(url, path) for _ in range(CALLS)))  # both workers
+    overrides = {"upstream": {"timeout_s": 2},
+                 "rate_limit": {"windows": [{"calls": 60, "per_s": 30}], "backoff_s": 60}}
+    async with two_workers(sandbox, tmp_path, overrides) as (url, _):
+        accepted = [await one(url, PATH) for _ in range(6)]  # each on its own connection
+        refused = await one(url, PATH)
+        later = await asyncio.gather(*(one(url, PATH) for _ in range(CALLS)))  # both workers
         await asyncio.sleep(2 * PUBLISH_EVERY_S)
         metrics = (await one(url, "/metrics", "GET"))[1]
-    finally:
-        code = stop(proc)
-    assert code == 0
     assert [status for status, _ in accepted] == [200] * 6
     assert refused[0] == 429 and {status for status, _ in later} == {429}
     assert len(sandbox.calls) == 7, "a worker sent a call during the pause"
