@@ -14,7 +14,7 @@ A call to a session path is handled in this order:
 2. any method but `PUT` → 405;
 3. faults, in order: drop (connection closed, no answer) · latency · `reject_token_next` (401) ·
    `fail_first`, then `error_rate` (`error_status`) · `rate_429` · per-bot `limits` (sliding
-   logs on `clock`, each window `limit_scale` times as long; a refused call counts in none);
+   logs on `clock`, each window `limit_scale` times as long; only an accepted call counts);
    all of them only for the botIds matching a `bots` glob, when `bots` is given. Both rate
    faults answer as `limit_answer` says: 429 + Retry-After (`retry_after_header` verbatim,
    else `retry_after_s`, else for `limits` the honest wait), or Kore.ai's documented message
@@ -243,7 +243,7 @@ class KoreSandbox:
     async def _handle(self, request: web.Request, call: RecordedCall, raw: bytes) -> None:
         if request.method != "PUT":
             raise _KoreError(405, "Method Not Allowed", {"Allow": "PUT"})
-        await self._apply_faults(request, call)
+        windows = await self._apply_faults(request, call)
         try:
             call.claims = self._tokens.check(request.headers.get("auth"))
         except TokenRejected as rejected:
@@ -251,6 +251,9 @@ class KoreSandbox:
         _check_body(request.content_type, raw)
         if not any(fnmatchcase(call.bot_id or "", glob) for glob in self._known_bots):
             raise _KoreError(404, "Bot not found")
+        now = self._clock()
+        for window in windows:  # only an accepted call counts in the limits' windows
+            window.append(now)
 
     def _finish(self, call: RecordedCall, status: int) -> None:
         call.status = status
@@ -258,10 +261,13 @@ class KoreSandbox:
 
     # --- faults --------------------------------------------------------------------------
 
-    async def _apply_faults(self, request: web.Request, call: RecordedCall) -> None:
+    async def _apply_faults(self, request: web.Request, call: RecordedCall
+                            ) -> list[deque[float]]:
+        """Raises the fault that fires, if one does; returns the `limits` windows the call
+        counts in once it is accepted."""
         faults = self._faults
         if faults.bots and not any(fnmatchcase(call.bot_id or "", g) for g in faults.bots):
-            return
+            return []
         if self._roll(faults.drop_rate):
             self._finish(call, NOT_ANSWERED)
             _drop(request)
@@ -277,13 +283,14 @@ class KoreSandbox:
             raise _KoreError(faults.error_status, _reason(faults.error_status))
         if self._roll(faults.rate_429):
             raise _rate_limited(faults, faults.retry_after_s)
-        self._check_limits(call.bot_id or "")
+        return self._check_limits(call.bot_id or "")
 
     def _roll(self, rate: float) -> bool:
         return rate > 0 and self._rng.random() < rate
 
-    def _check_limits(self, bot_id: str) -> None:
-        """Sliding-window log per bot and window: a call counts for `per_s` seconds."""
+    def _check_limits(self, bot_id: str) -> list[deque[float]]:
+        """Sliding-window log per bot and window: an accepted call counts for `per_s` seconds
+        (a call refused for any reason, the limit's included, counts in none)."""
         now = self._clock()
         scale = self._faults.limit_scale
         limits = [(calls, per_s * scale) for calls, per_s in self._faults.limits]
@@ -295,8 +302,7 @@ class KoreSandbox:
         ]
         if waits:
             raise _rate_limited(self._faults, max(waits))
-        for window in windows:
-            window.append(now)
+        return windows
 
     def _window(self, bot_id: str, calls: int, per_s: float, now: float) -> deque[float]:
         window = self._windows.setdefault((bot_id, calls, per_s), deque())

@@ -94,6 +94,23 @@ class TestPresets:
         assert await statuses(client, clock, 3) == [200, 200, 429]
 
 
+    @pytest.mark.parametrize(("headers", "body", "status"), [
+        pytest.param({}, {"userId": "u-1"}, 401, id="no-token"),
+        pytest.param({"auth": "not-a-jwt"}, {"userId": "u-1"}, 401, id="bad-token"),
+        pytest.param(None, {}, 400, id="bad-body"),
+    ])
+    async def test_a_call_refused_for_another_reason_counts_in_no_window(
+            self, client: Any, sandbox: KoreSandbox, clock: Clock, headers: dict[str, str] | None,
+            body: dict[str, Any], status: int) -> None:
+        sandbox.faults.limits = [(1, 60.0)]
+        if headers is None:
+            token = jwt.encode({"appId": APP_ID, "sub": "s", "iat": int(clock.now),
+                                "exp": int(clock.now + 600)}, SECRET, "HS256")
+            headers = {"auth": token}
+        refused = [await client.put(SESSION, json=body, headers=headers) for _ in range(3)]
+        assert [r.status for r in refused] == [status] * 3
+        assert await statuses(client, clock, 2) == [200, 429]
+
 class TestKoreAnswer:
     async def test_kores_message_without_retry_after(self, client: Any, sandbox: KoreSandbox,
                                                      clock: Clock) -> None:
