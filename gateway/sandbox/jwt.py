@@ -97,8 +97,9 @@ class TokenChecker:
         if not token:
             raise _credentials_refused()
         try:
-            header = jwt.get_unverified_header(token)
-            app_id = jwt.decode(token, options={"verify_signature": False}).get("appId")
+            signed = _signing_input(token)  # the signature is judged below, with the key
+            header = jwt.get_unverified_header(signed)
+            app_id = jwt.decode(signed, options={"verify_signature": False}).get("appId")
         except jwt.PyJWTError:
             raise TokenRejected(INVALID_TOKEN, KORE_AUTH_CODE) from None
         if not isinstance(app_id, str) or app_id not in self._verifiers:
@@ -159,6 +160,17 @@ def _jti_expiry(_key: tuple[str, str], exp: float, _now: float) -> float:
     return exp
 
 
+def _signing_input(token: str) -> str:
+    """The token with an empty signature: its header and payload, as they must parse. A token
+    whose signature segment is damaged (characters appended to a valid token) is then refused
+    as a bad signature, "Invalid SDK credentials" (S6), not as a token that is not a JWT."""
+    head, dot, rest = token.partition(".")
+    payload, dot2, _ = rest.partition(".")
+    if not (dot and dot2):
+        raise jwt.DecodeError("Not enough segments")
+    return f"{head}.{payload}."
+
+
 def _decode(token: str, verifier: _Verifier) -> dict[str, Any]:
     # Time claims are checked on the sandbox clock (`_check_times`), not PyJWT's.
     options = {
@@ -177,7 +189,7 @@ def _decode(token: str, verifier: _Verifier) -> dict[str, Any]:
         )
     except jwt.MissingRequiredClaimError as error:
         raise TokenRejected(f"Missing claim: {error.claim}") from None
-    except jwt.InvalidSignatureError:
+    except jwt.DecodeError:  # a signature that does not verify, or does not even decode
         raise _credentials_refused() from None
     except jwt.PyJWTError:
         raise TokenRejected(INVALID_TOKEN, KORE_AUTH_CODE) from None

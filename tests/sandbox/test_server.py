@@ -204,6 +204,23 @@ class TestTokenRejected:
         assert resp.status == 401
         assert await resp.json() == {"errors": [{"msg": "Invalid SDK credentials", "code": 4002}]}
 
+    @pytest.mark.parametrize("appended", ["a", "ab", "abc", "abcd", "AAAA", ".x"])
+    async def test_characters_appended_to_a_valid_token(
+        self, client: Client, clock: FakeClock, appended: str
+    ) -> None:
+        """S6: a valid token with characters appended is "Invalid SDK credentials", whether
+        or not its signature segment still decodes."""
+        resp = await put(client, mint(clock) + appended)
+        assert resp.status == 401
+        assert await resp.json() == {"errors": [{"msg": "Invalid SDK credentials", "code": 4002}]}
+
+    @pytest.mark.parametrize("token", ["not-a-jwt", "a.b", "e30.!!!.x"])
+    async def test_what_is_not_a_jwt_is_invalid_jwt_token(self, client: Client,
+                                                           token: str) -> None:
+        resp = await put(client, token)
+        assert resp.status == 401
+        assert await resp.json() == {"errors": [{"msg": "Invalid JWT token", "code": 4002}]}
+
     async def test_iat_up_to_60_s_ahead_is_accepted(self, client: Client, clock: FakeClock) -> None:
         assert (await put(client, mint(clock, iat=int(START) + 60))).status == 200
 
