@@ -165,7 +165,7 @@ def cmd_deactivate(args: argparse.Namespace) -> int:
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
     from gateway.logs import configure
-    from gateway.sandbox.cli import run_sandbox, sandbox_from_args
+    from gateway.sandbox.cli import ListenError, run_sandbox, sandbox_from_args
     from gateway.sandbox.server import SandboxApp
 
     configure()
@@ -184,7 +184,11 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     host, port = _split(args.listen)
-    run_sandbox(sandbox_from_args(args, apps), host, port)
+    try:
+        run_sandbox(sandbox_from_args(args, apps), host, port)
+    except ListenError as exc:
+        print(f"listen error: cannot listen on {args.listen}: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

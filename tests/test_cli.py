@@ -324,6 +324,21 @@ class TestSandbox:
             proc.send_signal(signal.SIGINT)
             proc.wait(timeout=STOP_TIMEOUT_S)
 
+    def test_sandbox_on_a_taken_port_is_one_line_and_exit_2(self, good_config: Path) -> None:
+        with socket.create_server(("127.0.0.1", 0)) as taken:
+            port = taken.getsockname()[1]
+            result = gateway("sandbox", "--listen", f"127.0.0.1:{port}", "--config",
+                             str(good_config))
+        assert result.returncode == 2
+        assert f"listen error: cannot listen on 127.0.0.1:{port}: " in result.stderr
+        assert_no_traceback(result)
+        assert "uncaught" not in result.stderr
+
+    def test_sandbox_off_loopback_is_refused(self, good_config: Path) -> None:
+        result = gateway("sandbox", "--listen", "0.0.0.0:0", "--config", str(good_config))
+        assert result.returncode == 2 and "on loopback" in result.stderr
+        assert_no_traceback(result)
+
     def test_sandbox_without_any_app_is_a_usage_error(self) -> None:
         result = gateway("sandbox", "--listen", "127.0.0.1:0")
         assert result.returncode == 2

@@ -135,12 +135,19 @@ def sandbox_from_args(args: argparse.Namespace, apps: Sequence[SandboxApp]) -> K
     )
 
 
+class ListenError(Exception):
+    """The sandbox's address cannot be listened on: not loopback, in use, not this host's."""
+
+
 def run_sandbox(sandbox: KoreSandbox, host: str, port: int) -> None:
     """Serve until interrupted; the socket is bound first so the printed URL is real."""
     if not is_loopback(host):
-        raise ValueError(f"sandbox listen address {host!r}: must be loopback")
+        raise ListenError(f"{host!r} is not a loopback address")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.create_server((host, port), family=family)
+    try:
+        sock = socket.create_server((host, port), family=family)
+    except OSError as exc:
+        raise ListenError(exc.strerror or str(exc)) from None
     url = f"http://{f'[{host}]' if ':' in host else host}:{sock.getsockname()[1]}"
     web.run_app(
         sandbox.create_app(),
