@@ -175,18 +175,21 @@ def _upstream(t: Table) -> UpstreamConfig:
 
 
 def _check_base_url(t: Table, up: UpstreamConfig) -> None:
+    """Every problem of the URL, not only the first (the message never repeats the URL: it
+    may hold a password)."""
     parts = urlsplit(up.base_url)
-    if "@" in parts.netloc:  # the message never repeats the URL: it holds a password
+    if "@" in parts.netloc:
         t.fail("base_url", "must not carry user:password@ (Kore.ai authenticates the JWT; "
                "credentials in the URL would show wherever the upstream is named)")
-    elif parts.scheme not in ("https", "http") or not parts.hostname:
+    if parts.scheme not in ("https", "http") or not parts.hostname:
         t.fail("base_url", "must be an absolute URL such as \"https://bots.kore.ai\"")
-    elif parts.scheme == "http" and not up.allow_insecure_http:
+        return
+    if parts.scheme == "http" and not up.allow_insecure_http:
         t.fail("base_url", "must use https:// (set upstream.allow_insecure_http = true "
                "only for a local sandbox)")
-    elif parts.query or parts.fragment:
+    if parts.query or parts.fragment:
         t.fail("base_url", "must not have a query or fragment")
-    elif not _valid_port(parts):
+    if not _valid_port(parts):
         t.fail("base_url", "has an invalid port")
 
 

@@ -327,6 +327,16 @@ class TestConfigErrors:
         assert lines, f"no problem for {key!r} in:\n{exc}"
         assert any(fragment in line for line in lines), str(exc)
 
+    def test_every_problem_of_the_base_url_is_named(self, tmp_path: Path) -> None:
+        settings = base_settings(tmp_path)
+        settings["upstream"] = {"base_url": "http://user:pw@bots.example.com:99999/?q=1"}
+        lines = [line for line in problem_lines(config_error(tmp_path, settings))
+                 if ": upstream.base_url: " in line]
+        assert [line.split(": upstream.base_url: ")[1].split(" (")[0] for line in lines] == [
+            "must not carry user:password@", "must use https://",
+            "must not have a query or fragment", "has an invalid port"]
+        assert not [line for line in lines if "pw" in line]
+
     def test_key_error_example_from_the_style_guide(self, tmp_path: Path) -> None:
         settings = merge(base_settings(tmp_path), {})
         app0(settings).update(jti=True, token_ttl_s=7200)
