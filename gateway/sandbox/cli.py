@@ -62,7 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--enforce-jti",
         action="store_true",
-        help='reject a token without a "jti" or with one seen before',
+        help='Kore.ai\'s "Enforce JTI": also reject a token without a "jti" (one seen before '
+             'is always rejected)',
     )
     for name, help_text in _FAULT_FLAGS.items():
         flag = "--" + name.replace("_", "-")

@@ -208,7 +208,10 @@ class KoreSandbox:
         bot_id = self._match(request.rel_url.raw_path)
         if bot_id is None:
             return _KoreError(404, "Not found").response()
-        raw = await request.read()
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:  # answered in Kore.ai's shape like the rest
+            return _KoreError(413, "Request Entity Too Large").response()
         call = self._record(request, bot_id, raw)
         try:
             await self._handle(request, call, raw)

@@ -382,6 +382,15 @@ class TestRequestRejected:
         assert [c.status for c in sandbox.calls] == [405]
 
 
+class TestTooLarge:
+    async def test_a_body_over_a_mib_is_413_in_kores_shape(self, client: Client,
+                                                           clock: FakeClock) -> None:
+        resp = await client.put(SESSION, data=b"x" * (1024 * 1024 + 1),
+                                headers={"auth": mint(clock), "Content-Type": "application/json"})
+        assert resp.status == 413
+        assert await error_msg(resp) == "Request Entity Too Large"
+
+
 class TestFaults:
     async def test_drop_closes_the_connection_without_an_answer(
         self, client: Client, sandbox: KoreSandbox, clock: FakeClock
