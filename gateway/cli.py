@@ -77,7 +77,8 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="gateway + sandbox on loopback, for a first look")
     demo.add_argument("--config", default=str(DEMO_CONFIG), help="demo config (default: %(default)s)")
-    demo.add_argument("--sandbox-port", type=int, default=9090)
+    demo.add_argument("--sandbox-port", type=int, default=9090,
+                      help="loopback port of the sandbox the demo starts (default: %(default)s)")
     demo.set_defaults(run=cmd_demo)
 
     hk = commands.add_parser("hash-key", help="print a new caller key and its key_sha256 line")
