@@ -431,6 +431,18 @@ async def openapi_json(request: web.Request) -> web.Response:
 
 # --- assembly -------------------------------------------------------------------------------
 
+async def unmatched_expectation(request: web.BaseRequest) -> web.StreamResponse:
+    """A request no route takes, with an `Expect` other than 100-continue: the 404 or 405 it
+    gets without that header, in the envelope (see `connection._answering_expectations`)."""
+    assert isinstance(request, web.Request)
+    refused = request.match_info.http_exception or web.HTTPExpectationFailed()
+
+    async def refuse(_: web.Request) -> web.StreamResponse:
+        raise refused
+
+    return await envelope_middleware(request, refuse)
+
+
 async def expect_handler(request: web.Request) -> None:
     """`Expect: 100-continue` is answered as aiohttp answers it; any other expectation is
     ignored (RFC 9110 lets a server answer 417, but aiohttp's 417 comes before the middleware:

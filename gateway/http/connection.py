@@ -27,6 +27,7 @@ import json
 import socket
 import struct
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -372,13 +373,33 @@ def _reset(transport: asyncio.BaseTransport) -> None:
     transport.abort()  # type: ignore[attr-defined]
 
 
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+
+def _answering_expectations(handler: Handler, unmet: Handler) -> Handler:
+    """aiohttp answers an `Expect` other than 100-continue with a bare 417 before any
+    middleware when no route takes the request (a route's own expect handler runs
+    otherwise): `unmet` answers such a request instead."""
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPExpectationFailed:
+            return await unmet(request)
+
+    return handle
+
+
 class GuardedServer(web.Server):
     """aiohttp's low-level server whose connections get `GuardedRequestHandler`, counted by a
     `ConnectionGate`."""
 
     def __init__(self, base: web.Server, *, server: ServerConfig, max_connections: int,
-                 metrics: Metrics | None = None, **handler_kwargs: Any) -> None:
-        super().__init__(base.request_handler, request_factory=base.request_factory,
+                 metrics: Metrics | None = None, unmet_expectation: Handler | None = None,
+                 **handler_kwargs: Any) -> None:
+        handler = base.request_handler
+        if unmet_expectation is not None:
+            handler = _answering_expectations(handler, unmet_expectation)
+        super().__init__(handler, request_factory=base.request_factory,
                          handler_cancellation=base.handler_cancellation, **handler_kwargs)
         self.head_timeout_s = server.client_timeout_s
         self.write_timeout_s = server.write_timeout_s
@@ -410,16 +431,19 @@ class GatewayRunner(web.AppRunner):
 
     def __init__(self, app: web.Application, server: ServerConfig, *,
                  max_connections: int | None = None, metrics: Metrics | None = None,
-                 **kwargs: Any) -> None:
+                 unmet_expectation: Handler | None = None, **kwargs: Any) -> None:
         """`max_connections`: `server.max_connections` unless lowered (`gate.fd_capped`);
-        `kwargs`: the runner's own options (`shutdown_timeout`, `handle_signals`)."""
+        `unmet_expectation`: see `_answering_expectations`; `kwargs`: the runner's own
+        options (`shutdown_timeout`, `handle_signals`)."""
         super().__init__(app, access_log=None, **handler_options(server), **kwargs)
         self.server_config = server
         self.max_connections = max_connections or server.max_connections
         self.metrics = metrics
+        self.unmet_expectation = unmet_expectation
 
     async def _make_server(self) -> web.Server:
         base = await super()._make_server()  # runs the app's start-up
         return GuardedServer(base, server=self.server_config,
                              max_connections=self.max_connections, metrics=self.metrics,
+                             unmet_expectation=self.unmet_expectation,
                              access_log=None, **handler_options(self.server_config))

@@ -33,7 +33,7 @@ from aiohttp import web
 from gateway.audit.log import AuditOpenError
 from gateway.config.model import Config, split_listen, with_changes
 from gateway.http import loop as event_loop
-from gateway.http.app import RUNTIME, create_admin_app, create_app
+from gateway.http.app import RUNTIME, create_admin_app, create_app, unmatched_expectation
 from gateway.http.connection import GatewayRunner
 from gateway.http.gate import FD_RESERVED, fd_capped, raise_fd_limit
 from gateway.http.reload import Reloader
@@ -61,7 +61,8 @@ def make_runner(app: web.Application, config: Config, *, admin: bool = False
     reserved = FD_RESERVED + config.upstream.max_connections
     return GatewayRunner(app, config.server, handle_signals=False, shutdown_timeout=1.0,
                          max_connections=fd_capped(config.server.max_connections, reserved),
-                         metrics=None if admin else app[RUNTIME].metrics)
+                         metrics=None if admin else app[RUNTIME].metrics,
+                         unmet_expectation=unmatched_expectation)
 
 
 async def run_worker(config: Config, *, worker: int = 0, workers: int = 1,

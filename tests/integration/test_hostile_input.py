@@ -280,6 +280,21 @@ class TestExpect:
         probe = send_raw(live.port, request_bytes("GET", "/healthz", [("Expect", "x")]))
         assert probe.status == 200 and "x-request-id" in probe.head.lower()
 
+    @pytest.mark.parametrize(("method", "target", "status", "code"), [
+        ("GET", "/nope", 404, "not_found"),
+        ("DELETE", URL, 405, "method_not_allowed"),
+        ("POST", "/healthz", 405, "method_not_allowed"),
+    ])
+    def test_an_unknown_expectation_where_no_route_takes_the_request(
+            self, live: Live, method: str, target: str, status: int, code: str) -> None:
+        """The 404 or 405 the request gets without the header, not aiohttp's bare 417."""
+        answer = send_raw(live.port, request_bytes(method, target, [
+            ("Expect", "something-else"), ("X-Request-ID", "unmatched")]))
+        assert answer.status == status, answer.head
+        assert "x-request-id: unmatched" in answer.head.lower()
+        assert (answer.json()["error"]["code"], answer.json()["error"]["requestId"]) == (
+            code, "unmatched")
+
     async def test_100_continue_is_answered_before_the_body(self, live: Live) -> None:
         body = b'{"userId":"u-1"}'
         head = deactivation(body, extra=[("Expect", "100-continue")])[:-len(body)]
