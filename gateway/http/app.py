@@ -433,7 +433,7 @@ async def openapi_json(request: web.Request) -> web.Response:
 
 async def unmatched_expectation(request: web.BaseRequest) -> web.StreamResponse:
     """A request no route takes, with an `Expect` other than 100-continue: the 404 or 405 it
-    gets without that header, in the envelope (see `connection._answering_expectations`)."""
+    gets without that header, in the envelope (`connection.GuardedRequestHandler`)."""
     assert isinstance(request, web.Request)
     refused = request.match_info.http_exception or web.HTTPExpectationFailed()
 

@@ -198,6 +198,11 @@ class GuardedRequestHandler(RequestHandler):
 
     async def finish_response(self, request: Any, resp: web.StreamResponse,
                               start_time: float | None) -> tuple[web.StreamResponse, bool]:
+        if resp.status == 417 and isinstance(resp, web.HTTPExpectationFailed) and (
+                self._guard.unmet_expectation is not None):
+            # aiohttp's bare 417 for an `Expect` other than 100-continue on a request no route
+            # takes (a route's own expect handler runs otherwise), raised before any middleware.
+            resp = await self._guard.unmet_expectation(request)
         answered = await super().finish_response(request, resp, start_time)
         if self._unreadable and self.transport is not None:
             # The rest of an unreadable request may still be on its way: dropped, not left
@@ -376,19 +381,6 @@ def _reset(transport: asyncio.BaseTransport) -> None:
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
-def _answering_expectations(handler: Handler, unmet: Handler) -> Handler:
-    """aiohttp answers an `Expect` other than 100-continue with a bare 417 before any
-    middleware when no route takes the request (a route's own expect handler runs
-    otherwise): `unmet` answers such a request instead."""
-    async def handle(request: web.BaseRequest) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except web.HTTPExpectationFailed:
-            return await unmet(request)
-
-    return handle
-
-
 class GuardedServer(web.Server):
     """aiohttp's low-level server whose connections get `GuardedRequestHandler`, counted by a
     `ConnectionGate`."""
@@ -396,11 +388,9 @@ class GuardedServer(web.Server):
     def __init__(self, base: web.Server, *, server: ServerConfig, max_connections: int,
                  metrics: Metrics | None = None, unmet_expectation: Handler | None = None,
                  **handler_kwargs: Any) -> None:
-        handler = base.request_handler
-        if unmet_expectation is not None:
-            handler = _answering_expectations(handler, unmet_expectation)
-        super().__init__(handler, request_factory=base.request_factory,
+        super().__init__(base.request_handler, request_factory=base.request_factory,
                          handler_cancellation=base.handler_cancellation, **handler_kwargs)
+        self.unmet_expectation = unmet_expectation
         self.head_timeout_s = server.client_timeout_s
         self.write_timeout_s = server.write_timeout_s
         self.max_head_bytes = server.max_head_bytes
@@ -433,8 +423,9 @@ class GatewayRunner(web.AppRunner):
                  max_connections: int | None = None, metrics: Metrics | None = None,
                  unmet_expectation: Handler | None = None, **kwargs: Any) -> None:
         """`max_connections`: `server.max_connections` unless lowered (`gate.fd_capped`);
-        `unmet_expectation`: see `_answering_expectations`; `kwargs`: the runner's own
-        options (`shutdown_timeout`, `handle_signals`)."""
+        `unmet_expectation`: answers a request no route takes whose `Expect` aiohttp refuses
+        (`GuardedRequestHandler.finish_response`); `kwargs`: the runner's own options
+        (`shutdown_timeout`, `handle_signals`)."""
         super().__init__(app, access_log=None, **handler_options(server), **kwargs)
         self.server_config = server
         self.max_connections = max_connections or server.max_connections
