@@ -22,8 +22,8 @@ from gateway.bulk.cli import add_arguments as add_bulk_arguments
 from gateway.config.loader import load_config
 from gateway.config.model import Config, ConfigError, Secret, upstream_host
 from gateway.config.tables import config_warnings
+from gateway.errors import ListenError
 from gateway.http.reload import DEFAULT_WATCH_S, MAX_WATCH_S, MIN_WATCH_S
-from gateway.http.server import ListenError
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "config" / "demo.toml"
 DEMO_KEY = "kgw_demo_local_only"  # the demo caller's key; config/demo.toml holds its hash
@@ -166,7 +166,7 @@ def cmd_deactivate(args: argparse.Namespace) -> int:
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
     from gateway.logs import configure
-    from gateway.sandbox.cli import ListenError, run_sandbox, sandbox_from_args
+    from gateway.sandbox.cli import run_sandbox, sandbox_from_args
     from gateway.sandbox.server import SandboxApp
 
     configure()
@@ -185,11 +185,7 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     host, port = _split(args.listen)
-    try:
-        run_sandbox(sandbox_from_args(args, apps), host, port)
-    except ListenError as exc:
-        print(f"listen error: cannot listen on {args.listen}: {exc}", file=sys.stderr)
-        return 2
+    run_sandbox(sandbox_from_args(args, apps), host, port)  # a ListenError: see main()
     return 0
 
 

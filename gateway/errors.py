@@ -9,6 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 
+class ListenError(Exception):
+    """A listen address (the gateway's, the sandbox's) cannot be bound: in use, not local, no
+    permission. Not an answer to a caller: `kore-gateway` prints it and exits 2."""
+
+
 class GatewayError(Exception):
     """An error with a contract `code` and HTTP `status`."""
 

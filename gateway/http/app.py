@@ -451,7 +451,6 @@ async def expect_handler(request: web.Request) -> None:
         await _default_expect_handler(request)
 
 
-
 def create_app(config: Config, *, worker: int = 0, workers: int = 1,
                metrics: Metrics | None = None) -> web.Application:
     app = web.Application(middlewares=[envelope_middleware],

@@ -32,6 +32,7 @@ from aiohttp import web
 
 from gateway.audit.log import AuditOpenError
 from gateway.config.model import Config, split_listen, with_changes
+from gateway.errors import ListenError
 from gateway.http import loop as event_loop
 from gateway.http.app import RUNTIME, create_admin_app, create_app, unmatched_expectation
 from gateway.http.connection import GatewayRunner
@@ -47,10 +48,6 @@ log = structlog.get_logger(__name__)
 
 DRAIN_POLL_S = 0.02
 CANCEL_WAIT_S = 2.0  # past drain_s: how long cancelled requests get to write their records
-
-
-class ListenError(Exception):
-    """The listen address cannot be bound (in use, not local, no permission)."""
 
 
 def make_runner(app: web.Application, config: Config, *, admin: bool = False

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import multiprocessing
 import multiprocessing.connection
 import os
 import signal

@@ -13,6 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.config.model import is_loopback
+from gateway.errors import ListenError
 from gateway.sandbox.faults import (
     FAULT_CHECKS,
     LIMIT_ANSWERS,
@@ -136,20 +137,17 @@ def sandbox_from_args(args: argparse.Namespace, apps: Sequence[SandboxApp]) -> K
     )
 
 
-class ListenError(Exception):
-    """The sandbox's address cannot be listened on: not loopback, in use, not this host's."""
-
-
 def run_sandbox(sandbox: KoreSandbox, host: str, port: int) -> None:
     """Serve until interrupted; the socket is bound first so the printed URL is real."""
+    address = f"[{host}]" if ":" in host else host
     if not is_loopback(host):
-        raise ListenError(f"{host!r} is not a loopback address")
+        raise ListenError(f"cannot listen on {address}:{port}: not a loopback address")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
         sock = socket.create_server((host, port), family=family)
     except OSError as exc:
-        raise ListenError(exc.strerror or str(exc)) from None
-    url = f"http://{f'[{host}]' if ':' in host else host}:{sock.getsockname()[1]}"
+        raise ListenError(f"cannot listen on {address}:{port}: {exc.strerror or exc}") from None
+    url = f"http://{address}:{sock.getsockname()[1]}"
     web.run_app(
         sandbox.create_app(),
         sock=sock,
