@@ -17,26 +17,56 @@ one writer thread per worker, one `write` and one `fsync` for all lines waiting 
 the waiting request released by one `call_soon_threadsafe` per commit. No chain, no hash, no
 encoding, no recovery: the least any gateway bound by the contract writes to its disk. What it
 costs above the floor is the contract's share of each budget, not the gateway's code.
+
+With `--audit-dir DIR --contract-minimum` it is the **contract minimum**: the floor plus each
+duty the contract sets on one successful deactivation, hard-wired in its cheapest correct form
+(`minimum`, a handler of its own; the two modes above are untouched): the request ID (kept if
+valid, else 16 random bytes in hex; answered, sent upstream and audited), the caller key (its
+SHA-256 compared in constant time with the one digest of `$BENCH_FLOOR_CALLER_KEY`; 401
+otherwise), the caller's bots glob `st-*` (each botId's match remembered) and the botId rule,
+the input rules (415, 400), a cached JWT checked against its renewal time (the static token,
+"renewed" from itself), a fixed-window rate limit and a consecutive-failure breaker per bot, two
+audit records built as dicts, each given `ts`, `seq` and `prev` and hash-chained on the event
+loop and written by the writer thread above (the first fsynced before the PUT, the second not
+waited for; one file a worker, verifiable with `kore-gateway audit verify`), the Kore.ai PUT
+with the request ID and its answer read and checked, one JSON access line a request (the lines
+of one turn of the event loop in one `write`), and in-process metrics (a request counter by
+route, status and caller, a duration histogram, the requests in flight). No configuration, no
+failure handling beyond answering, no recovery; refusals are answered, logged and counted, not
+audited. What it costs above the floor is the least any gateway bound by the contract spends on
+its features, a lower bound for the gateway's.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import multiprocessing
 import os
+import re
 import signal
 import sys
 import threading
+import time
+from bisect import bisect_left
 from collections.abc import Sequence
-from typing import Any
+from fnmatch import fnmatchcase
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
 
 from gateway.http import loop as event_loop
+from gateway.jsoncodec import one_line
+
+if TYPE_CHECKING:  # imported at start-up by the contract minimum alone (`_import_minimum`)
+    import hmac  # noqa: TC004
+
+    import orjson  # noqa: TC004
 
 TOKEN_ENV = "BENCH_FLOOR_AUTH"
+CALLER_KEY_ENV = "BENCH_FLOOR_CALLER_KEY"  # --contract-minimum: the one caller's key
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 UPSTREAM = web.AppKey("upstream", str)
 TOKEN = web.AppKey("token", str)
@@ -133,6 +163,270 @@ async def deactivate(request: web.Request) -> web.Response:
                              status=200 if resp.status == 200 else 502)
 
 
+# --- the contract minimum (`--contract-minimum`) ------------------------------------------
+# Every piece of state is per process (each worker has its own): one caller, one app, no
+# configuration. Module globals; the session, the upstream URL and the audit I/O are the app's,
+# looked up as the floor does.
+
+ROUTE = "/v1/bots/{botId}/sessions/deactivate"
+AUDIT_ROUTE = "POST " + ROUTE
+CALLER = "bench-caller"
+CALLER_BOTS = "st-*"
+APP_NAME = "bench"
+ANONYMOUS = "anonymous"  # the metrics' caller of a request without a valid key
+REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+BOT_ID_RE = re.compile(r"st-[A-Za-z0-9-]{1,100}")  # also rules out "." and ".."
+CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f]")  # Unicode Cc
+CHANNEL_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+MAX_USER_ID = 256
+TOKEN_TTL_S, RENEW_BEFORE_S = 600.0, 60.0
+RATE_LIMIT, RATE_WINDOW_S = 1_000_000_000, 60.0  # on, never reached in a benchmark
+BREAKER_FAILURES, BREAKER_OPEN_S = 5, 30.0
+BOT_CACHE_MAX = 16_384
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+ZERO_HASH = "0" * 64
+
+_caller_digest = b""  # SHA-256 of the caller key: the key itself is never kept
+_static_token = ""
+_jwt: tuple[str, float] = ("", 0.0)  # the cached token and when to renew it (monotonic)
+_bot_allowed: dict[str, bool] = {}  # botId → fnmatchcase(botId, CALLER_BOTS)
+_windows: dict[str, list[float]] = {}  # botId → [window start, calls in it]
+_failures: dict[str, list[float]] = {}  # botId → [consecutive failures, time of the last]
+_seq, _prev = 0, ZERO_HASH  # the audit chain, advanced on the event loop: append order
+_second, _second_text = -1, ""  # the timestamp's date and time of day, formatted once a second
+_access: list[bytes] = []  # access lines of this turn of the event loop
+_requests: dict[tuple[str, int, str], int] = {}  # (route, status, caller) → count
+_duration_counts = [0] * (len(LATENCY_BUCKETS_S) + 1)  # per bucket (le), the last one +Inf
+_duration_sum = 0.0
+_in_flight = 0
+
+
+def _import_minimum() -> None:
+    """The contract minimum's own modules, imported in its processes only: the floor's stay as
+    they were (orjson is 0.3 MiB of RSS)."""
+    global hmac, orjson
+    import hmac
+
+    import orjson
+
+
+def _mint() -> str:
+    """The cached JWT renewed: the static token again, for another TTL."""
+    global _jwt
+    _jwt = (_static_token, time.monotonic() + TOKEN_TTL_S - RENEW_BEFORE_S)
+    return _static_token
+
+
+def _utc_now() -> str:
+    """RFC 3339 UTC with microseconds and Z; the date and time of day formatted once a second."""
+    global _second, _second_text
+    seconds, nanos = divmod(time.time_ns(), 1_000_000_000)
+    if seconds != _second:
+        _second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+        _second = seconds
+    return f"{_second_text}.{nanos // 1000:06d}Z"
+
+
+def _chained(record: dict[str, Any]) -> bytes:
+    """`record` given ts, seq and prev, as its audit line: canonical form plus hash."""
+    global _seq, _prev
+    _seq += 1
+    record["ts"], record["seq"], record["prev"] = _utc_now(), _seq, _prev
+    canonical = orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
+    _prev = hashlib.sha256(_prev.encode() + canonical).hexdigest()
+    line = canonical[:-1] + b',"hash":"' + _prev.encode() + b'"}\n'
+    return line if line.isascii() else one_line(line)  # U+2028 and the like escaped
+
+
+class TurnBatch:
+    """The contract minimum's audit appends: the lines of one turn of the event loop go to the
+    writer thread together (one wake-up, one commit for all of them; what arrives while a
+    commit runs waits for the next), as the gateway's group commit gathers them."""
+
+    def __init__(self, io: AuditIO) -> None:
+        self.io = io
+        self.lines: list[bytes] = []
+        self.future: asyncio.Future[None] | None = None  # shared by the turn's durable lines
+
+    def durable(self, line: bytes) -> asyncio.Future[None]:
+        self.later(line)
+        if self.future is None:
+            self.future = self.io.loop.create_future()
+        return self.future
+
+    def later(self, line: bytes) -> None:
+        if not self.lines:
+            self.io.loop.call_soon(self._hand_over)
+        self.lines.append(line)
+
+    def _hand_over(self) -> None:
+        data, future = b"".join(self.lines), self.future
+        self.lines, self.future = [], None
+        self.io._append(data, future)
+
+
+_batch: TurnBatch | None = None  # set by the first request (the app's AuditIO)
+
+
+def _flush_access() -> None:
+    lines = b"\n".join(_access) + b"\n"
+    _access.clear()
+    os.write(2, lines)
+
+
+def _refusal(status: int, code: str, message: str, request_id: str) -> web.Response:
+    body = orjson.dumps({"error": {"code": code, "message": message, "requestId": request_id}})
+    response = web.Response(body=body, status=status, content_type="application/json")
+    response.headers["X-Request-ID"] = request_id
+    return response
+
+
+async def minimum(request: web.Request) -> web.Response:
+    """The floor plus the contract's per-request duties, in the contract's order."""
+    global _in_flight, _duration_sum, _batch
+    started = time.monotonic()
+    request_id = request.headers.get("X-Request-ID")
+    if request_id is None or REQUEST_ID_RE.fullmatch(request_id) is None:
+        request_id = os.urandom(16).hex()
+    logged_id = request_id if "eyj" not in request_id.lower() else "[redacted-jwt]"  # no JWT logged
+    caller: str | None = None
+    status = 500  # unless set below: an exception aiohttp answers
+    _in_flight += 1
+    try:
+        scheme, _, key = (request.headers.get("Authorization") or "").partition(" ")
+        digest = hashlib.sha256(key.strip().encode("utf-8", "surrogateescape")).digest()
+        if scheme.lower() != "bearer" or not hmac.compare_digest(digest, _caller_digest):
+            status = 401
+            response = _refusal(401, "unauthenticated", "the API key is missing or not valid",
+                                request_id)
+            response.headers["WWW-Authenticate"] = "Bearer"
+            return response
+        caller = CALLER
+
+        bot_id = request.match_info["botId"]
+        if BOT_ID_RE.fullmatch(bot_id) is None:
+            status = 400
+            return _refusal(400, "invalid_request", "botId is not valid", request_id)
+        allowed = _bot_allowed.get(bot_id)
+        if allowed is None:
+            if len(_bot_allowed) >= BOT_CACHE_MAX:
+                _bot_allowed.clear()
+            allowed = _bot_allowed[bot_id] = fnmatchcase(bot_id, CALLER_BOTS)
+        if not allowed:
+            status = 403
+            return _refusal(403, "forbidden", f"caller {CALLER} may not touch bot {bot_id}",
+                            request_id)
+
+        if request.content_type != "application/json":
+            status = 415
+            return _refusal(415, "unsupported_media_type",
+                            "send the body as Content-Type: application/json", request_id)
+        try:
+            body = orjson.loads(await request.read())
+        except ValueError:
+            body = None
+        user_id = channel = None
+        has_channel = False  # optional as a key; when present, a string (null is refused)
+        if type(body) is dict:
+            has_channel = "channel" in body
+            if len(body) == 1 + has_channel:  # no other key
+                user_id, channel = body.get("userId"), body.get("channel")
+        if (type(user_id) is not str or not 0 < len(user_id) <= MAX_USER_ID
+                or CONTROL_RE.search(user_id) is not None
+                or has_channel and (type(channel) is not str
+                                    or CHANNEL_RE.fullmatch(channel) is None)):
+            status = 400
+            return _refusal(400, "invalid_request", "the body must be a JSON object with "
+                            "userId (1-256 characters) and an optional channel", request_id)
+
+        token, renew_at = _jwt
+        if started >= renew_at:
+            token = _mint()
+
+        window = _windows.get(bot_id)
+        if window is None or started - window[0] >= RATE_WINDOW_S:
+            window = _windows[bot_id] = [started, 0]
+        if window[1] >= RATE_LIMIT:
+            status = 429
+            response = _refusal(429, "rate_limited", "too many calls for this bot", request_id)
+            response.headers["Retry-After"] = str(int(window[0] + RATE_WINDOW_S - started) + 1)
+            return response
+        window[1] += 1
+        failures = _failures.get(bot_id)
+        if (failures is not None and failures[0] >= BREAKER_FAILURES
+                and started - failures[1] < BREAKER_OPEN_S):
+            status = 503
+            return _refusal(503, "upstream_unavailable", "Kore.ai is failing for this bot; "
+                            "calls are paused", request_id)
+
+        app = request.app
+        audit = _batch if _batch is not None else TurnBatch(app[AUDIT])
+        _batch = audit
+        record: dict[str, Any] = {
+            "event": "deactivate.requested", "requestId": request_id, "caller": CALLER,
+            "client": request.remote, "route": AUDIT_ROUTE, "botId": bot_id, "userId": user_id,
+            "channel": channel, "app": APP_NAME}
+        await audit.durable(_chained(record))  # durable before the PUT
+
+        kore_body = {"userId": user_id, "status": "inactive"}
+        if channel is not None:  # Kore.ai takes a channel as a string or not at all
+            kore_body["channel"] = channel
+        upstream_status: int | None = None
+        ok = False
+        try:
+            async with app[SESSION].put(
+                    f"{app[UPSTREAM]}/api/public/bot/{bot_id}/session",
+                    data=orjson.dumps(kore_body),
+                    headers={"auth": token, "X-Request-ID": request_id,
+                             "Content-Type": "application/json"}) as resp:
+                upstream_status = resp.status
+                raw = await resp.read()
+            if 200 <= upstream_status < 300:
+                answer = orjson.loads(raw)
+                ok = type(answer) is dict and answer.get("success") is True
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            pass
+        status = 200 if ok else 502
+        record["event"] = "deactivate.completed"
+        record["outcome"] = "success" if ok else "failed"
+        record["status"] = status
+        record["upstreamStatus"] = upstream_status
+        record["attempts"] = 1
+        record["durationMs"] = round((time.monotonic() - started) * 1000, 3)
+        record["error"] = None if ok else "upstream_unavailable"
+        audit.later(_chained(record))  # the terminal record: the answer does not wait for it
+        if ok:
+            if failures is not None:
+                _failures.pop(bot_id, None)
+        elif upstream_status is None or upstream_status >= 500:  # an outage, not a refusal
+            failures = _failures.setdefault(bot_id, [0, 0.0])
+            failures[0] += 1
+            failures[1] = time.monotonic()
+        if not ok:
+            return _refusal(502, "upstream_unavailable", "Kore.ai did not close the session",
+                            request_id)
+
+        response = web.Response(
+            body=orjson.dumps({"success": True, "botId": bot_id, "userId": user_id,
+                               "channel": channel, "requestId": request_id}),
+            content_type="application/json")
+        response.headers["X-Request-ID"] = request_id
+        return response
+    finally:
+        _in_flight -= 1
+        seconds = time.monotonic() - started
+        if not _access:
+            asyncio.get_running_loop().call_soon(_flush_access)
+        _access.append(orjson.dumps({
+            "event": "request", "method": request.method, "route": ROUTE, "status": status,
+            "caller": caller, "duration_ms": round(seconds * 1000, 3), "request_id": logged_id,
+            "level": "info", "timestamp": _utc_now()}))
+        counted = (ROUTE, status, caller or ANONYMOUS)
+        _requests[counted] = _requests.get(counted, 0) + 1
+        _duration_counts[bisect_left(LATENCY_BUCKETS_S, seconds)] += 1
+        _duration_sum += seconds
+
+
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
@@ -151,20 +445,32 @@ def _audit_io(directory: str) -> Any:
     return ctx
 
 
-def make_app(upstream: str, token: str, audit_dir: str | None = None) -> web.Application:
+def make_app(upstream: str, token: str, audit_dir: str | None = None,
+             caller_digest: bytes | None = None) -> web.Application:
+    """`caller_digest` (the SHA-256 of the caller key) selects the contract minimum, which
+    needs `audit_dir`."""
+    global _caller_digest, _static_token
     app = web.Application()
     app[UPSTREAM], app[TOKEN] = upstream.rstrip("/"), token
     app.cleanup_ctx.append(_session)
     if audit_dir is not None:
         app.cleanup_ctx.append(_audit_io(audit_dir))
-    app.router.add_post("/v1/bots/{botId}/sessions/deactivate", deactivate)
+    handler = deactivate
+    if caller_digest is not None:
+        if audit_dir is None:
+            raise ValueError("the contract minimum needs an audit directory")
+        _import_minimum()
+        _caller_digest, _static_token = caller_digest, token
+        _mint()
+        handler = minimum
+    app.router.add_post(ROUTE, handler)
     app.router.add_get("/healthz", healthz)
     return app
 
 
 async def serve(host: str, port: int, upstream: str, token: str,
-                audit_dir: str | None = None) -> None:
-    runner = web.AppRunner(make_app(upstream, token, audit_dir), access_log=None,
+                audit_dir: str | None = None, caller_digest: bytes | None = None) -> None:
+    runner = web.AppRunner(make_app(upstream, token, audit_dir, caller_digest), access_log=None,
                            handle_signals=False)
     await runner.setup()
     await web.TCPSite(runner, host, port, reuse_port=True, backlog=1024).start()
@@ -174,8 +480,9 @@ async def serve(host: str, port: int, upstream: str, token: str,
     await runner.cleanup()
 
 
-def _worker(host: str, port: int, upstream: str, token: str, audit_dir: str | None) -> None:
-    event_loop.run(serve(host, port, upstream, token, audit_dir))
+def _worker(host: str, port: int, upstream: str, token: str, audit_dir: str | None,
+            caller_digest: bytes | None) -> None:
+    event_loop.run(serve(host, port, upstream, token, audit_dir, caller_digest))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -185,15 +492,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--upstream", required=True, help="base URL of the session API stub")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--audit-dir", help="add the contract's audit I/O, one file a worker here")
+    parser.add_argument("--contract-minimum", action="store_true",
+                        help=f"add every per-request duty of the contract, cheapest form "
+                             f"(needs --audit-dir; the caller key in ${CALLER_KEY_ENV})")
     args = parser.parse_args(argv)
+    if args.contract_minimum and args.audit_dir is None:
+        parser.error("--contract-minimum needs --audit-dir")
     host, port = args.listen.rsplit(":", 1)
     token = os.environ[TOKEN_ENV]
+    digest = None
+    if args.contract_minimum:
+        digest = hashlib.sha256(os.environ[CALLER_KEY_ENV].encode("utf-8")).digest()
     if args.workers == 1:  # served by this process (`benchmarks.instructions` counts it)
-        event_loop.run(serve(host, int(port), args.upstream, token, args.audit_dir))
+        event_loop.run(serve(host, int(port), args.upstream, token, args.audit_dir, digest))
         return 0
     ctx = multiprocessing.get_context("fork")
     procs = [ctx.Process(target=_worker,
-                         args=(host, int(port), args.upstream, token, args.audit_dir))
+                         args=(host, int(port), args.upstream, token, args.audit_dir, digest))
              for _ in range(args.workers)]
     for proc in procs:
         proc.start()

@@ -66,20 +66,30 @@ def start_peer(directory: Path, workers: int, stub_url: str, static_jwt: str) ->
 
 
 def start_floor(directory: Path, workers: int, stub_url: str, static_jwt: str, *,
-                audit_io: bool = False) -> Server:
-    """The aiohttp floor; with `audit_io`, plus the contract's audit I/O (`floor.AuditIO`)."""
-    from benchmarks.floor import TOKEN_ENV
+                audit_io: bool = False, contract_minimum: bool = False,
+                caller_key: str | None = None) -> Server:
+    """The aiohttp floor; with `audit_io`, plus the contract's audit I/O (`floor.AuditIO`);
+    with `contract_minimum`, plus every per-request duty of the contract in its cheapest form
+    (audit I/O included; `caller_key`, e.g. `Credentials.caller_key`, is the one key it takes).
+    """
+    from benchmarks.floor import CALLER_KEY_ENV, TOKEN_ENV
 
     directory.mkdir(parents=True, exist_ok=True)
     listen = f"127.0.0.1:{free_port()}"
     argv = [sys.executable, "-m", "benchmarks.floor", "--listen", listen, "--upstream",
             stub_url, "--workers", str(workers)]
-    if audit_io:
+    if audit_io or contract_minimum:
         (directory / "audit").mkdir(exist_ok=True)
         argv += ["--audit-dir", str(directory / "audit")]
     env = {**os.environ, TOKEN_ENV: static_jwt}
-    return start("floor_audit" if audit_io else "floor", argv, f"http://{listen}",
-                 directory / "floor.log", env=env)
+    name = "floor_audit" if audit_io else "floor"
+    if contract_minimum:
+        if caller_key is None:
+            raise ValueError("the contract minimum needs a caller key")
+        argv.append("--contract-minimum")
+        env[CALLER_KEY_ENV] = caller_key
+        name = "floor_minimum"
+    return start(name, argv, f"http://{listen}", directory / "floor.log", env=env)
 
 
 def gateway_config(directory: Path, stub_url: str, creds: Credentials) -> Path:
