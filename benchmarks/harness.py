@@ -2,13 +2,15 @@
 figures.
 
 Phases, each bounded in time: start-up (ready times) → warm-up → `rounds` saturation rounds,
-nginx, aiohttp floor, floor with the contract's audit I/O and gateway alternating (wrk; CPU
-time and RSS sampled around each) → `rounds` latency rounds at a fixed rate, direct-to-stub /
-nginx / floor / floor with audit I/O / gateway alternating → shut down (the gateway must exit
-0 and every worker's audit chain must verify) → figures. The targets are checked against the
-floor of the same run (`report.targets`); the floor with the contract's audit I/O
-(`floor.AuditIO`) shows how much of each target's budget the contract's disk writes take
-before any of the gateway's code runs.
+nginx, aiohttp floor, floor with the contract's audit I/O, contract minimum and gateway
+alternating (wrk; CPU time and RSS sampled around each) → `rounds` latency rounds at a fixed
+rate, direct-to-stub / nginx / floor / floor with audit I/O / contract minimum / gateway
+alternating → shut down (the gateway must exit 0 and every worker's audit chain must verify,
+the contract minimum's too) → figures. The targets are checked against the floor of the same
+run (`report.targets`); the floor with the contract's audit I/O (`floor.AuditIO`) shows how
+much of each target's budget the contract's disk writes take before any of the gateway's code
+runs, and the contract minimum (`floor.minimum`) the least any gateway bound by the contract
+can reach on this stack.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import jwt
 from benchmarks import load, peers, stubs
 from benchmarks.nginx import nginx_binary
 from benchmarks.procs import RssSampler, Server, wait_status
-from benchmarks.report import CONTRACT, PEERS, targets
+from benchmarks.report import BARE, CONTRACT, MINIMUM, PEERS, targets
 from gateway.audit.log import verify_files
 
 MIB = 1024 * 1024
@@ -114,6 +116,10 @@ class Bench:
         contract = self.servers[CONTRACT] = peers.start_floor(
             self.dir / CONTRACT, self.s.workers, stub.url, self.static_jwt, audit_io=True)
         ready[CONTRACT] = round(await wait_status(contract, "/healthz", START_TIMEOUT_S), 3)
+        minimum = self.servers[MINIMUM] = peers.start_floor(
+            self.dir / MINIMUM, self.s.workers, stub.url, self.static_jwt,
+            contract_minimum=True, caller_key=self.creds.caller_key)
+        ready[MINIMUM] = round(await wait_status(minimum, "/healthz", START_TIMEOUT_S), 3)
         if self.with_peer:
             peer = self.servers["nginx"] = peers.start_peer(
                 self.dir / "nginx", self.s.workers, stub.url, self.static_jwt)
@@ -139,9 +145,10 @@ class Bench:
         simple = f"/v1/bots/{peers.BOT}/sessions/deactivate"
         body = b'{"userId":"u-1001","channel":"rtm"}'
         json_type = {"Content-Type": "application/json"}
+        keyed = {**json_type, "Authorization": f"Bearer {self.creds.caller_key}"}
         return {
-            "gateway": load.Request("POST", simple, body, {
-                **json_type, "Authorization": f"Bearer {self.creds.caller_key}"}),
+            "gateway": load.Request("POST", simple, body, keyed),
+            MINIMUM: load.Request("POST", simple, body, keyed),
             "nginx": load.Request("POST", simple, body, json_type),
             "floor": load.Request("POST", simple, body, json_type),
             CONTRACT: load.Request("POST", simple, body, json_type),
@@ -154,7 +161,7 @@ class Bench:
     def saturate(self) -> dict[str, Saturation]:
         requests = self.requests()
         names = ["nginx"] if self.with_peer else []
-        names += ["floor", CONTRACT, "gateway"]
+        names += ["floor", *BARE, "gateway"]
         scripts = {n: load.wrk_script(requests[n], self.dir / f"{n}.lua") for n in names}
         for name in names:  # warm-up: connection pools, the first JWT, page cache
             result = self._wrk(name, scripts[name], self.s.warmup_s)
@@ -184,7 +191,7 @@ class Bench:
         urls = {"direct": self.servers["stub"].url}
         if self.with_peer:
             urls["nginx"] = self.servers["nginx"].url
-        urls |= {name: self.servers[name].url for name in ("floor", CONTRACT, "gateway")}
+        urls |= {name: self.servers[name].url for name in ("floor", *BARE, "gateway")}
         samples: dict[str, list[float]] = {name: [] for name in urls}
         failed = dict.fromkeys(urls, 0)
         late = dict.fromkeys(urls, 0.0)
@@ -214,7 +221,7 @@ class Bench:
 
     def stop(self) -> dict[str, Any]:
         codes: dict[str, Any] = {}
-        for name in ("gateway", "floor", CONTRACT, "nginx", "stub"):
+        for name in ("gateway", "floor", *BARE, "nginx", "stub"):
             if name in self.servers:
                 codes[name] = self.servers[name].stop()
         return codes
@@ -226,6 +233,13 @@ class Bench:
                 "records_by_file": {name: r.records for name, r in reports.items()},
                 "chains_ok": bool(reports) and all(r.ok for r in reports.values()),
                 "errors": [r.error for r in reports.values() if not r.ok]}
+
+    def minimum_check(self) -> dict[str, Any]:
+        """The contract minimum's audit files (one a worker): records, and chains verified."""
+        files = sorted((self.dir / MINIMUM / "audit").glob("*.jsonl"))
+        reports = [verify_files([f]) for f in files]
+        return {"minimum_records": sum(r.records for r in reports),
+                "minimum_chains_ok": bool(reports) and all(r.ok for r in reports)}
 
     def contract_records(self) -> dict[str, Any]:
         """The lines the floor with the contract's audit I/O wrote: two a deactivation."""
@@ -300,6 +314,7 @@ async def run(settings: Settings, *, keep: bool = False) -> dict[str, Any]:
         finally:
             codes = bench.stop()
         audit = {**bench.audit_check(), "contract_io": bench.contract_records(),
+                 **bench.minimum_check(),
                  "records_per_commit_saturation": _per_commit(scrapes[0], scrapes[1]),
                  f"records_per_commit_{settings.rate:g}_rps": _per_commit(scrapes[1], scrapes[2])}
         results = _figures(settings, bench, ready, saturation, latency, mints, audit, codes,
@@ -317,20 +332,21 @@ def _figures(settings: Settings, bench: Bench, ready: dict[str, Any],
              ) -> dict[str, Any]:
     gw = saturation["gateway"]
     sat: dict[str, Any] = {name: saturation[name].figures() if name in saturation else {}
-                           for name in ("gateway", *PEERS, CONTRACT)}
+                           for name in ("gateway", *PEERS, *BARE)}
     cpu: dict[str, Any] = {name: saturation[name].cpu_us() if name in saturation else None
-                           for name in ("gateway", *PEERS, CONTRACT)}
+                           for name in ("gateway", *PEERS, *BARE)}
     for peer in PEERS:
         sat[f"ratio_{peer}"] = _ratio(sat["gateway"]["rps"], sat[peer].get("rps"))
         cpu[f"ratio_{peer}"] = _ratio(cpu["gateway"], cpu[peer], 2)
-    # the contract's audit I/O alone, on the targets' scale: the floor with it ÷ the floor
-    sat[f"{CONTRACT}_ratio_floor"] = _ratio(sat[CONTRACT].get("rps"), sat["floor"].get("rps"))
-    cpu[f"{CONTRACT}_ratio_floor"] = _ratio(cpu[CONTRACT], cpu["floor"], 2)
+    # the contract's audit I/O alone, and every duty barest, on the targets' scale (÷ the floor)
+    for name in BARE:
+        sat[f"{name}_ratio_floor"] = _ratio(sat[name].get("rps"), sat["floor"].get("rps"))
+        cpu[f"{name}_ratio_floor"] = _ratio(cpu[name], cpu["floor"], 2)
     gw_rss = [round(gw.rss_peak.get(pid, 0) / MIB, 1) for pid in workers]
     rss: dict[str, Any] = {"gateway_workers": gw_rss,
                            "gateway_worker_max": max(gw_rss, default=0.0),
                            "gateway_supervisor": supervisor_rss}
-    for peer in (*PEERS, CONTRACT):
+    for peer in (*PEERS, *BARE):
         peaks = [round(b / MIB, 1) for b in saturation[peer].rss_peak.values()] \
             if peer in saturation else []
         rss[f"{peer}_workers"], rss[f"{peer}_worker_max"] = peaks, max(peaks, default=None)
@@ -361,9 +377,10 @@ def _latency_figures(latency: dict[str, dict[str, Any]]) -> dict[str, Any]:
         lat[f"added_{q}_ms"] = _round(gw[f"{q}_ms"] - direct[f"{q}_ms"], 3)
         lat[f"floor_added_{q}_ms"] = _round(floor[f"{q}_ms"] - direct[f"{q}_ms"], 3)
         lat[f"over_floor_{q}_ms"] = _round(gw[f"{q}_ms"] - floor[f"{q}_ms"], 3)
-        contract = latency[CONTRACT][f"{q}_ms"]
-        lat[f"{CONTRACT}_added_{q}_ms"] = _round(contract - direct[f"{q}_ms"], 3)
-        lat[f"{CONTRACT}_over_floor_{q}_ms"] = _round(contract - floor[f"{q}_ms"], 3)
+        for name in BARE:
+            bare = latency[name][f"{q}_ms"]
+            lat[f"{name}_added_{q}_ms"] = _round(bare - direct[f"{q}_ms"], 3)
+            lat[f"{name}_over_floor_{q}_ms"] = _round(bare - floor[f"{q}_ms"], 3)
         if "nginx" in latency:
             lat[f"nginx_added_{q}_ms"] = _round(latency["nginx"][f"{q}_ms"]
                                                 - direct[f"{q}_ms"], 3)

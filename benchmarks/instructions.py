@@ -8,7 +8,8 @@ the same deactivations to each through the same nginx stub, and counts the user-
 instructions each executes per request (system calls, which run in the kernel, are not in the
 count: `python -m benchmarks` measures those, as CPU time). The floor with the contract's audit
 I/O (`floor.py --audit-dir`) is counted too: the user-space part of the disk writes the contract
-requires. `--variant` adds gateway runs with one feature switched off by its config key, which
+requires; and so is the contract minimum (`floor.py --contract-minimum`): every per-request
+duty of the contract in its barest form. `--variant` adds gateway runs with one feature switched off by its config key, which
 prices that feature.
 
 Needs valgrind (`apt-get install -y valgrind`) besides the benchmark's own needs; a run takes a
@@ -143,20 +144,27 @@ async def measure(args: argparse.Namespace, directory: Path) -> list[Count]:
     counts: list[Count] = []
     try:
         await wait_status(stub, "/healthz", 20)
-        for name, prefix, extra in (("aiohttp floor", "floor", []),
-                                    ("floor + audit I/O", "floor_audit",
-                                     ["--audit-dir", str(directory)])):
+        caller = {"Content-Type": "application/json",
+                  "Authorization": f"Bearer {creds.caller_key}"}
+        plain = {"Content-Type": "application/json"}
+        env = {**os.environ, "BENCH_FLOOR_AUTH": _static_jwt(creds),
+               "BENCH_FLOOR_CALLER_KEY": creds.caller_key}
+        for name, prefix, extra, headers in (
+                ("aiohttp floor", "floor", [], plain),
+                ("floor + audit I/O", "floor_audit",
+                 ["--audit-dir", str(directory / "floor_audit")], plain),
+                ("contract minimum", "floor_minimum",
+                 ["--audit-dir", str(directory / "floor_minimum"), "--contract-minimum"],
+                 caller)):
             port = free_port()
+            if "--audit-dir" in extra:
+                (directory / prefix).mkdir(exist_ok=True)
             floor = start(prefix, [*_valgrind(directory, prefix), sys.executable, "-m",
                                    "benchmarks.floor", "--listen", f"127.0.0.1:{port}",
                                    "--upstream", stub.url, "--workers", "1", *extra],
-                          f"http://127.0.0.1:{port}", directory / f"{prefix}.log",
-                          env={**os.environ, "BENCH_FLOOR_AUTH": _static_jwt(creds)})
-            counts.append(await _count(name, floor, "/healthz",
-                                       {"Content-Type": "application/json"}, args, directory,
+                          f"http://127.0.0.1:{port}", directory / f"{prefix}.log", env=env)
+            counts.append(await _count(name, floor, "/healthz", headers, args, directory,
                                        prefix))
-        caller = {"Content-Type": "application/json",
-                  "Authorization": f"Bearer {creds.caller_key}"}
         for variant in ["gateway", *args.variant]:
             config = peers.gateway_config(directory / variant, stub.url, creds)
             if variant != "gateway":

@@ -16,11 +16,15 @@ README_BEGIN = "<!-- benchmarks:begin (written by `python -m benchmarks`) -->"
 README_END = "<!-- benchmarks:end -->"
 PEERS = ("floor", "nginx")
 CONTRACT = "floor_audit"  # the floor with the contract's audit I/O (`floor.AuditIO`)
+MINIMUM = "floor_minimum"  # the floor with every per-request duty, barest (`floor.minimum`)
+BARE = (CONTRACT, MINIMUM)  # the floor with part of the contract: shown beside each target
 
 # (key, what, limit, "max" = the figure must stay at or under the limit, "min" = at or over).
 # The floor is the aiohttp floor of the same run (`benchmarks/floor.py`); nginx is only shown,
-# and so is the floor with the contract's audit I/O: its figure on each timed target's scale
-# is the part of that target's budget the contract's disk writes take by themselves.
+# and so are the floor with the contract's audit I/O (its figure on each timed target's scale
+# is the part of that target's budget the contract's disk writes take by themselves) and the
+# contract minimum (every per-request duty of the contract in its barest form: the least any
+# gateway bound by the contract can reach on this stack).
 TARGETS: tuple[tuple[str, str, float, str], ...] = (
     ("cpu_ratio_floor", "CPU time per deactivation, gateway ÷ floor", 1.5, "max"),
     ("throughput_ratio_floor", "saturation throughput, gateway ÷ floor", 0.67, "min"),
@@ -43,18 +47,19 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         "ready_s": results["ready_s"]["gateway_all_workers"],
         "mints_over_allowed": results["jwt"]["over_allowed"],
     }
-    contract = {
-        "cpu_ratio_floor": results["cpu_us_per_request"].get(f"{CONTRACT}_ratio_floor"),
-        "throughput_ratio_floor": results["saturation"].get(f"{CONTRACT}_ratio_floor"),
-        "over_floor_p50_ms": lat.get(f"{CONTRACT}_over_floor_p50_ms"),
-        "over_floor_p99_ms": lat.get(f"{CONTRACT}_over_floor_p99_ms"),
-    }
+    bare = {name: {
+        "cpu_ratio_floor": results["cpu_us_per_request"].get(f"{name}_ratio_floor"),
+        "throughput_ratio_floor": results["saturation"].get(f"{name}_ratio_floor"),
+        "over_floor_p50_ms": lat.get(f"{name}_over_floor_p50_ms"),
+        "over_floor_p99_ms": lat.get(f"{name}_over_floor_p99_ms"),
+    } for name in BARE}
     out = []
     for key, what, limit, kind in TARGETS:
         value = figures[key]
         met = None if value is None else (value <= limit if kind == "max" else value >= limit)
         out.append({"key": key, "what": what, "value": value, "limit": limit, "kind": kind,
-                    "met": met, "contract_io": contract.get(key)})
+                    "met": met, "contract_io": bare[CONTRACT].get(key),
+                    "contract_minimum": bare[MINIMUM].get(key)})
     return out
 
 
@@ -72,15 +77,18 @@ def _verdict(met: bool | None) -> str:
 
 def markdown(results: dict[str, Any]) -> str:
     lines = [_header(results), "",
-             ("| figure | gateway | aiohttp floor | floor + audit I/O | nginx "
-              "| gateway ÷ floor | gateway ÷ nginx |"),
-             "|---|---:|---:|---:|---:|---:|---:|", *_rows(results), "", _notes(results), "",
-             "| target | figure | limit | the contract's audit I/O alone | verdict |",
-             "|---|---:|---:|---:|---|"]
+             ("| figure | gateway | aiohttp floor | floor + audit I/O | contract minimum "
+              "| nginx | gateway ÷ floor | gateway ÷ nginx |"),
+             "|---|---:|---:|---:|---:|---:|---:|---:|", *_rows(results), "", _notes(results),
+             "",
+             ("| target | figure | limit | the contract's audit I/O alone "
+              "| the contract minimum | verdict |"),
+             "|---|---:|---:|---:|---:|---|"]
     for t in results["targets"]:
         sign = "≤" if t["kind"] == "max" else "≥"
         lines.append(f"| {t['what']} | {_fmt(t['value'], 3)} | {sign} {t['limit']:g} "
-                     f"| {_fmt(t.get('contract_io'), 3)} | {_verdict(t['met'])} |")
+                     f"| {_fmt(t.get('contract_io'), 3)} | {_fmt(t.get('contract_minimum'), 3)} "
+                     f"| {_verdict(t['met'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -101,7 +109,7 @@ def _row(what: str, cells: Sequence[str]) -> str:
 def _rows(results: dict[str, Any]) -> list[str]:
     sat, cpu, lat = results["saturation"], results["cpu_us_per_request"], results["latency_200"]
     rss, ready, tok = results["rss_mib"], results["ready_s"], results["jwt"]
-    names = ("gateway", "floor", CONTRACT, "nginx")
+    names = ("gateway", "floor", *BARE, "nginx")
     return [
         _row(f"saturation throughput (req/s, {results['settings']['workers']} workers)",
              [_fmt(sat.get(n, {}).get("rps"), 0) for n in names]
@@ -113,13 +121,13 @@ def _rows(results: dict[str, Any]) -> list[str]:
              + [_pair(lat.get("over_floor_p50_ms"), lat.get("over_floor_p99_ms"), "+"), ""]),
         _row("added over direct-to-stub, p50 / p99 (ms)",
              [_pair(lat.get(f"{pre}added_p50_ms"), lat.get(f"{pre}added_p99_ms"))
-              for pre in ("", "floor_", f"{CONTRACT}_", "nginx_")] + ["", ""]),
+              for pre in ("", "floor_", *(f"{n}_" for n in BARE), "nginx_")] + ["", ""]),
         _row("RSS per worker under load (MiB, max)",
              [_fmt(rss.get(f"{n}_worker_max"), 1) for n in names] + ["", ""]),
         _row("start → ready (s)", [_fmt(ready["gateway_all_workers"], 3),
                                    *(_fmt(ready.get(n), 3) for n in names[1:]), "", ""]),
         _row("JWT mints per 10,000 requests",
-             [_fmt(tok["per_10k"], 2), *["– (static token)"] * 3, "", ""]),
+             [_fmt(tok["per_10k"], 2), *["– (static token)"] * 4, "", ""]),
     ]
 
 
@@ -139,10 +147,17 @@ def _notes(results: dict[str, Any]) -> str:
             f"(one write + fsync): {_fmt(audit.get('records_per_commit_saturation'))} at "
             f"saturation, {_fmt(paced)} at {s['rate']:g} req/s. The floor + audit I/O (the "
             f"contract's two records a deactivation, the first fsynced before the PUT, nothing "
-            f"else of the audit) wrote {_fmt(contract.get('records'))} records. JWT mints: "
+            f"else of the audit) wrote {_fmt(contract.get('records'))} records. The contract "
+            f"minimum (the floor plus every per-request duty of the contract in its barest "
+            f"form: `benchmarks/floor.py`) wrote {_fmt(audit.get('minimum_records'))} records, "
+            f"their chains {_chains(audit.get('minimum_chains_ok'))}. JWT mints: "
             f"{tok['mints']} in {tok['requests']:,} requests "
             f"({tok['allowed_per_worker_and_app']} allowed per worker and app in "
             f"{tok['elapsed_s']:g} s).")
+
+
+def _chains(ok: bool | None) -> str:
+    return {True: "intact", False: "**broken**", None: "not checked"}[ok]
 
 
 def plot(results: dict[str, Any], path: Path) -> Path:
@@ -153,8 +168,8 @@ def plot(results: dict[str, Any], path: Path) -> Path:
 
     sat, cpu, lat = results["saturation"], results["cpu_us_per_request"], results["latency_200"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
-    names = ["gateway", "floor", CONTRACT, "nginx"]
-    colours = ["#3b6ea5", "#6aa53b", "#b5a33b", "#999999"]
+    names = ["gateway", "floor", *BARE, "nginx"]
+    colours = ["#3b6ea5", "#6aa53b", "#b5a33b", "#a5703b", "#999999"]
     _bars(axes[0], names, [sat.get(n, {}).get("rps") or 0 for n in names], colours,
           f"saturation throughput (req/s, {results['settings']['workers']} workers)")
     _target(axes[0], 0.67 * (sat["floor"].get("rps") or 0), "target: ≥ 0.67 × floor",
@@ -162,7 +177,7 @@ def plot(results: dict[str, Any], path: Path) -> Path:
     _bars(axes[1], names, [cpu.get(n) or 0 for n in names], colours,
           "CPU time per deactivation (µs)")
     _target(axes[1], 1.5 * (cpu.get("floor") or 0), "target: ≤ 1.5 × floor", "upper right")
-    targets_ = ["direct", "nginx", "floor", CONTRACT, "gateway"]
+    targets_ = ["direct", "nginx", "floor", *BARE, "gateway"]
     x = range(len(targets_))
     p50 = [lat.get(t, {}).get("p50_ms") or 0 for t in targets_]
     p99 = [lat.get(t, {}).get("p99_ms") or 0 for t in targets_]
@@ -176,8 +191,9 @@ def plot(results: dict[str, Any], path: Path) -> Path:
     axes[2].set_xticks(list(x), targets_)
     axes[2].set_title(f"latency at {results['settings']['rate']:g} req/s (ms)", fontsize=10)
     axes[2].legend(loc="upper left", fontsize=8)
-    fig.suptitle(f"kore-session-gateway vs the aiohttp floor (alone, and with the contract's "
-                 f"audit I/O: {CONTRACT}) and nginx — {results['when']}",
+    fig.suptitle(f"kore-session-gateway vs the aiohttp floor (alone, with the contract's audit "
+                 f"I/O: {CONTRACT}, with every duty of the contract, barest: {MINIMUM}) and "
+                 f"nginx — {results['when']}",
                  fontsize=11)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -235,6 +251,9 @@ COMPARED: tuple[tuple[str, tuple[str, ...], int], ...] = (
     ("CPU per deactivation, nginx (µs)", ("cpu_us_per_request", "nginx"), 1),
     ("CPU ratio gateway ÷ floor", ("cpu_us_per_request", "ratio_floor"), 2),
     ("CPU ratio floor + audit I/O ÷ floor", ("cpu_us_per_request", f"{CONTRACT}_ratio_floor"), 2),
+    ("CPU ratio contract minimum ÷ floor", ("cpu_us_per_request", f"{MINIMUM}_ratio_floor"), 2),
+    ("saturation throughput, contract minimum ÷ floor",
+     ("saturation", f"{MINIMUM}_ratio_floor"), 3),
     ("latency p50 at 200 req/s, gateway (ms)", ("latency_200", "gateway", "p50_ms"), 3),
     ("latency p50 at 200 req/s, floor (ms)", ("latency_200", "floor", "p50_ms"), 3),
     ("latency p99 at 200 req/s, gateway (ms)", ("latency_200", "gateway", "p99_ms"), 3),
@@ -245,6 +264,10 @@ COMPARED: tuple[tuple[str, tuple[str, ...], int], ...] = (
      ("latency_200", f"{CONTRACT}_over_floor_p50_ms"), 3),
     ("floor + audit I/O over floor, p99 at 200 req/s (ms)",
      ("latency_200", f"{CONTRACT}_over_floor_p99_ms"), 3),
+    ("contract minimum over floor, p50 at 200 req/s (ms)",
+     ("latency_200", f"{MINIMUM}_over_floor_p50_ms"), 3),
+    ("contract minimum over floor, p99 at 200 req/s (ms)",
+     ("latency_200", f"{MINIMUM}_over_floor_p99_ms"), 3),
     ("RSS per worker, max (MiB)", ("rss_mib", "gateway_worker_max"), 1),
     ("start → ready, all workers (s)", ("ready_s", "gateway_all_workers"), 3),
     ("JWT mints per 10,000 requests", ("jwt", "per_10k"), 2),

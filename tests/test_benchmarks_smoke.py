@@ -44,12 +44,12 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def test_every_figure_is_measured(smoke: dict[str, Any]) -> None:
     r = smoke
     sat = r["saturation"]
-    for name in ("gateway", "floor", "floor_audit", "nginx"):
+    for name in ("gateway", "floor", "floor_audit", "floor_minimum", "nginx"):
         assert sat[name]["ok"] > 0 and sat[name]["errors"]["status"] == 0, name
         assert r["cpu_us_per_request"][name] > 0, name
     for key in ("ratio_floor", "ratio_nginx"):
         assert r["cpu_us_per_request"][key] > 0 and sat[key] > 0
-    for target in ("direct", "nginx", "floor", "floor_audit", "gateway"):
+    for target in ("direct", "nginx", "floor", "floor_audit", "floor_minimum", "gateway"):
         latency = r["latency_200"][target]
         assert isinstance(latency, dict)
         assert latency["samples"] > 0 and latency["failed"] == 0 and latency["p99_ms"] > 0
@@ -58,6 +58,7 @@ def test_every_figure_is_measured(smoke: dict[str, Any]) -> None:
     assert len(r["rss_mib"]["floor_workers"]) == 2
     assert 0 < r["ready_s"]["gateway_first"] <= r["ready_s"]["gateway_all_workers"]
     assert r["ready_s"]["floor"] > 0 and r["ready_s"]["floor_audit"] > 0
+    assert r["ready_s"]["floor_minimum"] > 0
     assert r["jwt"]["mints"] >= 1 and r["jwt"]["over_allowed"] == 0
     assert r["jwt"]["mints_from_metrics"] == r["jwt"]["mints"]  # logs and /metrics agree
     assert r["audit"]["records_per_commit_saturation"] >= 1
@@ -93,6 +94,24 @@ def test_the_contracts_audit_io_is_measured_on_each_timed_targets_scale(
     assert written["files"] == 2 and written["records"] >= 2 * answered
 
 
+def test_the_contract_minimum_is_measured_on_each_timed_targets_scale(
+        smoke: dict[str, Any]) -> None:
+    """The floor with every per-request duty of the contract, barest: its figures are shown
+    beside each timed target, against the same run's floor, and its chains verify."""
+    cpu, sat, lat = smoke["cpu_us_per_request"], smoke["saturation"], smoke["latency_200"]
+    by_key = {t["key"]: t["contract_minimum"] for t in smoke["targets"]}
+    assert by_key["cpu_ratio_floor"] == cpu["floor_minimum_ratio_floor"]
+    assert abs(cpu["floor_minimum_ratio_floor"] - cpu["floor_minimum"] / cpu["floor"]) < 0.01
+    assert by_key["throughput_ratio_floor"] == sat["floor_minimum_ratio_floor"]
+    assert abs(by_key["over_floor_p50_ms"]
+               - (lat["floor_minimum"]["p50_ms"] - lat["floor"]["p50_ms"])) < 0.002
+    assert by_key["over_floor_p99_ms"] == lat["floor_minimum_over_floor_p99_ms"]
+    assert by_key["rss_mib_max"] is None
+    answered = sat["floor_minimum"]["ok"] + lat["floor_minimum"]["samples"]
+    audit = smoke["audit"]
+    assert audit["minimum_chains_ok"] is True and audit["minimum_records"] >= 2 * answered
+
+
 def test_gateway_shut_down_cleanly_with_intact_audit_chains(smoke: dict[str, Any]) -> None:
     audit, codes = smoke["audit"], smoke["exit_codes"]
     assert codes["gateway"] == 0
@@ -103,8 +122,8 @@ def test_writes_json_table_and_plot(smoke: dict[str, Any]) -> None:
     out = Path(smoke["_out"])
     table = (out / "latest.md").read_text()
     assert "| CPU time per deactivation (µs) |" in table
-    assert "| gateway | aiohttp floor | floor + audit I/O | nginx |" in table
-    assert "| the contract's audit I/O alone | verdict |" in table
+    assert "| gateway | aiohttp floor | floor + audit I/O | contract minimum | nginx |" in table
+    assert "| the contract's audit I/O alone | the contract minimum | verdict |" in table
     assert table.count("| met |") + table.count("| **missed** |") == len(TARGETS)
     assert (out / "latest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| saturation throughput" in smoke["_stdout"]
