@@ -58,12 +58,14 @@ import aiohttp
 from aiohttp import web
 
 from gateway.http import loop as event_loop
-from gateway.jsoncodec import one_line
 
 if TYPE_CHECKING:  # imported at start-up by the contract minimum alone (`_import_minimum`)
     import hmac  # noqa: TC004
 
     import orjson  # noqa: TC004
+
+    from gateway.jsoncodec import one_line  # noqa: TC004
+    from gateway.logs import utc_timestamp  # noqa: TC004
 
 TOKEN_ENV = "BENCH_FLOOR_AUTH"
 CALLER_KEY_ENV = "BENCH_FLOOR_CALLER_KEY"  # --contract-minimum: the one caller's key
@@ -193,7 +195,6 @@ _bot_allowed: dict[str, bool] = {}  # botId → fnmatchcase(botId, CALLER_BOTS)
 _windows: dict[str, list[float]] = {}  # botId → [window start, calls in it]
 _failures: dict[str, list[float]] = {}  # botId → [consecutive failures, time of the last]
 _seq, _prev = 0, ZERO_HASH  # the audit chain, advanced on the event loop: append order
-_second, _second_text = -1, ""  # the timestamp's date and time of day, formatted once a second
 _access: list[bytes] = []  # access lines of this turn of the event loop
 _requests: dict[tuple[str, int, str], int] = {}  # (route, status, caller) → count
 _duration_counts = [0] * (len(LATENCY_BUCKETS_S) + 1)  # per bucket (le), the last one +Inf
@@ -203,11 +204,14 @@ _in_flight = 0
 
 def _import_minimum() -> None:
     """The contract minimum's own modules, imported in its processes only: the floor's stay as
-    they were (orjson is 0.3 MiB of RSS)."""
-    global hmac, orjson
+    they were (orjson is 0.3 MiB of RSS; the gateway's `logs` brings structlog)."""
+    global hmac, orjson, one_line, utc_timestamp
     import hmac
 
     import orjson
+
+    from gateway.jsoncodec import one_line
+    from gateway.logs import utc_timestamp
 
 
 def _mint() -> str:
@@ -217,21 +221,11 @@ def _mint() -> str:
     return _static_token
 
 
-def _utc_now() -> str:
-    """RFC 3339 UTC with microseconds and Z; the date and time of day formatted once a second."""
-    global _second, _second_text
-    seconds, nanos = divmod(time.time_ns(), 1_000_000_000)
-    if seconds != _second:
-        _second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
-        _second = seconds
-    return f"{_second_text}.{nanos // 1000:06d}Z"
-
-
 def _chained(record: dict[str, Any]) -> bytes:
     """`record` given ts, seq and prev, as its audit line: canonical form plus hash."""
     global _seq, _prev
     _seq += 1
-    record["ts"], record["seq"], record["prev"] = _utc_now(), _seq, _prev
+    record["ts"], record["seq"], record["prev"] = utc_timestamp(), _seq, _prev
     canonical = orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
     _prev = hashlib.sha256(_prev.encode() + canonical).hexdigest()
     line = canonical[:-1] + b',"hash":"' + _prev.encode() + b'"}\n'
@@ -420,7 +414,7 @@ async def minimum(request: web.Request) -> web.Response:
         _access.append(orjson.dumps({
             "event": "request", "method": request.method, "route": ROUTE, "status": status,
             "caller": caller, "duration_ms": round(seconds * 1000, 3), "request_id": logged_id,
-            "level": "info", "timestamp": _utc_now()}))
+            "level": "info", "timestamp": utc_timestamp()}))
         counted = (ROUTE, status, caller or ANONYMOUS)
         _requests[counted] = _requests.get(counted, 0) + 1
         _duration_counts[bisect_left(LATENCY_BUCKETS_S, seconds)] += 1
