@@ -76,39 +76,30 @@ def test_targets_are_judged_against_the_floor_of_the_same_run(smoke: dict[str, A
     assert all(t["met"] in (True, False) for t in smoke["targets"])
 
 
-def test_the_contracts_audit_io_is_measured_on_each_timed_targets_scale(
-        smoke: dict[str, Any]) -> None:
-    """The floor with the contract's audit I/O: its figures are shown beside each timed target,
-    computed against the same run's floor, and it really wrote two records a deactivation."""
+@pytest.mark.parametrize(("peer", "column"), [("floor_audit", "contract_io"),
+                                              ("floor_minimum", "contract_minimum")])
+def test_the_contracts_peers_are_measured_on_each_timed_targets_scale(
+        smoke: dict[str, Any], peer: str, column: str) -> None:
+    """The floor with the contract's audit I/O, and the contract minimum (every duty, barest):
+    their figures are shown beside each timed target, computed against the same run's floor."""
     cpu, sat, lat = smoke["cpu_us_per_request"], smoke["saturation"], smoke["latency_200"]
-    by_key = {t["key"]: t["contract_io"] for t in smoke["targets"]}
-    assert by_key["cpu_ratio_floor"] == cpu["floor_audit_ratio_floor"]
-    assert abs(cpu["floor_audit_ratio_floor"] - cpu["floor_audit"] / cpu["floor"]) < 0.01
-    assert by_key["throughput_ratio_floor"] == sat["floor_audit_ratio_floor"]
+    by_key = {t["key"]: t[column] for t in smoke["targets"]}
+    assert by_key["cpu_ratio_floor"] == cpu[f"{peer}_ratio_floor"]
+    assert abs(cpu[f"{peer}_ratio_floor"] - cpu[peer] / cpu["floor"]) < 0.01
+    assert by_key["throughput_ratio_floor"] == sat[f"{peer}_ratio_floor"]
     assert abs(by_key["over_floor_p50_ms"]
-               - (lat["floor_audit"]["p50_ms"] - lat["floor"]["p50_ms"])) < 0.002
-    assert by_key["over_floor_p99_ms"] == lat["floor_audit_over_floor_p99_ms"]
+               - (lat[peer]["p50_ms"] - lat["floor"]["p50_ms"])) < 0.002
+    assert by_key["over_floor_p99_ms"] == lat[f"{peer}_over_floor_p99_ms"]
     assert by_key["rss_mib_max"] is None
-    written = smoke["audit"]["contract_io"]
+
+
+def test_the_contracts_peers_really_wrote_their_records(smoke: dict[str, Any]) -> None:
+    """Two records a deactivation each; the contract minimum's chains verify."""
+    sat, lat, audit = smoke["saturation"], smoke["latency_200"], smoke["audit"]
+    written = audit["contract_io"]
     answered = sat["floor_audit"]["ok"] + lat["floor_audit"]["samples"]
     assert written["files"] == 2 and written["records"] >= 2 * answered
-
-
-def test_the_contract_minimum_is_measured_on_each_timed_targets_scale(
-        smoke: dict[str, Any]) -> None:
-    """The floor with every per-request duty of the contract, barest: its figures are shown
-    beside each timed target, against the same run's floor, and its chains verify."""
-    cpu, sat, lat = smoke["cpu_us_per_request"], smoke["saturation"], smoke["latency_200"]
-    by_key = {t["key"]: t["contract_minimum"] for t in smoke["targets"]}
-    assert by_key["cpu_ratio_floor"] == cpu["floor_minimum_ratio_floor"]
-    assert abs(cpu["floor_minimum_ratio_floor"] - cpu["floor_minimum"] / cpu["floor"]) < 0.01
-    assert by_key["throughput_ratio_floor"] == sat["floor_minimum_ratio_floor"]
-    assert abs(by_key["over_floor_p50_ms"]
-               - (lat["floor_minimum"]["p50_ms"] - lat["floor"]["p50_ms"])) < 0.002
-    assert by_key["over_floor_p99_ms"] == lat["floor_minimum_over_floor_p99_ms"]
-    assert by_key["rss_mib_max"] is None
     answered = sat["floor_minimum"]["ok"] + lat["floor_minimum"]["samples"]
-    audit = smoke["audit"]
     assert audit["minimum_chains_ok"] is True and audit["minimum_records"] >= 2 * answered
 
 
