@@ -157,9 +157,9 @@ class Deactivator:
             # The PUT went out and its requested record is durable; the caller must not
             # believe a result we could not record, so it sees audit_unavailable and retries.
             # What it saw is kept for the log's next commit (with Kore.ai's status).
+            # (`append` wrote a copy: `record` itself is still as built here.)
             refused = AuditUnavailable("the call reached Kore.ai but its result could not be "
                                        "audited; retry when the gateway is ready")
-            record = ask.record("deactivate.completed", ask.app)
             _add_result(record, ask, refused.status, refused, ask.trace)
             log.error("audit.completion_lost", request_id=ask.request_id, status=status,
                       kept=self.audit.retain(record))
