@@ -1,0 +1,209 @@
+"""`python -m benchmarks.stages`: where a paced deactivation's time goes inside the gateway.
+
+Starts the benchmark's stub and one gateway worker (every feature on, the config of
+`python -m benchmarks`) with timers around the request path, sends `--rate` deactivations a
+second for `--seconds` (open loop, as the harness's latency figures), and prints, for each mark
+a request passes, its median and p90 offset from the moment the request entered the gateway's
+middleware, and the median of each stage (from the mark before). Also: the median time of the
+audit thread's write + fsync of one commit, and what the paced client saw end to end.
+
+The timers wrap the gateway's own functions in this process before `serve` starts (one worker,
+served in-process); each request keeps its marks in a context variable, so requests that
+overlap do not mix. They cost a few microseconds a mark; the figures are for comparing stages
+with each other, not for the targets (those are `python -m benchmarks`'s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextvars
+import json
+import secrets
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from benchmarks import load, peers, stubs
+from benchmarks.procs import Server, start, wait_status
+
+READY_TIMEOUT_S = 20.0
+DUMP_EVERY_S = 0.25
+# The marks of one successful deactivation, in the order it passes them.
+MARKS = ("authenticated", "body read", "deactivation begun", "requested record durable",
+         "Kore.ai answered", "terminal record appended", "answer ready")
+THREAD = "audit thread: write + fsync of a commit"
+
+_marks: contextvars.ContextVar[dict[str, float] | None] = contextvars.ContextVar(
+    "stage_marks", default=None)
+
+
+def _mark(name: str) -> None:
+    marks = _marks.get()
+    if marks is not None and name not in marks:
+        marks[name] = time.perf_counter()
+
+
+def _after(owner: Any, attribute: str, name: Callable[..., str | None]) -> None:
+    """`owner.attribute` (a coroutine function) marks `name(*args, **kwargs)` once it returns."""
+    original = getattr(owner, attribute)
+
+    async def timed(*args: Any, **kwargs: Any) -> Any:
+        result = await original(*args, **kwargs)
+        mark = name(*args, **kwargs)
+        if mark is not None:
+            _mark(mark)
+        return result
+
+    setattr(owner, attribute, timed)
+
+
+def instrument(out: Path) -> None:
+    """Wraps the request path's functions; writes the samples to `out` every DUMP_EVERY_S."""
+    from aiohttp import web
+
+    from gateway import deactivation
+    from gateway.audit import log as audit
+    from gateway.http import app
+    from gateway.kore import client
+
+    samples: list[dict[str, float]] = []
+    commits: list[float] = []
+    middleware = app.envelope_middleware
+
+    @web.middleware
+    async def timed_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+        marks = {"start": time.perf_counter()}
+        _marks.set(marks)
+        response = await middleware(request, handler)
+        marks["answer ready"] = time.perf_counter()
+        if response.status == 200:
+            samples.append({k: (v - marks["start"]) * 1000 for k, v in marks.items()})
+        return response
+
+    app.envelope_middleware = timed_middleware
+    _after(app, "authenticated", lambda *a, **k: "authenticated")
+    _after(app, "read_json", lambda *a, **k: "body read")
+    original_deactivate = deactivation.Deactivator.deactivate
+
+    async def deactivate(*args: Any, **kwargs: Any) -> Any:
+        _mark("deactivation begun")
+        return await original_deactivate(*args, **kwargs)
+
+    deactivation.Deactivator.deactivate = deactivate  # type: ignore[method-assign]
+    _after(audit.AuditLog, "append", lambda *a, durable=True, **k: (
+        "requested record durable" if durable else "terminal record appended"))
+    _after(client.KoreClient, "_send", lambda *a, **k: "Kore.ai answered")
+    write_batch = audit.AuditLog._write_batch
+
+    def timed_write(*args: Any, **kwargs: Any) -> Any:
+        began = time.perf_counter()
+        try:
+            return write_batch(*args, **kwargs)
+        finally:
+            commits.append((time.perf_counter() - began) * 1000)
+
+    audit.AuditLog._write_batch = timed_write  # type: ignore[method-assign]
+
+    def dump() -> None:
+        while True:
+            time.sleep(DUMP_EVERY_S)
+            data = json.dumps({"samples": list(samples), "commits": list(commits)})
+            tmp = out.with_suffix(".tmp")
+            tmp.write_text(data)
+            tmp.replace(out)
+
+    threading.Thread(target=dump, name="stages-dump", daemon=True).start()
+
+
+def summary(samples: Sequence[dict[str, float]], commits: Sequence[float]) -> list[str]:
+    """The table: each mark's median and p90 offset, and the median of its stage."""
+    lines = [f"{'mark':28} {'p50 ms':>8} {'p90 ms':>8} {'stage p50':>10}"]
+    previous = "start"
+    for mark in MARKS:
+        offsets = [s[mark] for s in samples if mark in s]
+        spans = [s[mark] - s[previous] for s in samples if mark in s and previous in s]
+        if not offsets:
+            lines.append(f"{mark:28} {'–':>8} {'–':>8} {'–':>10}")
+            continue
+        lines.append(f"{mark:28} {statistics.median(offsets):8.3f} "
+                     f"{load.percentile(offsets, 90):8.3f} {statistics.median(spans):10.3f}")
+        previous = mark
+    if commits:
+        lines.append(f"{THREAD}: p50 {statistics.median(commits):.3f} ms "
+                     f"({len(commits)} commits)")
+    return lines
+
+
+async def _measure(directory: Path, seconds: float, rate: float) -> tuple[load.PacedResult,
+                                                                         dict[str, Any]]:
+    creds = peers.Credentials("cs-stages", secrets.token_urlsafe(32),
+                              "kgw_" + secrets.token_hex(16))
+    stub = stubs.start_stub(stubs.stub_kind("auto"), directory / "stub", creds.client_id,
+                            creds.secret)
+    out = directory / "stages.json"
+    gateway: Server | None = None
+    try:
+        await wait_status(stub, "/healthz", READY_TIMEOUT_S)
+        config = peers.gateway_config(directory / "gateway", stub.url, creds)
+        argv = [sys.executable, "-m", "benchmarks.stages", "--serve", str(config), str(out)]
+        gateway = start("gateway", argv, peers.listen_url(config), directory / "gateway.log")
+        await wait_status(gateway, "/readyz", READY_TIMEOUT_S)
+        request = load.Request("POST", f"/v1/bots/{peers.BOT}/sessions/deactivate",
+                               b'{"userId":"u-1001","channel":"rtm"}',
+                               {"Content-Type": "application/json",
+                                "Authorization": f"Bearer {creds.caller_key}"})
+        url = urlsplit(gateway.url)
+        host, port = url.hostname or "127.0.0.1", url.port or 80
+        await load.paced(host, port, request, rate=rate, duration_s=min(1.0, seconds))  # warm-up
+        await asyncio.sleep(DUMP_EVERY_S * 3)
+        warm = len(json.loads(out.read_text())["samples"])
+        result = await load.paced(host, port, request, rate=rate, duration_s=seconds)
+        await asyncio.sleep(DUMP_EVERY_S * 3)
+        data = json.loads(out.read_text())
+        data["samples"] = data["samples"][warm:]
+        return result, data
+    finally:
+        if gateway is not None:
+            gateway.stop()
+        stub.stop()
+
+
+def run(seconds: float, rate: float) -> str:
+    with tempfile.TemporaryDirectory(prefix="kgw-stages-") as name:
+        result, data = asyncio.run(_measure(Path(name), seconds, rate))
+    seen = result.latencies_ms
+    head = (f"gateway, 1 worker, paced {rate:g} req/s for {seconds:g} s: {result.ok} answered, "
+            f"{result.failed} failed; client p50 {load.percentile(seen, 50):.3f} ms, "
+            f"p99 {load.percentile(seen, 99):.3f} ms")
+    return "\n".join([head, *summary(data["samples"], data["commits"])]) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.stages",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--rate", type=float, default=200.0, help="requests per second")
+    parser.add_argument("--serve", nargs=2, metavar=("CONFIG", "OUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve:  # the gateway process itself, with its timers
+        config, out = args.serve
+        instrument(Path(out))
+        from gateway.cli import main as gateway_main
+
+        gateway_main(["serve", "--config", config, "--workers", "1"])
+        return 0
+    if not 0 < args.seconds <= 60 or not 0 < args.rate <= 2000:
+        parser.error("--seconds must be in (0, 60] and --rate in (0, 2000]")
+    print(run(args.seconds, args.rate), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

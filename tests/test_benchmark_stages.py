@@ -1,0 +1,35 @@
+"""`python -m benchmarks.stages`: the real gateway, timed from inside, under a paced load."""
+
+from __future__ import annotations
+
+import re
+
+from benchmarks.stages import MARKS, THREAD, run, summary
+
+
+def test_summary_gives_each_mark_its_offset_and_stage() -> None:
+    samples = [{"start": 0.0, **{mark: (i + 1) * step for i, mark in enumerate(MARKS)}}
+               for step in (1.0, 2.0, 3.0)]
+    lines = summary(samples, [0.3, 0.5, 0.4])
+    assert lines[1].split() == ["authenticated", "2.000", "3.000", "2.000"]
+    assert lines[len(MARKS)].split()[-3:] == ["14.000", "21.000", "2.000"]  # answer ready
+    assert lines[-1] == f"{THREAD}: p50 0.400 ms (3 commits)"
+
+
+def test_a_mark_never_reached_is_shown_as_missing_and_skipped() -> None:
+    lines = summary([{"start": 0.0, "authenticated": 1.0, "answer ready": 5.0}], [])
+    assert lines[2].split() == ["body", "read", "–", "–", "–"]
+    assert lines[-1].split()[-1] == "4.000"  # answer ready's stage: from authenticated
+
+
+def test_every_mark_of_a_real_deactivation_is_timed_in_order() -> None:
+    text = run(seconds=1.0, rate=50)
+    assert re.search(r": 50 answered, 0 failed; client p50 [\d.]+ ms", text), text
+    offsets = []
+    for mark in MARKS:
+        found = re.search(rf"^{re.escape(mark)}\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", text,
+                          re.MULTILINE)
+        assert found, f"{mark} missing in:\n{text}"
+        offsets.append(float(found[1]))
+    assert offsets == sorted(offsets) and offsets[0] > 0, text
+    assert re.search(rf"{re.escape(THREAD)}: p50 [\d.]+ ms \(\d+ commits\)", text), text
