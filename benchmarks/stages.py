@@ -34,7 +34,7 @@ from benchmarks import load, peers, stubs
 from benchmarks.procs import Server, start, wait_status
 
 READY_TIMEOUT_S = 20.0
-DUMP_EVERY_S = 0.25
+POLL_S = 0.05  # how often the gateway process looks for a request for its samples
 # The marks of one successful deactivation, in the order it passes them.
 MARKS = ("authenticated", "body read", "deactivation begun", "requested record durable",
          "Kore.ai answered", "terminal record appended", "answer ready")
@@ -65,7 +65,7 @@ def _after(owner: Any, attribute: str, name: Callable[..., str | None]) -> None:
 
 
 def instrument(out: Path) -> None:
-    """Wraps the request path's functions; writes the samples to `out` every DUMP_EVERY_S."""
+    """Wraps the request path's functions; writes the samples to `out` when asked (`_collect`)."""
     from aiohttp import web
 
     from gateway import deactivation
@@ -111,15 +111,32 @@ def instrument(out: Path) -> None:
 
     audit.AuditLog._write_batch = timed_write  # type: ignore[method-assign]
 
-    def dump() -> None:
+    def dump() -> None:  # only when asked: encoding the samples holds the GIL
+        want = _wanted(out)
         while True:
-            time.sleep(DUMP_EVERY_S)
-            data = json.dumps({"samples": list(samples), "commits": list(commits)})
-            tmp = out.with_suffix(".tmp")
-            tmp.write_text(data)
-            tmp.replace(out)
+            time.sleep(POLL_S)
+            if want.exists():
+                out.write_text(json.dumps({"samples": list(samples), "commits": list(commits)}))
+                want.unlink()
 
     threading.Thread(target=dump, name="stages-dump", daemon=True).start()
+
+
+def _wanted(out: Path) -> Path:
+    return out.with_suffix(".wanted")
+
+
+async def _collect(out: Path) -> dict[str, Any]:
+    """Asks the gateway process for its samples so far and reads them."""
+    want = _wanted(out)
+    want.touch()
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while want.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the gateway process did not write {out}")
+        await asyncio.sleep(POLL_S)
+    data: dict[str, Any] = json.loads(out.read_text())
+    return data
 
 
 def summary(samples: Sequence[dict[str, float]], commits: Sequence[float]) -> list[str]:
@@ -162,11 +179,9 @@ async def _measure(directory: Path, seconds: float, rate: float) -> tuple[load.P
         url = urlsplit(gateway.url)
         host, port = url.hostname or "127.0.0.1", url.port or 80
         await load.paced(host, port, request, rate=rate, duration_s=min(1.0, seconds))  # warm-up
-        await asyncio.sleep(DUMP_EVERY_S * 3)
-        warm = len(json.loads(out.read_text())["samples"])
+        warm = len((await _collect(out))["samples"])
         result = await load.paced(host, port, request, rate=rate, duration_s=seconds)
-        await asyncio.sleep(DUMP_EVERY_S * 3)
-        data = json.loads(out.read_text())
+        data = await _collect(out)
         data["samples"] = data["samples"][warm:]
         return result, data
     finally:
