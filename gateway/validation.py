@@ -12,10 +12,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from gateway.errors import InvalidRequest
 
 MAX_USER_ID_CHARS = 256
 MAX_JSON_DEPTH = 32
+KNOWN_BOTS = 16_384  # valid bot IDs a `Validator` remembers (then it starts again)
 # Kore.ai's channel types as it spells them (`rtm`, `ivrVoice`, `msteams`) and webhook instance
 # IDs (`ivrInst-<uuid>`); passed upstream unchanged, case kept.
 CHANNEL_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -101,6 +104,23 @@ class Validator:
 
     def __init__(self, bot_id_pattern: str) -> None:
         self._bot_id = re.compile(bot_id_pattern)
+        self._known: dict[str, None] = {}  # bot IDs found valid (bounded: `KNOWN_BOTS`)
+
+    def known_bot(self, value: Any) -> bool:
+        """True when `value` is a valid bot ID (`bot_id` accepts it); remembered, so a bot
+        called again costs one lookup. False for anything `bot_id` would refuse."""
+        if type(value) is not str:
+            return False
+        if value in self._known:
+            return True
+        try:
+            self.bot_id(value)
+        except InvalidRequest:
+            return False
+        if len(self._known) >= KNOWN_BOTS:
+            self._known.clear()
+        self._known[value] = None
+        return True
 
     def bot_id(self, value: Any, field: str = "botId") -> str:
         if not isinstance(value, str) or not value:
@@ -138,6 +158,32 @@ class Validator:
             authorize(bot)
         fields = _object(item, _BATCH_ITEM_KEYS, prefix)
         return Deactivation(bot, user_id(fields, prefix), channel(fields, prefix))
+
+
+def plain_simplified(bot_id: str, raw: bytes) -> Deactivation | None:
+    """The common body of the simplified route, `{"userId": "…", "channel": "…"}` (channel
+    optional) and valid as it stands, read in one step; None for any other body, which the
+    full rules (`parse_json`, `Validator.simplified`) then judge, with their own error.
+
+    For a body it accepts, the result is what the full rules give: orjson reads such a document
+    as the standard library does (a JSON object of strings; the last of repeated keys wins;
+    no lone surrogate, which orjson refuses), and the checks are `user_id`'s and `channel`'s.
+    """
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if type(body) is not dict:
+        return None
+    user_id, channel = body.get("userId"), body.get("channel")
+    if (type(user_id) is not str or not 0 < len(user_id) <= MAX_USER_ID_CHARS
+            or len(body) != (2 if "channel" in body else 1)
+            or CONTROL_CHARS.search(user_id) is not None
+            or channel is not None and (type(channel) is not str
+                                        or CHANNEL_PATTERN.fullmatch(channel) is None)
+            or channel is None and "channel" in body):
+        return None
+    return Deactivation(bot_id, user_id, channel)
 
 
 def _object(body: Any, allowed: frozenset[str], prefix: str = "") -> dict[str, Any]:

@@ -8,6 +8,7 @@ audit and upstream details live in their own modules.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import math
 import os
@@ -18,6 +19,7 @@ from typing import Any
 
 import structlog
 from aiohttp import web
+from aiohttp.hdrs import CONTENT_ENCODING
 from aiohttp.web_protocol import RequestPayloadError
 from aiohttp.web_urldispatcher import _default_expect_handler
 
@@ -45,7 +47,7 @@ from gateway.jsoncodec import compact
 from gateway.logs import Throttle, access, skip_note
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.metrics import Metrics
-from gateway.validation import Deactivation, parse_json
+from gateway.validation import Deactivation, parse_json, plain_simplified
 
 log = structlog.get_logger(__name__)
 throttle = Throttle(per_s=20)
@@ -82,13 +84,20 @@ def request_id_of(request: web.Request) -> str:
     return given if REQUEST_ID_PATTERN.fullmatch(given) else os.urandom(16).hex()
 
 
+# structlog's own context variable for `request_id` (what `bind_contextvars(request_id=…)`
+# sets), bound in a throwaway context: the middleware sets and resets it directly, one step each.
+_REQUEST_ID_VAR = contextvars.Context().run(
+    structlog.contextvars.bind_contextvars, request_id=None)["request_id"].var
+
+
 @web.middleware
 async def envelope_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request ID, one access line per request, and every error as the contract envelope."""
     started = time.monotonic()
     request_id = request_id_of(request)
     request[REQUEST_ID] = request_id
-    structlog.contextvars.bind_contextvars(request_id=request_id)
+    request[CLOSE] = False  # set now: looking up a key the request lacks raises inside
+    bound = _REQUEST_ID_VAR.set(request_id)
     try:
         try:
             response = await handler(request)
@@ -101,9 +110,9 @@ async def envelope_middleware(request: web.Request, handler: Handler) -> web.Str
             response = error_response(
                 GatewayError("an unexpected error occurred; it has been logged"), request_id)
         response.headers["X-Request-ID"] = request_id
-        rt = runtime(request)
+        rt = request.app[RUNTIME]
         status = response.status
-        if status == 408 or rt.draining or request.get(CLOSE):
+        if status == 408 or rt.draining or request[CLOSE]:
             response.force_close()  # a half-read body, or clients should move to another instance
         route, caller, seconds = _route_of(request), request.get(CALLER), time.monotonic() - started
         rt.metrics.request(route, status, caller, seconds)
@@ -114,7 +123,7 @@ async def envelope_middleware(request: web.Request, handler: Handler) -> web.Str
                    caller=caller, duration_ms=round(seconds * 1000, 3), **skip_note(skipped))
         return response
     finally:
-        structlog.contextvars.unbind_contextvars("request_id")
+        _REQUEST_ID_VAR.reset(bound)
 
 
 def _route_of(request: web.Request) -> str:
@@ -284,12 +293,47 @@ def cut_short(exc: BaseException) -> GatewayError:
 
 
 async def deactivate_simplified(request: web.Request) -> web.Response:
-    rt = runtime(request)
+    """The route most calls take, its common case carried in one function: the steps of
+    `authenticated`, `InFlight` and `_admitted`, inline, with a body that is already whole and
+    plain JSON read by `plain_simplified`. Anything else (a refusal, a body still arriving, an
+    unusual one) goes through those general functions, which decide and audit it."""
+    rt = request.app[RUNTIME]
     ask = new_ask(rt, request, ROUTE_SIMPLE, bot_id=request.match_info["botId"])
-    caller = await authenticated(rt, request, ask)
-    async with InFlight(rt, ask):
-        d = await _admitted(rt, request, ask, caller, rt.validator.simplified)
+    try:
+        caller = rt.auth.authenticate(authorization_of(request))
+    except Unauthenticated as exc:
+        await refuse_keyless(rt, request, ask, exc)
+        raise
+    ask.caller = request[CALLER] = caller.name
+    try:
+        rt.admit()
+    except Overloaded as exc:
+        await rt.deactivator.deny(ask, exc)
+        raise
+    task = asyncio.current_task()
+    rt.tasks.add(task)
+    try:
+        d = None
+        bot_id = ask.bot_id
+        if (rt.validator.known_bot(bot_id) and caller.may_touch(bot_id)
+                and request.content.is_eof() and request.content_type == "application/json"
+                and request.charset is None and CONTENT_ENCODING not in request.headers
+                and (request.content_length or 0) <= rt.config.server.max_body_bytes):
+            d = plain_simplified(bot_id, await request.read())
+        if d is None:
+            d = await _admitted(rt, request, ask, caller, rt.validator.simplified)
+        else:
+            ask.learn(d)
         await rt.deactivator.deactivate(ask, caller, d)
+    except GatewayError:
+        raise
+    except BaseException as exc:  # as `InFlight` does
+        await rt.deactivator.abandon(ask, cut_short(exc))
+        raise
+    finally:
+        rt.in_flight -= 1
+        rt.metrics.request_finished()
+        rt.tasks.discard(task)
     return json_answer({"success": True, "botId": d.bot_id, "userId": d.user_id,
                         "channel": d.channel, "requestId": ask.request_id})
 
