@@ -64,11 +64,23 @@ def _after(owner: Any, attribute: str, name: Callable[..., str | None]) -> None:
     setattr(owner, attribute, timed)
 
 
+def _after_call(owner: Any, attribute: str, name: str) -> None:
+    """`owner.attribute` (a plain function) marks `name` once it returns."""
+    original = getattr(owner, attribute)
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        result = original(*args, **kwargs)
+        _mark(name)
+        return result
+
+    setattr(owner, attribute, timed)
+
+
 def instrument(out: Path) -> None:
     """Wraps the request path's functions; writes the samples to `out` when asked (`_collect`)."""
     from aiohttp import web
 
-    from gateway import deactivation
+    from gateway import auth, deactivation
     from gateway.audit import log as audit
     from gateway.http import app
     from gateway.kore import client
@@ -88,7 +100,10 @@ def instrument(out: Path) -> None:
         return response
 
     app.envelope_middleware = timed_middleware
-    _after(app, "authenticated", lambda *a, **k: "authenticated")
+    # The simplified route's common case calls the authenticator and `plain_simplified`
+    # inline; its other cases go through `authenticated` and `read_json`.
+    _after_call(auth.Authenticator, "authenticate", "authenticated")
+    _after_call(app, "plain_simplified", "body read")
     _after(app, "read_json", lambda *a, **k: "body read")
     original_deactivate = deactivation.Deactivator.deactivate
 
