@@ -122,6 +122,8 @@ class CircuitBreaker:
 
     def before_call(self, bot: str) -> Pass:
         """A `Pass` when a call to `bot` may go out now; raises `UpstreamCircuitOpen` if not."""
+        if self._host.state == CLOSED and bot not in self._bots:
+            return Pass(bot, False, False)  # the common case: nothing is failing for it
         now = self._clock()
         circuit = self._bots.get(bot)
         bot_probe = False
@@ -140,6 +142,11 @@ class CircuitBreaker:
 
     def record(self, ticket: Pass, ok: bool) -> None:
         """The result of one caller request that went upstream (after its retries)."""
+        if ok and not ticket.host_probe and self._host.state == CLOSED and (
+                ticket.bot not in self._bots):
+            self._failing.clear()  # the common case: what `_settle_host` and `_settle_bot`
+            self._host.failures = 0  # do for a success of a bot that is not failing
+            return
         now = self._clock()
         self._settle_host(ticket, ok, now)
         self._settle_bot(ticket, ok, now)

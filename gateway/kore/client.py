@@ -198,7 +198,7 @@ class KoreClient:
 
         The first attempt's rate-limit slot is taken by the caller; later attempts take their own.
         """
-        url = self._url(d.bot_id)
+        url = self._urls.get(d.bot_id) or self._url(d.bot_id)
         payload = request_body(d)
         counted = 0
         reminted = False
@@ -207,7 +207,7 @@ class KoreClient:
         while True:
             if trace.attempts:
                 trace.grant = await self._retry_slot(d.bot_id, deadline, error)
-            token = await self.tokens.token(app)
+            token = self.tokens.ready(app) or await self.tokens.token(app)
             if trace.grant is not None:
                 trace.grant = await self.limiter.sending(d.bot_id, trace.grant)
             trace.attempts += 1
@@ -337,10 +337,17 @@ class KoreClient:
             async with self._session.put(url, data=payload, headers=headers,
                                          timeout=aiohttp.ClientTimeout(total=remaining),
                                          allow_redirects=False) as resp:
-                raw = await read_answer(resp, MAX_ANSWER_BYTES)
+                # At once when its length is known and within the limit (aiohttp's parser stops
+                # at `Content-Length`), else chunk by chunk.
+                length = resp.content_length
+                if length is not None and length <= MAX_ANSWER_BYTES:
+                    raw = await resp.read()
+                else:
+                    raw = await read_bounded(resp.content, MAX_ANSWER_BYTES)
                 self._metrics.upstream_attempt(resp.status, time.monotonic() - started)
-                return Answer(resp.status, decode_answer(raw), parse_retry_after(
-                    resp.headers.get("Retry-After"), cap_s=self.max_pause_s))
+                retry_after = resp.headers.get("Retry-After")
+                return Answer(resp.status, decode_answer(raw), None if retry_after is None
+                              else parse_retry_after(retry_after, cap_s=self.max_pause_s))
         except TimeoutError:
             self._metrics.upstream_attempt("timeout", time.monotonic() - started)
             raise UpstreamTimeout("Kore.ai did not answer within the deadline") from None
@@ -348,14 +355,6 @@ class KoreClient:
             self._metrics.upstream_attempt("error", time.monotonic() - started)
             raise UpstreamUnavailable(f"Kore.ai could not be reached ({type(exc).__name__})"
                                       ) from None
-
-
-async def read_answer(resp: aiohttp.ClientResponse, limit: int) -> bytes:
-    """The whole answer, up to `limit` bytes: at once when its length is known and within the
-    limit (aiohttp's parser stops at `Content-Length`), else chunk by chunk."""
-    if resp.content_length is not None and resp.content_length <= limit:
-        return await resp.read()
-    return await read_bounded(resp.content, limit)
 
 
 async def read_bounded(stream: aiohttp.StreamReader, limit: int) -> bytes:

@@ -165,12 +165,21 @@ class TokenCache:
             app = remember(self._apps_by_bot, bot_id, select_app(self._apps, bot_id))
         return app
 
-    async def token(self, app: KoreApp) -> Token:
+    def ready(self, app: KoreApp) -> Token | None:
+        """The cached token, when `token` would answer it without minting (a cache hit);
+        None when `token` must be awaited."""
         if app.jti:
-            return self._mint(app)  # Enforce JTI: a token is good for one attempt only
+            return None
         cached = self._cached(app)
         if cached is not None:
             self._metrics.token_cache_hit(app.name)
+        return cached
+
+    async def token(self, app: KoreApp) -> Token:
+        if app.jti:
+            return self._mint(app)  # Enforce JTI: a token is good for one attempt only
+        cached = self.ready(app)
+        if cached is not None:
             return cached
         # Minting is synchronous today; the lock keeps "one mint in flight" true should it
         # ever await (a KMS, a thread), and the re-check lets waiters reuse the winner's token.
