@@ -23,8 +23,7 @@ import structlog
 from gateway.audit.keyless import UnauthenticatedAudit
 from gateway.audit.log import AuditLog
 from gateway.auth import Caller
-from gateway.breaker import CircuitBreaker, Pass
-from gateway.config.model import KoreApp
+from gateway.breaker import CircuitBreaker
 from gateway.errors import AuditUnavailable, GatewayError, Unauthenticated, UpstreamError
 from gateway.kore.client import CallTrace, KoreClient
 from gateway.kore.tokens import TokenCache
@@ -80,6 +79,8 @@ class Ask:
 
 
 def _raw(value: Any) -> Any:
+    if type(value) is str and len(value) <= MAX_RAW_CHARS and value.isascii():
+        return value  # the common case, without `_encodable`'s call
     if value is None or isinstance(value, str) and len(value) <= MAX_RAW_CHARS:
         return _encodable(value)
     return _encodable((value if isinstance(value, str) else repr(value))[:MAX_RAW_CHARS] + "…")
@@ -128,10 +129,6 @@ class Deactivator:
             self.breaker.release(ticket)  # a half-open probe slot must never be lost
             raise
         ask.app = app.name
-        return await self._call(ask, app, d, deadline, ticket)
-
-    async def _call(self, ask: Ask, app: KoreApp, d: Deactivation, deadline: float,
-                    ticket: Pass) -> Any:
         try:
             body = await self.client.deactivate(app, d, ask.request_id, deadline, ask.trace)
         except GatewayError as exc:  # upstream errors, and a retry refused by the rate limit
