@@ -105,6 +105,8 @@ def scrub_message(text: str) -> str:
 
 def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Drops secret-named fields and masks every secret shape in the others."""
+    if _ordinary(event):
+        return event
     for name, value in event.items():
         kind = type(value)
         plain = kind in _SCALARS or (kind is str and _clean(value))
@@ -118,6 +120,7 @@ def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[s
 
 _SCALARS = frozenset({int, float, bool, type(None)})
 _NAMES: dict[str, bool] = {}  # field name → secret-named; the call sites' names, bounded
+_ORDINARY: set[str] = set()  # the names of `_NAMES` that are not secret
 
 
 def _secret_name(name: str) -> bool:
@@ -126,7 +129,25 @@ def _secret_name(name: str) -> bool:
         secret = name.lower() in REDACTED_KEYS
         if len(_NAMES) < 4096:
             _NAMES[name] = secret
+            if not secret:
+                _ORDINARY.add(name)
     return secret
+
+
+def _ordinary(event: MutableMapping[str, Any]) -> bool:
+    """True when `redact` would change nothing, found in one pass: every name known not to be
+    secret, every value a scalar or a text, and the texts clean taken together (joined by a
+    line break, which no secret shape's marker contains: each text is then clean alone)."""
+    if not _ORDINARY.issuperset(event.keys()):
+        return False
+    texts = []
+    for value in event.values():
+        kind = type(value)
+        if kind is str:
+            texts.append(value)
+        elif kind not in _SCALARS:
+            return False
+    return _clean("\n".join(texts))
 
 
 def _masked(name: str, value: Any, depth: int = 0) -> Any:
