@@ -18,6 +18,7 @@ from gateway.config.model import CallerConfig
 from gateway.errors import Forbidden, Unauthenticated
 
 KEY_BYTES = 32
+BEARER_FORM = "send the API key as 'Authorization: Bearer <key>'"
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +62,10 @@ class Authenticator:
     def authenticate(self, authorization: str | None) -> Caller:
         if self.mode == "none":
             return LOCAL_CALLER
-        key = _bearer_key(authorization)
+        scheme, _, key = (authorization or "").strip().partition(" ")
+        key = key.strip()
+        if scheme.lower() != "bearer" or not key:
+            raise Unauthenticated(BEARER_FORM)
         digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
         found: Caller | None = None
         for stored, caller in self._callers:  # no early exit: every key costs the same
@@ -70,11 +74,3 @@ class Authenticator:
         if found is None:
             raise Unauthenticated("the API key is missing or not valid")
         return found
-
-
-def _bearer_key(authorization: str | None) -> str:
-    scheme, _, key = (authorization or "").strip().partition(" ")
-    key = key.strip()
-    if scheme.lower() != "bearer" or not key:
-        raise Unauthenticated("send the API key as 'Authorization: Bearer <key>'")
-    return key

@@ -221,7 +221,11 @@ class AuditLog:
             raise RuntimeError("AuditLog.open() was not called")
         if self._closed:
             raise AuditUnavailable(_UNAVAILABLE)
-        prepared = self._prepare(record)
+        if self._hash_user_ids or not _OWN_KEYS.isdisjoint(record):
+            prepared = self._prepare(record)
+        else:  # `_prepare`, inline: what nearly every record needs
+            prepared = dict(record)
+            prepared["ts"], prepared["seq"], prepared["prev"] = utc_timestamp(), 0, ZERO_HASH
         if not durable and self._flusher is not None:  # a commit is under way
             self._pending.append((prepared, None, False))
             return prepared

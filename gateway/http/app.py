@@ -40,7 +40,7 @@ from gateway.errors import (
     UpstreamRejected,
 )
 from gateway.http.connection import handler_options
-from gateway.http.forwarded import budget_key
+from gateway.http.forwarded import budget_key, plain_peer
 from gateway.http.openapi import document as openapi_document
 from gateway.http.runtime import Runtime
 from gateway.jsoncodec import compact
@@ -190,8 +190,9 @@ Parse = Callable[[str, Any], Deactivation]
 
 def new_ask(rt: Runtime, request: web.Request, route: str, bot_id: Any = None) -> Ask:
     """The ask of one request, with who knocked (`client`, see `forwarded.py`)."""
-    client = rt.proxies.client(request.remote,
-                                             request.headers.getall("X-Forwarded-For", ()))
+    proxies, peer = rt.proxies, request.remote
+    client = proxies.client(peer, request.headers.getall("X-Forwarded-For", ())) if (
+        proxies.active) else plain_peer(peer)
     return Ask(request[REQUEST_ID], route, bot_id=bot_id, client=client)
 
 
@@ -322,8 +323,8 @@ async def deactivate_simplified(request: web.Request) -> web.Response:
             d = plain_simplified(bot_id, await request.read())
         if d is None:
             d = await _admitted(rt, request, ask, caller, rt.validator.simplified)
-        else:
-            ask.learn(d)
+        else:  # `ask.learn(d)`
+            ask.bot_id, ask.user_id, ask.channel = d.bot_id, d.user_id, d.channel
         await rt.deactivator.deactivate(ask, caller, d)
     except GatewayError:
         raise
@@ -332,7 +333,7 @@ async def deactivate_simplified(request: web.Request) -> web.Response:
         raise
     finally:
         rt.in_flight -= 1
-        rt.metrics.request_finished()
+        rt.metrics.in_flight -= 1  # `request_finished`, inline
         rt.tasks.discard(task)
     return json_answer({"success": True, "botId": d.bot_id, "userId": d.user_id,
                         "channel": d.channel, "requestId": ask.request_id})

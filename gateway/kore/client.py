@@ -31,7 +31,6 @@ import orjson
 import structlog
 from yarl import URL
 
-from gateway import jsoncodec
 from gateway.config.model import KoreApp, UpstreamConfig, upstream_host
 from gateway.errors import (
     RateLimited,
@@ -86,10 +85,12 @@ def session_url(config: UpstreamConfig, bot_id: str) -> URL:
 
 
 def request_body(d: Deactivation) -> bytes:
+    """Kore.ai's body. Its values are texts the input rules accepted (no lone surrogate, no
+    control character), which orjson writes as `jsoncodec.compact` would."""
     body: dict[str, Any] = {"userId": d.user_id, "status": "inactive"}
     if d.channel is not None:
         body["channel"] = d.channel
-    return jsoncodec.compact(body)
+    return orjson.dumps(body)
 
 
 def ssl_context(config: UpstreamConfig) -> ssl.SSLContext:
@@ -227,6 +228,10 @@ class KoreClient:
                     log.warning("upstream.token_rejected", app=app.name, status=answer.status,
                                 kore_message=kore_message(answer.body))
                     continue
+                body = answer.body
+                if 200 <= answer.status < 300 and type(body) is dict and (
+                        body.get("success") is True):
+                    return body  # `_judge`'s success, inline
                 judged = self._judge(answer)
                 if judged is None:
                     return answer.body
