@@ -31,6 +31,14 @@ class Writer:
     def __init__(self) -> None:
         self._jobs: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        # Calls given and not yet handed back to the event loop; moved on the loop only.
+        self.running = 0
+
+    @property
+    def idle(self) -> bool:
+        """No call queued, running, or finished without the loop having taken its result:
+        the thread touches nothing of its caller's until the next `run`."""
+        return self.running == 0
 
     async def run(self, func: Callable[..., _T], *args: Any) -> _T:
         loop = asyncio.get_running_loop()
@@ -38,6 +46,7 @@ class Writer:
             self._thread = threading.Thread(target=self._serve, name="audit", daemon=True)
             self._thread.start()
         future: asyncio.Future[_T] = loop.create_future()
+        self.running += 1
         self._jobs.put((loop, future, func, args))
         return await future
 
@@ -52,14 +61,15 @@ class Writer:
             try:
                 result = func(*args)
             except Exception as exc:  # noqa: BLE001 - raised in the waiting coroutine
-                _hand_back(loop, future, None, exc)
+                _hand_back(self, loop, future, None, exc)
             else:
-                _hand_back(loop, future, result, None)
+                _hand_back(self, loop, future, result, None)
 
 
-def _hand_back(loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], result: Any,
-               error: BaseException | None) -> None:
+def _hand_back(writer: Writer, loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any],
+               result: Any, error: BaseException | None) -> None:
     def settle() -> None:
+        writer.running -= 1  # on the loop, once the call is over
         if future.done():
             return
         if error is not None:

@@ -372,6 +372,95 @@ class TestAppendWritten:
         assert [r["requestId"] for r in read_records(log_path)] == ["r-2"]
 
 
+class TestWrittenOnTheLoop:
+    """`append(durable=False)` on a quiet log: the event loop chains and writes the record
+    itself, before `append` returns, and a commit started then fsyncs it (`_write_now`)."""
+
+    async def test_in_the_file_when_append_returns_and_fsynced_after(
+            self, log_path: Path, open_log: OpenLog, monkeypatch: pytest.MonkeyPatch) -> None:
+        log = open_log(log_path)
+        await log.append(request(0))
+        fsyncs = log.fsyncs
+        gate = FsyncGate()
+        monkeypatch.setattr(os, "fsync", gate)
+        written = await log.append(request(1), durable=False)
+        assert written["seq"] == 2 and written["hash"]
+        assert [r["requestId"] for r in read_records(log_path)] == ["r-0", "r-1"]
+        await gate.wait_entered()  # its fsync, in a commit of its own
+        assert log.fsyncs == fsyncs
+        durable = asyncio.create_task(log.append(request(2)))
+        await asyncio.sleep(0.05)
+        assert not durable.done(), "a durable record waits behind the fsync under way"
+        gate.released.set()
+        assert (await durable)["seq"] == 3
+        assert log.fsyncs == fsyncs + 2 and verify_files([log_path]).records == 3
+
+    async def test_the_thread_rotates(self, log_path: Path, open_log: OpenLog) -> None:
+        log = open_log(log_path, max_bytes=1024)
+        for i in range(12):  # about 400 bytes each: a rotation every two or three
+            await log.append(request(i), durable=False)
+            for _ in range(200):  # each finds the log quiet: its fsync is done
+                if log._flusher is None and log._worker.idle:
+                    break
+                await asyncio.sleep(0.005)
+        await log.close()
+        files = rotated_files(log_path)
+        assert len(files) >= 4
+        assert all(path.stat().st_size <= 1024 for path in files)
+        assert verify_files(files) == audit.VerifyReport(ok=True, records=12, files=len(files))
+
+    async def test_a_removed_file_is_left_to_the_thread_which_reopens_it(
+            self, log_path: Path, open_log: OpenLog) -> None:
+        log = open_log(log_path)
+        await log.append(request(0))
+        moved = log_path.with_name("moved.jsonl")
+        os.rename(log_path, moved)
+        with capture_logs() as logs:
+            await log.append(request(1), durable=False)
+        assert [r["requestId"] for r in read_records(log_path)] == ["r-1"]
+        assert [r["requestId"] for r in read_records(moved)] == ["r-0"]
+        assert [e["event"] for e in logs] == ["audit.reopened"]
+
+    async def test_a_failed_fsync_cuts_it_back_and_the_next_commit_writes_it(
+            self, log_path: Path, open_log: OpenLog, monkeypatch: pytest.MonkeyPatch) -> None:
+        log = open_log(log_path)
+        await log.append(request(0))
+        gate = FsyncGate(fail_first=True)
+        monkeypatch.setattr(os, "fsync", gate)
+        with capture_logs():
+            await log.append(request(1), durable=False)
+            assert len(read_records(log_path)) == 2  # written by the loop
+            gate.released.set()
+            for _ in range(200):
+                if not log.healthy:
+                    break
+                await asyncio.sleep(0.01)
+            assert [r["requestId"] for r in read_records(log_path)] == ["r-0"]
+            assert await log.probe() is True
+            await log.append(request(2))
+        assert [(r["requestId"], r["seq"]) for r in read_records(log_path)] == [
+            ("r-0", 1), ("r-1", 2), ("r-2", 3)]
+        assert verify_files([log_path]).ok
+
+    async def test_not_while_the_thread_is_busy(
+            self, log_path: Path, open_log: OpenLog, monkeypatch: pytest.MonkeyPatch) -> None:
+        log = open_log(log_path)
+        await log.append(request(0))
+        gate = threading.Event()
+        monkeypatch.setattr(log, "_probe_sync", lambda: gate.wait(5))
+        log._healthy = False  # a probe then runs in the thread
+        probing = asyncio.create_task(log.probe())
+        await asyncio.sleep(0.05)
+        log._healthy = True
+        queued = asyncio.create_task(log.append(request(1), durable=False))
+        await asyncio.sleep(0.05)
+        assert not queued.done() and len(read_records(log_path)) == 1
+        gate.set()
+        await probing
+        assert (await queued)["seq"] == 2
+        assert verify_files([log_path]).records == 2
+
+
 class TestGroupCommit:
     async def test_concurrent_appends_share_fsyncs(self, log_path: Path, open_log: OpenLog) -> None:
         log = open_log(log_path)
