@@ -413,10 +413,13 @@ class AuditLog:
         """Callers waiting for a failed commit get `AuditUnavailable`. Records already
         acknowledged as written (their fsync failed, so the write was cut back) are kept for
         the next commit, in their order, as are records kept from an earlier failure; the
-        records the loop wrote itself before the batch (`unsynced`, cut back too) go first."""
+        records the loop wrote itself before the batch (`unsynced`) go first, those the
+        failure cut back (the ones it did not make durable in the file they were left in)."""
         kept = [(record, None, False) for record, future, durable in batch
                 if future is None or (not durable and _acknowledged(future))]
-        self._retained = [(record, None, False) for record in unsynced] + kept + self._retained
+        durable_seq = self._durable[1]  # (the thread is done: its state can be read)
+        cut = [(record, None, False) for record in unsynced if record["seq"] > durable_seq]
+        self._retained = cut + kept + self._retained
         _reject(batch, cause)
 
     async def _in_worker(self, func: Callable[..., _T], *args: Any) -> _T:
@@ -443,6 +446,8 @@ class AuditLog:
         `written`) and fsync; returns the records that cannot be encoded (by index), which
         are left out of the chain. `sync`: records the loop wrote itself wait for this
         fsync, which then runs even with nothing to write."""
+        if sync and self._fd is not None and not self._still_current():
+            self._sync(self._fd)  # they are in the file being left (moved or replaced)
         fd = self._writable_fd()
         data, refused = self._chain(records, first_in_file=not self._size)
         if not data and not sync:

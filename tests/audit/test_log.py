@@ -442,6 +442,29 @@ class TestWrittenOnTheLoop:
             ("r-0", 1), ("r-1", 2), ("r-2", 3)]
         assert verify_files([log_path]).ok
 
+    async def test_a_file_left_before_its_fsync_keeps_it_once(
+            self, log_path: Path, open_log: OpenLog) -> None:
+        log = open_log(log_path)
+        await log.append(request(0))
+        await log.append(request(1), durable=False)  # written; its commit has not run yet
+        directory = log_path.parent
+        moved = directory.with_name("moved")
+        os.rename(directory, moved)
+        directory.write_text("not a directory")  # the commit cannot reopen the path
+        with capture_logs():
+            for _ in range(200):
+                if not log.healthy:
+                    break
+                await asyncio.sleep(0.01)
+            assert not log.healthy
+            directory.unlink()
+            os.rename(moved, directory)
+            assert await log.probe() is True
+            await log.append(request(2))
+        assert [(r["requestId"], r["seq"]) for r in read_records(log_path)] == [
+            ("r-0", 1), ("r-1", 2), ("r-2", 3)]  # fsynced in the file it was left in, once
+        assert verify_files([log_path]).ok
+
     async def test_not_while_the_thread_is_busy(
             self, log_path: Path, open_log: OpenLog, monkeypatch: pytest.MonkeyPatch) -> None:
         log = open_log(log_path)
