@@ -40,6 +40,14 @@ REAL_FSYNC = os.fsync
 OpenLog = Callable[..., AuditLog]
 
 
+async def until(condition: Callable[[], bool], tries: int = 200) -> None:
+    """Lets the log's thread work until `condition` holds (at most `tries` × 10 ms)."""
+    for _ in range(tries):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+
+
 def request(i: int, **overrides: Any) -> dict[str, Any]:
     record = {
         "event": "deactivate.requested",
@@ -320,16 +328,10 @@ class TestAppendWritten:
             await gate.wait_entered()
             assert (await asyncio.wait_for(written, 5))["requestId"] == "r-1"
             gate.released.set()
-            for _ in range(200):  # the failed fsync cut the write back
-                if not log.healthy:
-                    break
-                await asyncio.sleep(0.01)
+            await until(lambda: not log.healthy)  # the failed fsync cut the write back
             assert len(read_records(log_path)) == 1
             assert await log.probe() is True  # writable again: the kept record goes
-            for _ in range(200):
-                if len(read_records(log_path)) == 2:
-                    break
-                await asyncio.sleep(0.01)
+            await until(lambda: len(read_records(log_path)) == 2)
         assert [(r["requestId"], r["seq"]) for r in read_records(log_path)] == [("r-0", 1),
                                                                               ("r-1", 2)]
         assert verify_files([log_path]).ok
@@ -346,10 +348,7 @@ class TestAppendWritten:
                                                  read_records(log_path)] == ["r-1"]
         gate.released.set()
         await durable
-        for _ in range(200):  # the next commit takes it
-            if len(read_records(log_path)) == 2:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: len(read_records(log_path)) == 2)  # the next commit takes it
         assert verify_files([log_path]).records == 2
 
     async def test_a_failed_write_fails_the_caller(self, log_path: Path,
@@ -399,10 +398,8 @@ class TestWrittenOnTheLoop:
         log = open_log(log_path, max_bytes=1024)
         for i in range(12):  # about 400 bytes each: a rotation every two or three
             await log.append(request(i), durable=False)
-            for _ in range(200):  # each finds the log quiet: its fsync is done
-                if log._flusher is None and log._worker.idle:
-                    break
-                await asyncio.sleep(0.005)
+            # each finds the log quiet: its fsync is done
+            await until(lambda: log._flusher is None and log._worker.idle)
         await log.close()
         files = rotated_files(log_path)
         assert len(files) >= 4
@@ -431,10 +428,7 @@ class TestWrittenOnTheLoop:
             await log.append(request(1), durable=False)
             assert len(read_records(log_path)) == 2  # written by the loop
             gate.released.set()
-            for _ in range(200):
-                if not log.healthy:
-                    break
-                await asyncio.sleep(0.01)
+            await until(lambda: not log.healthy)
             assert [r["requestId"] for r in read_records(log_path)] == ["r-0"]
             assert await log.probe() is True
             await log.append(request(2))
@@ -452,10 +446,7 @@ class TestWrittenOnTheLoop:
         os.rename(directory, moved)
         directory.write_text("not a directory")  # the commit cannot reopen the path
         with capture_logs():
-            for _ in range(200):
-                if not log.healthy:
-                    break
-                await asyncio.sleep(0.01)
+            await until(lambda: not log.healthy)
             assert not log.healthy
             directory.unlink()
             os.rename(moved, directory)
