@@ -70,13 +70,20 @@ class ConnectionGate:
         """`conn` waits for a request, or received bytes: it goes to the back of the line."""
         if conn not in self._open:
             return
-        self._idle[conn] = None
-        self._idle.move_to_end(conn)
         key = self._open[conn]
+        idle = self._idle
+        if conn in idle:
+            idle.move_to_end(conn)
+        else:
+            idle[conn] = None  # (a new key goes to the end)
         if key is not None:
-            line = self._idle_by_key.setdefault(key, OrderedDict())
-            line[conn] = None
-            line.move_to_end(conn)
+            line = self._idle_by_key.get(key)
+            if line is None:  # (setdefault would build an OrderedDict on every call)
+                line = self._idle_by_key[key] = OrderedDict()
+            if conn in line:
+                line.move_to_end(conn)
+            else:
+                line[conn] = None
 
     def busy(self, conn: Gated) -> None:
         """`conn` has a request to serve: never closed for another until it is idle again."""
