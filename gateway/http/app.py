@@ -200,10 +200,16 @@ async def authenticated(rt: Runtime, request: web.Request, ask: Ask) -> Caller:
     """The caller, before anything counts against `max_in_flight`; a keyless request is
     refused here, within its own budget (`keyless.py`), and audited as one (`audit/keyless.py`)."""
     try:
-        caller = rt.auth.authenticate(authorization_of(request))
+        return identified(rt, request, ask)
     except Unauthenticated as exc:
         await refuse_keyless(rt, request, ask, exc)
         raise
+
+
+def identified(rt: Runtime, request: web.Request, ask: Ask) -> Caller:
+    """The caller, named on the ask and the request; raises `Unauthenticated`, which the
+    caller of this refuses (`refuse_keyless`)."""
+    caller = rt.auth.authenticate(authorization_of(request))
     ask.caller = request[CALLER] = caller.name
     return caller
 
@@ -301,11 +307,10 @@ async def deactivate_simplified(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     ask = new_ask(rt, request, ROUTE_SIMPLE, bot_id=request.match_info["botId"])
     try:
-        caller = rt.auth.authenticate(authorization_of(request))
+        caller = identified(rt, request, ask)  # `authenticated`, without its coroutine
     except Unauthenticated as exc:
         await refuse_keyless(rt, request, ask, exc)
         raise
-    ask.caller = request[CALLER] = caller.name
     try:
         rt.admit()
     except Overloaded as exc:
