@@ -114,10 +114,13 @@ async def test_sigkilled_worker_is_replaced_under_load(sandbox: Any, tmp_path: P
     assert code == 0, served.text()[-3000:]
     assert first_new - killed_at < SERVING_WITHIN_S, first_new - killed_at
     assert status == 200 and sample(parse(text), "kgw_worker_restarts_total") == 1, text
-    # The port kept answering: only calls the killed worker held were cut, every call
-    # started a moment after the kill got its 200.
+    # The port kept answering: only calls the killed worker held were cut, or sent to it in
+    # the moment before the kernel closed its socket (a caller whose call was cut may send
+    # its next one into that moment too); every call started a moment after the kill got
+    # its 200.
     cut = [s for s in load.results if s[1] is None]
-    assert len(cut) <= CONCURRENCY, cut
+    assert len(cut) <= 2 * CONCURRENCY, cut
+    assert all(started <= killed_at + 0.2 for started, _ in cut), (killed_at, cut)
     later = [status for started, status in load.results if started > killed_at + 0.2]
     assert later and set(later) == {200}, sorted(set(later), key=str)
     assert {s for _, s in load.results} <= {200, None}
