@@ -66,17 +66,10 @@ class Ask:
     def record(self, event: str, app: str | None) -> dict[str, Any]:
         """The start of its audit record: the event, who asked what, and through which app."""
         raws = self._raws
-        bot, user, channel = self.bot_id, self.user_id, self.channel
-        if raws is None or raws[0] is not bot or raws[1] is not user or raws[2] is not channel:
-            # `_raw` of each, its common cases (a short ASCII text, none) without the call
-            raws = self._raws = (
-                bot, user, channel,
-                bot if type(bot) is str and len(bot) <= MAX_RAW_CHARS and bot.isascii()
-                else _raw(bot),
-                user if type(user) is str and len(user) <= MAX_RAW_CHARS and user.isascii()
-                else _raw(user),
-                channel if channel is None or type(channel) is str and (
-                    len(channel) <= MAX_RAW_CHARS and channel.isascii()) else _raw(channel))
+        if (raws is None or raws[0] is not self.bot_id or raws[1] is not self.user_id
+                or raws[2] is not self.channel):
+            raws = self._raws = (self.bot_id, self.user_id, self.channel, _raw(self.bot_id),
+                                 _raw(self.user_id), _raw(self.channel))
         return {"event": event, "requestId": self.request_id, "caller": self.caller,
                 "client": self.client, "route": self.route, "botId": raws[3],
                 "userId": raws[4], "channel": raws[5], "app": app}
@@ -230,5 +223,5 @@ def _add_result(record: dict[str, Any], ask: Ask, status: int, error: GatewayErr
     record["status"] = status
     record["upstreamStatus"] = trace.upstream_status
     record["attempts"] = trace.attempts
-    record["durationMs"] = round((time.monotonic() - ask.started) * 1000, 3)  # `duration_ms`
+    record["durationMs"] = ask.duration_ms()
     record["error"] = None if error is None else error.code

@@ -230,7 +230,7 @@ def render_json(event: Any, **kw: Any) -> str:
         text = orjson.dumps(event, default=kw.get("default")).decode()
     except TypeError:
         text = json.dumps(event, **kw)
-    return text if text.isascii() else one_line_text(text)
+    return one_line_text(text)
 
 
 # What `jsoncodec.one_line` escapes in the audit, for text: U+2028, U+2029, the bidi controls

@@ -190,9 +190,7 @@ class Metrics:
         return child
 
     def request(self, route: str, status: int, caller: str | None, seconds: float) -> None:
-        # `FastCounter.inc`, inline: one call fewer on every request.
-        counts, key = self._requests.counts, (route, str(status), caller or ANONYMOUS)
-        counts[key] = counts.get(key, 0.0) + 1.0
+        self._requests.inc((route, str(status), caller or ANONYMOUS))
         self._request_seconds.observe(seconds, (route,))
 
     def request_started(self) -> None:
@@ -202,8 +200,7 @@ class Metrics:
         self.in_flight -= 1
 
     def upstream_attempt(self, status: int | str, seconds: float) -> None:
-        counts, key = self._upstream.counts, (str(status),)
-        counts[key] = counts.get(key, 0.0) + 1.0
+        self._upstream.inc((str(status),))
         self._upstream_seconds.observe(seconds)
 
     def token_minted(self, app: str) -> None:

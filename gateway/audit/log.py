@@ -229,11 +229,7 @@ class AuditLog:
             raise RuntimeError("AuditLog.open() was not called")
         if self._closed:
             raise AuditUnavailable(_UNAVAILABLE)
-        if self._hash_user_ids or not _OWN_KEYS.isdisjoint(record):
-            prepared = self._prepare(record)
-        else:  # `_prepare`, inline: what nearly every record needs
-            prepared = dict(record)
-            prepared["ts"], prepared["seq"], prepared["prev"] = utc_timestamp(), 0, ZERO_HASH
+        prepared = self._prepare(record)
         if not durable:
             if self._flusher is not None:  # a commit is under way
                 self._pending.append((prepared, None, False))

@@ -40,7 +40,7 @@ from gateway.errors import (
     UpstreamRejected,
 )
 from gateway.http.connection import handler_options
-from gateway.http.forwarded import budget_key, plain_peer
+from gateway.http.forwarded import budget_key
 from gateway.http.openapi import document as openapi_document
 from gateway.http.runtime import Runtime
 from gateway.jsoncodec import compact
@@ -190,9 +190,7 @@ Parse = Callable[[str, Any], Deactivation]
 
 def new_ask(rt: Runtime, request: web.Request, route: str, bot_id: Any = None) -> Ask:
     """The ask of one request, with who knocked (`client`, see `forwarded.py`)."""
-    proxies, peer = rt.proxies, request.remote
-    client = proxies.client(peer, request.headers.getall("X-Forwarded-For", ())) if (
-        proxies.active) else plain_peer(peer)
+    client = rt.proxies.client(request.remote, request.headers.getall("X-Forwarded-For", ()))
     return Ask(request[REQUEST_ID], route, bot_id=bot_id, client=client)
 
 
@@ -272,22 +270,19 @@ class InFlight:
         self.task: asyncio.Task[Any] | None = None
 
     async def __aenter__(self) -> None:
+        self.task = asyncio.current_task()
         try:
-            self.rt.admit()
+            self.rt.admit(self.task)
         except Overloaded as exc:
             await self.rt.deactivator.deny(self.ask, exc)
             raise
-        self.task = asyncio.current_task()
-        self.rt.tasks.add(self.task)
 
     async def __aexit__(self, _type: object, exc: BaseException | None, _tb: object) -> None:
         try:
             if exc is not None and not isinstance(exc, GatewayError):
                 await self.rt.deactivator.abandon(self.ask, cut_short(exc))
         finally:
-            self.rt.in_flight -= 1
-            self.rt.metrics.request_finished()
-            self.rt.tasks.discard(self.task)
+            self.rt.leave(self.task)
 
 
 def cut_short(exc: BaseException) -> GatewayError:
@@ -311,13 +306,12 @@ async def deactivate_simplified(request: web.Request) -> web.Response:
     except Unauthenticated as exc:
         await refuse_keyless(rt, request, ask, exc)
         raise
+    task = asyncio.current_task()
     try:
-        rt.admit()
+        rt.admit(task)
     except Overloaded as exc:
         await rt.deactivator.deny(ask, exc)
         raise
-    task = asyncio.current_task()
-    rt.tasks.add(task)
     try:
         d = None
         bot_id = ask.bot_id
@@ -328,8 +322,8 @@ async def deactivate_simplified(request: web.Request) -> web.Response:
             d = plain_simplified(bot_id, await request.read())
         if d is None:
             d = await _admitted(rt, request, ask, caller, rt.validator.simplified)
-        else:  # `ask.learn(d)`
-            ask.bot_id, ask.user_id, ask.channel = d.bot_id, d.user_id, d.channel
+        else:
+            ask.learn(d)
         await rt.deactivator.deactivate(ask, caller, d)
     except GatewayError:
         raise
@@ -337,9 +331,7 @@ async def deactivate_simplified(request: web.Request) -> web.Response:
         await rt.deactivator.abandon(ask, cut_short(exc))
         raise
     finally:
-        rt.in_flight -= 1
-        rt.metrics.in_flight -= 1  # `request_finished`, inline
-        rt.tasks.discard(task)
+        rt.leave(task)
     return json_answer({"success": True, "botId": d.bot_id, "userId": d.user_id,
                         "channel": d.channel, "requestId": ask.request_id})
 

@@ -28,7 +28,6 @@ class TrustedProxies:
 
     def __init__(self, cidrs: Sequence[str] = ()) -> None:
         self._networks = tuple(ipaddress.ip_network(cidr, strict=False) for cidr in cidrs)
-        self.active = bool(self._networks)  # `bool(self)` as an attribute: no call to read it
 
     def __bool__(self) -> bool:
         return bool(self._networks)
@@ -76,13 +75,6 @@ def _plain(peer: str) -> str:
     if peer.startswith("::ffff:") and "." in peer:
         return peer[7:]
     return peer
-
-
-def plain_peer(peer: str | None) -> str:
-    """`TrustedProxies().client(peer)`: the client address when no proxy is trusted."""
-    if not peer:
-        return UNKNOWN
-    return peer[7:] if peer.startswith("::ffff:") and "." in peer else peer  # `_plain`
 
 
 def budget_key(client: str) -> str:

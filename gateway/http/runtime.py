@@ -143,8 +143,9 @@ class Runtime:
         if tasks:
             await asyncio.wait(tasks, timeout=wait_s)
 
-    def admit(self) -> None:
-        """Counts a deactivation request in, or sheds it (draining / over max_in_flight)."""
+    def admit(self, task: asyncio.Task[Any] | None) -> None:
+        """Counts a deactivation request (handled by `task`) in, or sheds it (draining / over
+        max_in_flight). An admitted request ends with `leave`."""
         if self.draining:
             raise Overloaded("the gateway is shutting down; retry on another instance",
                              retry_after_s=1)
@@ -152,7 +153,14 @@ class Runtime:
             raise Overloaded("the gateway is at its in-flight limit; retry shortly",
                              retry_after_s=1)
         self.in_flight += 1
-        self.metrics.in_flight += 1  # `request_started`, inline: once per request
+        self.metrics.request_started()
+        self.tasks.add(task)
+
+    def leave(self, task: asyncio.Task[Any] | None) -> None:
+        """The end of a request `admit` counted in."""
+        self.in_flight -= 1
+        self.metrics.request_finished()
+        self.tasks.discard(task)
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
         now = time.monotonic()

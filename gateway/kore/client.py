@@ -228,10 +228,6 @@ class KoreClient:
                     log.warning("upstream.token_rejected", app=app.name, status=answer.status,
                                 kore_message=kore_message(answer.body))
                     continue
-                body = answer.body
-                if 200 <= answer.status < 300 and type(body) is dict and (
-                        body.get("success") is True):
-                    return body  # `_judge`'s success, inline
                 judged = self._judge(answer)
                 if judged is None:
                     return answer.body

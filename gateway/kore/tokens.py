@@ -170,11 +170,7 @@ class TokenCache:
         None when `token` must be awaited."""
         if app.jti:
             return None
-        fresh = self._fresh.get(app.name)  # `_cached`'s first case, inline: nearly every call
-        if fresh is not None and fresh[0] is app and self._clock() < fresh[2]:
-            cached: Token | None = fresh[1]
-        else:
-            cached = self._cached(app)
+        cached = self._cached(app)
         if cached is not None:
             self._metrics.token_cache_hit(app.name)
         return cached

@@ -385,13 +385,8 @@ class MemoryRateLimiter:
         def fits(slot: float) -> bool:
             return slot <= now or slot + CALL_MARGIN_S <= deadline
 
-        slot = now  # `_local_slot(times, now)`, inline
-        if times:
-            slot = max(slot, times[-1] + self.spacing_s)
-            for calls, per_s in self.windows:
-                if len(times) >= calls:
-                    slot = max(slot, times[-calls] + per_s)
-        slot, epoch, granted = self.store.reserve(bot_id, slot, now, times, fits)
+        slot, epoch, granted = self.store.reserve(bot_id, self._local_slot(times, now), now,
+                                                  times, fits)
         if not granted:
             self.rejections += 1
             self._metrics.ratelimit_rejected()
