@@ -41,14 +41,22 @@ class Writer:
         return self.running == 0
 
     async def run(self, func: Callable[..., _T], *args: Any) -> _T:
+        return await self.submit(func, *args)
+
+    def submit(self, func: Callable[..., _T], *args: Any,
+               then: Callable[[_T], None] | None = None) -> asyncio.Future[_T]:
+        """Queues the call now; the future resolves on the loop with its result. `then`, if
+        given, is called with a successful result in the same callback, right after the future
+        is resolved: what it resolves in turn wakes its waiters on the same turn of the loop
+        as the future's own (not one turn later, as a coroutine awaiting the future would)."""
         loop = asyncio.get_running_loop()
         if self._thread is None:
             self._thread = threading.Thread(target=self._serve, name="audit", daemon=True)
             self._thread.start()
         future: asyncio.Future[_T] = loop.create_future()
         self.running += 1
-        self._jobs.put((loop, future, func, args))
-        return await future
+        self._jobs.put((loop, future, func, args, then))
+        return future
 
     def stop(self) -> None:
         if self._thread is not None:
@@ -57,25 +65,28 @@ class Writer:
 
     def _serve(self) -> None:
         while (job := self._jobs.get()) is not None:
-            loop, future, func, args = job
+            loop, future, func, args, then = job
             try:
                 result = func(*args)
             except Exception as exc:  # noqa: BLE001 - raised in the waiting coroutine
-                _hand_back(self, loop, future, None, exc)
+                _hand_back(self, loop, future, None, exc, None)
             else:
-                _hand_back(self, loop, future, result, None)
+                _hand_back(self, loop, future, result, None, then)
 
 
 def _hand_back(writer: Writer, loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any],
-               result: Any, error: BaseException | None) -> None:
+               result: Any, error: BaseException | None,
+               then: Callable[[Any], None] | None) -> None:
     def settle() -> None:
         writer.running -= 1  # on the loop, once the call is over
-        if future.done():
+        if future.done():  # (cancelled: its caller has given up, and `then` with it)
             return
         if error is not None:
             set_exception(future, error)
         else:
             future.set_result(result)
+            if then is not None:
+                then(result)
 
     try:
         loop.call_soon_threadsafe(settle)

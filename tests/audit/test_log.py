@@ -127,7 +127,7 @@ async def trickle_after_first_commit(log: AuditLog, monkeypatch: pytest.MonkeyPa
     real_commit = AuditLog._commit
 
     async def commit_then_trickle(self: AuditLog, batch: list[Any]) -> bool:
-        batches.append(len(batch))
+        batches.append(len(batch) + len(self._unsynced))  # (with what the loop wrote itself)
         done = await real_commit(self, batch)
         if self.fsyncs == 1:  # the first commit is over: requests under way go on
             appends.extend(asyncio.create_task(late(i)) for i in range(2, 2 + later))
@@ -394,6 +394,35 @@ class TestWrittenOnTheLoop:
         gate.released.set()
         assert (await durable)["seq"] == 3
         assert log.fsyncs == fsyncs + 2 and verify_files([log_path]).records == 3
+
+    async def test_the_callers_resume_on_the_turn_the_commit_ends(
+            self, log_path: Path, open_log: OpenLog) -> None:
+        """The thread's hand-back resolves the callers itself: the flusher and they resume on
+        the same turn, not the callers one turn after the flusher."""
+        log = open_log(log_path)
+        await log.append(request(0))
+        turns = 0
+        resumed: dict[str, int] = {}
+        real_commit = AuditLog._commit
+
+        async def commit(self: AuditLog, batch: list[Any]) -> bool:
+            result = await real_commit(self, batch)
+            resumed.setdefault("flusher", turns)
+            return result
+
+        async def count_turns() -> None:
+            nonlocal turns
+            while "caller" not in resumed:
+                await asyncio.sleep(0)
+                turns += 1
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(AuditLog, "_commit", commit)
+            counter = asyncio.create_task(count_turns())
+            await log.append(request(1))
+            resumed["caller"] = turns
+            await counter
+        assert resumed["caller"] == resumed["flusher"]
 
     async def test_the_thread_rotates(self, log_path: Path, open_log: OpenLog) -> None:
         log = open_log(log_path, max_bytes=1024)
