@@ -352,36 +352,44 @@ def access(event: str, **fields: Any) -> None:
         # The console format, a level above info, or another set-up than configure()'s.
         structlog.get_logger("gateway.access").info(event, **fields)
         return
-    line = redact(None, "info", structlog.contextvars.get_contextvars() | fields)
-    # Added after redaction: the call sites' event names, the level and the clock are ours.
-    line["event"] = event
-    line["level"] = "info"
-    line["timestamp"] = utc_timestamp()
-    _queue(out, render_json(line))
+    _queue(out, (structlog.contextvars.get_contextvars() | fields, event, utc_timestamp()))
 
 
-# Access lines of one turn of the event loop, written together at its end: one write() for
-# many requests under load instead of one each (a system call, and a hand-off of the GIL to
-# the audit writer's thread). Lines are only held until the loop's next turn.
-_queued: list[str] = []
+# Access lines of one turn of the event loop, rendered and written together at its end: one
+# write() for many requests under load instead of one each (a system call, and a hand-off of
+# the GIL to the audit writer's thread), and no request's answer waits for its line to be
+# rendered (the answer is sent in the turn the line is queued). Lines are only held until the
+# loop's next turn.
+_Line = tuple[dict[str, Any], str, str]  # fields (with the context's), event, timestamp
+_queued: list[_Line] = []
 PIPE_ATOMIC_BYTES = 4096  # POSIX PIPE_BUF: a write up to this size is never mixed with another
 
 
-def _queue(out: structlog.WriteLogger, text: str) -> None:
+def _queue(out: structlog.WriteLogger, entry: _Line) -> None:
     if not _queued:
         try:
             asyncio.get_running_loop().call_soon(flush_access, out)
         except RuntimeError:  # no event loop: written at once
-            out.msg(text)
+            out.msg(_rendered(entry))
             return
-    _queued.append(text)
+    _queued.append(entry)
+
+
+def _rendered(entry: _Line) -> str:
+    fields, event, timestamp = entry
+    line = redact(None, "info", fields)
+    # Added after redaction: the call sites' event names, the level and the clock are ours.
+    line["event"] = event
+    line["level"] = "info"
+    line["timestamp"] = timestamp
+    return render_json(line)
 
 
 def flush_access(out: structlog.WriteLogger | None = None) -> None:
     """Writes the queued access lines: whole lines, at most `PIPE_ATOMIC_BYTES` a write (the
     workers share stderr: a pipe keeps such a write in one piece), one write per longer line."""
     out = out or _access_out
-    lines = _queued.copy()
+    lines = [_rendered(entry) for entry in _queued]
     _queued.clear()
     if out is None or not lines:
         return
