@@ -360,7 +360,7 @@ class AuditLog:
     async def _commit(self, batch: list[_Pending]) -> bool:
         """Writes and fsyncs `batch` on the thread, with the fsync of what the loop wrote
         itself (`_unsynced`). On success, the thread's hand-back resolves the callers itself
-        (`_resolve`), so they resume on the same turn of the loop as the flusher, not one turn
+        (`_settle`), so they resume on the same turn of the loop as the flusher, not one turn
         after it; on failure, the flusher fails them."""
         started = time.monotonic()
         records = [record for record, _, _ in batch]
@@ -368,7 +368,7 @@ class AuditLog:
         try:
             refused = await self._worker.submit(
                 self._write_batch, records, self._when_written(batch), bool(unsynced),
-                then=functools.partial(_resolve, batch))
+                then=functools.partial(_settle, batch, range(len(batch))))
         except OSError as exc:
             self._metrics.audit_failed()
             self._note_failure(exc)
@@ -386,7 +386,6 @@ class AuditLog:
             self._metrics.audit_committed(len(batch) - len(refused),
                                           time.monotonic() - started)
         self._note_success()
-        _resolve(batch, refused)  # (done by the hand-back, unless it failed)
         for index, (record, future, _) in enumerate(batch):
             if index in refused and future is None:
                 log.error("audit.record_not_encodable", record_event=record.get("event"),
@@ -700,11 +699,6 @@ def _settle(batch: list[_Pending], indexes: Iterable[int], refused: dict[int, Ex
                 set_exception(future, refused[index])
             else:
                 future.set_result(record)
-
-
-def _resolve(batch: list[_Pending], refused: dict[int, Exception]) -> None:
-    """A commit's callers, once it is durable."""
-    _settle(batch, range(len(batch)), refused)
 
 
 def _acknowledged(future: asyncio.Future[dict[str, Any]]) -> bool:

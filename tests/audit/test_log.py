@@ -395,35 +395,6 @@ class TestWrittenOnTheLoop:
         assert (await durable)["seq"] == 3
         assert log.fsyncs == fsyncs + 2 and verify_files([log_path]).records == 3
 
-    async def test_the_callers_resume_on_the_turn_the_commit_ends(
-            self, log_path: Path, open_log: OpenLog) -> None:
-        """The thread's hand-back resolves the callers itself: the flusher and they resume on
-        the same turn, not the callers one turn after the flusher."""
-        log = open_log(log_path)
-        await log.append(request(0))
-        turns = 0
-        resumed: dict[str, int] = {}
-        real_commit = AuditLog._commit
-
-        async def commit(self: AuditLog, batch: list[Any]) -> bool:
-            result = await real_commit(self, batch)
-            resumed.setdefault("flusher", turns)
-            return result
-
-        async def count_turns() -> None:
-            nonlocal turns
-            while "caller" not in resumed:
-                await asyncio.sleep(0)
-                turns += 1
-
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(AuditLog, "_commit", commit)
-            counter = asyncio.create_task(count_turns())
-            await log.append(request(1))
-            resumed["caller"] = turns
-            await counter
-        assert resumed["caller"] == resumed["flusher"]
-
     async def test_the_thread_rotates(self, log_path: Path, open_log: OpenLog) -> None:
         log = open_log(log_path, max_bytes=1024)
         for i in range(12):  # about 400 bytes each: a rotation every two or three
@@ -529,6 +500,34 @@ class TestGroupCommit:
         batches = await trickle_after_first_commit(log, monkeypatch, later=10)
         assert batches[:2] == [1, 4]  # r-0; then r-1 and the records of three turns
         assert sum(batches) == 12 and verify_files([log_path]).records == 12
+
+    async def test_the_callers_resume_on_the_turn_the_commit_ends(
+            self, log_path: Path, open_log: OpenLog, monkeypatch: pytest.MonkeyPatch) -> None:
+        """The thread's hand-back resolves the callers itself: the flusher and they resume on
+        the same turn, not the callers one turn after the flusher."""
+        log = open_log(log_path)
+        await log.append(request(0))
+        turns = 0
+        resumed: dict[str, int] = {}
+        real_commit = AuditLog._commit
+
+        async def commit(self: AuditLog, batch: list[Any]) -> bool:
+            result = await real_commit(self, batch)
+            resumed.setdefault("flusher", turns)
+            return result
+
+        async def count_turns() -> None:
+            nonlocal turns
+            while "caller" not in resumed:
+                await asyncio.sleep(0)
+                turns += 1
+
+        monkeypatch.setattr(AuditLog, "_commit", commit)
+        counter = asyncio.create_task(count_turns())
+        await log.append(request(1))
+        resumed["caller"] = turns
+        await counter
+        assert resumed["caller"] == resumed["flusher"]
 
     async def test_a_record_that_finds_the_log_idle_is_committed_at_once(
         self, log_path: Path, open_log: OpenLog, monkeypatch: pytest.MonkeyPatch
