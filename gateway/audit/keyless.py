@@ -4,7 +4,9 @@ Up to `audit.max_unauthenticated_per_s` (default 20) `deactivate.denied` records
 requests (no key, an unknown key) are written one by one in any one second of this process
 (a sliding second: never twice that many across the turn of a clock second). Beyond that a
 denial is only counted, by client address, and at the end of the clock second the counts
-become one `audit.unauthenticated_suppressed` record: `count` (every suppressed denial)
+become one `audit.unauthenticated_suppressed` record (one a second: the event loop's timer may
+fire a little before the second ends, and what is counted after it then waits for the end of the
+next second, not for a second summary of the same one): `count` (every suppressed denial)
 and `clients` (the ten addresses with the most, address → count; in the file, as every
 object, in key order). Its `client` is null: it
 speaks for many. A keyless flood so costs the disk at most that many records and one summary
@@ -46,6 +48,8 @@ class UnauthenticatedAudit:
         self._written: deque[float] = deque(maxlen=max(per_s, 1))
         self._counts: Counter[str] = Counter()
         self._timer: asyncio.TimerHandle | None = None
+        self._due = 0.0  # the end of the second the timer's summary closes
+        self._summarized = -math.inf  # the end of the last second summarized
         self._writing: set[asyncio.Task[None]] = set()
 
     async def deny(self, record: Mapping[str, Any]) -> None:
@@ -60,8 +64,8 @@ class UnauthenticatedAudit:
         self._counts[str(record.get("client") or UNKNOWN_CLIENT)] += 1
         self._metrics.audit_unauthenticated_suppressed()
         if self._timer is None:
-            delay = math.floor(now) + 1 - now
-            self._timer = asyncio.get_running_loop().call_later(delay, self._flush)
+            self._due = max(math.floor(now) + 1, self._summarized + 1)
+            self._timer = asyncio.get_running_loop().call_later(self._due - now, self._flush)
 
     def summary(self) -> dict[str, Any] | None:
         """The summary record of what was counted since the last one (and forgets it)."""
@@ -83,6 +87,7 @@ class UnauthenticatedAudit:
 
     def _flush(self) -> None:
         self._timer = None
+        self._summarized = self._due
         task = asyncio.get_running_loop().create_task(self._write(self.summary()))
         self._writing.add(task)
         task.add_done_callback(self._writing.discard)

@@ -73,6 +73,26 @@ class TestUnauthenticatedAudit:
         assert written == 3
         assert events.count("deactivate.denied") == 4 and events.count(SUPPRESSED_EVENT) == 1
 
+    async def test_one_summary_a_second_when_the_timer_fires_early(self, tmp_path: Path) -> None:
+        """The loop's timer may fire a little before the second ends (its clock lags under
+        load): what is counted after it waits for the end of the next second."""
+        log = await opened(tmp_path)
+        clock = FakeClock(1000.998)
+        keyless = UnauthenticatedAudit(log, 0, clock=clock)
+        await keyless.deny(denied("a"))
+        assert keyless._timer is not None
+        keyless._timer.cancel()
+        keyless._flush()  # as the timer firing at 1000.998, before the second ends
+        await asyncio.gather(*keyless._writing)
+        clock.advance(0.001)  # 1000.999: still the second just summarized
+        await keyless.deny(denied("b"))
+        loop = asyncio.get_running_loop()
+        assert keyless._timer is not None and keyless._timer.when() - loop.time() > 0.99
+        await keyless.aclose()
+        await log.close()
+        assert [(r["event"], r["clients"]) for r in read_records(log.path)] == [
+            (SUPPRESSED_EVENT, {"a": 1}), (SUPPRESSED_EVENT, {"b": 1})]
+
     async def test_a_budget_of_zero_writes_only_summaries(self, tmp_path: Path) -> None:
         log = await opened(tmp_path)
         keyless = UnauthenticatedAudit(log, 0, clock=FakeClock(1000.0))
