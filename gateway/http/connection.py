@@ -48,7 +48,12 @@ log = structlog.get_logger(__name__)
 throttle = Throttle()  # one client can cause these lines; a flood of them must not flood the log
 
 LINGER_S = 2.0  # after an early answer (413, 408, 431, 400), what the client still sends is drained this long
-MAX_PIPELINED = 1  # parsed requests queued behind the one being served; then reading pauses
+# Parsed requests a connection may have queued for its handler: reading pauses at this many.
+# Two, not one: with one, every request paused reading as it was parsed and resumed it when
+# its handler took it (two epoll changes and a second pass of the parser each request); with
+# two, a client that waits for each answer never pauses, and a pipelining one has at most two
+# parsed requests queued behind the one being served.
+MAX_PIPELINED = 2
 WRITE_HIGH_WATER = 16 * 1024  # bytes buffered in the process before writing counts as stuck
 RECEIVE_BUFFER_BYTES = 16 * 1024  # the kernel's receive buffer of a client socket (doubled)
 SEND_BUFFER_BYTES = 64 * 1024  # … and its send buffer: not the 4 MB it may grow to
