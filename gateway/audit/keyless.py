@@ -48,8 +48,9 @@ class UnauthenticatedAudit:
         self._written: deque[float] = deque(maxlen=max(per_s, 1))
         self._counts: Counter[str] = Counter()
         self._timer: asyncio.TimerHandle | None = None
-        self._due = 0.0  # the end of the second the timer's summary closes
-        self._summarized = -math.inf  # the end of the last second summarized
+        # The end of the second the timer's summary closes; once it has fired (or `aclose`
+        # has written the counts), the end of the last second summarized.
+        self._due = -math.inf
         self._writing: set[asyncio.Task[None]] = set()
 
     async def deny(self, record: Mapping[str, Any]) -> None:
@@ -64,7 +65,7 @@ class UnauthenticatedAudit:
         self._counts[str(record.get("client") or UNKNOWN_CLIENT)] += 1
         self._metrics.audit_unauthenticated_suppressed()
         if self._timer is None:
-            self._due = max(math.floor(now) + 1, self._summarized + 1)
+            self._due = max(math.floor(now) + 1, self._due + 1)
             self._timer = asyncio.get_running_loop().call_later(self._due - now, self._flush)
 
     def summary(self) -> dict[str, Any] | None:
@@ -87,7 +88,6 @@ class UnauthenticatedAudit:
 
     def _flush(self) -> None:
         self._timer = None
-        self._summarized = self._due
         task = asyncio.get_running_loop().create_task(self._write(self.summary()))
         self._writing.add(task)
         task.add_done_callback(self._writing.discard)
