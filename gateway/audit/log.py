@@ -446,10 +446,11 @@ class AuditLog:
         """Chain `records` onto the last one written, write them at once (then call
         `written`) and fsync; returns the records that cannot be encoded (by index), which
         are left out of the chain. `sync`: records the loop wrote itself wait for this
-        fsync, which then runs even with nothing to write."""
-        if sync and self._fd is not None and not self._still_current():
+        fsync, which then runs even with nothing to write. (One look at the path a commit.)"""
+        current = self._fd is not None and self._still_current()
+        if sync and self._fd is not None and not current:
             self._sync(self._fd)  # they are in the file being left (moved or replaced)
-        fd = self._writable_fd()
+        fd = self._writable_fd(current)
         data, refused = self._chain(records, first_in_file=not self._size)
         if not data and not sync:
             if written is not None:
@@ -560,9 +561,12 @@ class AuditLog:
                     action="rotated: the chain goes on in a new file")
         return False
 
-    def _writable_fd(self) -> int:
-        """The open descriptor of the current file, reopened if lost, removed or replaced."""
-        if self._fd is not None and not self._still_current():
+    def _writable_fd(self, current: bool | None = None) -> int:
+        """The open descriptor of the current file, reopened if lost, removed or replaced.
+        `current`: whether the path still leads to it, when the caller has just looked."""
+        if current is None:
+            current = self._fd is not None and self._still_current()
+        if self._fd is not None and not current:
             log.error("audit.reopened", path=str(self._path), reason="removed or replaced")
             self._close_fd()
             self._identity = None
