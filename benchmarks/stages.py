@@ -11,6 +11,12 @@ The timers wrap the gateway's own functions in this process before `serve` start
 served in-process); each request keeps its marks in a context variable, so requests that
 overlap do not mix. They cost a few microseconds a mark; the figures are for comparing stages
 with each other, not for the targets (those are `python -m benchmarks`'s).
+
+`--target minimum` times the harness's contract minimum (`benchmarks.floor --contract-minimum`,
+one worker) the same way, stage for stage: its handler is one function, so its marks are
+inserted into a copy of `benchmarks/floor.py`'s source before the lines named in
+`MINIMUM_MARKS` (each must occur there exactly once, or the run stops), and that copy is
+served. Its terminal record is handed to its writer thread, not written before the answer.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import argparse
 import asyncio
 import contextvars
 import json
+import os
 import secrets
 import statistics
 import sys
@@ -31,6 +38,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from benchmarks import load, peers, stubs
+from benchmarks.ports import free_port
 from benchmarks.procs import Server, start, wait_status
 
 READY_TIMEOUT_S = 20.0
@@ -39,6 +47,19 @@ POLL_S = 0.05  # how often the gateway process looks for a request for its sampl
 MARKS = ("authenticated", "body read", "deactivation begun", "requested record durable",
          "Kore.ai answered", "terminal record appended", "answer ready")
 THREAD = "audit thread: write + fsync of a commit"
+TARGETS = ("gateway", "minimum")
+# The contract minimum's marks: (a line of benchmarks/floor.py, the mark set just before it).
+MINIMUM_MARKS = (
+    ('        bot_id = request.match_info["botId"]\n', "authenticated"),
+    ("        user_id = channel = None\n", "body read"),
+    ("        token, renew_at = _jwt\n", "deactivation begun"),
+    ('        kore_body = {"userId": user_id, "status": "inactive"}\n', "requested record durable"),
+    ("            if 200 <= upstream_status < 300:\n", "Kore.ai answered"),
+    ("        if ok:\n", "terminal record appended"),
+)
+# Its writer thread's commit, timed as the gateway's `_write_batch` is.
+MINIMUM_COMMIT = ("                os.write(self.fd, b\"\".join(line for line, _ in batch))\n",
+                  "                os.fsync(self.fd)\n")
 
 _marks: contextvars.ContextVar[dict[str, float] | None] = contextvars.ContextVar(
     "stage_marks", default=None)
@@ -78,7 +99,6 @@ def _after_call(owner: Any, attribute: str, name: str) -> None:
 
 def instrument(out: Path) -> None:
     """Wraps the request path's functions; writes the samples to `out` when asked (`_collect`)."""
-    from aiohttp import web
 
     from gateway import auth, deactivation
     from gateway.audit import log as audit
@@ -87,19 +107,7 @@ def instrument(out: Path) -> None:
 
     samples: list[dict[str, float]] = []
     commits: list[float] = []
-    middleware = app.envelope_middleware
-
-    @web.middleware
-    async def timed_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-        marks = {"start": time.perf_counter()}
-        _marks.set(marks)
-        response = await middleware(request, handler)
-        marks["answer ready"] = time.perf_counter()
-        if response.status == 200:
-            samples.append({k: (v - marks["start"]) * 1000 for k, v in marks.items()})
-        return response
-
-    app.envelope_middleware = timed_middleware
+    app.envelope_middleware = _timed(app.envelope_middleware, samples)
     # The simplified route's common case calls the authenticator and `plain_simplified`
     # inline; its other cases go through `authenticated` and `read_json`.
     _after_call(auth.Authenticator, "authenticate", "authenticated")
@@ -125,7 +133,29 @@ def instrument(out: Path) -> None:
             commits.append((time.perf_counter() - began) * 1000)
 
     audit.AuditLog._write_batch = timed_write  # type: ignore[method-assign]
+    _dump_when_asked(out, samples, commits)
 
+
+def _timed(middleware: Any, samples: list[dict[str, float]]) -> Any:
+    """`middleware` (None: none) with a request's marks started before it and "answer ready"
+    set after it; the marks of each 200 go to `samples`, as offsets in ms."""
+    from aiohttp import web
+
+    @web.middleware
+    async def timed_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+        marks = {"start": time.perf_counter()}
+        _marks.set(marks)
+        response: web.StreamResponse = await (handler(request) if middleware is None
+                                              else middleware(request, handler))
+        marks["answer ready"] = time.perf_counter()
+        if response.status == 200:
+            samples.append({k: (v - marks["start"]) * 1000 for k, v in marks.items()})
+        return response
+
+    return timed_middleware
+
+
+def _dump_when_asked(out: Path, samples: list[dict[str, float]], commits: list[float]) -> None:
     def dump() -> None:  # only when asked: encoding the samples holds the GIL
         want = _wanted(out)
         while True:
@@ -135,6 +165,50 @@ def instrument(out: Path) -> None:
                 want.unlink()
 
     threading.Thread(target=dump, name="stages-dump", daemon=True).start()
+
+
+def minimum_source(source: str) -> str:
+    """`benchmarks/floor.py`'s source with the marks of `MINIMUM_MARKS` and the commit's timer
+    inserted; raises ValueError if a line it names is not there exactly once."""
+    inserts = [(line, f"{line[:len(line) - len(line.lstrip())]}_mark({mark!r})\n", True)
+               for line, mark in MINIMUM_MARKS]
+    write, fsync = MINIMUM_COMMIT
+    indent = write[:len(write) - len(write.lstrip())]
+    inserts += [(write, f"{indent}_began = time.perf_counter()\n", True),
+                (fsync, f"{indent}_commit_done(_began)\n", False)]
+    for line, added, before in inserts:
+        if source.count(line) != 1:
+            raise ValueError(f"benchmarks/floor.py: expected exactly one line {line.strip()!r}")
+        source = source.replace(line, added + line if before else line + added)
+    return source
+
+
+def serve_minimum(out: Path, floor_argv: list[str]) -> int:
+    """The contract minimum, marked (`minimum_source`), served by this process."""
+    import types
+
+    from benchmarks import floor
+
+    samples: list[dict[str, float]] = []
+    commits: list[float] = []
+    module = types.ModuleType("benchmarks.floor_marked")
+    module.__dict__.update(
+        _mark=_mark,
+        _commit_done=lambda began: commits.append((time.perf_counter() - began) * 1000))
+    source = minimum_source(Path(floor.__file__).read_text(encoding="utf-8"))
+    sys.modules[module.__name__] = module  # (its dataclasses and annotations look it up)
+    exec(compile(source, floor.__file__, "exec"), module.__dict__)  # noqa: S102 - our own file
+    make_app = module.__dict__["make_app"]
+
+    def marked_app(*args: Any, **kwargs: Any) -> Any:
+        served = make_app(*args, **kwargs)
+        served.middlewares.append(_timed(None, samples))
+        return served
+
+    module.__dict__["make_app"] = marked_app
+    _dump_when_asked(out, samples, commits)
+    result: int = module.__dict__["main"](floor_argv)
+    return result
 
 
 def _wanted(out: Path) -> Path:
@@ -173,8 +247,29 @@ def summary(samples: Sequence[dict[str, float]], commits: Sequence[float]) -> li
     return lines
 
 
-async def _measure(directory: Path, seconds: float, rate: float) -> tuple[load.PacedResult,
-                                                                         dict[str, Any]]:
+def _start_target(target: str, directory: Path, stub_url: str, creds: peers.Credentials,
+                  out: Path) -> tuple[Server, str]:
+    """The served process and the path that tells it is ready."""
+    if target == "gateway":
+        config = peers.gateway_config(directory / "gateway", stub_url, creds)
+        argv = [sys.executable, "-m", "benchmarks.stages", "--serve", str(config), str(out)]
+        return start("gateway", argv, peers.listen_url(config),
+                     directory / "gateway.log"), "/readyz"
+    from benchmarks.floor import CALLER_KEY_ENV, TOKEN_ENV
+    from benchmarks.harness import _static_jwt
+
+    listen = f"127.0.0.1:{free_port()}"
+    (directory / "audit").mkdir()
+    argv = [sys.executable, "-m", "benchmarks.stages", "--serve-minimum", str(out),
+            "--listen", listen, "--upstream", stub_url, "--workers", "1",
+            "--audit-dir", str(directory / "audit"), "--contract-minimum"]
+    env = {**os.environ, TOKEN_ENV: _static_jwt(creds), CALLER_KEY_ENV: creds.caller_key}
+    return start("minimum", argv, f"http://{listen}", directory / "minimum.log",
+                 env=env), "/healthz"
+
+
+async def _measure(directory: Path, seconds: float, rate: float, target: str = "gateway"
+                   ) -> tuple[load.PacedResult, dict[str, Any]]:
     creds = peers.Credentials("cs-stages", secrets.token_urlsafe(32),
                               "kgw_" + secrets.token_hex(16))
     stub = stubs.start_stub(stubs.stub_kind("auto"), directory / "stub", creds.client_id,
@@ -183,10 +278,8 @@ async def _measure(directory: Path, seconds: float, rate: float) -> tuple[load.P
     gateway: Server | None = None
     try:
         await wait_status(stub, "/healthz", READY_TIMEOUT_S)
-        config = peers.gateway_config(directory / "gateway", stub.url, creds)
-        argv = [sys.executable, "-m", "benchmarks.stages", "--serve", str(config), str(out)]
-        gateway = start("gateway", argv, peers.listen_url(config), directory / "gateway.log")
-        await wait_status(gateway, "/readyz", READY_TIMEOUT_S)
+        gateway, ready = _start_target(target, directory, stub.url, creds, out)
+        await wait_status(gateway, ready, READY_TIMEOUT_S)
         request = load.Request("POST", f"/v1/bots/{peers.BOT}/sessions/deactivate",
                                b'{"userId":"u-1001","channel":"rtm"}',
                                {"Content-Type": "application/json",
@@ -205,11 +298,12 @@ async def _measure(directory: Path, seconds: float, rate: float) -> tuple[load.P
         stub.stop()
 
 
-def run(seconds: float, rate: float) -> str:
+def run(seconds: float, rate: float, target: str = "gateway") -> str:
     with tempfile.TemporaryDirectory(prefix="kgw-stages-") as name:
-        result, data = asyncio.run(_measure(Path(name), seconds, rate))
+        result, data = asyncio.run(_measure(Path(name), seconds, rate, target))
     seen = result.latencies_ms
-    head = (f"gateway, 1 worker, paced {rate:g} req/s for {seconds:g} s: {result.ok} answered, "
+    name = "gateway" if target == "gateway" else "contract minimum"
+    head = (f"{name}, 1 worker, paced {rate:g} req/s for {seconds:g} s: {result.ok} answered, "
             f"{result.failed} failed; client p50 {load.percentile(seen, 50):.3f} ms, "
             f"p99 {load.percentile(seen, 99):.3f} ms")
     return "\n".join([head, *summary(data["samples"], data["commits"])]) + "\n"
@@ -220,8 +314,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rate", type=float, default=200.0, help="requests per second")
+    parser.add_argument("--target", choices=TARGETS, default="gateway",
+                        help="the gateway, or the harness's contract minimum "
+                             "(default %(default)s)")
     parser.add_argument("--serve", nargs=2, metavar=("CONFIG", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--serve-minimum", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.serve_minimum:  # the contract minimum's process: OUT, then the floor's arguments
+        return serve_minimum(Path(args.serve_minimum[0]), args.serve_minimum[1:])
     if args.serve:  # the gateway process itself, with its timers
         config, out = args.serve
         instrument(Path(out))
@@ -231,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if not 0 < args.seconds <= 60 or not 0 < args.rate <= 2000:
         parser.error("--seconds must be in (0, 60] and --rate in (0, 2000]")
-    print(run(args.seconds, args.rate), end="")
+    print(run(args.seconds, args.rate, args.target), end="")
     return 0
 
 

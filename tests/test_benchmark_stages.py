@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
-from benchmarks.stages import MARKS, THREAD, run, summary
+import pytest
+
+from benchmarks import floor
+from benchmarks.stages import MARKS, MINIMUM_MARKS, THREAD, minimum_source, run, summary
+
+FLOOR_SOURCE = Path(floor.__file__).read_text(encoding="utf-8")
 
 
 def test_summary_gives_each_mark_its_offset_and_stage() -> None:
@@ -33,3 +39,32 @@ def test_every_mark_of_a_real_deactivation_is_timed_in_order() -> None:
         offsets.append(float(found[1]))
     assert offsets == sorted(offsets) and offsets[0] > 0, text
     assert re.search(rf"{re.escape(THREAD)}: p50 [\d.]+ ms \(\d+ commits\)", text), text
+
+
+def test_the_contract_minimum_is_timed_at_the_same_marks() -> None:
+    text = run(seconds=1.0, rate=50, target="minimum")
+    assert text.startswith("contract minimum, 1 worker"), text
+    assert re.search(r": 50 answered, 0 failed; client p50 [\d.]+ ms", text), text
+    offsets = []
+    for mark in MARKS:
+        found = re.search(rf"^{re.escape(mark)}\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", text,
+                          re.MULTILINE)
+        assert found, f"{mark} missing in:\n{text}"
+        offsets.append(float(found[1]))
+    assert offsets == sorted(offsets) and offsets[0] > 0, text
+    assert re.search(rf"{re.escape(THREAD)}: p50 [\d.]+ ms \(\d+ commits\)", text), text
+
+
+def test_the_minimums_marks_go_before_the_lines_they_name() -> None:
+    source = minimum_source(FLOOR_SOURCE)
+    for line, mark in MINIMUM_MARKS:
+        indent = line[:len(line) - len(line.lstrip())]
+        assert f"{indent}_mark({mark!r})\n{line}" in source
+    assert "_commit_done(_began)" in source
+    compile(source, "floor.py", "exec")
+
+
+def test_a_line_the_minimum_no_longer_has_stops_the_run() -> None:
+    line = MINIMUM_MARKS[0][0]
+    with pytest.raises(ValueError, match="expected exactly one line"):
+        minimum_source(FLOOR_SOURCE.replace(line, ""))
