@@ -99,7 +99,6 @@ def _after_call(owner: Any, attribute: str, name: str) -> None:
 
 def instrument(out: Path) -> None:
     """Wraps the request path's functions; writes the samples to `out` when asked (`_collect`)."""
-
     from gateway import auth, deactivation
     from gateway.audit import log as audit
     from gateway.http import app
