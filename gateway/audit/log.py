@@ -561,11 +561,9 @@ class AuditLog:
                     action="rotated: the chain goes on in a new file")
         return False
 
-    def _writable_fd(self, current: bool | None = None) -> int:
+    def _writable_fd(self, current: bool) -> int:
         """The open descriptor of the current file, reopened if lost, removed or replaced.
-        `current`: whether the path still leads to it, when the caller has just looked."""
-        if current is None:
-            current = self._fd is not None and self._still_current()
+        `current`: whether the path still leads to it (`_still_current`, just looked at)."""
         if self._fd is not None and not current:
             log.error("audit.reopened", path=str(self._path), reason="removed or replaced")
             self._close_fd()
@@ -620,7 +618,7 @@ class AuditLog:
 
     def _probe_sync(self) -> None:
         self._close_fd()  # a fresh descriptor: the old one may be what broke
-        fd = self._writable_fd()
+        fd = self._reopen()
         with self._io_lock:
             # One real byte, cut away at once: a full disk, a quota, a file size limit or a
             # read-only remount shows here, where opening and fsyncing would still succeed.
