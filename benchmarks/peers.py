@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,17 +68,18 @@ def start_peer(directory: Path, workers: int, stub_url: str, static_jwt: str) ->
 
 def start_floor(directory: Path, workers: int, stub_url: str, static_jwt: str, *,
                 audit_io: bool = False, contract_minimum: bool = False,
-                caller_key: str | None = None) -> Server:
+                caller_key: str | None = None, launcher: Sequence[str] = ()) -> Server:
     """The aiohttp floor; with `audit_io`, plus the contract's audit I/O (`floor.AuditIO`);
     with `contract_minimum`, plus every per-request duty of the contract in its cheapest form
     (audit I/O included; `caller_key`, e.g. `Credentials.caller_key`, is the one key it takes).
+    `launcher`: the command that takes the floor's arguments, if not `python -m benchmarks.floor`.
     """
     from benchmarks.floor import CALLER_KEY_ENV, TOKEN_ENV
 
     directory.mkdir(parents=True, exist_ok=True)
     listen = f"127.0.0.1:{free_port()}"
-    argv = [sys.executable, "-m", "benchmarks.floor", "--listen", listen, "--upstream",
-            stub_url, "--workers", str(workers)]
+    argv = [*(launcher or (sys.executable, "-m", "benchmarks.floor")), "--listen", listen,
+            "--upstream", stub_url, "--workers", str(workers)]
     if audit_io or contract_minimum:
         (directory / "audit").mkdir(exist_ok=True)
         argv += ["--audit-dir", str(directory / "audit")]

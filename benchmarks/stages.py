@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import contextvars
 import json
-import os
 import secrets
 import statistics
 import sys
@@ -38,7 +37,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from benchmarks import load, peers, stubs
-from benchmarks.ports import free_port
 from benchmarks.procs import Server, start, wait_status
 
 READY_TIMEOUT_S = 20.0
@@ -254,17 +252,12 @@ def _start_target(target: str, directory: Path, stub_url: str, creds: peers.Cred
         argv = [sys.executable, "-m", "benchmarks.stages", "--serve", str(config), str(out)]
         return start("gateway", argv, peers.listen_url(config),
                      directory / "gateway.log"), "/readyz"
-    from benchmarks.floor import CALLER_KEY_ENV, TOKEN_ENV
     from benchmarks.harness import _static_jwt
 
-    listen = f"127.0.0.1:{free_port()}"
-    (directory / "audit").mkdir()
-    argv = [sys.executable, "-m", "benchmarks.stages", "--serve-minimum", str(out),
-            "--listen", listen, "--upstream", stub_url, "--workers", "1",
-            "--audit-dir", str(directory / "audit"), "--contract-minimum"]
-    env = {**os.environ, TOKEN_ENV: _static_jwt(creds), CALLER_KEY_ENV: creds.caller_key}
-    return start("minimum", argv, f"http://{listen}", directory / "minimum.log",
-                 env=env), "/healthz"
+    launcher = [sys.executable, "-m", "benchmarks.stages", "--serve-minimum", str(out)]
+    return peers.start_floor(directory / "minimum", 1, stub_url, _static_jwt(creds),
+                             contract_minimum=True, caller_key=creds.caller_key,
+                             launcher=launcher), "/healthz"
 
 
 async def _measure(directory: Path, seconds: float, rate: float, target: str = "gateway"
