@@ -117,8 +117,19 @@ def instrument(out: Path) -> None:
         return await original_deactivate(*args, **kwargs)
 
     deactivation.Deactivator.deactivate = deactivate  # type: ignore[method-assign]
+    # The requested record is begun (`AuditLog.begin`); the PUT, built meanwhile, waits at its
+    # gate until the record is durable: the mark is where the gate lets it through.
+    send_gate = client.SendGate.__call__
+
+    async def gate(self: Any, request: Any, handler: Any) -> Any:
+        async def through(request: Any) -> Any:
+            _mark("requested record durable")
+            return await handler(request)
+        return await send_gate(self, request, through)
+
+    client.SendGate.__call__ = gate  # type: ignore[method-assign]
     _after(audit.AuditLog, "append", lambda *a, durable=True, **k: (
-        "requested record durable" if durable else "terminal record appended"))
+        None if durable else "terminal record appended"))
     _after(client.KoreClient, "_send", lambda *a, **k: "Kore.ai answered")
     write_batch = audit.AuditLog._write_batch
 

@@ -23,9 +23,9 @@ import structlog
 from gateway.audit.keyless import UnauthenticatedAudit
 from gateway.audit.log import AuditLog
 from gateway.auth import Caller
-from gateway.breaker import CircuitBreaker
+from gateway.breaker import CircuitBreaker, Pass
 from gateway.errors import AuditUnavailable, GatewayError, Unauthenticated, UpstreamError
-from gateway.kore.client import CallTrace, KoreClient
+from gateway.kore.client import CallTrace, KoreClient, SendGate
 from gateway.kore.tokens import TokenCache
 from gateway.ratelimit.memory import RateLimiter
 from gateway.validation import Deactivation
@@ -119,28 +119,55 @@ class Deactivator:
             await self.deny(ask, exc)
             raise
         try:
-            await self.audit.append(ask.record("deactivate.requested", app.name))
+            # The PUT is built while this record's fsync runs; the gate holds it until then.
+            gate = SendGate(self.audit.begin(ask.record("deactivate.requested", app.name)))
         except AuditUnavailable:
-            self.breaker.release(ticket)
-            await self.deny(ask, AuditUnavailable("the audit log cannot be written; "
-                                                  "nothing was sent to Kore.ai"))
+            await self._not_sent(ask, ticket)
             raise
         except BaseException:
             self.breaker.release(ticket)  # a half-open probe slot must never be lost
             raise
         ask.app = app.name
         try:
-            body = await self.client.deactivate(app, d, ask.request_id, deadline, ask.trace)
-        except GatewayError as exc:  # upstream errors, and a retry refused by the rate limit
+            body = await self.client.deactivate(app, d, ask.request_id, deadline, ask.trace,
+                                                gate)
+        except BaseException as exc:
+            if not gate.passed:
+                await self._held_back(ask, ticket, gate, exc)  # raises if the record is lost
+            if not isinstance(exc, GatewayError):
+                self.breaker.release(ticket)  # cut short (shutdown): `abandon` writes the record
+                raise
+            # upstream errors, and a retry refused by the rate limit
             self.breaker.record(ticket, ok=not is_outage(exc))
             await self._complete(ask, exc.status, exc)
-            raise
-        except BaseException:
-            self.breaker.release(ticket)  # cut short (shutdown): `abandon` writes the record
             raise
         self.breaker.record(ticket, ok=True)
         await self._complete(ask, 200, None)
         return body
+
+    async def _held_back(self, ask: Ask, ticket: Pass, gate: SendGate,
+                         error: BaseException) -> None:
+        """The call ended before the gate let its PUT through: nothing was sent. When its
+        `requested` record could not be written (the gate's own error, or found by waiting for
+        the record), the ask is denied and the log's `AuditUnavailable` raised. Otherwise this
+        returns, and `error` ends the ask as it would have after the record was written."""
+        if isinstance(error, GatewayError) and not isinstance(error, AuditUnavailable):
+            try:
+                await asyncio.shield(gate.durable)  # the record: written, or not?
+            except AuditUnavailable as exc:
+                error = exc
+            except BaseException:
+                self.breaker.release(ticket)
+                raise
+        if isinstance(error, AuditUnavailable):
+            ask.app = None
+            await self._not_sent(ask, ticket)
+            raise error
+
+    async def _not_sent(self, ask: Ask, ticket: Pass) -> None:
+        self.breaker.release(ticket)
+        await self.deny(ask, AuditUnavailable("the audit log cannot be written; "
+                                              "nothing was sent to Kore.ai"))
 
     async def _complete(self, ask: Ask, status: int, error: GatewayError | None, *,
                         durable: bool = False) -> None:

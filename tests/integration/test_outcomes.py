@@ -81,6 +81,48 @@ class TestUpstreamSuccess:
                      completed(written["requestId"], outcome="success", status=200,
                                upstream_status=200, attempts=1))
 
+    async def test_put_is_held_until_its_record_is_durable(
+            self, start_gateway: Any, sandbox: Any, audit: AuditTrail) -> None:
+        """The PUT is built while the record's commit runs, and sent only once it is done."""
+        gateway = await start_gateway()
+        log = gateway.app[RUNTIME].audit
+        log._io_lock.acquire()  # the commit stops before its write (the disk is stalled)
+        try:
+            pending = asyncio.ensure_future(gateway.post(URL, json=BODY, headers=AUTH))
+            await asyncio.sleep(0.3)
+            assert sandbox.calls == [] and audit.records() == []
+            assert not pending.done()
+        finally:
+            log._io_lock.release()
+        resp = await pending
+        assert resp.status == 200, await resp.text()
+        assert len(sandbox.calls) == 1
+        rid = request_id(resp)
+        audit.expect(requested(rid), completed(rid, outcome="success", status=200,
+                                              upstream_status=200, attempts=1))
+
+    async def test_deadline_passed_while_the_record_is_written_sends_nothing(
+            self, start_gateway: Any, sandbox: Any, audit: AuditTrail) -> None:
+        """The deadline runs out while the PUT waits for its record: 504, nothing sent, and the
+        record that did become durable is closed with the timeout."""
+        gateway = await start_gateway(upstream={"timeout_s": 0.2})
+        log = gateway.app[RUNTIME].audit
+        log._io_lock.acquire()
+        try:
+            pending = asyncio.ensure_future(gateway.post(URL, json=BODY, headers=AUTH))
+            await asyncio.sleep(0.5)  # past the deadline
+        finally:
+            log._io_lock.release()
+        resp = await pending
+        body = await resp.json()
+        assert (resp.status, body["error"]["code"]) == (504, "upstream_timeout"), body
+        assert "before the call could be sent" in body["error"]["message"]
+        assert sandbox.calls == []
+        rid = request_id(resp)
+        audit.expect(requested(rid), completed(rid, outcome="failed", status=504,
+                                              upstream_status=None, error="upstream_timeout",
+                                              attempts=1))
+
     async def test_callers_headers_are_never_forwarded(self, gateway: Any, sandbox: Any,
                                                        audit: AuditTrail) -> None:
         resp = await gateway.post(URL, json=BODY, headers={

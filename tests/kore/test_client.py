@@ -17,10 +17,22 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.config.model import Config, UpstreamConfig
-from gateway.errors import RateLimited, UpstreamRateLimited, UpstreamUnavailable
-from gateway.kore.client import CallTrace, KoreClient, parse_retry_after, session_url
+from gateway.errors import (
+    AuditUnavailable,
+    RateLimited,
+    UpstreamRateLimited,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from gateway.kore.client import (
+    CallTrace,
+    KoreClient,
+    SendGate,
+    parse_retry_after,
+    session_url,
+)
 from gateway.kore.tokens import TokenCache
-from gateway.ratelimit.memory import MemoryRateLimiter, RateLimiter, Unlimited
+from gateway.ratelimit.memory import Grant, MemoryRateLimiter, RateLimiter, Unlimited
 from gateway.validation import Deactivation
 
 BOT = "st-test-bot"
@@ -221,6 +233,71 @@ class TestRetries:
             await call(client, config, trace)
         assert not isinstance(caught.value, RateLimited)
         assert trace.attempts == len(kore.arrivals) == 1 and trace.upstream_status == 503
+
+
+class Sending(Unlimited):
+    """No limit; records when the call under a grant was said to leave."""
+
+    def __init__(self) -> None:
+        self.left: list[float] = []
+
+    async def sending(self, bot_id: str, grant: Grant) -> Grant:
+        self.left.append(time.monotonic())
+        return grant
+
+
+class TestSendGate:
+    """The first PUT is built at once and held at its gate until the audit record is durable."""
+
+    async def test_the_put_leaves_only_when_the_gate_opens(self, scripted: Start) -> None:
+        limiter = Sending()
+        client, kore, config = await scripted([(200, {})], limiter=limiter)
+        durable: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        gate, trace = SendGate(durable), CallTrace(grant=Grant(slot=time.monotonic()))
+        deadline = time.monotonic() + 5
+        task = asyncio.ensure_future(client.deactivate(
+            config.apps[0], Deactivation(BOT, "u-1"), "rid-1", deadline, trace, gate))
+        await asyncio.sleep(0.2)
+        assert kore.arrivals == [] and limiter.left == [] and not task.done()
+        opened = time.monotonic()
+        durable.set_result({})
+        assert await task == {"success": True}
+        assert gate.passed and len(kore.arrivals) == 1 and trace.attempts == 1
+        assert limiter.left[0] >= opened  # counted as leaving when it left, not when built
+
+    async def test_a_record_that_cannot_be_written_sends_nothing(self, scripted: Start) -> None:
+        client, kore, config = await scripted([(200, {})])
+        durable: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        gate = SendGate(durable)
+        asyncio.get_running_loop().call_later(0.1, durable.set_exception,
+                                              AuditUnavailable("audit log cannot be written"))
+        with pytest.raises(AuditUnavailable):
+            await client.deactivate(config.apps[0], Deactivation(BOT, "u-1"), "rid-1",
+                                    time.monotonic() + 5, CallTrace(), gate)
+        await asyncio.sleep(0.1)
+        assert kore.arrivals == [] and not gate.passed
+
+    async def test_the_deadline_passing_at_the_gate_sends_nothing(self, scripted: Start) -> None:
+        client, kore, config = await scripted([(200, {})])
+        durable: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        gate = SendGate(durable)
+        with pytest.raises(UpstreamTimeout, match="before the call could be sent"):
+            await client.deactivate(config.apps[0], Deactivation(BOT, "u-1"), "rid-1",
+                                    time.monotonic() + 0.2, CallTrace(), gate)
+        assert not durable.cancelled()  # the record's own future is the log's, left alone
+        durable.set_result({})
+        await asyncio.sleep(0.1)
+        assert kore.arrivals == [] and not gate.passed
+
+    async def test_a_retry_does_not_wait_at_the_gate_again(self, scripted: Start) -> None:
+        client, kore, config = await scripted([(503, {}), (200, {})], backoff_base_s=0.01)
+        durable: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        durable.set_result({})
+        trace = CallTrace()
+        assert await client.deactivate(config.apps[0], Deactivation(BOT, "u-1"), "rid-1",
+                                       time.monotonic() + 5, trace, SendGate(durable)) == {
+            "success": True}
+        assert trace.attempts == 2 and len(kore.arrivals) == 2
 
 
 class TestBackoff:
