@@ -118,9 +118,17 @@ class Deactivator:
         except GatewayError as exc:
             await self.deny(ask, exc)
             raise
+        gate: SendGate | None = None
         try:
-            # The PUT is built while this record's fsync runs; the gate holds it until then.
-            gate = SendGate(self.audit.begin(ask.record("deactivate.requested", app.name)))
+            # When the log is idle, the record's commit starts now, and the PUT is built while
+            # its fsync runs: the gate holds it until then. Behind another commit (under
+            # load), the record is waited for first: a PUT built that early would wait behind
+            # two commits, and resuming it there costs more than it saves.
+            record = ask.record("deactivate.requested", app.name)
+            if self.audit.committing:
+                await self.audit.append(record)
+            else:
+                gate = SendGate(self.audit.begin(record))
         except AuditUnavailable:
             await self._not_sent(ask, ticket)
             raise
@@ -132,7 +140,7 @@ class Deactivator:
             body = await self.client.deactivate(app, d, ask.request_id, deadline, ask.trace,
                                                 gate)
         except BaseException as exc:
-            if not gate.passed:
+            if gate is not None and not gate.passed:
                 await self._held_back(ask, ticket, gate, exc)  # raises if the record is lost
             if not isinstance(exc, GatewayError):
                 self.breaker.release(ticket)  # cut short (shutdown): `abandon` writes the record

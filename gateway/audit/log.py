@@ -166,6 +166,12 @@ class AuditLog:
         return self._path
 
     @property
+    def committing(self) -> bool:
+        """The log's thread is at work on a commit: a record appended now waits for it, then
+        for its own. (False while the records of this turn of the loop still gather.)"""
+        return not self._worker.idle
+
+    @property
     def healthy(self) -> bool:
         """False after a failed write until a later write or `probe()` succeeds."""
         return self._opened and self._healthy and not self._closed
