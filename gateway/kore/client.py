@@ -50,6 +50,7 @@ from gateway.validation import Deactivation
 
 log = structlog.get_logger(__name__)
 
+_NOT_SENT_IN_TIME = "the deadline passed before the call could be sent to Kore.ai"
 MAX_ANSWER_BYTES = 65536  # Kore.ai's answers are small; never buffer an unbounded one
 MIN_ATTEMPT_S = 0.05  # a retry with less time than this before the deadline is not started
 STATIC_HEADERS = {"Content-Type": "application/json"}  # on every call, exactly once
@@ -368,8 +369,8 @@ class KoreClient:
     async def _send(self, url: URL, token: str, payload: bytes, request_id: str,
                     deadline: float, gate: SendGate | None = None) -> Answer:
         remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise UpstreamTimeout("Kore.ai did not answer within the deadline")
+        if remaining <= 0:  # (spent before this attempt: nothing of it is sent)
+            raise UpstreamTimeout(_NOT_SENT_IN_TIME)
         assert self._session is not None, "KoreClient.start() was not called"
         headers = {"auth": token, "X-Request-ID": request_id}
         started = time.monotonic()
@@ -392,8 +393,7 @@ class KoreClient:
                               else parse_retry_after(retry_after, cap_s=self.max_pause_s))
         except TimeoutError:
             if gate is not None and not gate.passed:  # nothing was sent
-                raise UpstreamTimeout("the deadline passed before the call could be sent "
-                                      "(the audit record was still being written)") from None
+                raise UpstreamTimeout(_NOT_SENT_IN_TIME) from None
             self._metrics.upstream_attempt("timeout", time.monotonic() - started)
             raise UpstreamTimeout("Kore.ai did not answer within the deadline") from None
         except aiohttp.ClientError as exc:
