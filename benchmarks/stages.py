@@ -117,8 +117,9 @@ def instrument(out: Path) -> None:
         return await original_deactivate(*args, **kwargs)
 
     deactivation.Deactivator.deactivate = deactivate  # type: ignore[method-assign]
-    # The requested record is begun (`AuditLog.begin`); the PUT, built meanwhile, waits at its
-    # gate until the record is durable: the mark is where the gate lets it through.
+    # On an idle log the requested record is begun (`AuditLog.begin`) and the PUT, built
+    # meanwhile, waits at its gate until the record is durable: the mark is where the gate
+    # lets it through. Behind another commit, the record is appended and waited for.
     send_gate = client.SendGate.__call__
 
     async def gate(self: Any, request: Any, handler: Any) -> Any:
@@ -129,7 +130,7 @@ def instrument(out: Path) -> None:
 
     client.SendGate.__call__ = gate  # type: ignore[method-assign]
     _after(audit.AuditLog, "append", lambda *a, durable=True, **k: (
-        None if durable else "terminal record appended"))
+        "requested record durable" if durable else "terminal record appended"))
     _after(client.KoreClient, "_send", lambda *a, **k: "Kore.ai answered")
     write_batch = audit.AuditLog._write_batch
 

@@ -15,6 +15,7 @@ import pytest
 
 from gateway.http.app import RUNTIME
 from tests.conftest import BOT, CALLER_KEY, CLIENT_ID, CLIENT_SECRET
+from tests.faults.kore import wait_for
 from tests.integration.live import refusing_port
 from tests.integration.sides import (
     ROUTE_BATCH,
@@ -83,23 +84,29 @@ class TestUpstreamSuccess:
 
     async def test_put_is_held_until_its_record_is_durable(
             self, start_gateway: Any, sandbox: Any, audit: AuditTrail) -> None:
-        """The PUT is built while the record's commit runs, and sent only once it is done."""
+        """The PUT is built while the record's commit runs, and sent only once it is done;
+        a second request, behind that commit, waits for its own record before building."""
         gateway = await start_gateway()
         log = gateway.app[RUNTIME].audit
         log._io_lock.acquire()  # the commit stops before its write (the disk is stalled)
         try:
-            pending = asyncio.ensure_future(gateway.post(URL, json=BODY, headers=AUTH))
+            first = asyncio.ensure_future(gateway.post(
+                URL, json=BODY, headers={**AUTH, "X-Request-ID": "first"}))
+            await wait_for(lambda: log.committing, what="the first record's commit")
+            second = asyncio.ensure_future(gateway.post(
+                URL, json={"userId": "u-2"}, headers={**AUTH, "X-Request-ID": "second"}))
             await asyncio.sleep(0.3)
             assert sandbox.calls == [] and audit.records() == []
-            assert not pending.done()
+            assert not first.done() and not second.done()
         finally:
             log._io_lock.release()
-        resp = await pending
-        assert resp.status == 200, await resp.text()
-        assert len(sandbox.calls) == 1
-        rid = request_id(resp)
-        audit.expect(requested(rid), completed(rid, outcome="success", status=200,
-                                              upstream_status=200, attempts=1))
+        for resp in (await first, await second):
+            assert resp.status == 200, await resp.text()
+        assert sorted(call.body["userId"] for call in sandbox.calls) == ["u-1", "u-2"]
+        records = audit.records()
+        for rid in ("first", "second"):
+            assert [r["event"] for r in records if r["requestId"] == rid] == [
+                "deactivate.requested", "deactivate.completed"]
 
     async def test_deadline_passed_while_the_record_is_written_sends_nothing(
             self, start_gateway: Any, sandbox: Any, audit: AuditTrail) -> None:
