@@ -245,15 +245,15 @@ class KoreClient:
                 else:
                     trace.grant = await self.limiter.sending(d.bot_id, trace.grant)
             trace.attempts += 1
+            first, gate = gate, None  # only the first attempt waits at the gate
             try:
                 answer = await self._send(url, token.value, payload, request_id, deadline,
-                                          gate)
+                                          first)
             except UpstreamTimeout:
                 raise
             except UpstreamError as exc:
                 error = exc
             else:
-                gate = None  # (passed: the attempts that follow need not wait)
                 trace.upstream_status = answer.status
                 if answer.status in (401, 403) and not reminted and not is_rate_limit_answer(
                         answer.status, answer.body):
@@ -269,7 +269,6 @@ class KoreClient:
                 paused = isinstance(judged, UpstreamRateLimited) and await self._learn(
                     d.bot_id, trace, answer, judged)
                 error = judged
-            gate = None
             counted += 1
             await self._before_retry(error, counted, deadline, request_id, paused)
 
