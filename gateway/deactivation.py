@@ -140,13 +140,17 @@ class Deactivator:
             body = await self.client.deactivate(app, d, ask.request_id, deadline, ask.trace,
                                                 gate)
         except BaseException as exc:
-            if gate is not None and not gate.passed:
+            held = gate is not None and not gate.passed  # nothing was sent
+            if gate is not None and held:
                 await self._held_back(ask, ticket, gate, exc)  # raises if the record is lost
             if not isinstance(exc, GatewayError):
                 self.breaker.release(ticket)  # cut short (shutdown): `abandon` writes the record
                 raise
-            # upstream errors, and a retry refused by the rate limit
-            self.breaker.record(ticket, ok=not is_outage(exc))
+            # upstream errors, a retry refused by the rate limit, the deadline at the gate
+            if held:
+                self.breaker.release(ticket)  # (a slow disk is not Kore.ai failing)
+            else:
+                self.breaker.record(ticket, ok=not is_outage(exc))
             await self._complete(ask, exc.status, exc)
             raise
         self.breaker.record(ticket, ok=True)
