@@ -159,10 +159,10 @@ async def scripted(aiohttp_server: Any, make_config: Any) -> AsyncIterator[Start
 
 
 async def call(client: KoreClient, config: Config, trace: CallTrace,
-               timeout_s: float | None = None) -> Any:
+               timeout_s: float | None = None, gate: SendGate | None = None) -> Any:
     deadline = time.monotonic() + (timeout_s or config.upstream.timeout_s)
     return await client.deactivate(config.apps[0], Deactivation(BOT, "u-1"), "rid-1", deadline,
-                                   trace)
+                                   trace, gate)
 
 
 class TestRetries:
@@ -254,9 +254,7 @@ class TestSendGate:
         client, kore, config = await scripted([(200, {})], limiter=limiter)
         durable: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         gate, trace = SendGate(durable), CallTrace(grant=Grant(slot=time.monotonic()))
-        deadline = time.monotonic() + 5
-        task = asyncio.ensure_future(client.deactivate(
-            config.apps[0], Deactivation(BOT, "u-1"), "rid-1", deadline, trace, gate))
+        task = asyncio.ensure_future(call(client, config, trace, 5, gate))
         await asyncio.sleep(0.2)
         assert kore.arrivals == [] and limiter.left == [] and not task.done()
         opened = time.monotonic()
@@ -272,8 +270,7 @@ class TestSendGate:
         asyncio.get_running_loop().call_later(0.1, durable.set_exception,
                                               AuditUnavailable("audit log cannot be written"))
         with pytest.raises(AuditUnavailable):
-            await client.deactivate(config.apps[0], Deactivation(BOT, "u-1"), "rid-1",
-                                    time.monotonic() + 5, CallTrace(), gate)
+            await call(client, config, CallTrace(), 5, gate)
         await asyncio.sleep(0.1)
         assert kore.arrivals == [] and not gate.passed
 
@@ -282,8 +279,7 @@ class TestSendGate:
         durable: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         gate = SendGate(durable)
         with pytest.raises(UpstreamTimeout, match="before the call could be sent"):
-            await client.deactivate(config.apps[0], Deactivation(BOT, "u-1"), "rid-1",
-                                    time.monotonic() + 0.2, CallTrace(), gate)
+            await call(client, config, CallTrace(), 0.2, gate)
         assert not durable.cancelled()  # the record's own future is the log's, left alone
         durable.set_result({})
         await asyncio.sleep(0.1)
@@ -294,9 +290,7 @@ class TestSendGate:
         durable: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         durable.set_result({})
         trace = CallTrace()
-        assert await client.deactivate(config.apps[0], Deactivation(BOT, "u-1"), "rid-1",
-                                       time.monotonic() + 5, trace, SendGate(durable)) == {
-            "success": True}
+        assert await call(client, config, trace, 5, SendGate(durable)) == {"success": True}
         assert trace.attempts == 2 and len(kore.arrivals) == 2
 
 
