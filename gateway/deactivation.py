@@ -140,14 +140,15 @@ class Deactivator:
             body = await self.client.deactivate(app, d, ask.request_id, deadline, ask.trace,
                                                 gate)
         except BaseException as exc:
-            held = gate is not None and not gate.passed  # nothing was sent
-            if gate is not None and held:
-                await self._held_back(ask, ticket, gate, exc)  # raises if the record is lost
+            # Held at the gate (nothing was sent): the record it waited for.
+            held = gate.durable if gate is not None and not gate.passed else None
+            if held is not None:
+                await self._held_back(ask, ticket, held, exc)  # raises if the record is lost
             if not isinstance(exc, GatewayError):
                 self.breaker.release(ticket)  # cut short (shutdown): `abandon` writes the record
                 raise
             # upstream errors, a retry refused by the rate limit, the deadline at the gate
-            if held:
+            if held is not None:
                 self.breaker.release(ticket)  # (a slow disk is not Kore.ai failing)
             else:
                 self.breaker.record(ticket, ok=not is_outage(exc))
@@ -157,7 +158,7 @@ class Deactivator:
         await self._complete(ask, 200, None)
         return body
 
-    async def _held_back(self, ask: Ask, ticket: Pass, gate: SendGate,
+    async def _held_back(self, ask: Ask, ticket: Pass, durable: asyncio.Future[Any],
                          error: BaseException) -> None:
         """The call ended before the gate let its PUT through: nothing was sent. When its
         `requested` record could not be written (the gate's own error, or found by waiting for
@@ -165,7 +166,7 @@ class Deactivator:
         returns, and `error` ends the ask as it would have after the record was written."""
         if isinstance(error, GatewayError) and not isinstance(error, AuditUnavailable):
             try:
-                await asyncio.shield(gate.durable)  # the record: written, or not?
+                await asyncio.shield(durable)  # the record: written, or not?
             except AuditUnavailable as exc:
                 error = exc
             except BaseException:
