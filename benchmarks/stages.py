@@ -5,7 +5,11 @@ Starts the benchmark's stub and one gateway worker (every feature on, the config
 second for `--seconds` (open loop, as the harness's latency figures), and prints, for each mark
 a request passes, its median and p90 offset from the moment the request entered the gateway's
 middleware, and the median of each stage (from the mark before). Also: the median time of the
-audit thread's write + fsync of one commit, and what the paced client saw end to end.
+audit thread's write + fsync of one commit, what the paced client saw end to end, and, for the
+gateway, a second table of the `requested` record's commit (`COMMIT_MARKS`): the PUT at its
+gate (on an idle log), the record handed to the log's thread, taken by it, written and
+fsynced there, and the event loop resumed by the thread's hand-back. Those marks are set on the
+loop and on the thread by the record's identity, so they are the record's own commit's.
 
 The timers wrap the gateway's own functions in this process before `serve` starts (one worker,
 served in-process); each request keeps its marks in a context variable, so requests that
@@ -45,6 +49,10 @@ POLL_S = 0.05  # how often the gateway process looks for a request for its sampl
 MARKS = ("authenticated", "body read", "deactivation begun", "requested record durable",
          "Kore.ai answered", "terminal record appended", "answer ready")
 THREAD = "audit thread: write + fsync of a commit"
+# Inside "requested record durable" (the gateway only): the `requested` record's commit, from the
+# PUT at its gate (an idle log) to the loop resumed by the thread's hand-back.
+COMMIT_MARKS = ("PUT built, at its gate", "record handed to the thread", "thread took it",
+                "record written", "record fsynced", "loop resumed by the thread")
 TARGETS = ("gateway", "minimum")
 # The contract minimum's marks: (a line of benchmarks/floor.py, the mark set just before it).
 MINIMUM_MARKS = (
@@ -99,6 +107,7 @@ def instrument(out: Path) -> None:
     """Wraps the request path's functions; writes the samples to `out` when asked (`_collect`)."""
     from gateway import auth, deactivation
     from gateway.audit import log as audit
+    from gateway.audit import writer
     from gateway.http import app
     from gateway.kore import client
 
@@ -123,26 +132,89 @@ def instrument(out: Path) -> None:
     send_gate = client.SendGate.__call__
 
     async def gate(self: Any, request: Any, handler: Any) -> Any:
+        _mark(COMMIT_MARKS[0])
+
         async def through(request: Any) -> Any:
+            _commit_marks(self.durable.result())
             _mark("requested record durable")
             return await handler(request)
         return await send_gate(self, request, through)
 
     client.SendGate.__call__ = gate  # type: ignore[method-assign]
-    _after(audit.AuditLog, "append", lambda *a, durable=True, **k: (
-        "requested record durable" if durable else "terminal record appended"))
+    append = audit.AuditLog.append
+
+    async def appended(self: Any, record: Any, *, durable: bool = True) -> Any:
+        written = await append(self, record, durable=durable)
+        if durable:
+            _commit_marks(written)
+        _mark("requested record durable" if durable else "terminal record appended")
+        return written
+
+    audit.AuditLog.append = appended  # type: ignore[method-assign]
     _after(client.KoreClient, "_send", lambda *a, **k: "Kore.ai answered")
     write_batch = audit.AuditLog._write_batch
+    in_commit = threading.local()  # the records the audit thread is writing
 
-    def timed_write(*args: Any, **kwargs: Any) -> Any:
+    def timed_write(self: Any, records: list[dict[str, Any]], *args: Any, **kwargs: Any
+                    ) -> Any:
         began = time.perf_counter()
+        _stamp(records, COMMIT_MARKS[2], began)
+        in_commit.records = records
         try:
-            return write_batch(*args, **kwargs)
+            return write_batch(self, records, *args, **kwargs)
         finally:
-            commits.append((time.perf_counter() - began) * 1000)
+            in_commit.records = None
+            done = time.perf_counter()
+            _stamp(records, COMMIT_MARKS[4], done)
+            commits.append((done - began) * 1000)
 
     audit.AuditLog._write_batch = timed_write  # type: ignore[method-assign]
+    write_all = audit._write_all
+
+    def timed_write_all(fd: int, data: bytes) -> None:
+        write_all(fd, data)
+        _stamp(getattr(in_commit, "records", None) or (), COMMIT_MARKS[3], time.perf_counter())
+
+    audit._write_all = timed_write_all
+    submit = writer.Writer.submit
+
+    def handed(self: Any, func: Any, *args: Any, **kwargs: Any) -> Any:
+        if getattr(func, "__func__", None) is timed_write:  # a commit: its records
+            now = time.perf_counter()
+            for record in args[0]:
+                _stamps[id(record)] = {COMMIT_MARKS[1]: now}
+        return submit(self, func, *args, **kwargs)
+
+    writer.Writer.submit = handed  # type: ignore[method-assign]
+    settle = audit._settle
+
+    def settled(batch: Any, indexes: Any, refused: Any) -> None:
+        _stamp([batch[i][0] for i in indexes], COMMIT_MARKS[5], time.perf_counter())
+        settle(batch, indexes, refused)
+
+    audit._settle = settled
     _dump_when_asked(out, samples, commits)
+
+
+# The commit marks of records being committed, by id(record): set on the loop when a commit is
+# handed to the thread, added to by the thread, taken into the request's marks once durable.
+_stamps: dict[int, dict[str, float]] = {}
+
+
+def _stamp(records: Any, name: str, when: float) -> None:
+    for record in records:
+        stamps = _stamps.get(id(record))
+        if stamps is not None:
+            stamps.setdefault(name, when)
+
+
+def _commit_marks(record: Any) -> None:
+    """The commit marks of `record` (its append returned, or its gate opened) into the
+    request's marks, when its commit has them all (not one that failed and was retried)."""
+    stamps = _stamps.pop(id(record), None)
+    marks = _marks.get()
+    if stamps is not None and marks is not None and len(stamps) == len(COMMIT_MARKS) - 1:
+        marks.update(stamps)
 
 
 def _timed(middleware: Any, samples: list[dict[str, float]]) -> Any:
@@ -238,10 +310,25 @@ async def _collect(out: Path) -> dict[str, Any]:
 
 
 def summary(samples: Sequence[dict[str, float]], commits: Sequence[float]) -> list[str]:
-    """The table: each mark's median and p90 offset, and the median of its stage."""
+    """The table: each mark's median and p90 offset, and the median of its stage; then, when
+    the samples have them, the same for the `requested` record's commit (`COMMIT_MARKS`)."""
+    lines = _table(samples, MARKS, "start")
+    if commits:
+        lines.append(f"{THREAD}: p50 {statistics.median(commits):.3f} ms "
+                     f"({len(commits)} commits)")
+    committed = [s for s in samples if all(mark in s for mark in COMMIT_MARKS[1:])]
+    if committed:
+        lines.append(f"the requested record's commit ({len(committed)} deactivations), "
+                     "from deactivation begun:")
+        lines += _table(committed, (*COMMIT_MARKS, "requested record durable"),
+                        "deactivation begun")[1:]
+    return lines
+
+
+def _table(samples: Sequence[dict[str, float]], marks: Sequence[str], first: str) -> list[str]:
     lines = [f"{'mark':28} {'p50 ms':>8} {'p90 ms':>8} {'stage p50':>10}"]
-    previous = "start"
-    for mark in MARKS:
+    previous = first
+    for mark in marks:
         offsets = [s[mark] for s in samples if mark in s]
         spans = [s[mark] - s[previous] for s in samples if mark in s and previous in s]
         if not offsets:
@@ -250,9 +337,6 @@ def summary(samples: Sequence[dict[str, float]], commits: Sequence[float]) -> li
         lines.append(f"{mark:28} {statistics.median(offsets):8.3f} "
                      f"{load.percentile(offsets, 90):8.3f} {statistics.median(spans):10.3f}")
         previous = mark
-    if commits:
-        lines.append(f"{THREAD}: p50 {statistics.median(commits):.3f} ms "
-                     f"({len(commits)} commits)")
     return lines
 
 

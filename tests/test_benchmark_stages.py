@@ -8,7 +8,15 @@ from pathlib import Path
 import pytest
 
 from benchmarks import floor
-from benchmarks.stages import MARKS, MINIMUM_MARKS, THREAD, minimum_source, run, summary
+from benchmarks.stages import (
+    COMMIT_MARKS,
+    MARKS,
+    MINIMUM_MARKS,
+    THREAD,
+    minimum_source,
+    run,
+    summary,
+)
 
 FLOOR_SOURCE = Path(floor.__file__).read_text(encoding="utf-8")
 
@@ -28,6 +36,27 @@ def test_a_mark_never_reached_is_shown_as_missing_and_skipped() -> None:
     assert lines[-1].split()[-1] == "4.000"  # answer ready's stage: from authenticated
 
 
+def test_the_requested_records_commit_is_tabled_from_deactivation_begun() -> None:
+    marks = {"start": 0.0, "deactivation begun": 1.0, "requested record durable": 9.0}
+    timed = {**marks, **{mark: 2.0 + i for i, mark in enumerate(COMMIT_MARKS)}}
+    lines = summary([timed, dict(marks)], [])
+    head = lines.index("the requested record's commit (1 deactivations), from deactivation "
+                       "begun:")
+    rows = [line.split() for line in lines[head + 1:]]
+    assert rows[0][-3:] == ["2.000", "2.000", "1.000"]  # PUT built, at its gate
+    assert rows[5][-3:] == ["7.000", "7.000", "1.000"]  # loop resumed by the thread
+    assert rows[6][-3:] == ["9.000", "9.000", "2.000"]  # requested record durable
+    assert "requested record's commit" not in "\n".join(summary([dict(marks)], []))
+
+
+def assert_commit_timed_in_order(text: str) -> None:
+    """The requested record's commit: each mark after the one before, durable last."""
+    table = text.split("the requested record's commit (", 1)[1].splitlines()[1:]
+    offsets = [float(line.split()[-3]) for line in table]
+    assert len(offsets) == len(COMMIT_MARKS) + 1, text
+    assert offsets == sorted(offsets) and offsets[0] > 0, text
+
+
 def assert_every_mark_timed_in_order(text: str) -> None:
     """50 answered, every mark's offset given and in the marks' order, the commits timed."""
     assert re.search(r": 50 answered, 0 failed; client p50 [\d.]+ ms", text), text
@@ -45,6 +74,7 @@ def test_every_mark_of_a_real_deactivation_is_timed_in_order() -> None:
     text = run(seconds=1.0, rate=50)
     assert text.startswith("gateway, 1 worker"), text
     assert_every_mark_timed_in_order(text)
+    assert_commit_timed_in_order(text)
 
 
 def test_the_contract_minimum_is_timed_at_the_same_marks() -> None:
