@@ -166,12 +166,6 @@ class AuditLog:
         return self._path
 
     @property
-    def committing(self) -> bool:
-        """The log's thread is at work on a commit: a record appended now waits for it, then
-        for its own. (False while the records of this turn of the loop still gather.)"""
-        return not self._worker.idle
-
-    @property
     def healthy(self) -> bool:
         """False after a failed write until a later write or `probe()` succeeds."""
         return self._opened and self._healthy and not self._closed
@@ -232,7 +226,11 @@ class AuditLog:
         and `ValueError`/`TypeError` for a record that cannot be encoded as JSON (it alone is
         left out of its batch).
         """
-        prepared = self._admit(record)
+        if not self._opened:
+            raise RuntimeError("AuditLog.open() was not called")
+        if self._closed:
+            raise AuditUnavailable(_UNAVAILABLE)
+        prepared = self._prepare(record)
         if not durable:
             if self._flusher is not None:  # a commit is under way
                 self._pending.append((prepared, None, False))
@@ -240,29 +238,11 @@ class AuditLog:
             if self._healthy and self._fsync and not self._retained and self._worker.idle and (
                     self._write_now(prepared)):
                 return prepared
-        # A caller that stops waiting cancels only its future: the record stays in its batch.
-        return await self._enqueue(prepared, durable)
-
-    def begin(self, record: Mapping[str, Any]) -> asyncio.Future[dict[str, Any]]:
-        """`append(record)` started and not awaited: the record joins the next commit now,
-        and the future resolves with it as written once it is durable, or fails as `append`
-        does. For a caller with work to do while the fsync runs (the gateway builds its PUT).
-        Raises `AuditUnavailable` at once when the log is closed."""
-        return self._enqueue(self._admit(record), True)
-
-    def _admit(self, record: Mapping[str, Any]) -> dict[str, Any]:
-        if not self._opened:
-            raise RuntimeError("AuditLog.open() was not called")
-        if self._closed:
-            raise AuditUnavailable(_UNAVAILABLE)
-        return self._prepare(record)
-
-    def _enqueue(self, prepared: dict[str, Any], durable: bool
-                 ) -> asyncio.Future[dict[str, Any]]:
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending.append((prepared, future, durable))
         self._flush_soon()
-        return future
+        # A caller that stops waiting cancels only its future: the record stays in its batch.
+        return await future
 
     def retain(self, record: Mapping[str, Any]) -> bool:
         """Keeps a record whose own append failed (`AuditUnavailable`) for the next commit:

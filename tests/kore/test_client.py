@@ -17,22 +17,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.config.model import Config, UpstreamConfig
-from gateway.errors import (
-    AuditUnavailable,
-    RateLimited,
-    UpstreamRateLimited,
-    UpstreamTimeout,
-    UpstreamUnavailable,
-)
-from gateway.kore.client import (
-    CallTrace,
-    KoreClient,
-    SendGate,
-    parse_retry_after,
-    session_url,
-)
+from gateway.errors import RateLimited, UpstreamRateLimited, UpstreamUnavailable
+from gateway.kore.client import CallTrace, KoreClient, parse_retry_after, session_url
 from gateway.kore.tokens import TokenCache
-from gateway.ratelimit.memory import Grant, MemoryRateLimiter, RateLimiter, Unlimited
+from gateway.ratelimit.memory import MemoryRateLimiter, RateLimiter, Unlimited
 from gateway.validation import Deactivation
 
 BOT = "st-test-bot"
@@ -159,10 +147,10 @@ async def scripted(aiohttp_server: Any, make_config: Any) -> AsyncIterator[Start
 
 
 async def call(client: KoreClient, config: Config, trace: CallTrace,
-               timeout_s: float | None = None, gate: SendGate | None = None) -> Any:
+               timeout_s: float | None = None) -> Any:
     deadline = time.monotonic() + (timeout_s or config.upstream.timeout_s)
     return await client.deactivate(config.apps[0], Deactivation(BOT, "u-1"), "rid-1", deadline,
-                                   trace, gate)
+                                   trace)
 
 
 class TestRetries:
@@ -233,65 +221,6 @@ class TestRetries:
             await call(client, config, trace)
         assert not isinstance(caught.value, RateLimited)
         assert trace.attempts == len(kore.arrivals) == 1 and trace.upstream_status == 503
-
-
-class Sending(Unlimited):
-    """No limit; records when the call under a grant was said to leave."""
-
-    def __init__(self) -> None:
-        self.left: list[float] = []
-
-    async def sending(self, bot_id: str, grant: Grant) -> Grant:
-        self.left.append(time.monotonic())
-        return grant
-
-
-class TestSendGate:
-    """The first PUT is built at once and held at its gate until the audit record is durable."""
-
-    async def test_the_put_leaves_only_when_the_gate_opens(self, scripted: Start) -> None:
-        limiter = Sending()
-        client, kore, config = await scripted([(200, {})], limiter=limiter)
-        durable: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        gate, trace = SendGate(durable), CallTrace(grant=Grant(slot=time.monotonic()))
-        task = asyncio.ensure_future(call(client, config, trace, 5, gate))
-        await asyncio.sleep(0.2)
-        assert kore.arrivals == [] and limiter.left == [] and not task.done()
-        opened = time.monotonic()
-        durable.set_result({})
-        assert await task == {"success": True}
-        assert gate.passed and len(kore.arrivals) == 1 and trace.attempts == 1
-        assert limiter.left[0] >= opened  # counted as leaving when it left, not when built
-
-    async def test_a_record_that_cannot_be_written_sends_nothing(self, scripted: Start) -> None:
-        client, kore, config = await scripted([(200, {})])
-        durable: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        gate = SendGate(durable)
-        asyncio.get_running_loop().call_later(0.1, durable.set_exception,
-                                              AuditUnavailable("audit log cannot be written"))
-        with pytest.raises(AuditUnavailable):
-            await call(client, config, CallTrace(), 5, gate)
-        await asyncio.sleep(0.1)
-        assert kore.arrivals == [] and not gate.passed
-
-    async def test_the_deadline_passing_at_the_gate_sends_nothing(self, scripted: Start) -> None:
-        client, kore, config = await scripted([(200, {})])
-        durable: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        gate = SendGate(durable)
-        with pytest.raises(UpstreamTimeout, match="before the call could be sent"):
-            await call(client, config, CallTrace(), 0.2, gate)
-        assert not durable.cancelled()  # the record's own future is the log's, left alone
-        durable.set_result({})
-        await asyncio.sleep(0.1)
-        assert kore.arrivals == [] and not gate.passed
-
-    async def test_a_retry_does_not_wait_at_the_gate_again(self, scripted: Start) -> None:
-        client, kore, config = await scripted([(503, {}), (200, {})], backoff_base_s=0.01)
-        durable: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        durable.set_result({})
-        trace = CallTrace()
-        assert await call(client, config, trace, 5, SendGate(durable)) == {"success": True}
-        assert trace.attempts == 2 and len(kore.arrivals) == 2
 
 
 class TestBackoff:
