@@ -6,9 +6,9 @@ second for `--seconds` (open loop, as the harness's latency figures), and prints
 a request passes, its median and p90 offset from the moment the request entered the gateway's
 middleware, and the median of each stage (from the mark before). Also: the median time of the
 audit thread's write + fsync of one commit, what the paced client saw end to end, and, for the
-gateway, a second table of the `requested` record's commit (`COMMIT_MARKS`): the PUT at its
-gate (on an idle log), the record handed to the log's thread, taken by it, written and
-fsynced there, and the event loop resumed by the thread's hand-back. Those marks are set on the
+gateway, a second table of the `requested` record's commit (`COMMIT_MARKS`): the record handed
+to the log's thread, taken by it, written and fsynced there, and the event loop resumed by the
+thread's hand-back. Those marks are set on the
 loop and on the thread by the record's identity, so they are the record's own commit's.
 
 The timers wrap the gateway's own functions in this process before `serve` starts (one worker,
@@ -49,10 +49,10 @@ POLL_S = 0.05  # how often the gateway process looks for a request for its sampl
 MARKS = ("authenticated", "body read", "deactivation begun", "requested record durable",
          "Kore.ai answered", "terminal record appended", "answer ready")
 THREAD = "audit thread: write + fsync of a commit"
-# Inside "requested record durable" (the gateway only): the `requested` record's commit, from the
-# PUT at its gate (an idle log) to the loop resumed by the thread's hand-back.
-COMMIT_MARKS = ("PUT built, at its gate", "record handed to the thread", "thread took it",
-                "record written", "record fsynced", "loop resumed by the thread")
+# Inside "requested record durable" (the gateway only): the `requested` record's commit, from
+# its hand-over to the log's thread to the loop resumed by the thread's hand-back.
+COMMIT_MARKS = ("record handed to the thread", "thread took it", "record written",
+                "record fsynced", "loop resumed by the thread")
 TARGETS = ("gateway", "minimum")
 # The contract minimum's marks: (a line of benchmarks/floor.py, the mark set just before it).
 MINIMUM_MARKS = (
@@ -126,21 +126,6 @@ def instrument(out: Path) -> None:
         return await original_deactivate(*args, **kwargs)
 
     deactivation.Deactivator.deactivate = deactivate  # type: ignore[method-assign]
-    # On an idle log the requested record is begun (`AuditLog.begin`) and the PUT, built
-    # meanwhile, waits at its gate until the record is durable: the mark is where the gate
-    # lets it through. Behind another commit, the record is appended and waited for.
-    send_gate = client.SendGate.__call__
-
-    async def gate(self: Any, request: Any, handler: Any) -> Any:
-        _mark(COMMIT_MARKS[0])
-
-        async def through(request: Any) -> Any:
-            _commit_marks(self.durable.result())
-            _mark("requested record durable")
-            return await handler(request)
-        return await send_gate(self, request, through)
-
-    client.SendGate.__call__ = gate  # type: ignore[method-assign]
     append = audit.AuditLog.append
 
     async def appended(self: Any, record: Any, *, durable: bool = True) -> Any:
@@ -158,14 +143,14 @@ def instrument(out: Path) -> None:
     def timed_write(self: Any, records: list[dict[str, Any]], *args: Any, **kwargs: Any
                     ) -> Any:
         began = time.perf_counter()
-        _stamp(records, COMMIT_MARKS[2], began)
+        _stamp(records, COMMIT_MARKS[1], began)
         in_commit.records = records
         try:
             return write_batch(self, records, *args, **kwargs)
         finally:
             in_commit.records = None
             done = time.perf_counter()
-            _stamp(records, COMMIT_MARKS[4], done)
+            _stamp(records, COMMIT_MARKS[3], done)
             commits.append((done - began) * 1000)
 
     audit.AuditLog._write_batch = timed_write  # type: ignore[method-assign]
@@ -173,7 +158,7 @@ def instrument(out: Path) -> None:
 
     def timed_write_all(fd: int, data: bytes) -> None:
         write_all(fd, data)
-        _stamp(getattr(in_commit, "records", None) or (), COMMIT_MARKS[3], time.perf_counter())
+        _stamp(getattr(in_commit, "records", None) or (), COMMIT_MARKS[2], time.perf_counter())
 
     audit._write_all = timed_write_all
     submit = writer.Writer.submit
@@ -182,14 +167,14 @@ def instrument(out: Path) -> None:
         if getattr(func, "__func__", None) is timed_write:  # a commit: its records
             now = time.perf_counter()
             for record in args[0]:
-                _stamps[id(record)] = {COMMIT_MARKS[1]: now}
+                _stamps[id(record)] = {COMMIT_MARKS[0]: now}
         return submit(self, func, *args, **kwargs)
 
     writer.Writer.submit = handed  # type: ignore[method-assign]
     settle = audit._settle
 
     def settled(batch: Any, indexes: Any, refused: Any) -> None:
-        _stamp([batch[i][0] for i in indexes], COMMIT_MARKS[5], time.perf_counter())
+        _stamp([batch[i][0] for i in indexes], COMMIT_MARKS[4], time.perf_counter())
         settle(batch, indexes, refused)
 
     audit._settle = settled
@@ -209,11 +194,11 @@ def _stamp(records: Any, name: str, when: float) -> None:
 
 
 def _commit_marks(record: Any) -> None:
-    """The commit marks of `record` (its append returned, or its gate opened) into the
-    request's marks, when its commit has them all (not one that failed and was retried)."""
+    """The commit marks of `record` (its append returned) into the request's marks, when its
+    commit has them all (not one that failed and was retried)."""
     stamps = _stamps.pop(id(record), None)
     marks = _marks.get()
-    if stamps is not None and marks is not None and len(stamps) == len(COMMIT_MARKS) - 1:
+    if stamps is not None and marks is not None and len(stamps) == len(COMMIT_MARKS):
         marks.update(stamps)
 
 
@@ -316,7 +301,7 @@ def summary(samples: Sequence[dict[str, float]], commits: Sequence[float]) -> li
     if commits:
         lines.append(f"{THREAD}: p50 {statistics.median(commits):.3f} ms "
                      f"({len(commits)} commits)")
-    committed = [s for s in samples if all(mark in s for mark in COMMIT_MARKS[1:])]
+    committed = [s for s in samples if all(mark in s for mark in COMMIT_MARKS)]
     if committed:
         lines.append(f"the requested record's commit ({len(committed)} deactivations), "
                      "from deactivation begun:")

@@ -24,8 +24,14 @@ from gateway.audit.keyless import UnauthenticatedAudit
 from gateway.audit.log import AuditLog
 from gateway.auth import Caller
 from gateway.breaker import CircuitBreaker, Pass
-from gateway.errors import AuditUnavailable, GatewayError, Unauthenticated, UpstreamError
-from gateway.kore.client import CallTrace, KoreClient, SendGate
+from gateway.errors import (
+    AuditUnavailable,
+    GatewayError,
+    Unauthenticated,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from gateway.kore.client import NOT_SENT_IN_TIME, CallTrace, KoreClient
 from gateway.kore.tokens import TokenCache
 from gateway.ratelimit.memory import RateLimiter
 from gateway.validation import Deactivation
@@ -118,17 +124,8 @@ class Deactivator:
         except GatewayError as exc:
             await self.deny(ask, exc)
             raise
-        gate: SendGate | None = None
         try:
-            # When the log is idle, the record's commit starts now, and the PUT is built while
-            # its fsync runs: the gate holds it until then. Behind another commit (under
-            # load), the record is waited for first: a PUT built that early would wait behind
-            # two commits, and resuming it there costs more than it saves.
-            record = ask.record("deactivate.requested", app.name)
-            if self.audit.committing:
-                await self.audit.append(record)
-            else:
-                gate = SendGate(self.audit.begin(record))
+            await self.audit.append(ask.record("deactivate.requested", app.name))
         except AuditUnavailable:
             await self._not_sent(ask, ticket)
             raise
@@ -136,46 +133,24 @@ class Deactivator:
             self.breaker.release(ticket)  # a half-open probe slot must never be lost
             raise
         ask.app = app.name
+        if time.monotonic() >= deadline:  # the record's commit took the whole deadline
+            # Nothing is sent; a slow disk is not Kore.ai failing: the breaker pass goes back.
+            self.breaker.release(ticket)
+            late = UpstreamTimeout(NOT_SENT_IN_TIME)
+            await self._complete(ask, late.status, late)
+            raise late
         try:
-            body = await self.client.deactivate(app, d, ask.request_id, deadline, ask.trace,
-                                                gate)
-        except BaseException as exc:
-            # Held at the gate (nothing was sent): the record it waited for.
-            held = gate.durable if gate is not None and not gate.passed else None
-            if held is not None:
-                await self._held_back(ask, ticket, held, exc)  # raises if the record is lost
-            if not isinstance(exc, GatewayError):
-                self.breaker.release(ticket)  # cut short (shutdown): `abandon` writes the record
-                raise
-            # upstream errors, a retry refused by the rate limit, the deadline at the gate
-            if held is not None:
-                self.breaker.release(ticket)  # (a slow disk is not Kore.ai failing)
-            else:
-                self.breaker.record(ticket, ok=not is_outage(exc))
+            body = await self.client.deactivate(app, d, ask.request_id, deadline, ask.trace)
+        except GatewayError as exc:  # upstream errors, and a retry refused by the rate limit
+            self.breaker.record(ticket, ok=not is_outage(exc))
             await self._complete(ask, exc.status, exc)
+            raise
+        except BaseException:
+            self.breaker.release(ticket)  # cut short (shutdown): `abandon` writes the record
             raise
         self.breaker.record(ticket, ok=True)
         await self._complete(ask, 200, None)
         return body
-
-    async def _held_back(self, ask: Ask, ticket: Pass, durable: asyncio.Future[Any],
-                         error: BaseException) -> None:
-        """The call ended before the gate let its PUT through: nothing was sent. When its
-        `requested` record could not be written (the gate's own error, or found by waiting for
-        the record), the ask is denied and the log's `AuditUnavailable` raised. Otherwise this
-        returns, and `error` ends the ask as it would have after the record was written."""
-        if isinstance(error, GatewayError) and not isinstance(error, AuditUnavailable):
-            try:
-                await asyncio.shield(durable)  # the record: written, or not?
-            except AuditUnavailable as exc:
-                error = exc
-            except BaseException:
-                self.breaker.release(ticket)
-                raise
-        if isinstance(error, AuditUnavailable):
-            ask.app = None
-            await self._not_sent(ask, ticket)
-            raise error
 
     async def _not_sent(self, ask: Ask, ticket: Pass) -> None:
         self.breaker.release(ticket)

@@ -43,9 +43,9 @@ def test_the_requested_records_commit_is_tabled_from_deactivation_begun() -> Non
     head = lines.index("the requested record's commit (1 deactivations), from deactivation "
                        "begun:")
     rows = [line.split() for line in lines[head + 1:]]
-    assert rows[0][-3:] == ["2.000", "2.000", "1.000"]  # PUT built, at its gate
-    assert rows[5][-3:] == ["7.000", "7.000", "1.000"]  # loop resumed by the thread
-    assert rows[6][-3:] == ["9.000", "9.000", "2.000"]  # requested record durable
+    assert rows[0][-3:] == ["2.000", "2.000", "1.000"]  # record handed to the thread
+    assert rows[4][-3:] == ["6.000", "6.000", "1.000"]  # loop resumed by the thread
+    assert rows[5][-3:] == ["9.000", "9.000", "3.000"]  # requested record durable
     assert "requested record's commit" not in "\n".join(summary([dict(marks)], []))
 
 

@@ -15,14 +15,13 @@ from __future__ import annotations
 import asyncio
 import calendar
 import email.utils
-import functools
 import json
 import math
 import random
 import re
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -50,7 +49,7 @@ from gateway.validation import Deactivation
 
 log = structlog.get_logger(__name__)
 
-_NOT_SENT_IN_TIME = "the deadline passed before the call could be sent to Kore.ai"
+NOT_SENT_IN_TIME = "the deadline passed before the call could be sent to Kore.ai"
 MAX_ANSWER_BYTES = 65536  # Kore.ai's answers are small; never buffer an unbounded one
 MIN_ATTEMPT_S = 0.05  # a retry with less time than this before the deadline is not started
 STATIC_HEADERS = {"Content-Type": "application/json"}  # on every call, exactly once
@@ -159,33 +158,6 @@ def kore_message(body: Any) -> str:
     return ""
 
 
-class SendGate:
-    """Holds the first PUT back until the `requested` record is durable (`durable`, from
-    `AuditLog.begin`), as an aiohttp client middleware: after aiohttp has built the request
-    and before it takes a connection. The PUT is built while the record's fsync runs, and
-    nothing reaches Kore.ai's socket before the record is durable. When the record cannot be
-    written, the call fails with the log's `AuditUnavailable` and nothing is sent. `then` runs
-    once the gate opens, just before the call leaves (the rate limiter's `sending`). `passed`:
-    the PUT was let through (it may have gone out)."""
-
-    __slots__ = ("durable", "passed", "then")
-
-    def __init__(self, durable: asyncio.Future[Any]) -> None:
-        self.durable = durable
-        self.passed = False
-        self.then: Callable[[], Awaitable[None]] | None = None
-
-    async def __call__(self, request: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
-                       ) -> aiohttp.ClientResponse:
-        if not self.durable.done():  # (shielded: the call's own timeout must not cancel it)
-            await asyncio.shield(self.durable)
-        self.durable.result()
-        if self.then is not None:
-            await self.then()
-        self.passed = True
-        return await handler(request)
-
-
 class KoreClient:
     """Sends the session PUT; one instance (and one connection pool) per process."""
 
@@ -223,11 +195,10 @@ class KoreClient:
             self._session = None
 
     async def deactivate(self, app: KoreApp, d: Deactivation, request_id: str, deadline: float,
-                         trace: CallTrace, gate: SendGate | None = None) -> Any:
+                         trace: CallTrace) -> Any:
         """Closes the session upstream; returns Kore.ai's answer body or raises UpstreamError.
 
         The first attempt's rate-limit slot is taken by the caller; later attempts take their own.
-        `gate` holds the first attempt back until the caller's audit record is durable.
         """
         url = self._urls.get(d.bot_id) or self._url(d.bot_id)
         payload = request_body(d)
@@ -240,15 +211,10 @@ class KoreClient:
                 trace.grant = await self._retry_slot(d.bot_id, deadline, error)
             token = self.tokens.ready(app) or await self.tokens.token(app)
             if trace.grant is not None:
-                if gate is not None:  # once the gate opens: the call leaves then
-                    gate.then = functools.partial(self._sending, d.bot_id, trace)
-                else:
-                    trace.grant = await self.limiter.sending(d.bot_id, trace.grant)
+                trace.grant = await self.limiter.sending(d.bot_id, trace.grant)
             trace.attempts += 1
-            first, gate = gate, None  # only the first attempt waits at the gate
             try:
-                answer = await self._send(url, token.value, payload, request_id, deadline,
-                                          first)
+                answer = await self._send(url, token.value, payload, request_id, deadline)
             except UpstreamTimeout:
                 raise
             except UpstreamError as exc:
@@ -271,10 +237,6 @@ class KoreClient:
                 error = judged
             counted += 1
             await self._before_retry(error, counted, deadline, request_id, paused)
-
-    async def _sending(self, bot_id: str, trace: CallTrace) -> None:
-        assert trace.grant is not None
-        trace.grant = await self.limiter.sending(bot_id, trace.grant)
 
     def _url(self, bot_id: str) -> URL:
         """`session_url`, built once per bot (a `remember` memo: cachetools' LRUCache measured
@@ -366,19 +328,17 @@ class KoreClient:
         return self._rng() * cap
 
     async def _send(self, url: URL, token: str, payload: bytes, request_id: str,
-                    deadline: float, gate: SendGate | None = None) -> Answer:
+                    deadline: float) -> Answer:
         remaining = deadline - time.monotonic()
         if remaining <= 0:  # (spent before this attempt: nothing of it is sent)
-            raise UpstreamTimeout(_NOT_SENT_IN_TIME)
+            raise UpstreamTimeout(NOT_SENT_IN_TIME)
         assert self._session is not None, "KoreClient.start() was not called"
         headers = {"auth": token, "X-Request-ID": request_id}
         started = time.monotonic()
         try:
             async with self._session.put(url, data=payload, headers=headers,
                                          timeout=aiohttp.ClientTimeout(total=remaining),
-                                         allow_redirects=False,
-                                         middlewares=None if gate is None else (gate,)
-                                         ) as resp:
+                                         allow_redirects=False) as resp:
                 # At once when its length is known and within the limit (aiohttp's parser stops
                 # at `Content-Length`), else chunk by chunk.
                 length = resp.content_length
@@ -391,8 +351,6 @@ class KoreClient:
                 return Answer(resp.status, decode_answer(raw), None if retry_after is None
                               else parse_retry_after(retry_after, cap_s=self.max_pause_s))
         except TimeoutError:
-            if gate is not None and not gate.passed:  # nothing was sent
-                raise UpstreamTimeout(_NOT_SENT_IN_TIME) from None
             self._metrics.upstream_attempt("timeout", time.monotonic() - started)
             raise UpstreamTimeout("Kore.ai did not answer within the deadline") from None
         except aiohttp.ClientError as exc:

@@ -84,15 +84,15 @@ class TestUpstreamSuccess:
 
     async def test_put_is_held_until_its_record_is_durable(
             self, start_gateway: Any, sandbox: Any, audit: AuditTrail) -> None:
-        """The PUT is built while the record's commit runs, and sent only once it is done;
-        a second request, behind that commit, waits for its own record before building."""
+        """The PUT waits for its record's commit; a second request, behind that commit, waits
+        for its own record."""
         gateway = await start_gateway()
         log = gateway.app[RUNTIME].audit
         log._io_lock.acquire()  # the commit stops before its write (the disk is stalled)
         try:
             first = asyncio.ensure_future(gateway.post(
                 URL, json=BODY, headers={**AUTH, "X-Request-ID": "first"}))
-            await wait_for(lambda: log.committing, what="the first record's commit")
+            await wait_for(lambda: not log._worker.idle, what="the first record's commit")
             second = asyncio.ensure_future(gateway.post(
                 URL, json={"userId": "u-2"}, headers={**AUTH, "X-Request-ID": "second"}))
             await asyncio.sleep(0.3)
@@ -112,8 +112,8 @@ class TestUpstreamSuccess:
 
     async def test_deadline_passed_while_the_record_is_written_sends_nothing(
             self, start_gateway: Any, sandbox: Any, audit: AuditTrail) -> None:
-        """The deadline runs out while the PUT waits for its record: 504, nothing sent, and the
-        record that did become durable is closed with the timeout."""
+        """The deadline runs out while the record is written: 504, nothing sent, the breaker
+        untouched, and the record that did become durable is closed with the timeout."""
         gateway = await start_gateway(upstream={"timeout_s": 0.2})
         log = gateway.app[RUNTIME].audit
         log._io_lock.acquire()
@@ -131,7 +131,7 @@ class TestUpstreamSuccess:
         rid = request_id(resp)
         audit.expect(requested(rid), completed(rid, outcome="failed", status=504,
                                               upstream_status=None, error="upstream_timeout",
-                                              attempts=1))
+                                              attempts=0))
 
     async def test_callers_headers_are_never_forwarded(self, gateway: Any, sandbox: Any,
                                                        audit: AuditTrail) -> None:
