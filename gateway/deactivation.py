@@ -23,15 +23,9 @@ import structlog
 from gateway.audit.keyless import UnauthenticatedAudit
 from gateway.audit.log import AuditLog
 from gateway.auth import Caller
-from gateway.breaker import CircuitBreaker, Pass
-from gateway.errors import (
-    AuditUnavailable,
-    GatewayError,
-    Unauthenticated,
-    UpstreamError,
-    UpstreamTimeout,
-)
-from gateway.kore.client import NOT_SENT_IN_TIME, CallTrace, KoreClient
+from gateway.breaker import CircuitBreaker
+from gateway.errors import AuditUnavailable, GatewayError, Unauthenticated, UpstreamError
+from gateway.kore.client import CallTrace, KoreClient
 from gateway.kore.tokens import TokenCache
 from gateway.ratelimit.memory import RateLimiter
 from gateway.validation import Deactivation
@@ -127,22 +121,21 @@ class Deactivator:
         try:
             await self.audit.append(ask.record("deactivate.requested", app.name))
         except AuditUnavailable:
-            await self._not_sent(ask, ticket)
+            self.breaker.release(ticket)
+            await self.deny(ask, AuditUnavailable("the audit log cannot be written; "
+                                                  "nothing was sent to Kore.ai"))
             raise
         except BaseException:
             self.breaker.release(ticket)  # a half-open probe slot must never be lost
             raise
         ask.app = app.name
-        if time.monotonic() >= deadline:  # the record's commit took the whole deadline
-            # Nothing is sent; a slow disk is not Kore.ai failing: the breaker pass goes back.
-            self.breaker.release(ticket)
-            late = UpstreamTimeout(NOT_SENT_IN_TIME)
-            await self._complete(ask, late.status, late)
-            raise late
         try:
             body = await self.client.deactivate(app, d, ask.request_id, deadline, ask.trace)
         except GatewayError as exc:  # upstream errors, and a retry refused by the rate limit
-            self.breaker.record(ticket, ok=not is_outage(exc))
+            if ask.trace.attempts:
+                self.breaker.record(ticket, ok=not is_outage(exc))
+            else:  # the deadline was spent before the PUT (a slow disk is not Kore.ai failing)
+                self.breaker.release(ticket)
             await self._complete(ask, exc.status, exc)
             raise
         except BaseException:
@@ -151,11 +144,6 @@ class Deactivator:
         self.breaker.record(ticket, ok=True)
         await self._complete(ask, 200, None)
         return body
-
-    async def _not_sent(self, ask: Ask, ticket: Pass) -> None:
-        self.breaker.release(ticket)
-        await self.deny(ask, AuditUnavailable("the audit log cannot be written; "
-                                              "nothing was sent to Kore.ai"))
 
     async def _complete(self, ask: Ask, status: int, error: GatewayError | None, *,
                         durable: bool = False) -> None:

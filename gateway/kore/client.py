@@ -49,7 +49,7 @@ from gateway.validation import Deactivation
 
 log = structlog.get_logger(__name__)
 
-NOT_SENT_IN_TIME = "the deadline passed before the call could be sent to Kore.ai"
+_NOT_SENT_IN_TIME = "the deadline passed before the call could be sent to Kore.ai"
 MAX_ANSWER_BYTES = 65536  # Kore.ai's answers are small; never buffer an unbounded one
 MIN_ATTEMPT_S = 0.05  # a retry with less time than this before the deadline is not started
 STATIC_HEADERS = {"Content-Type": "application/json"}  # on every call, exactly once
@@ -212,9 +212,12 @@ class KoreClient:
             token = self.tokens.ready(app) or await self.tokens.token(app)
             if trace.grant is not None:
                 trace.grant = await self.limiter.sending(d.bot_id, trace.grant)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:  # spent before this attempt: nothing of it is sent or counted
+                raise UpstreamTimeout(_NOT_SENT_IN_TIME)
             trace.attempts += 1
             try:
-                answer = await self._send(url, token.value, payload, request_id, deadline)
+                answer = await self._send(url, token.value, payload, request_id, remaining)
             except UpstreamTimeout:
                 raise
             except UpstreamError as exc:
@@ -328,10 +331,7 @@ class KoreClient:
         return self._rng() * cap
 
     async def _send(self, url: URL, token: str, payload: bytes, request_id: str,
-                    deadline: float) -> Answer:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:  # (spent before this attempt: nothing of it is sent)
-            raise UpstreamTimeout(NOT_SENT_IN_TIME)
+                    remaining: float) -> Answer:
         assert self._session is not None, "KoreClient.start() was not called"
         headers = {"auth": token, "X-Request-ID": request_id}
         started = time.monotonic()

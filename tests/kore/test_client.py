@@ -17,7 +17,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.config.model import Config, UpstreamConfig
-from gateway.errors import RateLimited, UpstreamRateLimited, UpstreamUnavailable
+from gateway.errors import (
+    RateLimited,
+    UpstreamRateLimited,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from gateway.kore.client import CallTrace, KoreClient, parse_retry_after, session_url
 from gateway.kore.tokens import TokenCache
 from gateway.ratelimit.memory import MemoryRateLimiter, RateLimiter, Unlimited
@@ -154,6 +159,14 @@ async def call(client: KoreClient, config: Config, trace: CallTrace,
 
 
 class TestRetries:
+    async def test_a_deadline_spent_before_the_first_attempt_sends_and_counts_nothing(
+            self, scripted: Start) -> None:
+        client, kore, config = await scripted([(200, {})])
+        trace = CallTrace()
+        with pytest.raises(UpstreamTimeout, match="before the call could be sent"):
+            await call(client, config, trace, timeout_s=-0.01)
+        assert trace.attempts == 0 and kore.arrivals == []
+
     async def test_429_with_an_http_date_is_honoured(self, scripted: Start) -> None:
         wall = time.time()
         client, kore, config = await scripted(
