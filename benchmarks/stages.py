@@ -8,8 +8,8 @@ middleware, and the median of each stage (from the mark before). Also: the media
 audit thread's write + fsync of one commit, what the paced client saw end to end, and, for the
 gateway, a second table of the `requested` record's commit (`COMMIT_MARKS`): the record handed
 to the log's thread, taken by it, written and fsynced there, and the event loop resumed by the
-thread's hand-back. Those marks are set on the
-loop and on the thread by the record's identity, so they are the record's own commit's.
+thread's hand-back. Those marks are set on the loop and on the thread by the record's
+identity, so they are the record's own commit's.
 
 The timers wrap the gateway's own functions in this process before `serve` starts (one worker,
 served in-process); each request keeps its marks in a context variable, so requests that
