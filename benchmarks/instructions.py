@@ -10,7 +10,8 @@ count: `python -m benchmarks` measures those, as CPU time). The floor with the c
 I/O (`floor.py --audit-dir`) is counted too: the user-space part of the disk writes the contract
 requires; and so is the contract minimum (`floor.py --contract-minimum`): every per-request
 duty of the contract in its barest form. `--variant` adds gateway runs with one feature switched off by its config key, which
-prices that feature.
+prices that feature; `--without` adds runs with parts that have no setting removed in the
+counted process only (`benchmarks.without`: a price, not a way to run the gateway).
 
 Needs valgrind (`apt-get install -y valgrind`) besides the benchmark's own needs; a run takes a
 minute or two per variant (everything under callgrind runs about fifty times slower).
@@ -34,7 +35,7 @@ from pathlib import Path
 
 import aiohttp
 
-from benchmarks import peers, stubs
+from benchmarks import peers, stubs, without
 from benchmarks.harness import _static_jwt
 from benchmarks.ports import free_port
 from benchmarks.procs import Server, start, wait_status
@@ -132,8 +133,15 @@ async def _count(name: str, server: Server, ready_path: str, headers: dict[str, 
             await asyncio.sleep(0.5)
 
 
-def gateway_argv(config: Path) -> list[str]:
-    return [sys.executable, "-m", "gateway", "serve", "--config", str(config), "--workers", "1"]
+def gateway_argv(config: Path, parts: str = "") -> list[str]:
+    """One in-process worker; with `parts` (`benchmarks.without`'s names, comma-separated),
+    without them."""
+    runner = ["benchmarks.without", parts] if parts else ["gateway"]
+    return [sys.executable, "-m", *runner, "serve", "--config", str(config), "--workers", "1"]
+
+
+def without_name(parts: str) -> str:
+    return "without " + " + ".join(parts.split(","))
 
 
 async def measure(args: argparse.Namespace, directory: Path) -> list[Count]:
@@ -174,6 +182,13 @@ async def measure(args: argparse.Namespace, directory: Path) -> list[Count]:
                            peers.listen_url(config), directory / f"{variant}.log")
             counts.append(await _count(variant, server, "/readyz", caller, args, directory,
                                        variant))
+        for number, parts in enumerate(args.without):
+            prefix = f"without{number}"
+            config = peers.gateway_config(directory / prefix, stub.url, creds)
+            server = start(prefix, [*_valgrind(directory, prefix), *gateway_argv(config, parts)],
+                           peers.listen_url(config), directory / f"{prefix}.log")
+            counts.append(await _count(without_name(parts), server, "/readyz", caller, args,
+                                       directory, prefix))
     finally:
         stub.stop()
     return counts
@@ -191,6 +206,9 @@ def report(counts: Sequence[Count], args: argparse.Namespace) -> str:
         price = ""
         if c.name in VARIANTS and gateway is not None:
             price = f"{gateway - c.per_request:,.0f} ({VARIANTS[c.name][0]})"
+        elif c.name.startswith("without ") and gateway is not None:
+            what = "; ".join(without.PARTS[p][0] for p in c.name[8:].split(" + "))
+            price = f"{gateway - c.per_request:,.0f} ({what})"
         lines.append(f"| {c.name} | {c.per_request:,.0f} | {c.per_request / floor:.2f} | "
                      f"{price} |")
     return "\n".join(lines) + "\n"
@@ -204,8 +222,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--variant", action="append", default=[], choices=sorted(VARIANTS),
                         help="also run the gateway with this feature off (repeatable)")
+    parser.add_argument("--without", action="append", default=[], metavar="PART[,PART…]",
+                        help="also run the gateway without these parts, removed in the counted "
+                             f"process only (repeatable; one of {', '.join(without.PARTS)})")
     parser.add_argument("--json", type=Path, default=None, help="also write the counts here")
     args = parser.parse_args(argv)
+    unknown = {p for parts in args.without for p in parts.split(",")} - set(without.PARTS)
+    if unknown:
+        parser.error(f"--without: unknown part(s) {', '.join(sorted(unknown))}")
     if not (1 <= args.requests <= 100_000 and 0 <= args.warmup <= 10_000
             and 1 <= args.concurrency <= 256):
         parser.error("--requests 1..100000, --warmup 0..10000, --concurrency 1..256")

@@ -1,0 +1,96 @@
+"""`python -m benchmarks.without PARTS ARGS…`: `python -m gateway ARGS…` with parts of the request
+path removed (PARTS: comma-separated names of `PARTS`), for `benchmarks.instructions --without`.
+
+A part the gateway has no setting for is priced by counting the gateway without it: each is
+replaced, in this process only, by the cheapest stand-in that still lets a deactivation
+succeed. The gateway never runs this way outside a count; the difference of the counts is what
+the part costs a request, not a change anyone could ship.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+
+def _access_line() -> None:
+    from gateway.http import app
+
+    app.access = lambda *_args, **_fields: None  # the middleware's call: no line, no write
+
+
+def _metrics() -> None:
+    from gateway.metrics import Metrics
+
+    for name in ("request", "request_started", "request_finished", "upstream_attempt",
+                 "token_cache_hit", "audit_committed"):
+        setattr(Metrics, name, lambda *_args, **_kwargs: None)
+
+
+def _connection_guard() -> None:
+    from aiohttp.web_protocol import RequestHandler
+
+    from gateway.http.connection import GuardedRequestHandler
+
+    # aiohttp's own: no head limit, head deadline or idle/busy line for the connection gate.
+    GuardedRequestHandler.data_received = RequestHandler.data_received  # type: ignore[method-assign]
+
+
+def _caller_key() -> None:
+    from gateway.auth import Authenticator, Caller
+
+    checked = Authenticator.authenticate
+    known: dict[tuple[int, str | None], Caller] = {}
+
+    def authenticate(self: Authenticator, authorization: str | None) -> Caller:
+        caller = known.get((id(self), authorization))
+        if caller is None:  # each Authorization value hashed and compared once
+            caller = known[(id(self), authorization)] = checked(self, authorization)
+        return caller
+
+    Authenticator.authenticate = authenticate  # type: ignore[method-assign]
+
+
+def _breaker() -> None:
+    from gateway.breaker import CircuitBreaker, Pass
+
+    CircuitBreaker.before_call = lambda _self, bot: Pass(bot)  # type: ignore[method-assign]
+    CircuitBreaker.record = lambda _self, _ticket, ok: None  # type: ignore[method-assign]
+    CircuitBreaker.release = lambda _self, _ticket: None  # type: ignore[method-assign]
+
+
+# name → (what the count leaves out, how)
+PARTS: dict[str, tuple[str, Callable[[], None]]] = {
+    "access-line": ("the access line (none written)", _access_line),
+    "metrics": ("the request path's metrics (nothing counted)", _metrics),
+    "connection-guard": ("the connection guard (aiohttp's own data_received)",
+                         _connection_guard),
+    "caller-key": ("the caller key's hash and comparisons (once per key)", _caller_key),
+    "breaker": ("the circuit breaker (always closed)", _breaker),
+}
+
+
+def remove(parts: Iterable[str]) -> None:
+    """Replaces each named part; raises ValueError for a name `PARTS` does not know."""
+    wanted = list(parts)
+    unknown = [name for name in wanted if name not in PARTS]
+    if unknown:
+        raise ValueError(f"unknown part(s) {', '.join(unknown)}; known: {', '.join(PARTS)}")
+    for name in wanted:
+        PARTS[name][1]()
+
+
+def main(argv: Sequence[str] | None = None) -> Any:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args:
+        print(__doc__.split("\n")[0], file=sys.stderr)
+        return 2
+    remove(filter(None, args[0].split(",")))
+    from gateway.cli import main as gateway_main
+
+    return gateway_main(args[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
