@@ -173,22 +173,19 @@ async def measure(args: argparse.Namespace, directory: Path) -> list[Count]:
                           f"http://127.0.0.1:{port}", directory / f"{prefix}.log", env=env)
             counts.append(await _count(name, floor, "/healthz", headers, args, directory,
                                        prefix))
-        for variant in ["gateway", *args.variant]:
-            config = peers.gateway_config(directory / variant, stub.url, creds)
+        # (name, file prefix, a config variant, parts removed)
+        runs = [(variant, variant, variant, "") for variant in ["gateway", *args.variant]]
+        runs += [(without_name(parts), f"without{number}", "gateway", parts)
+                 for number, parts in enumerate(args.without)]
+        for name, prefix, variant, parts in runs:
+            config = peers.gateway_config(directory / prefix, stub.url, creds)
             if variant != "gateway":
                 _, old, new = VARIANTS[variant]
                 config.write_text(config.read_text().replace(old, new, 1))
-            server = start(variant, [*_valgrind(directory, variant), *gateway_argv(config)],
-                           peers.listen_url(config), directory / f"{variant}.log")
-            counts.append(await _count(variant, server, "/readyz", caller, args, directory,
-                                       variant))
-        for number, parts in enumerate(args.without):
-            prefix = f"without{number}"
-            config = peers.gateway_config(directory / prefix, stub.url, creds)
             server = start(prefix, [*_valgrind(directory, prefix), *gateway_argv(config, parts)],
                            peers.listen_url(config), directory / f"{prefix}.log")
-            counts.append(await _count(without_name(parts), server, "/readyz", caller, args,
-                                       directory, prefix))
+            counts.append(await _count(name, server, "/readyz", caller, args, directory,
+                                       prefix))
     finally:
         stub.stop()
     return counts
@@ -207,7 +204,8 @@ def report(counts: Sequence[Count], args: argparse.Namespace) -> str:
         if c.name in VARIANTS and gateway is not None:
             price = f"{gateway - c.per_request:,.0f} ({VARIANTS[c.name][0]})"
         elif c.name.startswith("without ") and gateway is not None:
-            what = "; ".join(without.PARTS[p][0] for p in c.name[8:].split(" + "))
+            what = "; ".join(without.PARTS[p][0]
+                             for p in c.name.removeprefix("without ").split(" + "))
             price = f"{gateway - c.per_request:,.0f} ({what})"
         lines.append(f"| {c.name} | {c.per_request:,.0f} | {c.per_request / floor:.2f} | "
                      f"{price} |")

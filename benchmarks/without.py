@@ -14,18 +14,24 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 
+def _replace(owner: Any, **attributes: Any) -> None:
+    """Monkeypatching, on purpose: `owner`'s attributes replaced in this process."""
+    for name, value in attributes.items():
+        setattr(owner, name, value)
+
+
 def _access_line() -> None:
     from gateway.http import app
 
-    app.access = lambda *_args, **_fields: None  # the middleware's call: no line, no write
+    _replace(app, access=lambda *_args, **_fields: None)  # the middleware's: no line
 
 
 def _metrics() -> None:
     from gateway.metrics import Metrics
 
-    for name in ("request", "request_started", "request_finished", "upstream_attempt",
-                 "token_cache_hit", "audit_committed"):
-        setattr(Metrics, name, lambda *_args, **_kwargs: None)
+    _replace(Metrics, **dict.fromkeys(
+        ("request", "request_started", "request_finished", "upstream_attempt", "token_cache_hit",
+         "audit_committed"), lambda *_args, **_kwargs: None))
 
 
 def _connection_guard() -> None:
@@ -34,7 +40,7 @@ def _connection_guard() -> None:
     from gateway.http.connection import GuardedRequestHandler
 
     # aiohttp's own: no head limit, head deadline or idle/busy line for the connection gate.
-    GuardedRequestHandler.data_received = RequestHandler.data_received  # type: ignore[method-assign]
+    _replace(GuardedRequestHandler, data_received=RequestHandler.data_received)
 
 
 def _caller_key() -> None:
@@ -49,15 +55,14 @@ def _caller_key() -> None:
             caller = known[(id(self), authorization)] = checked(self, authorization)
         return caller
 
-    Authenticator.authenticate = authenticate  # type: ignore[method-assign]
+    _replace(Authenticator, authenticate=authenticate)
 
 
 def _breaker() -> None:
     from gateway.breaker import CircuitBreaker, Pass
 
-    CircuitBreaker.before_call = lambda _self, bot: Pass(bot)  # type: ignore[method-assign]
-    CircuitBreaker.record = lambda _self, _ticket, ok: None  # type: ignore[method-assign]
-    CircuitBreaker.release = lambda _self, _ticket: None  # type: ignore[method-assign]
+    _replace(CircuitBreaker, before_call=lambda _self, bot: Pass(bot),
+             record=lambda _self, _ticket, ok: None, release=lambda _self, _ticket: None)
 
 
 # name → (what the count leaves out, how)
