@@ -93,8 +93,10 @@ async def test_removed_audit_file_is_recreated_and_the_chain_goes_on(
     url = f"/v1/bots/{BOT}/sessions/deactivate"
     first = await gateway.post(url, json={"userId": "u-1"}, headers=AUTH)
     assert first.status == 200
-    audit.path.unlink()
+    # Captured from the removal on: the first call's terminal commit (its fsync, after its
+    # answer) may be the one that notices the file is gone.
     with capture_logs() as logs:
+        audit.path.unlink()
         second = await gateway.post(url, json={"userId": "u-2"},
                                     headers={**AUTH, "X-Request-ID": "after-removal"})
     assert second.status == 200
