@@ -7,9 +7,13 @@ a request passes, its median and p90 offset from the moment the request entered 
 middleware, and the median of each stage (from the mark before). Also: the median time of the
 audit thread's write + fsync of one commit, what the paced client saw end to end, and, for the
 gateway, a second table of the `requested` record's commit (`COMMIT_MARKS`): the record handed
-to the log's thread, taken by it, written and fsynced there, and the event loop resumed by the
-thread's hand-back. Those marks are set on the loop and on the thread by the record's
-identity, so they are the record's own commit's.
+to the log's thread, taken by it, its file's path looked at, the records chained, written and
+fsynced there, and the event loop resumed by the thread's hand-back. Those marks are set on the
+loop and on the thread by the record's identity, so they are the record's own commit's. Last,
+two of the thread's steps (`THREAD_STEPS`) with the thread's own CPU time beside the wall
+clock's, and the same call timed warm, in a loop after the run: CPU time as long as the wall
+clock's says the thread was computing, not waiting for the GIL; warm against the run's is what
+running once a request, with cold caches, costs the same code.
 
 The timers wrap the gateway's own functions in this process before `serve` starts (one worker,
 served in-process); each request keeps its marks in a context variable, so requests that
@@ -51,8 +55,13 @@ MARKS = ("authenticated", "body read", "deactivation begun", "requested record d
 THREAD = "audit thread: write + fsync of a commit"
 # Inside "requested record durable" (the gateway only): the `requested` record's commit, from
 # its hand-over to the log's thread to the loop resumed by the thread's hand-back.
-COMMIT_MARKS = ("record handed to the thread", "thread took it", "record written",
-                "record fsynced", "loop resumed by the thread")
+COMMIT_MARKS = ("record handed to the thread", "thread took it", "path looked at",
+                "records chained", "record written", "record fsynced",
+                "loop resumed by the thread")
+# Two steps of the thread's commit, timed on the thread (wall clock and the thread's CPU time)
+# and again warm, in a loop of `WARM_CALLS` once the run is over: (mark, AuditLog method).
+THREAD_STEPS = (("path looked at", "_still_current"), ("records chained", "_chain"))
+WARM_CALLS = 200
 TARGETS = ("gateway", "minimum")
 # The contract minimum's marks: (a line of benchmarks/floor.py, the mark set just before it).
 MINIMUM_MARKS = (
@@ -143,14 +152,14 @@ def instrument(out: Path) -> None:
     def timed_write(self: Any, records: list[dict[str, Any]], *args: Any, **kwargs: Any
                     ) -> Any:
         began = time.perf_counter()
-        _stamp(records, COMMIT_MARKS[1], began)
+        _stamp(records, "thread took it", began)
         in_commit.records = records
         try:
             return write_batch(self, records, *args, **kwargs)
         finally:
             in_commit.records = None
             done = time.perf_counter()
-            _stamp(records, COMMIT_MARKS[3], done)
+            _stamp(records, "record fsynced", done)
             commits.append((done - began) * 1000)
 
     audit.AuditLog._write_batch = timed_write  # type: ignore[method-assign]
@@ -158,7 +167,7 @@ def instrument(out: Path) -> None:
 
     def timed_write_all(fd: int, data: bytes) -> None:
         write_all(fd, data)
-        _stamp(getattr(in_commit, "records", None) or (), COMMIT_MARKS[2], time.perf_counter())
+        _stamp(getattr(in_commit, "records", None) or (), "record written", time.perf_counter())
 
     audit._write_all = timed_write_all
     submit = writer.Writer.submit
@@ -174,11 +183,47 @@ def instrument(out: Path) -> None:
     settle = audit._settle
 
     def settled(batch: Any, indexes: Any, refused: Any) -> None:
-        _stamp([batch[i][0] for i in indexes], COMMIT_MARKS[4], time.perf_counter())
+        _stamp([batch[i][0] for i in indexes], "loop resumed by the thread", time.perf_counter())
         settle(batch, indexes, refused)
 
     audit._settle = settled
-    _dump_when_asked(out, samples, commits)
+    steps = {mark: _timed_step(audit.AuditLog, method, mark, in_commit)
+             for mark, method in THREAD_STEPS}
+    _dump_when_asked(out, samples, commits, steps)
+
+
+def _timed_step(owner: Any, method: str, mark: str, in_commit: threading.local
+                ) -> dict[str, Any]:
+    """`owner.method`, on the audit thread in a commit, stamps `mark` on the commit's records
+    and keeps its wall and CPU time (µs); `warm()` times it again in a loop (the run over)."""
+    original = getattr(owner, method)
+    timed: dict[str, Any] = {"wall": [], "cpu": [], "last": None}
+
+    def step(self: Any, *args: Any, **kwargs: Any) -> Any:
+        records = getattr(in_commit, "records", None)
+        if not records:  # the loop's own write (`_write_now`), or a commit of its fsync only
+            return original(self, *args, **kwargs)
+        wall, cpu = time.perf_counter(), time.thread_time()
+        result = original(self, *args, **kwargs)
+        done = time.perf_counter()
+        timed["cpu"].append((time.thread_time() - cpu) * 1e6)
+        timed["wall"].append((done - wall) * 1e6)
+        timed["last"] = (self, [[dict(r) for r in arg] for arg in args[:1]], kwargs)
+        _stamp(records, mark, done)
+        return result
+
+    def warm() -> float | None:
+        if timed["last"] is None:
+            return None
+        log, args, kwargs = timed["last"]
+        began = time.perf_counter()
+        for _ in range(WARM_CALLS):  # (`_chain` rewrites the records it is given: copies)
+            original(log, *[[dict(r) for r in arg] for arg in args], **kwargs)
+        return (time.perf_counter() - began) / WARM_CALLS * 1e6
+
+    timed["warm"] = warm
+    setattr(owner, method, step)
+    return timed
 
 
 # The commit marks of records being committed, by id(record): set on the loop when a commit is
@@ -221,13 +266,17 @@ def _timed(middleware: Any, samples: list[dict[str, float]]) -> Any:
     return timed_middleware
 
 
-def _dump_when_asked(out: Path, samples: list[dict[str, float]], commits: list[float]) -> None:
+def _dump_when_asked(out: Path, samples: list[dict[str, float]], commits: list[float],
+                     steps: dict[str, dict[str, Any]] | None = None) -> None:
     def dump() -> None:  # only when asked: encoding the samples holds the GIL
         want = _wanted(out)
         while True:
             time.sleep(POLL_S)
             if want.exists():
-                out.write_text(json.dumps({"samples": list(samples), "commits": list(commits)}))
+                thread = {mark: {"wall": list(step["wall"]), "cpu": list(step["cpu"]),
+                                 "warm": step["warm"]()} for mark, step in (steps or {}).items()}
+                out.write_text(json.dumps({"samples": list(samples), "commits": list(commits),
+                                           "thread": thread}))
                 want.unlink()
 
     threading.Thread(target=dump, name="stages-dump", daemon=True).start()
@@ -294,9 +343,11 @@ async def _collect(out: Path) -> dict[str, Any]:
     return data
 
 
-def summary(samples: Sequence[dict[str, float]], commits: Sequence[float]) -> list[str]:
+def summary(samples: Sequence[dict[str, float]], commits: Sequence[float],
+            thread: dict[str, dict[str, Any]] | None = None) -> list[str]:
     """The table: each mark's median and p90 offset, and the median of its stage; then, when
-    the samples have them, the same for the `requested` record's commit (`COMMIT_MARKS`)."""
+    the samples have them, the same for the `requested` record's commit (`COMMIT_MARKS`), and
+    the thread's steps (`THREAD_STEPS`): wall and CPU time in the run, and warm."""
     lines = _table(samples, MARKS, "start")
     if commits:
         lines.append(f"{THREAD}: p50 {statistics.median(commits):.3f} ms "
@@ -307,6 +358,14 @@ def summary(samples: Sequence[dict[str, float]], commits: Sequence[float]) -> li
                      "from deactivation begun:")
         lines += _table(committed, (*COMMIT_MARKS, "requested record durable"),
                         "deactivation begun")[1:]
+    timed = {mark: step for mark, step in (thread or {}).items() if step["wall"]}
+    if timed:
+        lines.append("the audit thread's steps of a commit, p50 µs: in the run (wall / CPU of "
+                     "the thread) and warm (the same call in a loop, after the run):")
+        for mark, step in timed.items():
+            warm = f"{step['warm']:.1f}" if step.get("warm") is not None else "–"
+            lines.append(f"{mark:28} {statistics.median(step['wall']):8.1f} "
+                         f"{statistics.median(step['cpu']):8.1f} {warm:>10}")
     return lines
 
 
@@ -379,7 +438,8 @@ def run(seconds: float, rate: float, target: str = "gateway") -> str:
     head = (f"{name}, 1 worker, paced {rate:g} req/s for {seconds:g} s: {result.ok} answered, "
             f"{result.failed} failed; client p50 {load.percentile(seen, 50):.3f} ms, "
             f"p99 {load.percentile(seen, 99):.3f} ms")
-    return "\n".join([head, *summary(data["samples"], data["commits"])]) + "\n"
+    return "\n".join([head, *summary(data["samples"], data["commits"],
+                                      data.get("thread"))]) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -37,23 +37,41 @@ def test_a_mark_never_reached_is_shown_as_missing_and_skipped() -> None:
 
 
 def test_the_requested_records_commit_is_tabled_from_deactivation_begun() -> None:
-    marks = {"start": 0.0, "deactivation begun": 1.0, "requested record durable": 9.0}
+    marks = {"start": 0.0, "deactivation begun": 1.0, "requested record durable": 11.0}
     timed = {**marks, **{mark: 2.0 + i for i, mark in enumerate(COMMIT_MARKS)}}
     lines = summary([timed, dict(marks)], [])
     head = lines.index("the requested record's commit (1 deactivations), from deactivation "
                        "begun:")
     rows = [line.split() for line in lines[head + 1:]]
     assert rows[0][-3:] == ["2.000", "2.000", "1.000"]  # record handed to the thread
-    assert rows[4][-3:] == ["6.000", "6.000", "1.000"]  # loop resumed by the thread
-    assert rows[5][-3:] == ["9.000", "9.000", "3.000"]  # requested record durable
+    assert rows[6][-3:] == ["8.000", "8.000", "1.000"]  # loop resumed by the thread
+    assert rows[7][-3:] == ["11.000", "11.000", "3.000"]  # requested record durable
     assert "requested record's commit" not in "\n".join(summary([dict(marks)], []))
+
+
+def test_the_threads_steps_show_wall_cpu_and_warm_times() -> None:
+    thread = {"path looked at": {"wall": [20.0, 30.0, 10.0], "cpu": [19.0, 9.0, 29.0],
+                                 "warm": 2.5},
+              "records chained": {"wall": [5.0], "cpu": [4.0], "warm": None},
+              "never": {"wall": [], "cpu": [], "warm": None}}
+    lines = summary([], [], thread)
+    assert lines[-3].startswith("the audit thread's steps of a commit, p50 µs")
+    assert lines[-2].split() == ["path", "looked", "at", "20.0", "19.0", "2.5"]
+    assert lines[-1].split() == ["records", "chained", "5.0", "4.0", "–"]
+    assert "steps of a commit" not in "\n".join(summary([], [], {}))
 
 
 def assert_commit_timed_in_order(text: str) -> None:
     """The requested record's commit: each mark after the one before, durable last."""
-    table = text.split("the requested record's commit (", 1)[1].splitlines()[1:]
+    table, steps = text.split("the requested record's commit (", 1)[1].split(
+        "the audit thread's steps of a commit")
+    table = table.splitlines()[1:]
     offsets = [float(line.split()[-3]) for line in table]
     assert len(offsets) == len(COMMIT_MARKS) + 1, text
+    assert len(steps.splitlines()[1:]) == 2, text
+    for line in steps.splitlines()[1:]:  # wall, CPU of the thread, warm: all measured
+        wall, cpu, warm = (float(x) for x in line.split()[-3:])
+        assert wall > 0 and cpu >= 0 and warm > 0, text
     assert offsets == sorted(offsets) and offsets[0] > 0, text
 
 
