@@ -1,0 +1,210 @@
+"""`python -m benchmarks.calls`: function calls per deactivation, counted by cProfile.
+
+A paced deactivation runs each piece of the request path once, minutes of other work apart,
+with cold caches: `python -m benchmarks.stages` shows the same code taking several times as long
+there as in a loop. On that path a target's latency grows with how much code it runs, which
+`python -m benchmarks.instructions` counts as instructions; this counts it as calls, which say
+whose code it is. One process each (one worker) of the aiohttp floor, the contract minimum and
+the gateway (every feature on, the config of `python -m benchmarks`) is served under Python's
+deterministic profiler, warmed up, and then counts the same deactivations through the same stub.
+Printed per deactivation: the calls of Python functions and of built-ins (C functions such as
+`len` or `dict.get`; a coroutine resumed counts again), by the package whose code is called,
+and the gateway's own functions with the most calls.
+
+The profiler runs only in the event loop's thread (the audit thread's calls are not counted)
+and slows every call alike: the counts are exact, the times are not reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import cProfile
+import os
+import pstats
+import runpy
+import secrets
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchmarks import peers, stubs
+from benchmarks.harness import _static_jwt
+from benchmarks.instructions import _drive
+from benchmarks.procs import Server, start, wait_status
+
+READY_TIMEOUT_S = 60.0
+DUMP_TIMEOUT_S = 30.0
+TARGETS = ("aiohttp floor", "contract minimum", "gateway")
+# Packages named in the table, by the start of the profiled function's file (after
+# site-packages/ or the standard library's directory); anything else is "other".
+PACKAGES = ("aiohttp", "yarl", "asyncio", "gateway", "benchmarks", "structlog")
+
+
+@dataclass
+class Calls:
+    """The calls of one target: per (package, function) and in total, for `requests`."""
+    name: str
+    requests: int
+    python: collections.Counter[str] = field(default_factory=collections.Counter)
+    builtin: collections.Counter[str] = field(default_factory=collections.Counter)
+
+    def per_request(self, counter: collections.Counter[str], prefix: str = "") -> float:
+        return sum(n for key, n in counter.items() if key.startswith(prefix)) / self.requests
+
+
+def package_of(filename: str) -> tuple[str, str]:
+    """The package whose code `filename` (a profiled function's file) is, or "other", and the
+    file's path from that package's directory (or the standard library's, or this project's)."""
+    path = filename.replace(os.sep, "/")
+    if "/site-packages/" in path:
+        path = path.split("/site-packages/", 1)[1]
+    elif "/lib/python3." in path:
+        path = path.split("/lib/python3.", 1)[1].split("/", 1)[-1]
+    else:
+        path = path.removeprefix(_ROOT)
+    top = path.split("/", 1)[0].removesuffix(".py")
+    return (top if top in PACKAGES else "other"), path
+
+
+_ROOT = str(Path(__file__).resolve().parent.parent).replace(os.sep, "/") + "/"
+
+
+def tally(stats: pstats.Stats, name: str, requests: int) -> Calls:
+    """The calls of a dumped profile, keyed `package:file:function` (built-ins `~:name`)."""
+    calls = Calls(name, requests)
+    for (filename, line, function), row in stats.stats.items():  # type: ignore[attr-defined]
+        count = row[1]  # every call, a coroutine's resumptions included
+        if filename == "~":
+            calls.builtin[f"~:{function}"] += count
+        else:
+            package, path = package_of(filename)
+            calls.python[f"{package}:{path}:{line}:{function}"] += count
+    return calls
+
+
+def report(counts: Sequence[Calls], top: int) -> str:
+    lines = [("Function calls per deactivation (cProfile, the event loop's thread), one "
+              "process each:"), "",
+             "| target | Python functions | built-ins | " + " | ".join(PACKAGES) + " | other |",
+             "|---|---:|---:|" + "---:|" * (len(PACKAGES) + 1)]
+    for c in counts:
+        parts = [f"{c.per_request(c.python, p + ':'):.1f}" for p in (*PACKAGES, "other")]
+        lines.append(f"| {c.name} | {c.per_request(c.python):.1f} | "
+                     f"{c.per_request(c.builtin):.1f} | " + " | ".join(parts) + " |")
+    gateway = next((c for c in counts if c.name == "gateway"), None)
+    if gateway is not None and top > 0:
+        lines += ["", (f"The gateway's own functions with the most calls per deactivation "
+                       f"(top {top}):"), ""]
+        own = [(n, key) for key, n in gateway.python.items() if key.startswith("gateway:")]
+        for n, key in sorted(own, key=lambda row: (-row[0], row[1]))[:top]:
+            _, path, line, function = key.split(":", 3)
+            lines.append(f"  {n / gateway.requests:5.1f}  {function} ({path}:{line})")
+    return "\n".join(lines) + "\n"
+
+
+def serve(out: Path, module: str, argv: list[str]) -> None:
+    """The served process: `python -m module argv…` under cProfile; SIGUSR1 starts the count
+    afresh, SIGUSR2 writes it to `out` (then to `out` again on each SIGUSR2)."""
+    profiler = cProfile.Profile()
+
+    def restart(*_: object) -> None:
+        profiler.disable()
+        profiler.clear()
+        profiler.enable()
+
+    def dump(*_: object) -> None:
+        profiler.disable()
+        profiler.dump_stats(str(out) + ".part")
+        os.replace(str(out) + ".part", out)
+
+    signal.signal(signal.SIGUSR1, restart)
+    signal.signal(signal.SIGUSR2, dump)
+    sys.argv = [module, *argv]
+    profiler.enable()
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
+async def _count(name: str, server: Server, ready_path: str, headers: dict[str, str],
+                 out: Path, args: argparse.Namespace) -> Calls:
+    try:
+        await wait_status(server, ready_path, READY_TIMEOUT_S)
+        url = server.url + f"/v1/bots/{peers.BOT}/sessions/deactivate"
+        await _drive(url, headers, args.warmup, args.concurrency)
+        os.kill(server.proc.pid, signal.SIGUSR1)
+        await asyncio.sleep(0.2)  # (a signal handler runs between two bytecodes of the loop)
+        ok = await _drive(url, headers, args.requests, args.concurrency)
+        os.kill(server.proc.pid, signal.SIGUSR2)
+        deadline = time.monotonic() + DUMP_TIMEOUT_S
+        while not out.exists():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name}: no profile written; see {server.log}")
+            await asyncio.sleep(0.1)
+    finally:
+        server.stop()
+    if ok != args.requests:
+        raise RuntimeError(f"{name}: {ok} of {args.requests} requests answered 200; "
+                           f"see {server.log}")
+    return tally(pstats.Stats(str(out)), name, ok)
+
+
+def _launcher(out: Path) -> list[str]:
+    return [sys.executable, "-m", "benchmarks.calls", "--serve", str(out)]
+
+
+async def measure(args: argparse.Namespace, directory: Path) -> list[Calls]:
+    creds = peers.Credentials("cs-calls", secrets.token_urlsafe(32),
+                              "kgw_" + secrets.token_hex(16))
+    stub = stubs.start_stub(stubs.stub_kind("auto"), directory / "stub", creds.client_id,
+                            creds.secret)
+    caller = {"Content-Type": "application/json", "Authorization": f"Bearer {creds.caller_key}"}
+    counts: list[Calls] = []
+    try:
+        await wait_status(stub, "/healthz", READY_TIMEOUT_S)
+        for name, minimum in (("aiohttp floor", False), ("contract minimum", True)):
+            out = directory / f"{name.split()[-1]}.prof"
+            floor = peers.start_floor(directory / name.split()[-1], 1, stub.url,
+                                      _static_jwt(creds), contract_minimum=minimum,
+                                      caller_key=creds.caller_key,
+                                      launcher=[*_launcher(out), "benchmarks.floor"])
+            counts.append(await _count(name, floor, "/healthz", caller, out, args))
+        out = directory / "gateway.prof"
+        config = peers.gateway_config(directory / "gateway", stub.url, creds)
+        gateway = start("gateway", [*_launcher(out), "gateway", "serve", "--config",
+                                    str(config), "--workers", "1"],
+                        peers.listen_url(config), directory / "gateway.log")
+        counts.append(await _count("gateway", gateway, "/readyz", caller, out, args))
+    finally:
+        stub.stop()
+    return counts
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.calls",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--requests", type=int, default=1000, help="counted requests")
+    parser.add_argument("--warmup", type=int, default=300, help="requests before counting")
+    parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument("--top", type=int, default=40, help="gateway functions listed")
+    parser.add_argument("--serve", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve:  # the profiled process: OUT MODULE ARGS…
+        serve(Path(args.serve[0]), args.serve[1], args.serve[2:])
+        return 0
+    if not (1 <= args.requests <= 100_000 and 0 <= args.warmup <= 10_000
+            and 1 <= args.concurrency <= 256 and 0 <= args.top <= 500):
+        parser.error("--requests 1..100000, --warmup 0..10000, --concurrency 1..256, "
+                     "--top 0..500")
+    with tempfile.TemporaryDirectory(prefix="kgw-calls-") as name:
+        counts = asyncio.run(measure(args, Path(name)))
+    print(report(counts, args.top), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
