@@ -13,6 +13,11 @@ and the gateway's own functions with the most calls.
 
 The profiler runs only in the event loop's thread (the audit thread's calls are not counted)
 and slows every call alike: the counts are exact, the times are not reported.
+
+`--syscalls` also counts the system calls of the counted deactivations, every thread of the
+process (strace `-f -c` attached for the counted requests only; needs `apt-get install -y
+strace`): on the paced path a system call costs several microseconds, and some, such as
+`getpid`, come from Python code that does not look like it makes one.
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ import os
 import pstats
 import runpy
 import secrets
+import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +47,7 @@ from benchmarks.procs import Server, start, wait_status
 
 READY_TIMEOUT_S = 60.0
 DUMP_TIMEOUT_S = 30.0
+STRACE_ATTACH_S = 1.0  # strace's attaching to every thread, before the counted requests
 TARGETS = ("aiohttp floor", "contract minimum", "gateway")
 # Packages named in the table, by the start of the profiled function's file (after
 # site-packages/ or the standard library's directory); anything else is "other".
@@ -53,6 +61,7 @@ class Calls:
     requests: int
     python: collections.Counter[str] = field(default_factory=collections.Counter)
     builtin: collections.Counter[str] = field(default_factory=collections.Counter)
+    syscalls: collections.Counter[str] = field(default_factory=collections.Counter)
 
     def per_request(self, counter: collections.Counter[str], prefix: str = "") -> float:
         return sum(n for key, n in counter.items() if key.startswith(prefix)) / self.requests
@@ -88,6 +97,32 @@ def tally(stats: pstats.Stats, name: str, requests: int) -> Calls:
     return calls
 
 
+def parse_strace_summary(text: str) -> collections.Counter[str]:
+    """`strace -c`'s table: calls by system call name (the `total` line left out)."""
+    calls: collections.Counter[str] = collections.Counter()
+    for line in text.splitlines():
+        fields = line.split()
+        # % time, seconds, usecs/call, calls, [errors], name
+        if len(fields) in (5, 6) and fields[3].isdigit() and fields[-1] != "total":
+            calls[fields[-1]] += int(fields[3])
+    return calls
+
+
+def _syscall_table(counts: Sequence[Calls], top: int) -> list[str]:
+    names = collections.Counter[str]()
+    for c in counts:
+        names.update({name: n / c.requests for name, n in c.syscalls.items()})
+    shown = [name for name, _ in names.most_common(top)]
+    lines = ["", "System calls per deactivation (strace -f -c, every thread):", "",
+             "| system call | " + " | ".join(c.name for c in counts) + " |",
+             "|---|" + "---:|" * len(counts),
+             "| all | " + " | ".join(f"{c.per_request(c.syscalls):.2f}" for c in counts) + " |"]
+    for name in shown:
+        lines.append(f"| {name} | " + " | ".join(f"{c.syscalls[name] / c.requests:.2f}"
+                                                 for c in counts) + " |")
+    return lines
+
+
 def report(counts: Sequence[Calls], top: int) -> str:
     lines = [("Function calls per deactivation (cProfile, the event loop's thread), one "
               "process each:"), "",
@@ -105,6 +140,8 @@ def report(counts: Sequence[Calls], top: int) -> str:
         for n, key in sorted(own, key=lambda row: (-row[0], row[1]))[:top]:
             _, path, line, function = key.split(":", 3)
             lines.append(f"  {n / gateway.requests:5.1f}  {function} ({path}:{line})")
+    if any(c.syscalls for c in counts):
+        lines += _syscall_table(counts, 12)
     return "\n".join(lines) + "\n"
 
 
@@ -138,7 +175,15 @@ async def _count(name: str, server: Server, ready_path: str, headers: dict[str, 
         await _drive(url, headers, args.warmup, args.concurrency)
         os.kill(server.proc.pid, signal.SIGUSR1)
         await asyncio.sleep(0.2)  # (a signal handler runs between two bytecodes of the loop)
-        ok = await _drive(url, headers, args.requests, args.concurrency)
+        traced = _strace(server, out) if args.syscalls else None
+        try:
+            if traced is not None:
+                await asyncio.sleep(STRACE_ATTACH_S)
+            ok = await _drive(url, headers, args.requests, args.concurrency)
+        finally:
+            if traced is not None:
+                traced.send_signal(signal.SIGINT)  # detaches and writes its summary
+                traced.wait(DUMP_TIMEOUT_S)
         os.kill(server.proc.pid, signal.SIGUSR2)
         deadline = time.monotonic() + DUMP_TIMEOUT_S
         while not out.exists():
@@ -150,7 +195,20 @@ async def _count(name: str, server: Server, ready_path: str, headers: dict[str, 
     if ok != args.requests:
         raise RuntimeError(f"{name}: {ok} of {args.requests} requests answered 200; "
                            f"see {server.log}")
-    return tally(pstats.Stats(str(out)), name, ok)
+    calls = tally(pstats.Stats(str(out)), name, ok)
+    if args.syscalls:
+        calls.syscalls = parse_strace_summary(_strace_out(out).read_text())
+    return calls
+
+
+def _strace_out(out: Path) -> Path:
+    return out.with_suffix(".strace")
+
+
+def _strace(server: Server, out: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(["strace", "-f", "-c", "-o", str(_strace_out(out)), "-p",
+                             str(server.proc.pid)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
 
 
 def _launcher(out: Path) -> list[str]:
@@ -191,6 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=300, help="requests before counting")
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--top", type=int, default=40, help="gateway functions listed")
+    parser.add_argument("--syscalls", action="store_true",
+                        help="also count system calls (strace)")
     parser.add_argument("--serve", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:  # the profiled process: OUT MODULE ARGS…
@@ -200,6 +260,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             and 1 <= args.concurrency <= 256 and 0 <= args.top <= 500):
         parser.error("--requests 1..100000, --warmup 0..10000, --concurrency 1..256, "
                      "--top 0..500")
+    if args.syscalls and shutil.which("strace") is None:
+        print("strace is not installed: apt-get install -y strace", file=sys.stderr)
+        return 2
     with tempfile.TemporaryDirectory(prefix="kgw-calls-") as name:
         counts = asyncio.run(measure(args, Path(name)))
     print(report(counts, args.top), end="")
