@@ -298,6 +298,22 @@ class TestAppend:
         await log.close()  # closing twice is harmless
 
 
+def test_a_log_serves_one_event_loop_after_another(log_path: Path) -> None:
+    """Each `asyncio.run` is a new event loop: the log asks for the running loop again once
+    the one it saw has stopped."""
+    log = AuditLog(log_path)
+    log.open()
+
+    async def append(i: int) -> int:
+        return int((await log.append(request(i)))["seq"])
+
+    try:
+        assert [asyncio.run(append(0)), asyncio.run(append(1))] == [1, 2]
+    finally:
+        asyncio.run(log.close())
+    assert [r["seq"] for r in read_records(log_path)] == [1, 2]
+
+
 class TestAppendWritten:
     """`append(durable=False)`: acknowledged once written; the fsync follows in the same
     commit, and a record whose fsync failed is written again by the next commit."""
