@@ -457,8 +457,11 @@ class AuditLog:
         """Chain `records` onto the last one written, write them at once (then call
         `written`) and fsync; returns the records that cannot be encoded (by index), which
         are left out of the chain. `sync`: records the loop wrote itself wait for this
-        fsync, which then runs even with nothing to write. (One look at the path a commit.)"""
-        current = self._fd is not None and self._still_current()
+        fsync, which then runs even with nothing to write. (One look at the path a commit
+        with records: with none, what the loop wrote is in the open file, wherever its path
+        leads now, and this fsync makes it durable there; the next commit with records looks
+        at the path.)"""
+        current = self._fd is not None and (not records or self._still_current())
         if sync and self._fd is not None and not current:
             self._sync(self._fd)  # they are in the file being left (moved or replaced)
         fd = self._writable_fd(current)
