@@ -368,11 +368,27 @@ PIPE_ATOMIC_BYTES = 4096  # POSIX PIPE_BUF: a write up to this size is never mix
 def _queue(out: structlog.WriteLogger, entry: _Line) -> None:
     if not _queued:
         try:
-            asyncio.get_running_loop().call_soon(flush_access, out)
+            _running_loop().call_soon(flush_access, out)
         except RuntimeError:  # no event loop: written at once
             out.msg(_rendered(entry))
             return
     _queued.append(entry)
+
+
+_seen: tuple[asyncio.AbstractEventLoop, int] | None = None  # a running loop and its thread
+
+
+def _running_loop() -> asyncio.AbstractEventLoop:
+    """The event loop running in this thread: the one seen last here while it still runs,
+    else the one asked for (RuntimeError when none runs). Asking costs a `getpid` system call
+    on Python 3.11, before the answer goes out."""
+    global _seen
+    seen, thread = _seen, threading.get_ident()
+    if seen is not None and seen[1] == thread and seen[0].is_running():
+        return seen[0]
+    loop = asyncio.get_running_loop()
+    _seen = (loop, thread)
+    return loop
 
 
 def _rendered(entry: _Line) -> str:

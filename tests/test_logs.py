@@ -257,6 +257,31 @@ class TestAccessLine:
         lines = [json.loads(x) for w in writes for x in w.splitlines()]
         assert [line["status"] for line in lines] == [*range(60), 999]
 
+    def test_each_event_loop_gets_its_lines_and_a_thread_without_one_writes_at_once(
+            self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """The loop seen last is used again only in its own thread while it runs: a second
+        loop after it holds its own lines to the end of the turn, and a thread with no loop
+        writes at once while another thread's loop runs (never queuing on that loop)."""
+        writes = record_stderr(monkeypatch)
+        configure("info", "json")
+
+        async def in_loop(status: int, thread_status: int | None = None) -> None:
+            before = len(writes)
+            access("request", status=status)
+            assert len(writes) == before  # held until the end of the loop's turn
+            await asyncio.sleep(0)
+            assert len(writes) == before + 1
+            if thread_status is not None:
+                other = threading.Thread(target=access, args=("request",),
+                                         kwargs={"status": thread_status})
+                other.start()
+                other.join()
+                assert len(writes) == before + 2  # written by the thread itself
+
+        asyncio.run(in_loop(1))
+        asyncio.run(in_loop(2, thread_status=3))
+        assert [json.loads(w)["status"] for w in writes] == [1, 2, 3]
+
     def test_level_and_console_format_are_honoured(
             self, capsys: pytest.CaptureFixture[str]) -> None:
         configure("warning", "json")
