@@ -368,7 +368,7 @@ PIPE_ATOMIC_BYTES = 4096  # POSIX PIPE_BUF: a write up to this size is never mix
 def _queue(out: structlog.WriteLogger, entry: _Line) -> None:
     if not _queued:
         try:
-            _running_loop().call_soon(flush_access, out)
+            running_loop().call_soon(flush_access, out)
         except RuntimeError:  # no event loop: written at once
             out.msg(_rendered(entry))
             return
@@ -378,10 +378,12 @@ def _queue(out: structlog.WriteLogger, entry: _Line) -> None:
 _seen: tuple[asyncio.AbstractEventLoop, int] | None = None  # a running loop and its thread
 
 
-def _running_loop() -> asyncio.AbstractEventLoop:
-    """The event loop running in this thread: the one seen last here while it still runs,
-    else the one asked for (RuntimeError when none runs). Asking costs a `getpid` system call
-    on Python 3.11, before the answer goes out."""
+def running_loop() -> asyncio.AbstractEventLoop:
+    """`asyncio.get_running_loop()`, remembered: the loop seen last, if it is this thread's
+    and still runs (a thread runs one loop at a time), else the one asked for (RuntimeError
+    when none runs). Asking costs a `getpid` system call on Python 3.11; the request path
+    asks for its loop several times a request (the access line, the audit log's appends,
+    commits and flusher)."""
     global _seen
     seen, thread = _seen, threading.get_ident()
     if seen is not None and seen[1] == thread and seen[0].is_running():

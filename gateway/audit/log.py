@@ -70,7 +70,7 @@ from gateway.audit.files import (
 )
 from gateway.audit.writer import Writer, set_exception
 from gateway.errors import AuditUnavailable
-from gateway.logs import utc_timestamp
+from gateway.logs import running_loop, utc_timestamp
 from gateway.metrics import Metrics
 
 __all__ = [
@@ -152,7 +152,6 @@ class AuditLog:
         self._pending: list[_Pending] = []
         self._retained: list[_Pending] = []  # written, acknowledged, then not made durable
         self._flusher: asyncio.Task[None] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None  # see `_event_loop`
         self._worker = Writer()
         self._opened = self._closed = False
         self._healthy = True
@@ -239,7 +238,7 @@ class AuditLog:
             if self._healthy and self._fsync and not self._retained and self._worker.idle and (
                     self._write_now(prepared)):
                 return prepared
-        future: asyncio.Future[dict[str, Any]] = self._event_loop().create_future()
+        future: asyncio.Future[dict[str, Any]] = running_loop().create_future()
         self._pending.append((prepared, future, durable))
         self._flush_soon()
         # A caller that stops waiting cancels only its future: the record stays in its batch.
@@ -257,16 +256,7 @@ class AuditLog:
 
     def _flush_soon(self) -> None:
         if self._flusher is None:
-            self._flusher = self._event_loop().create_task(self._drain())
-
-    def _event_loop(self) -> asyncio.AbstractEventLoop:
-        """The running event loop: the one seen last, while it still runs (a thread runs one
-        loop at a time, and the log is used from one thread), else the one asked for. Asking
-        costs a system call (`getpid`, on Python 3.11): about four a deactivation, saved."""
-        loop = self._loop
-        if loop is None or not loop.is_running():
-            loop = self._loop = asyncio.get_running_loop()
-        return loop
+            self._flusher = running_loop().create_task(self._drain())
 
     def disk_free(self) -> int | None:
         """Bytes an unprivileged writer may still add on the log's volume; None if unknown.
@@ -379,7 +369,7 @@ class AuditLog:
             refused = await self._worker.submit(
                 self._write_batch, records, self._when_written(batch), bool(unsynced),
                 then=functools.partial(_settle, batch, range(len(batch))),
-                loop=self._event_loop())
+                loop=running_loop())
         except OSError as exc:
             self._metrics.audit_failed()
             self._note_failure(exc)
@@ -412,7 +402,7 @@ class AuditLog:
                  if future is not None and not durable]
         if not shown:
             return None
-        loop = self._event_loop()
+        loop = running_loop()
 
         def written(refused: dict[int, Exception]) -> None:
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
