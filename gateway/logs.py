@@ -383,7 +383,7 @@ def running_loop() -> asyncio.AbstractEventLoop:
     and still runs (a thread runs one loop at a time), else the one asked for (RuntimeError
     when none runs). Asking costs a `getpid` system call on Python 3.11; the request path
     asks for its loop several times a request (the access line, the audit log's appends,
-    commits and flusher)."""
+    flusher and hand-offs to its thread)."""
     global _seen
     seen, thread = _seen, threading.get_ident()
     if seen is not None and seen[1] == thread and seen[0].is_running():

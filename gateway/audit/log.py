@@ -368,8 +368,7 @@ class AuditLog:
         try:
             refused = await self._worker.submit(
                 self._write_batch, records, self._when_written(batch), bool(unsynced),
-                then=functools.partial(_settle, batch, range(len(batch))),
-                loop=running_loop())
+                then=functools.partial(_settle, batch, range(len(batch))))
         except OSError as exc:
             self._metrics.audit_failed()
             self._note_failure(exc)

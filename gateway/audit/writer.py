@@ -14,6 +14,8 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from gateway.logs import running_loop
+
 _T = TypeVar("_T")
 
 
@@ -44,14 +46,12 @@ class Writer:
         return await self.submit(func, *args)
 
     def submit(self, func: Callable[..., _T], *args: Any,
-               then: Callable[[_T], None] | None = None,
-               loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Future[_T]:
+               then: Callable[[_T], None] | None = None) -> asyncio.Future[_T]:
         """Queues the call now; the future resolves on the loop with its result. `then`, if
         given, is called with a successful result in the same callback, right after the future
         is resolved: what it resolves in turn wakes its waiters on the same turn of the loop
-        as the future's own (not one turn later, as a coroutine awaiting the future would).
-        `loop`: the running loop, when the caller knows it (else it is asked for)."""
-        loop = loop or asyncio.get_running_loop()
+        as the future's own (not one turn later, as a coroutine awaiting the future would)."""
+        loop = running_loop()
         if self._thread is None:
             self._thread = threading.Thread(target=self._serve, name="audit", daemon=True)
             self._thread.start()
