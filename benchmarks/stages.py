@@ -208,7 +208,7 @@ def _timed_step(owner: Any, method: str, mark: str, in_commit: threading.local
         done = time.perf_counter()
         timed["cpu"].append((time.thread_time() - cpu) * 1e6)
         timed["wall"].append((done - wall) * 1e6)
-        timed["last"] = (self, [[dict(r) for r in arg] for arg in args[:1]], kwargs)
+        timed["last"] = (self, args[:1], kwargs)  # copied when timed warm, not in the run
         _stamp(records, mark, done)
         return result
 
@@ -217,7 +217,7 @@ def _timed_step(owner: Any, method: str, mark: str, in_commit: threading.local
             return None
         log, args, kwargs = timed["last"]
         began = time.perf_counter()
-        for _ in range(WARM_CALLS):  # (`_chain` rewrites the records it is given: copies)
+        for _ in range(WARM_CALLS):  # (`_chain` rechains the records it is given: copies)
             original(log, *[[dict(r) for r in arg] for arg in args], **kwargs)
         return (time.perf_counter() - began) / WARM_CALLS * 1e6
 
