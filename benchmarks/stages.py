@@ -170,16 +170,16 @@ def instrument(out: Path) -> None:
         _stamp(getattr(in_commit, "records", None) or (), "record written", time.perf_counter())
 
     audit._write_all = timed_write_all
-    submit = writer.Writer.submit
+    call = writer.Writer.call
 
     def handed(self: Any, func: Any, *args: Any, **kwargs: Any) -> Any:
         if getattr(func, "__func__", None) is timed_write:  # a commit: its records
             now = time.perf_counter()
             for record in args[0]:
                 _stamps[id(record)] = {COMMIT_MARKS[0]: now}
-        return submit(self, func, *args, **kwargs)
+        return call(self, func, *args, **kwargs)
 
-    writer.Writer.submit = handed  # type: ignore[method-assign]
+    writer.Writer.call = handed  # type: ignore[method-assign]
     settle = audit._settle
 
     def settled(batch: Any, indexes: Any, refused: Any) -> None:

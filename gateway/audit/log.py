@@ -151,7 +151,10 @@ class AuditLog:
         self._unsynced: list[dict[str, Any]] = []
         self._pending: list[_Pending] = []
         self._retained: list[_Pending] = []  # written, acknowledged, then not made durable
-        self._flusher: asyncio.Task[None] | None = None
+        # The flusher: True from the moment a commit is asked for until the log is quiet again
+        # (nothing pending, no commit under way); `_quiet` wakes who waits for that (close).
+        self._flushing = False
+        self._quiet: asyncio.Future[None] | None = None
         self._worker = Writer()
         self._opened = self._closed = False
         self._healthy = True
@@ -232,7 +235,7 @@ class AuditLog:
             raise AuditUnavailable(_UNAVAILABLE)
         prepared = self._prepare(record)
         if not durable:
-            if self._flusher is not None:  # a commit is under way
+            if self._flushing:  # a commit is under way
                 self._pending.append((prepared, None, False))
                 return prepared
             if self._healthy and self._fsync and not self._retained and self._worker.idle and (
@@ -255,8 +258,11 @@ class AuditLog:
         return True
 
     def _flush_soon(self) -> None:
-        if self._flusher is None:
-            self._flusher = running_loop().create_task(self._drain())
+        """Starts the flusher, if not under way: its first commit starts on the next turn of
+        the loop, with what this turn appends."""
+        if not self._flushing:
+            self._flushing = True
+            running_loop().call_soon(self._next_commit)
 
     def disk_free(self) -> int | None:
         """Bytes an unprivileged writer may still add on the log's volume; None if unknown.
@@ -305,10 +311,10 @@ class AuditLog:
         if self._closed:
             return
         self._closed = True
-        if self._flusher is not None:
-            await asyncio.shield(self._flusher)
+        await self._until_quiet()
         if self._retained:  # one last try for records a failed commit kept
-            await self._drain()
+            self._flush_soon()
+            await self._until_quiet()
             if self._retained:
                 log.error("audit.records_lost", path=str(self._path), records=len(self._retained))
         await self._in_worker(self._close_fd)
@@ -328,70 +334,98 @@ class AuditLog:
         prepared["ts"], prepared["seq"], prepared["prev"] = utc_timestamp(), 0, ZERO_HASH
         return prepared
 
-    async def _drain(self) -> None:
-        """The flusher: commit what is pending (after what a failed commit kept), batch after
-        batch, until nothing new is left. The first commit starts at once; one that follows
-        another (the log is busy) first gathers (`_gather`)."""
-        try:
-            busy = False
-            while self._pending or self._retained or self._unsynced:
-                if busy:
-                    await self._gather()
-                batch = self._retained + self._pending
-                self._retained, self._pending = [], []
-                if not await self._commit(batch) and not self._pending:
-                    break  # kept records wait for the next append, probe or close
-                busy = True
-        finally:
-            self._flusher = None
+    async def _until_quiet(self) -> None:
+        """Waits until the flusher has nothing left to commit."""
+        if self._flushing:
+            if self._quiet is None:
+                self._quiet = running_loop().create_future()
+            await asyncio.shield(self._quiet)
 
-    async def _gather(self) -> None:
-        """Lets the requests already under way append before the next commit: the event loop
-        turns again while a turn adds records, at most `GATHER_TURNS` times and `GATHER_S`
-        seconds. A commit's fixed cost (the thread's wake-ups and hand-offs of the GIL, the
-        fsync) is then shared by more records."""
-        deadline = time.monotonic() + GATHER_S
-        for _ in range(GATHER_TURNS):
-            waiting = len(self._pending)
-            await asyncio.sleep(0)
-            if len(self._pending) == waiting or time.monotonic() >= deadline:
-                return
-
-    async def _commit(self, batch: list[_Pending]) -> bool:
-        """Writes and fsyncs `batch` on the thread, with the fsync of what the loop wrote
-        itself (`_unsynced`). On success, the thread's hand-back resolves the callers itself
-        (`_settle`), so they resume on the same turn of the loop as the flusher, not one turn
-        after it; on failure, the flusher fails them."""
-        started = time.monotonic()
-        records = [record for record, _, _ in batch]
+    def _next_commit(self) -> None:
+        """The flusher's step, on the loop: commits what is pending (after what a failed
+        commit kept) on the thread, with the fsync of what the loop wrote itself
+        (`_unsynced`); with nothing left, the log is quiet. Driven by callbacks, not a task:
+        the thread's hand-back (`_committed`) settles the commit and starts the next one on
+        the same turn, so the callers resume on the next turn with the log's state already
+        as the commit left it."""
+        if not (self._pending or self._retained or self._unsynced):
+            self._now_quiet()
+            return
+        batch = self._retained + self._pending
+        self._retained, self._pending = [], []
         unsynced, self._unsynced = self._unsynced, []  # written by the loop: this fsync's too
+        records = [record for record, _, _ in batch]
+        done = functools.partial(self._committed, batch, unsynced, time.monotonic())
         try:
-            refused = await self._worker.submit(
-                self._write_batch, records, self._when_written(batch), bool(unsynced),
-                then=functools.partial(_settle, batch, range(len(batch))))
-        except OSError as exc:
-            self._metrics.audit_failed()
-            self._note_failure(exc)
-            self._fail(batch, exc, unsynced)
-            return False
-        except asyncio.CancelledError as exc:  # the write may still happen: nothing is kept
-            self._unsynced = unsynced + self._unsynced  # (their fsync, for the next commit)
-            _reject(batch, exc)
-            raise
-        except Exception as exc:  # a bug must fail its batch, not strand the callers
+            self._worker.call(self._write_batch, records, self._when_written(batch),
+                              bool(unsynced), done=done)
+        except Exception as exc:  # noqa: BLE001 - no thread to write with (none could start)
+            done(None, exc)
+
+    def _committed(self, batch: list[_Pending], unsynced: list[dict[str, Any]],
+                   started: float, refused: dict[int, Exception] | None,
+                   error: BaseException | None) -> None:
+        """The thread's hand-back of a commit, on the loop: the callers are resolved (they
+        resume on the next turn), then the flusher goes on: after a commit, the next one
+        first gathers (`_gather`); after a failure with nothing new pending, the records
+        kept wait for the next append, probe or close."""
+        try:
+            if error is None:
+                assert refused is not None
+                self._succeeded(batch, refused, started)
+            else:
+                self._failed(batch, unsynced, error)
+        except Exception as exc:  # a bug must not strand the callers, nor stop the flusher
             log.exception("audit.write_error", path=str(self._path))
-            self._fail(batch, exc, unsynced)
-            return False
+            _reject(batch, exc)
+        if error is not None and not self._pending:
+            self._now_quiet()
+        elif self._pending or self._retained or self._unsynced:
+            self._gather(GATHER_TURNS, time.monotonic() + GATHER_S, len(self._pending))
+        else:
+            self._now_quiet()
+
+    def _succeeded(self, batch: list[_Pending], refused: dict[int, Exception],
+                   started: float) -> None:
+        _settle(batch, range(len(batch)), refused)
         if batch:  # (the loop's own writes were counted when written)
             self._metrics.audit_committed(len(batch) - len(refused),
                                           time.monotonic() - started)
         self._note_success()
-        for index, (record, future, _) in enumerate(batch):
-            if index in refused and future is None:
+        for index, cause in refused.items():
+            record, future, _ = batch[index]
+            if future is None:
                 log.error("audit.record_not_encodable", record_event=record.get("event"),
-                          request_id=record.get("requestId"),
-                          error=type(refused[index]).__name__)
-        return True
+                          request_id=record.get("requestId"), error=type(cause).__name__)
+
+    def _failed(self, batch: list[_Pending], unsynced: list[dict[str, Any]],
+                error: BaseException) -> None:
+        if isinstance(error, OSError):
+            self._metrics.audit_failed()
+            self._note_failure(error)
+        else:  # a bug must fail its batch, not strand the callers
+            log.error("audit.write_error", path=str(self._path), exc_info=error)
+        self._fail(batch, error, unsynced)
+
+    def _gather(self, turns: int, deadline: float, waiting: int) -> None:
+        """Before a commit that follows another: lets the requests already under way append
+        first. The event loop turns again while a turn adds records, at most `GATHER_TURNS`
+        times and `GATHER_S` seconds. A commit's fixed cost (the thread's wake-ups and
+        hand-offs of the GIL, the fsync) is then shared by more records."""
+        running_loop().call_soon(self._gathered, turns - 1, deadline, waiting)
+
+    def _gathered(self, turns: int, deadline: float, waiting: int) -> None:
+        added = len(self._pending) != waiting
+        if added and turns > 0 and time.monotonic() < deadline:
+            self._gather(turns, deadline, len(self._pending))
+        else:
+            self._next_commit()
+
+    def _now_quiet(self) -> None:
+        self._flushing = False
+        quiet, self._quiet = self._quiet, None
+        if quiet is not None and not quiet.done():
+            quiet.set_result(None)
 
     def _when_written(self, batch: list[_Pending]
                       ) -> Callable[[dict[int, Exception]], None] | None:

@@ -9,6 +9,7 @@ one wake-up: a queue in, `call_soon_threadsafe` out, about half the CPU of a
 from __future__ import annotations
 
 import asyncio
+import functools
 import queue
 import threading
 from collections.abc import Callable
@@ -45,20 +46,24 @@ class Writer:
     async def run(self, func: Callable[..., _T], *args: Any) -> _T:
         return await self.submit(func, *args)
 
-    def submit(self, func: Callable[..., _T], *args: Any,
-               then: Callable[[_T], None] | None = None) -> asyncio.Future[_T]:
-        """Queues the call now; the future resolves on the loop with its result. `then`, if
-        given, is called with a successful result in the same callback, right after the future
-        is resolved: what it resolves in turn wakes its waiters on the same turn of the loop
-        as the future's own (not one turn later, as a coroutine awaiting the future would)."""
+    def submit(self, func: Callable[..., _T], *args: Any) -> asyncio.Future[_T]:
+        """Queues the call now; the future resolves on the loop with its result."""
+        future: asyncio.Future[_T] = running_loop().create_future()
+        self.call(func, *args, done=functools.partial(_resolve, future))
+        return future
+
+    def call(self, func: Callable[..., _T], *args: Any,
+             done: Callable[[_T | None, BaseException | None], None]) -> None:
+        """Queues the call now; `done(result, None)`, or `done(None, error)`, then runs on
+        the loop once it is over, with one wake-up and no future: a caller that needs no
+        awaitable (the audit log's flusher) goes on from there on the same turn. Nothing runs
+        when the loop has closed meanwhile."""
         loop = running_loop()
         if self._thread is None:
             self._thread = threading.Thread(target=self._serve, name="audit", daemon=True)
             self._thread.start()
-        future: asyncio.Future[_T] = loop.create_future()
         self.running += 1
-        self._jobs.put((loop, future, func, args, then))
-        return future
+        self._jobs.put((loop, func, args, done))
 
     def stop(self) -> None:
         if self._thread is not None:
@@ -67,30 +72,26 @@ class Writer:
 
     def _serve(self) -> None:
         while (job := self._jobs.get()) is not None:
-            loop, future, func, args, then = job
+            loop, func, args, done = job
             try:
-                result = func(*args)
-            except Exception as exc:  # noqa: BLE001 - raised in the waiting coroutine
-                _hand_back(self, loop, future, None, exc, None)
-            else:
-                _hand_back(self, loop, future, result, None, then)
+                result, error = func(*args), None
+            except Exception as exc:  # noqa: BLE001 - handed to `done`
+                result, error = None, exc
+            try:
+                loop.call_soon_threadsafe(self._settle, done, result, error)
+            except RuntimeError:
+                pass  # the loop is closed: nobody waits any more
+
+    def _settle(self, done: Callable[[Any, BaseException | None], None], result: Any,
+                error: BaseException | None) -> None:
+        self.running -= 1  # on the loop, once the call is over
+        done(result, error)
 
 
-def _hand_back(writer: Writer, loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any],
-               result: Any, error: BaseException | None,
-               then: Callable[[Any], None] | None) -> None:
-    def settle() -> None:
-        writer.running -= 1  # on the loop, once the call is over
-        if future.done():  # (cancelled: its caller has given up, and `then` with it)
-            return
-        if error is not None:
-            set_exception(future, error)
-        else:
-            future.set_result(result)
-            if then is not None:
-                then(result)
-
-    try:
-        loop.call_soon_threadsafe(settle)
-    except RuntimeError:
-        pass  # the loop is closed: nobody waits any more
+def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():  # cancelled: its caller has given up
+        return
+    if error is not None:
+        set_exception(future, error)
+    else:
+        future.set_result(result)

@@ -124,16 +124,21 @@ async def trickle_after_first_commit(log: AuditLog, monkeypatch: pytest.MonkeyPa
             await asyncio.sleep(0)
         return await log.append(request(i))
 
-    real_commit = AuditLog._commit
+    real_next_commit, real_committed = AuditLog._next_commit, AuditLog._committed
 
-    async def commit_then_trickle(self: AuditLog, batch: list[Any]) -> bool:
-        batches.append(len(batch) + len(self._unsynced))  # (with what the loop wrote itself)
-        done = await real_commit(self, batch)
-        if self.fsyncs == 1:  # the first commit is over: requests under way go on
+    def next_commit(self: AuditLog) -> None:
+        if self._pending or self._retained or self._unsynced:
+            # (with what a failed commit kept and what the loop wrote itself)
+            batches.append(len(self._retained) + len(self._pending) + len(self._unsynced))
+        real_next_commit(self)
+
+    def committed_then_trickle(self: AuditLog, *args: Any) -> None:
+        if self.fsyncs == 1 and not appends:  # the first commit is over: requests go on
             appends.extend(asyncio.create_task(late(i)) for i in range(2, 2 + later))
-        return done
+        real_committed(self, *args)
 
-    monkeypatch.setattr(AuditLog, "_commit", commit_then_trickle)
+    monkeypatch.setattr(AuditLog, "_next_commit", next_commit)
+    monkeypatch.setattr(AuditLog, "_committed", committed_then_trickle)
     gate = FsyncGate()
     monkeypatch.setattr(os, "fsync", gate)
     first = asyncio.create_task(log.append(request(0)))
@@ -416,7 +421,7 @@ class TestWrittenOnTheLoop:
         for i in range(12):  # about 400 bytes each: a rotation every two or three
             await log.append(request(i), durable=False)
             # each finds the log quiet: its fsync is done
-            await until(lambda: log._flusher is None and log._worker.idle)
+            await until(lambda: not log._flushing and log._worker.idle)
         await log.close()
         files = rotated_files(log_path)
         assert len(files) >= 4
@@ -520,20 +525,20 @@ class TestGroupCommit:
         assert batches[:2] == [1, 4]  # r-0; then r-1 and the records of three turns
         assert sum(batches) == 12 and verify_files([log_path]).records == 12
 
-    async def test_the_callers_resume_on_the_turn_the_commit_ends(
+    async def test_the_callers_resume_on_the_turn_after_the_hand_back_the_log_quiet(
             self, log_path: Path, open_log: OpenLog, monkeypatch: pytest.MonkeyPatch) -> None:
-        """The thread's hand-back resolves the callers itself: the flusher and they resume on
-        the same turn, not the callers one turn after the flusher."""
+        """The thread's hand-back settles the commit and resolves the callers on its own turn:
+        they resume on the very next turn, and find the log quiet (no flusher left to run
+        before them)."""
         log = open_log(log_path)
         await log.append(request(0))
         turns = 0
         resumed: dict[str, int] = {}
-        real_commit = AuditLog._commit
+        real_committed = AuditLog._committed
 
-        async def commit(self: AuditLog, batch: list[Any]) -> bool:
-            result = await real_commit(self, batch)
-            resumed.setdefault("flusher", turns)
-            return result
+        def committed(self: AuditLog, *args: Any) -> None:
+            real_committed(self, *args)
+            resumed.setdefault("hand-back", turns)
 
         async def count_turns() -> None:
             nonlocal turns
@@ -541,12 +546,14 @@ class TestGroupCommit:
                 await asyncio.sleep(0)
                 turns += 1
 
-        monkeypatch.setattr(AuditLog, "_commit", commit)
+        monkeypatch.setattr(AuditLog, "_committed", committed)
         counter = asyncio.create_task(count_turns())
         await log.append(request(1))
         resumed["caller"] = turns
+        quiet_on_resume = not log._flushing
         await counter
-        assert resumed["caller"] == resumed["flusher"]
+        assert resumed["caller"] == resumed["hand-back"] + 1
+        assert quiet_on_resume
 
     async def test_a_record_that_finds_the_log_idle_is_committed_at_once(
         self, log_path: Path, open_log: OpenLog, monkeypatch: pytest.MonkeyPatch
@@ -555,10 +562,10 @@ class TestGroupCommit:
         turns = 0
         real_gather = AuditLog._gather
 
-        async def counted(self: AuditLog) -> None:
+        def counted(self: AuditLog, *args: Any) -> None:
             nonlocal turns
             turns += 1
-            await real_gather(self)
+            real_gather(self, *args)
 
         monkeypatch.setattr(AuditLog, "_gather", counted)
         for i in range(3):
@@ -705,6 +712,28 @@ class TestFailure:
             (1, "r-1", "deactivate.requested"), (2, "r-2", "deactivate.denied"),
             (3, "r-3", "deactivate.requested")]
         assert verify_files([log_path]).records == 3
+
+    async def test_a_bug_settling_a_commit_fails_its_callers_and_the_log_goes_on(
+        self, log_path: Path, open_log: OpenLog, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        log = open_log(log_path)
+        real_succeeded = AuditLog._succeeded
+        calls = 0
+
+        def broken_once(self: AuditLog, *args: Any) -> None:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise RuntimeError("a bug")
+            real_succeeded(self, *args)
+
+        monkeypatch.setattr(AuditLog, "_succeeded", broken_once)
+        with capture_logs() as logs, pytest.raises(AuditUnavailable):
+            await log.append(request(0))
+        assert [e["event"] for e in logs if e["log_level"] == "error"] == ["audit.write_error"]
+        assert not log._flushing  # the flusher is not left stuck in that commit
+        written = await log.append(request(1))
+        assert written["seq"] == 2 and verify_files([log_path]).records == 2
 
     async def test_retained_records_are_bounded_and_none_once_closed(
         self, log_path: Path, open_log: OpenLog, monkeypatch: pytest.MonkeyPatch
