@@ -243,7 +243,9 @@ class AuditLog:
                 return prepared
         future: asyncio.Future[dict[str, Any]] = running_loop().create_future()
         self._pending.append((prepared, future, durable))
-        self._flush_soon()
+        if not self._flushing:  # the log is idle: its commit starts now, not a turn later
+            self._flushing = True
+            self._next_commit()
         # A caller that stops waiting cancels only its future: the record stays in its batch.
         return await future
 
