@@ -243,9 +243,7 @@ class AuditLog:
                 return prepared
         future: asyncio.Future[dict[str, Any]] = running_loop().create_future()
         self._pending.append((prepared, future, durable))
-        if not self._flushing:  # the log is idle: its commit starts now, not a turn later
-            self._flushing = True
-            self._next_commit()
+        self._flush_soon()
         # A caller that stops waiting cancels only its future: the record stays in its batch.
         return await future
 

@@ -572,19 +572,6 @@ class TestGroupCommit:
             await log.append(request(i))
         assert turns == 0 and log.fsyncs == 3
 
-    async def test_a_durable_record_that_finds_the_log_idle_goes_to_the_thread_on_its_turn(
-        self, log_path: Path, open_log: OpenLog, monkeypatch: pytest.MonkeyPatch
-    ) -> None:
-        log = open_log(log_path)
-        gate = FsyncGate()
-        monkeypatch.setattr(os, "fsync", gate)
-        task = asyncio.create_task(log.append(request(0)))
-        await asyncio.sleep(0)  # the task's first step (its append) has run, nothing after it
-        handed = not log._worker.idle
-        gate.released.set()
-        await task
-        assert handed, "the commit started on the append's own turn"
-
     async def test_append_resolves_only_after_fsync(
         self, log_path: Path, open_log: OpenLog, monkeypatch: pytest.MonkeyPatch
     ) -> None:
