@@ -1,0 +1,84 @@
+"""`python -m benchmarks.compare`: two checkouts' gateways served at once and timed in turns.
+
+The real run serves this checkout against a copy of its own `gateway/` that marks where it was
+imported from, so the test sees that the base's gateway is really the base's code."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import compare
+
+REPO = Path(__file__).resolve().parent.parent
+MISSING = [tool for tool in ("wrk",) if shutil.which(tool) is None]
+
+
+def test_the_order_alternates_from_round_to_round() -> None:
+    assert [compare.order(i) for i in range(4)] == [
+        ("base", "this"), ("this", "base"), ("base", "this"), ("this", "base")]
+
+
+def test_paired_figures_are_the_medians_of_each_rounds_ratio_or_difference() -> None:
+    base, this = [100.0, 200.0, 400.0], [110.0, 180.0, 480.0]
+    assert compare.paired(base, this, "ratio") == pytest.approx(1.1)  # 1.1, 0.9, 1.2
+    assert compare.paired(base, this, "difference") == 10.0  # 10, -20, 80
+
+
+def test_the_report_shows_medians_ratios_and_every_round() -> None:
+    sides = {"base": compare.Side([1000.0, 1200.0], [400.0, 420.0], [1.0, 1.2], [2.0, 2.4]),
+             "this": compare.Side([1100.0, 1200.0], [380.0, 420.0], [1.1, 1.0], [2.0, 2.0])}
+    settings = {"base": "/b", "workers": 2, "rounds": 2, "connections": 64,
+                "saturation_s": 8.0, "rate": 200.0, "latency_s": 5.0}
+    text = compare.report(sides, settings)
+    assert "| saturation throughput (req/s) | 1,100.000 | 1,150.000 | × 1.050 |" in text
+    assert "| CPU time per deactivation (µs) | 410.000 | 400.000 | × 0.975 |" in text
+    assert "| paced p50 (ms) | 1.100 | 1.050 | -0.050 |" in text
+    assert "round 1 (base first): 1,000 / 1,100   400.0 / 380.0   1.000 / 1.100" in text
+    assert "round 2 (this first)" in text
+
+
+def test_a_base_that_is_not_a_checkout_is_refused(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "benchmarks.compare", "--base", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2 and "not a checkout of the project" in done.stderr
+
+
+def test_two_checkouts_served_and_timed_in_turns(tmp_path: Path) -> None:
+    if MISSING:
+        reason = "wrk not installed (apt-get install -y wrk; .ci/run installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    base = tmp_path / "base"
+    shutil.copytree(REPO / "gateway", base / "gateway",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    mark = tmp_path / "imported-from"
+    with (base / "gateway" / "__init__.py").open("a") as init:
+        init.write("\nimport os as _os\n"
+                   "if _os.environ.get('KGW_COMPARE_MARK'):\n"
+                   "    with open(_os.environ['KGW_COMPARE_MARK'], 'a') as _f:\n"
+                   "        _f.write(__file__ + '\\n')\n")
+    out = tmp_path / "figures.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.compare", "--base", str(base), "--rounds", "2",
+         "--saturation-s", "1", "--latency-s", "1", "--rate", "40", "--workers", "1",
+         "--connections", "4", "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=180, check=False,
+        env={**os.environ, "KGW_COMPARE_MARK": str(mark)})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert set(mark.read_text().splitlines()) == {str(base / "gateway" / "__init__.py")}
+    figures = json.loads(out.read_text())
+    for name in ("base", "this"):
+        rounds = figures["rounds"][name]
+        assert len(rounds["rps"]) == len(rounds["p50_ms"]) == 2, name
+        assert all(x > 0 for x in rounds["rps"] + rounds["cpu_us"] + rounds["p99_ms"]), name
+        assert rounds["failed"] == 0, name
+        assert figures["audit"][name]["chains_ok"] and figures["audit"][name]["records"] > 0
+    assert "× " in done.stdout and "round 2 (this first)" in done.stdout
