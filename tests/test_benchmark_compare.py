@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import compare
+from gateway.audit.log import AuditLog
 
 REPO = Path(__file__).resolve().parent.parent
 MISSING = [tool for tool in ("wrk",) if shutil.which(tool) is None]
@@ -82,3 +83,19 @@ def test_two_checkouts_served_and_timed_in_turns(tmp_path: Path) -> None:
         assert rounds["failed"] == 0, name
         assert figures["audit"][name]["chains_ok"] and figures["audit"][name]["records"] > 0
     assert "× " in done.stdout and "round 2 (this first)" in done.stdout
+
+
+async def test_the_audit_check_follows_each_chain_over_its_rotated_files(tmp_path: Path) -> None:
+    (tmp_path / "audit").mkdir()
+    for worker in (0, 1):
+        log = AuditLog(tmp_path / "audit" / f"deactivations-w{worker}.jsonl", max_bytes=1024)
+        log.open()
+        for i in range(12):  # about 300 bytes each: rotated every three or so
+            await log.append({"event": "deactivate.requested", "requestId": f"r-{i}",
+                              "pad": "x" * 200})
+        await log.close()
+    files = sorted((tmp_path / "audit").glob("*.jsonl"))
+    assert len(files) > 4
+    assert compare.audit_ok(tmp_path) == {"files": len(files), "records": 24, "chains_ok": True}
+    files[1].write_bytes(files[1].read_bytes().replace(b"r-", b"R-", 1))
+    assert not compare.audit_ok(tmp_path)["chains_ok"]
