@@ -12,7 +12,8 @@ median over the rounds and the median of the rounds' ratios (this ÷ base) or di
 
 - saturation (wrk, `--connections`, `--saturation-s` a round): answers a second, and CPU time
   of the whole process tree per deactivation;
-- a paced `--rate` for `--latency-s` a round (the harness's open-loop client): p50 and p99.
+- a paced `--rate` for `--latency-s` a round (the harness's open-loop client): p50 and p99;
+- the audit records per group commit at saturation (from each gateway's /metrics).
 
 Both audit logs are verified at the end. Bounded: at most 20 rounds of at most 30 s a phase.
 """
@@ -34,7 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+
 from benchmarks import load, peers, stubs
+from benchmarks.harness import _per_commit
 from benchmarks.procs import Server, start, wait_status
 from gateway.audit.log import rotated_files, verify_files
 
@@ -55,14 +59,16 @@ class Side:
     cpu_us: list[float] = field(default_factory=list)
     p50_ms: list[float] = field(default_factory=list)
     p99_ms: list[float] = field(default_factory=list)
+    per_commit: list[float] = field(default_factory=list)  # audit records, at saturation
     failed: int = 0
 
 
 FIGURES = (("rps", "saturation throughput (req/s)", "ratio"),
            ("cpu_us", "CPU time per deactivation (µs)", "ratio"),
            ("p50_ms", "paced p50 (ms)", "difference"),
-           ("p99_ms", "paced p99 (ms)", "difference"))
-DIGITS = {"rps": 0, "cpu_us": 1, "p50_ms": 3, "p99_ms": 3}  # of each round's figures
+           ("p99_ms", "paced p99 (ms)", "difference"),
+           ("per_commit", "audit records per group commit at saturation", "ratio"))
+DIGITS = {"rps": 0, "cpu_us": 1, "p50_ms": 3, "p99_ms": 3, "per_commit": 1}  # of a round
 
 
 def launch(name: str, root: Path, directory: Path, stub_url: str, creds: peers.Credentials,
@@ -101,7 +107,7 @@ def report(sides: dict[str, Side], settings: dict[str, Any]) -> str:
         shown = f"× {value:.3f}" if how == "ratio" else f"{value:+.3f}"
         lines.append(f"| {label} | {statistics.median(b):,.3f} | {statistics.median(t):,.3f} "
                      f"| {shown} |")
-    lines += ["", "Each round (base / this): req/s, CPU µs, p50 ms, p99 ms"]
+    lines += ["", "Each round (base / this): req/s, CPU µs, p50 ms, p99 ms, records a commit"]
     for i in range(len(base.rps)):
         first = "base first" if order(i)[0] == "base" else "this first"
         lines.append(
@@ -145,11 +151,12 @@ async def measure(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
         for i in range(args.rounds):
             for name in order(i):
                 server, side = servers[name], sides[name]
-                before = server.cpu()
+                scraped, before = await scrape(server), server.cpu()
                 result = load.run_wrk(server.url + request.path, script,
                                       connections=args.connections,
                                       duration_s=args.saturation_s)
                 spent = server.cpu() - before
+                side.per_commit.append(_per_commit(scraped, await scrape(server)) or 0.0)
                 if result.ok == 0:
                     raise RuntimeError(f"{name}: no answer at saturation; see {server.log}")
                 side.rps.append(result.ok / max(1, math.ceil(args.saturation_s)))  # (wrk's)
@@ -167,6 +174,14 @@ async def measure(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
             server.stop()
         stub.stop()
     return {"sides": sides, "audit": {name: audit_ok(directory / name) for name in NAMES}}
+
+
+async def scrape(server: Server) -> dict[str, float]:
+    """The gateway's /metrics (every worker's, merged)."""
+    timeout = aiohttp.ClientTimeout(total=5)
+    async with (aiohttp.ClientSession(timeout=timeout) as session,
+                session.get(server.url + "/metrics") as resp):
+        return peers.parse_metrics(await resp.text()) if resp.status == 200 else {}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

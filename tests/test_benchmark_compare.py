@@ -33,15 +33,19 @@ def test_paired_figures_are_the_medians_of_each_rounds_ratio_or_difference() -> 
 
 
 def test_the_report_shows_medians_ratios_and_every_round() -> None:
-    sides = {"base": compare.Side([1000.0, 1200.0], [400.0, 420.0], [1.0, 1.2], [2.0, 2.4]),
-             "this": compare.Side([1100.0, 1200.0], [380.0, 420.0], [1.1, 1.0], [2.0, 2.0])}
+    sides = {"base": compare.Side([1000.0, 1200.0], [400.0, 420.0], [1.0, 1.2], [2.0, 2.4],
+                                  [20.0, 24.0]),
+             "this": compare.Side([1100.0, 1200.0], [380.0, 420.0], [1.1, 1.0], [2.0, 2.0],
+                                  [22.0, 24.0])}
     settings = {"base": "/b", "workers": 2, "rounds": 2, "connections": 64,
                 "saturation_s": 8.0, "rate": 200.0, "latency_s": 5.0}
     text = compare.report(sides, settings)
     assert "| saturation throughput (req/s) | 1,100.000 | 1,150.000 | × 1.050 |" in text
     assert "| CPU time per deactivation (µs) | 410.000 | 400.000 | × 0.975 |" in text
     assert "| paced p50 (ms) | 1.100 | 1.050 | -0.050 |" in text
-    assert "round 1 (base first): 1,000 / 1,100   400.0 / 380.0   1.000 / 1.100" in text
+    assert "| audit records per group commit at saturation | 22.000 | 23.000 | × 1.050 |" in text
+    assert ("round 1 (base first): 1,000 / 1,100   400.0 / 380.0   1.000 / 1.100   "
+            "2.000 / 2.000   20.0 / 22.0") in text
     assert "round 2 (this first)" in text
 
 
@@ -79,7 +83,8 @@ def test_two_checkouts_served_and_timed_in_turns(tmp_path: Path) -> None:
     for name in ("base", "this"):
         rounds = figures["rounds"][name]
         assert len(rounds["rps"]) == len(rounds["p50_ms"]) == 2, name
-        assert all(x > 0 for x in rounds["rps"] + rounds["cpu_us"] + rounds["p99_ms"]), name
+        assert all(x > 0 for x in rounds["rps"] + rounds["cpu_us"] + rounds["p99_ms"]
+                   + rounds["per_commit"]), name
         assert rounds["failed"] == 0, name
         assert figures["audit"][name]["chains_ok"] and figures["audit"][name]["records"] > 0
     assert "× " in done.stdout and "round 2 (this first)" in done.stdout
