@@ -381,7 +381,7 @@ class AuditLog:
         if error is not None and not self._pending:
             self._now_quiet()
         elif self._pending or self._retained or self._unsynced:
-            self._gather(GATHER_TURNS, time.monotonic() + GATHER_S, len(self._pending))
+            running_loop().call_soon(self._start_gathering)
         else:
             self._now_quiet()
 
@@ -406,6 +406,11 @@ class AuditLog:
         else:  # a bug must fail its batch, not strand the callers
             log.error("audit.write_error", path=str(self._path), exc_info=error)
         self._fail(batch, error, unsynced)
+
+    def _start_gathering(self) -> None:
+        """On the turn after a commit's hand-back (the one its callers resume on): what is
+        pending now is where gathering starts from, as when a flusher task resumed then."""
+        self._gather(GATHER_TURNS, time.monotonic() + GATHER_S, len(self._pending))
 
     def _gather(self, turns: int, deadline: float, waiting: int) -> None:
         """Before a commit that follows another: lets the requests already under way append

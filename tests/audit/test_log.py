@@ -124,7 +124,7 @@ async def trickle_after_first_commit(log: AuditLog, monkeypatch: pytest.MonkeyPa
             await asyncio.sleep(0)
         return await log.append(request(i))
 
-    real_next_commit, real_committed = AuditLog._next_commit, AuditLog._committed
+    real_next_commit, real_start_gathering = AuditLog._next_commit, AuditLog._start_gathering
 
     def next_commit(self: AuditLog) -> None:
         if self._pending or self._retained or self._unsynced:
@@ -132,13 +132,13 @@ async def trickle_after_first_commit(log: AuditLog, monkeypatch: pytest.MonkeyPa
             batches.append(len(self._retained) + len(self._pending) + len(self._unsynced))
         real_next_commit(self)
 
-    def committed_then_trickle(self: AuditLog, *args: Any) -> None:
+    def trickle_then_gather(self: AuditLog) -> None:
         if self.fsyncs == 1 and not appends:  # the first commit is over: requests go on
             appends.extend(asyncio.create_task(late(i)) for i in range(2, 2 + later))
-        real_committed(self, *args)
+        real_start_gathering(self)
 
     monkeypatch.setattr(AuditLog, "_next_commit", next_commit)
-    monkeypatch.setattr(AuditLog, "_committed", committed_then_trickle)
+    monkeypatch.setattr(AuditLog, "_start_gathering", trickle_then_gather)
     gate = FsyncGate()
     monkeypatch.setattr(os, "fsync", gate)
     first = asyncio.create_task(log.append(request(0)))
