@@ -345,9 +345,9 @@ class AuditLog:
         """The flusher's step, on the loop: commits what is pending (after what a failed
         commit kept) on the thread, with the fsync of what the loop wrote itself
         (`_unsynced`); with nothing left, the log is quiet. Driven by callbacks, not a task:
-        the thread's hand-back (`_committed`) settles the commit and starts the next one on
-        the same turn, so the callers resume on the next turn with the log's state already
-        as the commit left it."""
+        the thread's hand-back (`_committed`) settles the commit on its own turn, so the
+        callers resume on the next turn with the log's state already as the commit left it;
+        gathering for the next commit starts on that next turn (`_start_gathering`)."""
         if not (self._pending or self._retained or self._unsynced):
             self._now_quiet()
             return
