@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import json
 import math
-import re
 import secrets
 import shutil
 import statistics
@@ -38,15 +37,13 @@ from typing import Any
 import aiohttp
 
 from benchmarks import load, peers, stubs
-from benchmarks.harness import _per_commit
+from benchmarks.harness import _per_commit, verify_chains
 from benchmarks.procs import Server, start, wait_status
-from gateway.audit.log import rotated_files, verify_files
 
 REPO = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 60.0
 WARMUP_S = 2.0
 NAMES = ("base", "this")
-ROTATED = re.compile(r"\.[0-9]{6}\.jsonl$")  # `{stem}.{n:06d}{suffix}` (audit/log.py)
 # The base's gateway: its checkout first on the path, then `python -m gateway`'s arguments.
 BOOT = ("import runpy, sys; root = sys.argv.pop(1); sys.path.insert(0, root); "
         "runpy.run_module('gateway', run_name='__main__', alter_sys=True)")
@@ -121,8 +118,7 @@ def report(sides: dict[str, Side], settings: dict[str, Any]) -> str:
 def audit_ok(directory: Path) -> dict[str, Any]:
     """Each worker's chain, verified over its rotated files and its current one."""
     files = sorted((directory / "audit").glob("*.jsonl"))
-    current = [f for f in files if not ROTATED.search(f.name)]
-    reports = [verify_files(rotated_files(f)) for f in current]
+    reports = verify_chains(directory / "audit").values()
     return {"files": len(files), "records": sum(r.records for r in reports),
             "chains_ok": bool(reports) and all(r.ok for r in reports)}
 

@@ -19,6 +19,7 @@ import asyncio
 import datetime
 import os
 import platform
+import re
 import secrets
 import statistics
 import subprocess
@@ -37,11 +38,12 @@ from benchmarks import load, peers, stubs
 from benchmarks.nginx import nginx_binary
 from benchmarks.procs import RssSampler, Server, wait_status
 from benchmarks.report import BARE, CONTRACT, MINIMUM, PEERS, targets
-from gateway.audit.log import verify_files
+from gateway.audit.log import VerifyReport, rotated_files, verify_files
 
 MIB = 1024 * 1024
 MINTS_METRIC = "kore_gateway_token_mints_total"
 BATCH_METRIC = "kore_gateway_audit_batch_records"
+ROTATED = re.compile(r"\.[0-9]{6}\.jsonl$")  # a rotated audit file (audit/log.py)
 START_TIMEOUT_S = 20.0
 
 
@@ -229,7 +231,7 @@ class Bench:
     def audit_check(self, server: str = "gateway") -> dict[str, Any]:
         """`server`'s audit files (one a worker): records, and every chain verified."""
         files = sorted((self.dir / server / "audit").glob("*.jsonl"))
-        reports = {f.name: verify_files([f]) for f in files}
+        reports = verify_chains(self.dir / server / "audit")
         return {"files": len(files), "records": sum(r.records for r in reports.values()),
                 "records_by_file": {name: r.records for name, r in reports.items()},
                 "chains_ok": bool(reports) and all(r.ok for r in reports.values()),
@@ -259,6 +261,14 @@ class Bench:
                 "requests": self.gateway_requests, "per_10k": _round(per_10k, 3),
                 "renewal_period_s": period, "elapsed_s": round(elapsed_s, 1),
                 "allowed_per_worker_and_app": allowed, "over_allowed": over}
+
+
+def verify_chains(directory: Path) -> dict[str, VerifyReport]:
+    """Each chain of the `*.jsonl` files in `directory`, by its current file's name: the
+    current file verified with the files rotated before it (`{stem}.{n:06d}{suffix}`), whose
+    first record continues the previous file's chain and does not verify on its own."""
+    return {f.name: verify_files(rotated_files(f)) for f in sorted(directory.glob("*.jsonl"))
+            if not ROTATED.search(f.name)}
 
 
 def _per_commit(before: dict[str, float], after: dict[str, float]) -> float | None:

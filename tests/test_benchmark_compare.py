@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import compare
+from benchmarks import compare, harness
 from gateway.audit.log import AuditLog
 
 REPO = Path(__file__).resolve().parent.parent
@@ -102,5 +102,8 @@ async def test_the_audit_check_follows_each_chain_over_its_rotated_files(tmp_pat
     files = sorted((tmp_path / "audit").glob("*.jsonl"))
     assert len(files) > 4
     assert compare.audit_ok(tmp_path) == {"files": len(files), "records": 24, "chains_ok": True}
+    chains = harness.verify_chains(tmp_path / "audit")  # the harness's own audit check
+    assert {name: r.records for name, r in chains.items()} == {
+        "deactivations-w0.jsonl": 12, "deactivations-w1.jsonl": 12}
     files[1].write_bytes(files[1].read_bytes().replace(b"r-", b"R-", 1))
     assert not compare.audit_ok(tmp_path)["chains_ok"]
