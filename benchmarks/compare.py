@@ -34,10 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
 from benchmarks import load, peers, stubs
-from benchmarks.harness import _per_commit, verify_chains
+from benchmarks.harness import per_commit, scrape, verify_chains
 from benchmarks.procs import Server, start, wait_status
 
 REPO = Path(__file__).resolve().parent.parent
@@ -152,7 +150,7 @@ async def measure(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
                                       connections=args.connections,
                                       duration_s=args.saturation_s)
                 spent = server.cpu() - before
-                side.per_commit.append(_per_commit(scraped, await scrape(server)) or 0.0)
+                side.per_commit.append(per_commit(scraped, await scrape(server)) or 0.0)
                 if result.ok == 0:
                     raise RuntimeError(f"{name}: no answer at saturation; see {server.log}")
                 side.rps.append(result.ok / max(1, math.ceil(args.saturation_s)))  # (wrk's)
@@ -170,14 +168,6 @@ async def measure(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
             server.stop()
         stub.stop()
     return {"sides": sides, "audit": {name: audit_ok(directory / name) for name in NAMES}}
-
-
-async def scrape(server: Server) -> dict[str, float]:
-    """The gateway's /metrics (every worker's, merged)."""
-    timeout = aiohttp.ClientTimeout(total=5)
-    async with (aiohttp.ClientSession(timeout=timeout) as session,
-                session.get(server.url + "/metrics") as resp):
-        return peers.parse_metrics(await resp.text()) if resp.status == 200 else {}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

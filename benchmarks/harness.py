@@ -213,11 +213,7 @@ class Bench:
     # --- the gateway's own record ----------------------------------------------------------
 
     async def scrape(self) -> dict[str, float]:
-        """The gateway's /metrics (every worker's, merged), or {} when it has none."""
-        timeout = aiohttp.ClientTimeout(total=5)
-        async with (aiohttp.ClientSession(timeout=timeout) as session,
-                    session.get(self.servers["gateway"].url + "/metrics") as resp):
-            return peers.parse_metrics(await resp.text()) if resp.status == 200 else {}
+        return await scrape(self.servers["gateway"])
 
     # --- shut-down --------------------------------------------------------------------------
 
@@ -271,7 +267,15 @@ def verify_chains(directory: Path) -> dict[str, VerifyReport]:
             if not ROTATED.search(f.name)}
 
 
-def _per_commit(before: dict[str, float], after: dict[str, float]) -> float | None:
+async def scrape(server: Server) -> dict[str, float]:
+    """A gateway's /metrics (every worker's, merged), or {} when it has none."""
+    timeout = aiohttp.ClientTimeout(total=5)
+    async with (aiohttp.ClientSession(timeout=timeout) as session,
+                session.get(server.url + "/metrics") as resp):
+        return peers.parse_metrics(await resp.text()) if resp.status == 200 else {}
+
+
+def per_commit(before: dict[str, float], after: dict[str, float]) -> float | None:
     """Audit records made durable per group commit (write + fsync) between two scrapes."""
     commits = after.get(BATCH_METRIC + "_count", 0.0) - before.get(BATCH_METRIC + "_count", 0.0)
     records = after.get(BATCH_METRIC + "_sum", 0.0) - before.get(BATCH_METRIC + "_sum", 0.0)
@@ -324,8 +328,8 @@ async def run(settings: Settings, *, keep: bool = False) -> dict[str, Any]:
             codes = bench.stop()
         audit = {**bench.audit_check(), "contract_io": bench.contract_records(),
                  **bench.minimum_check(),
-                 "records_per_commit_saturation": _per_commit(scrapes[0], scrapes[1]),
-                 f"records_per_commit_{settings.rate:g}_rps": _per_commit(scrapes[1], scrapes[2])}
+                 "records_per_commit_saturation": per_commit(scrapes[0], scrapes[1]),
+                 f"records_per_commit_{settings.rate:g}_rps": per_commit(scrapes[1], scrapes[2])}
         results = _figures(settings, bench, ready, saturation, latency, mints, audit, codes,
                            workers, supervisor_rss, directory)
         results["duration_s"] = round(time.monotonic() - began, 1)
