@@ -18,6 +18,12 @@ and slows every call alike: the counts are exact, the times are not reported.
 process (strace `-f -c` attached for the counted requests only; needs `apt-get install -y
 strace`): on the paced path a system call costs several microseconds, and some, such as
 `getpid`, come from Python code that does not look like it makes one.
+
+`--opcodes` counts, instead of calls, the bytecode instructions Python executes per deactivation
+in each function, in every thread (the audit thread's too), with a tracer in place of the
+profiler (`sys.settrace` with `f_trace_opcodes`). A call costs what its body runs: this is the
+measure of how much Python a request runs, and where, repeatable to the instruction for the
+same code and requests (the order in which concurrent requests interleave aside).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import argparse
 import asyncio
 import collections
 import cProfile
+import json
 import os
 import pstats
 import runpy
@@ -35,10 +42,13 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import CodeType, FrameType
+from typing import Any
 
 from benchmarks import peers, stubs
 from benchmarks.harness import _static_jwt
@@ -62,6 +72,8 @@ class Calls:
     python: collections.Counter[str] = field(default_factory=collections.Counter)
     builtin: collections.Counter[str] = field(default_factory=collections.Counter)
     syscalls: collections.Counter[str] = field(default_factory=collections.Counter)
+    # bytecode instructions executed, per `package:file:line:function` (`--opcodes`)
+    opcodes: collections.Counter[str] = field(default_factory=collections.Counter)
 
     def per_request(self, counter: collections.Counter[str], prefix: str = "") -> float:
         return sum(n for key, n in counter.items() if key.startswith(prefix)) / self.requests
@@ -97,6 +109,16 @@ def tally(stats: pstats.Stats, name: str, requests: int) -> Calls:
     return calls
 
 
+def tally_opcodes(rows: list[list[Any]], name: str, requests: int) -> Calls:
+    """The opcodes of a dumped count (`[filename, line, function, opcodes]` rows), keyed as
+    `tally` keys calls."""
+    calls = Calls(name, requests)
+    for filename, line, function, count in rows:
+        package, path = package_of(filename)
+        calls.opcodes[f"{package}:{path}:{line}:{function}"] += count
+    return calls
+
+
 def parse_strace_summary(text: str) -> collections.Counter[str]:
     """`strace -c`'s table: calls by system call name (the `total` line left out)."""
     calls: collections.Counter[str] = collections.Counter()
@@ -121,6 +143,26 @@ def _syscall_table(counts: Sequence[Calls], top: int) -> list[str]:
         lines.append(f"| {name} | " + " | ".join(f"{c.syscalls[name] / c.requests:.2f}"
                                                  for c in counts) + " |")
     return lines
+
+
+def opcode_report(counts: Sequence[Calls], top: int) -> str:
+    lines = [("Bytecode instructions executed per deactivation (sys.settrace, every thread), "
+              "one process each:"), "",
+             "| target | all | " + " | ".join(PACKAGES) + " | other |",
+             "|---|---:|" + "---:|" * (len(PACKAGES) + 1)]
+    for c in counts:
+        parts = [f"{c.per_request(c.opcodes, p + ':'):.0f}" for p in (*PACKAGES, "other")]
+        lines.append(f"| {c.name} | {c.per_request(c.opcodes):.0f} | " + " | ".join(parts)
+                     + " |")
+    gateway = next((c for c in counts if c.name == "gateway"), None)
+    if gateway is not None and top > 0:
+        lines += ["", (f"The gateway's own functions by bytecode instructions per deactivation "
+                       f"(top {top}):"), ""]
+        own = [(n, key) for key, n in gateway.opcodes.items() if key.startswith("gateway:")]
+        for n, key in sorted(own, key=lambda row: (-row[0], row[1]))[:top]:
+            _, path, line, function = key.split(":", 3)
+            lines.append(f"  {n / gateway.requests:6.1f}  {function} ({path}:{line})")
+    return "\n".join(lines) + "\n"
 
 
 def report(counts: Sequence[Calls], top: int) -> str:
@@ -167,6 +209,52 @@ def serve(out: Path, module: str, argv: list[str]) -> None:
     runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 
+class OpcodeCounter:
+    """Bytecode instructions executed per code object, in every thread, while `counting`."""
+
+    def __init__(self) -> None:
+        self.counts: collections.Counter[CodeType] = collections.Counter()
+        self.counting = False
+
+    def install(self) -> None:
+        sys.settrace(self._call)
+        threading.settrace(self._call)  # threads started from now on (the audit thread)
+
+    def _call(self, frame: FrameType, _event: str, _arg: Any) -> Any:
+        frame.f_trace_opcodes = True
+        return self._step
+
+    def _step(self, frame: FrameType, event: str, _arg: Any) -> Any:
+        if event == "opcode" and self.counting:
+            self.counts[frame.f_code] += 1
+        return self._step
+
+    def restart(self) -> None:
+        self.counts.clear()
+        self.counting = True
+
+    def rows(self) -> list[list[Any]]:
+        return [[code.co_filename, code.co_firstlineno, code.co_name, n]
+                for code, n in list(self.counts.items())]
+
+
+def serve_opcodes(out: Path, module: str, argv: list[str]) -> None:
+    """`serve`, counting bytecode instructions (`OpcodeCounter`) instead of profiling;
+    SIGUSR2 writes the rows as JSON."""
+    counter = OpcodeCounter()
+
+    def dump(*_: object) -> None:
+        counter.counting = False
+        Path(str(out) + ".part").write_text(json.dumps(counter.rows()))
+        os.replace(str(out) + ".part", out)
+
+    signal.signal(signal.SIGUSR1, lambda *_: counter.restart())
+    signal.signal(signal.SIGUSR2, dump)
+    sys.argv = [module, *argv]
+    counter.install()
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
 async def _count(name: str, server: Server, ready_path: str, headers: dict[str, str],
                  out: Path, args: argparse.Namespace) -> Calls:
     try:
@@ -195,6 +283,8 @@ async def _count(name: str, server: Server, ready_path: str, headers: dict[str, 
     if ok != args.requests:
         raise RuntimeError(f"{name}: {ok} of {args.requests} requests answered 200; "
                            f"see {server.log}")
+    if args.opcodes:
+        return tally_opcodes(json.loads(out.read_text()), name, ok)
     calls = tally(pstats.Stats(str(out)), name, ok)
     if args.syscalls:
         calls.syscalls = parse_strace_summary(_strace_out(out).read_text())
@@ -211,8 +301,9 @@ def _strace(server: Server, out: Path) -> subprocess.Popen[bytes]:
                             stderr=subprocess.DEVNULL)
 
 
-def _launcher(out: Path) -> list[str]:
-    return [sys.executable, "-m", "benchmarks.calls", "--serve", str(out)]
+def _launcher(out: Path, opcodes: bool = False) -> list[str]:
+    mode = "--serve-opcodes" if opcodes else "--serve"
+    return [sys.executable, "-m", "benchmarks.calls", mode, str(out)]
 
 
 async def measure(args: argparse.Namespace, directory: Path) -> list[Calls]:
@@ -229,11 +320,11 @@ async def measure(args: argparse.Namespace, directory: Path) -> list[Calls]:
             floor = peers.start_floor(directory / name.split()[-1], 1, stub.url,
                                       _static_jwt(creds), contract_minimum=minimum,
                                       caller_key=creds.caller_key,
-                                      launcher=[*_launcher(out), "benchmarks.floor"])
+                                      launcher=[*_launcher(out, args.opcodes), "benchmarks.floor"])
             counts.append(await _count(name, floor, "/healthz", caller, out, args))
         out = directory / "gateway.prof"
         config = peers.gateway_config(directory / "gateway", stub.url, creds)
-        gateway = start("gateway", [*_launcher(out), "gateway", "serve", "--config",
+        gateway = start("gateway", [*_launcher(out, args.opcodes), "gateway", "serve", "--config",
                                     str(config), "--workers", "1"],
                         peers.listen_url(config), directory / "gateway.log")
         counts.append(await _count("gateway", gateway, "/readyz", caller, out, args))
@@ -251,21 +342,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=40, help="gateway functions listed")
     parser.add_argument("--syscalls", action="store_true",
                         help="also count system calls (strace)")
+    parser.add_argument("--opcodes", action="store_true",
+                        help="count bytecode instructions per function, every thread, instead "
+                             "of calls")
     parser.add_argument("--serve", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-opcodes", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:  # the profiled process: OUT MODULE ARGS…
         serve(Path(args.serve[0]), args.serve[1], args.serve[2:])
+        return 0
+    if args.serve_opcodes:
+        serve_opcodes(Path(args.serve_opcodes[0]), args.serve_opcodes[1],
+                      args.serve_opcodes[2:])
         return 0
     if not (1 <= args.requests <= 100_000 and 0 <= args.warmup <= 10_000
             and 1 <= args.concurrency <= 256 and 0 <= args.top <= 500):
         parser.error("--requests 1..100000, --warmup 0..10000, --concurrency 1..256, "
                      "--top 0..500")
+    if args.syscalls and args.opcodes:
+        parser.error("--syscalls and --opcodes: one at a time (the tracer slows the process)")
     if args.syscalls and shutil.which("strace") is None:
         print("strace is not installed: apt-get install -y strace", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="kgw-calls-") as name:
         counts = asyncio.run(measure(args, Path(name)))
-    print(report(counts, args.top), end="")
+    print((opcode_report if args.opcodes else report)(counts, args.top), end="")
     return 0
 
 

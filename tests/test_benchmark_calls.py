@@ -8,12 +8,23 @@ import asyncio
 import collections
 import os
 import shutil
+import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
 
-from benchmarks.calls import Calls, measure, package_of, parse_strace_summary, report
+from benchmarks.calls import (
+    Calls,
+    OpcodeCounter,
+    measure,
+    opcode_report,
+    package_of,
+    parse_strace_summary,
+    report,
+    tally_opcodes,
+)
 
 STRACE_SUMMARY = """\
 % time     seconds  usecs/call     calls    errors syscall
@@ -75,7 +86,8 @@ def test_real_targets_are_counted_and_the_gateway_runs_its_own_code() -> None:
         if os.environ.get("CI"):
             pytest.fail(reason)  # CI installs it: a skip there would hide a rotting tool
         pytest.skip(reason)
-    args = argparse.Namespace(requests=30, warmup=10, concurrency=1, top=10, syscalls=True)
+    args = argparse.Namespace(requests=30, warmup=10, concurrency=1, top=10, syscalls=True,
+                              opcodes=False)
     with tempfile.TemporaryDirectory() as name:
         counts = asyncio.run(measure(args, Path(name)))
     by_name = {c.name: c for c in counts}
@@ -90,3 +102,69 @@ def test_real_targets_are_counted_and_the_gateway_runs_its_own_code() -> None:
     assert floor.syscalls["fsync"] == 0 and floor.per_request(floor.syscalls) > 0
     for c in (minimum, gateway):
         assert c.syscalls["fsync"] / c.requests >= 1, (c.name, c.syscalls)
+
+
+def test_opcodes_are_counted_per_function_in_every_thread_while_counting() -> None:
+    def work(n: int) -> int:
+        total = 0
+        for i in range(n):
+            total += i
+        return total
+
+    def counted() -> int:
+        return sum(n for _, _, name, n in counter.rows() if name == "work")
+
+    counter = OpcodeCounter()
+    counter.install()
+    try:
+        work(10)  # before counting
+        counter.restart()
+        work(10)
+        ten = counted()
+        counter.restart()
+        thread = threading.Thread(target=work, args=(40,))  # started after install()
+        thread.start()
+        thread.join()
+        forty = counted()
+        counter.counting = False
+        work(10)  # after counting
+        after = counted()
+    finally:
+        sys.settrace(None)
+        threading.settrace(None)  # type: ignore[arg-type]
+    assert ten > 10 * 3  # a few instructions a turn of the loop
+    assert 3 * ten < forty < 5 * ten  # the other thread's, four times the turns
+    assert after == forty
+
+
+def test_the_opcode_report_gives_instructions_per_deactivation_by_package() -> None:
+    rows = [["/x/site-packages/aiohttp/a.py", 1, "f", 600], [_own("gateway/b.py"), 7, "g", 40],
+            [_own("gateway/c.py"), 9, "h", 20]]
+    gateway = tally_opcodes(rows, "gateway", 2)
+    floor = tally_opcodes(rows[:1], "aiohttp floor", 2)
+    text = opcode_report([floor, gateway], top=1)
+    table = [line.split(" | ") for line in text.splitlines() if line.startswith("| ")]
+    assert table[0][:4] == ["| target", "all", "aiohttp", "yarl"]
+    assert table[1][:3] == ["| aiohttp floor", "300", "300"]
+    assert table[2][:2] == ["| gateway", "330"] and table[2][5] == "30"  # gateway's own
+    assert text.rstrip().endswith("20.0  g (gateway/b.py:7)")
+    assert "h (gateway/c.py:9)" not in text
+
+
+def _own(path: str) -> str:
+    return str(Path(__file__).resolve().parent.parent / path)
+
+
+def test_real_targets_opcodes_include_the_audit_thread() -> None:
+    args = argparse.Namespace(requests=20, warmup=10, concurrency=1, top=10, syscalls=False,
+                              opcodes=True)
+    with tempfile.TemporaryDirectory() as name:
+        counts = asyncio.run(measure(args, Path(name)))
+    floor, minimum, gateway = counts
+    assert [c.name for c in counts] == ["aiohttp floor", "contract minimum", "gateway"]
+    assert floor.per_request(floor.opcodes, "aiohttp:") > 1000
+    assert floor.per_request(floor.opcodes, "gateway:") == 0
+    assert minimum.per_request(minimum.opcodes, "benchmarks:") > 100
+    own = {key.rsplit(":", 1)[1] for key in gateway.opcodes if key.startswith("gateway:")}
+    assert {"_write_batch", "_chain", "deactivate_simplified"} <= own  # the audit thread too
+    assert gateway.per_request(gateway.opcodes) > floor.per_request(floor.opcodes)
