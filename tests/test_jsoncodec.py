@@ -45,6 +45,17 @@ class TestCanonical:
         record = {"durationMs": value, "nested": [value, {"v": value}]}
         assert jsoncodec.canonical(record) == stdlib_canonical(record)
 
+    @pytest.mark.parametrize("value", [
+        0.0, -0.0, 1e-4, 9.5e-5, 1e-5, 1e15, 1e16, 1.5e16, 1e300, 5e-324, 4.358, 2**64, 10**40,
+    ])
+    def test_numbers_at_the_edges_in_a_flat_record(self, value: Any) -> None:
+        """A record of scalars only, as the audit's are, is judged by its values' types and
+        then each float alone: every float is looked at, wherever it stands."""
+        record = {"event": "deactivate.completed", "durationMs": 1.5, "seq": 7, "ok": True,
+                  "error": None, "z": value}
+        assert jsoncodec.canonical(record) == stdlib_canonical(record)
+        assert jsoncodec.canonical([value, "a", 1.5]) == stdlib_canonical([value, "a", 1.5])
+
     def test_nan_and_infinity_follow_the_standard_library(self) -> None:
         record = {"a": math.nan, "b": math.inf, "c": -math.inf}
         assert jsoncodec.canonical(record) == stdlib_canonical(record) == \
