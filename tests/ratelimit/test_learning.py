@@ -23,7 +23,13 @@ from gateway.ratelimit.learning import (
     expired,
     refuse,
 )
-from gateway.ratelimit.memory import CALL_MARGIN_S, RESTAMP_MIN_S, Grant, MemoryRateLimiter
+from gateway.ratelimit.memory import (
+    CALL_MARGIN_S,
+    RESTAMP_MIN_S,
+    Grant,
+    GrantLog,
+    MemoryRateLimiter,
+)
 from gateway.ratelimit.shared import SharedLearning, Table, ring_size
 from tests.conftest import FakeClock
 
@@ -304,6 +310,21 @@ class TestSending:
         await lim.sending(BOT, grants[0])  # left last, after the others' slots
         times = list(lim.log.times(BOT))
         assert times == sorted(times) and times[-1] == clock()
+
+    def test_a_grant_moves_to_its_place_in_the_log(self) -> None:
+        log = GrantLog(keep=100, idle_s=60.0)
+        for at in (1.0, 2.0, 3.0, 3.0, 5.0):
+            log.add(BOT, at, at)
+        log.restamp(BOT, 3.0, 4.5)  # one of two equal grants, into the middle
+        assert list(log.times(BOT)) == [1.0, 2.0, 3.0, 4.5, 5.0]
+        log.restamp(BOT, 1.0, 2.0)  # next to an equal time
+        assert list(log.times(BOT)) == [2.0, 2.0, 3.0, 4.5, 5.0]
+        log.restamp(BOT, 2.5, 9.0)  # a grant the log no longer holds: nothing moves
+        log.restamp(BOT, 7.0, 9.0)  # (past the last)
+        log.restamp("other-bot", 2.0, 9.0)
+        assert list(log.times(BOT)) == [2.0, 2.0, 3.0, 4.5, 5.0]
+        log.restamp(BOT, 2.0, 6.0)
+        assert list(log.times(BOT)) == [2.0, 3.0, 4.5, 5.0, 6.0]
 
     async def test_an_early_or_remote_grant_is_left_alone(self, clock: FakeClock) -> None:
         lim = make_limiter(clock)
