@@ -33,6 +33,8 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, MutableMapping
+from itertools import compress, repeat
+from operator import is_
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TextIO
@@ -119,6 +121,7 @@ def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[s
 
 
 _SCALARS = frozenset({int, float, bool, type(None)})
+_SCALARS_OR_TEXT = _SCALARS | {str}
 _NAMES: dict[str, bool] = {}  # field name → secret-named; the call sites' names, bounded
 _ORDINARY: set[str] = set()  # the names of `_NAMES` that are not secret
 
@@ -140,14 +143,12 @@ def _ordinary(event: MutableMapping[str, Any]) -> bool:
     line break, which no secret shape's marker contains: each text is then clean alone)."""
     if not _ORDINARY.issuperset(event.keys()):
         return False
-    texts = []
-    for value in event.values():
-        kind = type(value)
-        if kind is str:
-            texts.append(value)
-        elif kind not in _SCALARS:
-            return False
-    return _clean("\n".join(texts))
+    # In C: the values' types, then the texts among them (a Python loop over the values
+    # measured about 60 bytecode instructions an access line more).
+    values = event.values()
+    if not _SCALARS_OR_TEXT.issuperset(map(type, values)):
+        return False
+    return _clean("\n".join(compress(values, map(is_, map(type, values), repeat(str)))))
 
 
 def _masked(name: str, value: Any, depth: int = 0) -> Any:
@@ -375,21 +376,23 @@ def _queue(out: structlog.WriteLogger, entry: _Line) -> None:
     _queued.append(entry)
 
 
-_seen: tuple[asyncio.AbstractEventLoop, int] | None = None  # a running loop and its thread
+class _ThreadsLoop(threading.local):
+    loop: asyncio.AbstractEventLoop | None = None  # the running loop this thread saw last
+
+
+_here = _ThreadsLoop()
 
 
 def running_loop() -> asyncio.AbstractEventLoop:
-    """`asyncio.get_running_loop()`, remembered: the loop seen last, if it is this thread's
-    and still runs (a thread runs one loop at a time), else the one asked for (RuntimeError
-    when none runs). Asking costs a `getpid` system call on Python 3.11; the request path
-    asks for its loop several times a request (the access line, the audit log's appends,
-    flusher and hand-offs to its thread)."""
-    global _seen
-    seen, thread = _seen, threading.get_ident()
-    if seen is not None and seen[1] == thread and seen[0].is_running():
-        return seen[0]
-    loop = asyncio.get_running_loop()
-    _seen = (loop, thread)
+    """`asyncio.get_running_loop()`, remembered: the loop this thread saw last, if it still
+    runs (a thread runs one loop at a time), else the one asked for (RuntimeError when none
+    runs). Asking costs a `getpid` system call on Python 3.11; the request path asks for its
+    loop several times a request (the access line, the audit log's appends, flusher and
+    hand-offs to its thread)."""
+    loop = _here.loop
+    if loop is not None and loop.is_running():
+        return loop
+    loop = _here.loop = asyncio.get_running_loop()
     return loop
 
 
