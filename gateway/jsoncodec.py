@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import re
-from itertools import compress, repeat
-from operator import is_
 from types import NoneType
 from typing import Any
 
@@ -26,7 +24,6 @@ import orjson
 _MAX_DEPTH = 16
 _SCALARS = frozenset({str, int, bool, type(None)})  # an int past 64 bits makes orjson raise
 _CONTAINERS = frozenset({dict, list})
-_SCALARS_OR_FLOAT = _SCALARS | {float}
 _FLOAT_LOW, _FLOAT_HIGH = 1e-4, 1e16  # repr() switches to exponent notation outside this range
 
 
@@ -94,15 +91,7 @@ def _plain(obj: Any, depth: int) -> bool:
         values = obj
     else:
         return kind in _SCALARS or kind is float and _same_float(obj)
-    # The common case, an audit record or an answer, judged by C code: the set of the values'
-    # types, then each float alone (a Python loop over every value measured about 180
-    # bytecode instructions an audit record, this about 10).
-    kinds = set(map(type, values))
-    if kinds <= _SCALARS:
-        return True
-    if kinds <= _SCALARS_OR_FLOAT:
-        return all(map(_same_float, compress(values, map(is_, map(type, values), repeat(float)))))
-    for value in values:  # containers inside: a plain loop
+    for value in values:  # a plain loop: this runs twice for every audit record
         kind = type(value)
         # `_SCALARS` spelled out: identity tests are cheaper than hashing the type for a set.
         if kind is str or kind is NoneType or kind is int or kind is bool:

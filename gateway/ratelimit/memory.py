@@ -16,7 +16,7 @@ import itertools
 import math
 import time
 from array import array
-from bisect import bisect_left, insort
+from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -222,7 +222,8 @@ class GrantLog:
             self._set(bot_id, times)
 
     def restamp(self, bot_id: str, at: float, now: float) -> None:
-        """Moves one grant from `at` to `now`, keeping the log in order."""
+        """Moves one grant from `at` to `now`, keeping the log in order. The grant is recent,
+        so both ends of the search are near the end of the log."""
         held = self._bots.get(bot_id)
         if isinstance(held, float):
             if held == at:
@@ -230,11 +231,16 @@ class GrantLog:
             return
         if held is None:
             return
-        i = bisect_left(held, at)  # (the log is in order: binary searches, in C)
-        if i == len(held) or held[i] != at:
+        i = len(held) - 1
+        while i >= 0 and held[i] != at:
+            i -= 1
+        if i < 0:
             return
         del held[i]
-        insort(held, now)
+        j = len(held)
+        while j > 0 and held[j - 1] > now:
+            j -= 1
+        held.insert(j, now)
 
     def _set(self, bot_id: str, times: list[float]) -> None:
         if not times:
