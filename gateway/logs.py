@@ -375,23 +375,21 @@ def _queue(out: structlog.WriteLogger, entry: _Line) -> None:
     _queued.append(entry)
 
 
-class _ThreadsLoop(threading.local):
-    loop: asyncio.AbstractEventLoop | None = None  # the running loop this thread saw last
-
-
-_here = _ThreadsLoop()
+_seen: tuple[asyncio.AbstractEventLoop, int] | None = None  # a running loop and its thread
 
 
 def running_loop() -> asyncio.AbstractEventLoop:
-    """`asyncio.get_running_loop()`, remembered: the loop this thread saw last, if it still
-    runs (a thread runs one loop at a time), else the one asked for (RuntimeError when none
-    runs). Asking costs a `getpid` system call on Python 3.11; the request path asks for its
-    loop several times a request (the access line, the audit log's appends, flusher and
-    hand-offs to its thread)."""
-    loop = _here.loop
-    if loop is not None and loop.is_running():
-        return loop
-    loop = _here.loop = asyncio.get_running_loop()
+    """`asyncio.get_running_loop()`, remembered: the loop seen last, if it is this thread's
+    and still runs (a thread runs one loop at a time), else the one asked for (RuntimeError
+    when none runs). Asking costs a `getpid` system call on Python 3.11; the request path
+    asks for its loop several times a request (the access line, the audit log's appends,
+    flusher and hand-offs to its thread)."""
+    global _seen
+    seen, thread = _seen, threading.get_ident()
+    if seen is not None and seen[1] == thread and seen[0].is_running():
+        return seen[0]
+    loop = asyncio.get_running_loop()
+    _seen = (loop, thread)
     return loop
 
 
