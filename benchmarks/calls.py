@@ -21,9 +21,11 @@ strace`): on the paced path a system call costs several microseconds, and some, 
 
 `--opcodes` counts, instead of calls, the bytecode instructions Python executes per deactivation
 in each function, in every thread (the audit thread's too), with a tracer in place of the
-profiler (`sys.settrace` with `f_trace_opcodes`). A call costs what its body runs: this is the
-measure of how much Python a request runs, and where, repeatable to the instruction for the
-same code and requests (the order in which concurrent requests interleave aside).
+profiler (`sys.settrace` with `f_trace_opcodes`): how much Python a request runs, and where,
+repeatable for the same code and requests (the order in which concurrent requests interleave
+aside). A count, not a cost: built-ins run in C uncounted, and a loop replaced by them can run
+fewer bytecode instructions and more machine instructions (`python -m benchmarks.instructions`
+counts those; docs/benchmarks/README.md has three such cases).
 """
 
 from __future__ import annotations
