@@ -115,6 +115,7 @@ def test_opcodes_are_counted_per_function_in_every_thread_while_counting() -> No
         return sum(n for _, _, name, n in counter.rows() if name == "work")
 
     counter = OpcodeCounter()
+    tracing, threads_tracing = sys.gettrace(), threading.gettrace()  # a debugger's, coverage's
     counter.install()
     try:
         work(10)  # before counting
@@ -130,8 +131,8 @@ def test_opcodes_are_counted_per_function_in_every_thread_while_counting() -> No
         work(10)  # after counting
         after = counted()
     finally:
-        sys.settrace(None)
-        threading.settrace(None)  # type: ignore[arg-type]
+        sys.settrace(tracing)
+        threading.settrace(threads_tracing)  # type: ignore[arg-type]
     assert ten > 10 * 3  # a few instructions a turn of the loop
     assert 3 * ten < forty < 5 * ten  # the other thread's, four times the turns
     assert after == forty
