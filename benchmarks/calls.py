@@ -156,15 +156,23 @@ def opcode_report(counts: Sequence[Calls], top: int) -> str:
         parts = [f"{c.per_request(c.opcodes, p + ':'):.0f}" for p in (*PACKAGES, "other")]
         lines.append(f"| {c.name} | {c.per_request(c.opcodes):.0f} | " + " | ".join(parts)
                      + " |")
-    gateway = next((c for c in counts if c.name == "gateway"), None)
-    if gateway is not None and top > 0:
-        lines += ["", (f"The gateway's own functions by bytecode instructions per deactivation "
-                       f"(top {top}):"), ""]
-        own = [(n, key) for key, n in gateway.opcodes.items() if key.startswith("gateway:")]
-        for n, key in sorted(own, key=lambda row: (-row[0], row[1]))[:top]:
-            _, path, line, function = key.split(":", 3)
-            lines.append(f"  {n / gateway.requests:6.1f}  {function} ({path}:{line})")
+    lines += _own_top(counts, "opcodes", top, "by bytecode instructions per deactivation")
     return "\n".join(lines) + "\n"
+
+
+def _own_top(counts: Sequence[Calls], counter: str, top: int, what: str) -> list[str]:
+    """The gateway's own functions with the most of `counter` (a `Calls` field), per
+    deactivation."""
+    gateway = next((c for c in counts if c.name == "gateway"), None)
+    if gateway is None or top <= 0:
+        return []
+    lines = ["", f"The gateway's own functions {what} (top {top}):", ""]
+    own = [(n, key) for key, n in getattr(gateway, counter).items()
+           if key.startswith("gateway:")]
+    for n, key in sorted(own, key=lambda row: (-row[0], row[1]))[:top]:
+        _, path, line, function = key.split(":", 3)
+        lines.append(f"  {n / gateway.requests:5.1f}  {function} ({path}:{line})")
+    return lines
 
 
 def report(counts: Sequence[Calls], top: int) -> str:
@@ -176,14 +184,7 @@ def report(counts: Sequence[Calls], top: int) -> str:
         parts = [f"{c.per_request(c.python, p + ':'):.1f}" for p in (*PACKAGES, "other")]
         lines.append(f"| {c.name} | {c.per_request(c.python):.1f} | "
                      f"{c.per_request(c.builtin):.1f} | " + " | ".join(parts) + " |")
-    gateway = next((c for c in counts if c.name == "gateway"), None)
-    if gateway is not None and top > 0:
-        lines += ["", (f"The gateway's own functions with the most calls per deactivation "
-                       f"(top {top}):"), ""]
-        own = [(n, key) for key, n in gateway.python.items() if key.startswith("gateway:")]
-        for n, key in sorted(own, key=lambda row: (-row[0], row[1]))[:top]:
-            _, path, line, function = key.split(":", 3)
-            lines.append(f"  {n / gateway.requests:5.1f}  {function} ({path}:{line})")
+    lines += _own_top(counts, "python", top, "with the most calls per deactivation")
     if any(c.syscalls for c in counts):
         lines += _syscall_table(counts, 12)
     return "\n".join(lines) + "\n"
