@@ -19,7 +19,6 @@ import asyncio
 import datetime
 import os
 import platform
-import re
 import secrets
 import statistics
 import subprocess
@@ -38,12 +37,12 @@ from benchmarks import load, peers, stubs
 from benchmarks.nginx import nginx_binary
 from benchmarks.procs import RssSampler, Server, wait_status
 from benchmarks.report import BARE, CONTRACT, MINIMUM, PEERS, targets
+from gateway.audit.anchors import log_name
 from gateway.audit.log import VerifyReport, rotated_files, verify_files
 
 MIB = 1024 * 1024
 MINTS_METRIC = "kore_gateway_token_mints_total"
 BATCH_METRIC = "kore_gateway_audit_batch_records"
-ROTATED = re.compile(r"\.[0-9]{6}\.jsonl$")  # a rotated audit file (audit/log.py)
 START_TIMEOUT_S = 20.0
 
 
@@ -264,7 +263,7 @@ def verify_chains(directory: Path) -> dict[str, VerifyReport]:
     current file verified with the files rotated before it (`{stem}.{n:06d}{suffix}`), whose
     first record continues the previous file's chain and does not verify on its own."""
     return {f.name: verify_files(rotated_files(f)) for f in sorted(directory.glob("*.jsonl"))
-            if not ROTATED.search(f.name)}
+            if log_name(f) == f.name}  # (a rotated file's log name is its current file's)
 
 
 async def scrape(server: Server) -> dict[str, float]:
