@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import load, peers, stubs
-from benchmarks.harness import per_commit, scrape, verify_chains
+from benchmarks.harness import audit_summary, per_commit, scrape
 from benchmarks.procs import Server, start, wait_status
 
 REPO = Path(__file__).resolve().parent.parent
@@ -115,10 +115,8 @@ def report(sides: dict[str, Side], settings: dict[str, Any]) -> str:
 
 def audit_ok(directory: Path) -> dict[str, Any]:
     """Each worker's chain, verified over its rotated files and its current one."""
-    files = sorted((directory / "audit").glob("*.jsonl"))
-    reports = verify_chains(directory / "audit").values()
-    return {"files": len(files), "records": sum(r.records for r in reports),
-            "chains_ok": bool(reports) and all(r.ok for r in reports)}
+    summary = audit_summary(directory / "audit")
+    return {key: summary[key] for key in ("files", "records", "chains_ok")}
 
 
 async def measure(args: argparse.Namespace, directory: Path) -> dict[str, Any]:

@@ -225,12 +225,7 @@ class Bench:
 
     def audit_check(self, server: str = "gateway") -> dict[str, Any]:
         """`server`'s audit files (one a worker): records, and every chain verified."""
-        files = sorted((self.dir / server / "audit").glob("*.jsonl"))
-        reports = verify_chains(self.dir / server / "audit")
-        return {"files": len(files), "records": sum(r.records for r in reports.values()),
-                "records_by_file": {name: r.records for name, r in reports.items()},
-                "chains_ok": bool(reports) and all(r.ok for r in reports.values()),
-                "errors": [r.error for r in reports.values() if not r.ok]}
+        return audit_summary(self.dir / server / "audit")
 
     def minimum_check(self) -> dict[str, Any]:
         """The contract minimum's audit files, checked as the gateway's are."""
@@ -264,6 +259,17 @@ def verify_chains(directory: Path) -> dict[str, VerifyReport]:
     first record continues the previous file's chain and does not verify on its own."""
     return {f.name: verify_files(rotated_files(f)) for f in sorted(directory.glob("*.jsonl"))
             if log_name(f) == f.name}  # (a rotated file's log name is its current file's)
+
+
+def audit_summary(directory: Path) -> dict[str, Any]:
+    """The audit files in `directory`, their records, and each chain verified
+    (`verify_chains`)."""
+    reports = verify_chains(directory)
+    return {"files": len(list(directory.glob("*.jsonl"))),
+            "records": sum(r.records for r in reports.values()),
+            "records_by_file": {name: r.records for name, r in reports.items()},
+            "chains_ok": bool(reports) and all(r.ok for r in reports.values()),
+            "errors": [r.error for r in reports.values() if not r.ok]}
 
 
 async def scrape(server: Server) -> dict[str, float]:
