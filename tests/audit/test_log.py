@@ -593,6 +593,154 @@ class TestGroupCommit:
         assert log.fsyncs == 0 and verify_files([log_path]).records == 5
 
 
+async def overlap(log: AuditLog, gate: FsyncGate, *behind: int, durable: bool = True
+                  ) -> tuple[asyncio.Task[dict[str, Any]], list[asyncio.Task[dict[str, Any]]]]:
+    """r-1's commit is held before its write while the records `behind` are appended, so
+    they are pending when it is written: its fsync goes to the second thread, held by `gate`,
+    and the next commit (with `behind`) is gathered and written meanwhile."""
+    log._io_lock.acquire()
+    try:
+        first = asyncio.create_task(log.append(request(1)))
+        await until(lambda: not log._worker.idle)  # r-1's commit is with the thread
+        later = [asyncio.create_task(log.append(request(i), durable=durable)) for i in behind]
+        await asyncio.sleep(0)
+        assert len(log._pending) == len(behind)
+    finally:
+        log._io_lock.release()
+    await gate.wait_entered()
+    return first, later
+
+
+class TestOverlappingCommits:
+    """While a commit's fsync runs, the next commit is written (`_write_batch`)."""
+
+    async def test_the_next_commit_is_written_while_the_fsync_before_runs(
+            self, log_path: Path, open_log: OpenLog, monkeypatch: pytest.MonkeyPatch) -> None:
+        log = open_log(log_path)
+        gate = FsyncGate()
+        monkeypatch.setattr(os, "fsync", gate)
+        first, later = await overlap(log, gate, 2, 3)
+        await until(lambda: len(read_records(log_path)) == 3)
+        assert [r["requestId"] for r in read_records(log_path)] == ["r-1", "r-2", "r-3"]
+        assert gate.calls == 1 and not first.done() and not any(t.done() for t in later), (
+            "no record is acknowledged before the fsync before its own")
+        gate.released.set()
+        written = [await first] + await asyncio.gather(*later)
+        assert [r["seq"] for r in written] == [1, 2, 3]
+        assert log.fsyncs == 2 and gate.calls == 2
+        assert verify_files([log_path]).records == 3
+
+    async def test_a_failed_fsync_cuts_back_the_commit_written_behind_it_which_goes_again(
+            self, log_path: Path, open_log: OpenLog, monkeypatch: pytest.MonkeyPatch) -> None:
+        log = open_log(log_path)
+        durable = await log.append(request(0))
+        gate = FsyncGate(fail_first=True)
+        monkeypatch.setattr(os, "fsync", gate)
+        with capture_logs() as logs:
+            first, later = await overlap(log, gate, 2, 3)
+            await until(lambda: len(read_records(log_path)) == 4)  # r-2, r-3 behind r-1
+            gate.released.set()
+            with pytest.raises(AuditUnavailable):
+                await first
+            written = await asyncio.gather(*later)
+        # r-2 and r-3 were chained onto r-1, which is lost: their fsync was not even tried
+        # (one after a failure proves nothing); they were written again onto r-0.
+        assert [(r["requestId"], r["seq"]) for r in written] == [("r-2", 2), ("r-3", 3)]
+        assert written[0]["prev"] == durable["hash"]
+        assert [r["requestId"] for r in read_records(log_path)] == ["r-0", "r-2", "r-3"]
+        # fsyncs: the failed one, the directory's on reopening, and the commit written again
+        assert gate.calls == 3 and log.fsyncs == 2 and log.healthy
+        assert [e["event"] for e in logs] == ["audit.unwritable", "audit.recovered"]
+        assert verify_files([log_path]).records == 3
+
+    async def test_records_acknowledged_behind_a_failed_fsync_are_written_again(
+            self, log_path: Path, open_log: OpenLog, monkeypatch: pytest.MonkeyPatch) -> None:
+        log = open_log(log_path)
+        gate = FsyncGate(fail_first=True)
+        monkeypatch.setattr(os, "fsync", gate)
+        with capture_logs():
+            first, later = await overlap(log, gate, 2, 3, durable=False)
+            await asyncio.wait_for(asyncio.gather(*later), 5)  # at once: a commit is under way
+            await until(lambda: len(read_records(log_path)) == 3)  # written behind r-1
+            assert [r["seq"] for r in read_records(log_path)] == [1, 2, 3]
+            gate.released.set()
+            with pytest.raises(AuditUnavailable):
+                await first
+            await until(lambda: not log._flushing)
+        assert [(r["requestId"], r["seq"]) for r in read_records(log_path)] == [
+            ("r-2", 1), ("r-3", 2)]
+        assert verify_files([log_path]).records == 2
+
+    async def test_a_failed_write_behind_an_fsync_that_succeeds_cuts_only_itself(
+            self, log_path: Path, open_log: OpenLog, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A real short write (file size limit) of r-2 while r-1's fsync runs: the cut back
+        waits for that fsync, and keeps r-1."""
+        log = open_log(log_path)
+        await log.append(request(0))
+        line = log_path.stat().st_size  # r-1 and r-2 are as long as r-0
+        gate = FsyncGate()
+        monkeypatch.setattr(os, "fsync", gate)
+        with capture_logs(), file_size_limit(2 * line + line // 2):
+            first, later = await overlap(log, gate, 2)
+            await asyncio.sleep(0.05)
+            assert not later[0].done(), "the cut back waits for the fsync before it"
+            gate.released.set()
+            assert (await first)["seq"] == 2
+            with pytest.raises(AuditUnavailable):
+                await later[0]
+        assert [r["requestId"] for r in read_records(log_path)] == ["r-0", "r-1"]
+        assert (await log.append(request(3)))["seq"] == 3
+        assert verify_files([log_path]).records == 3
+
+    async def test_no_rotation_while_an_fsync_runs_on_the_file(
+            self, log_path: Path, open_log: OpenLog, monkeypatch: pytest.MonkeyPatch) -> None:
+        log = open_log(log_path, max_bytes=600)  # about 400 bytes a record: one a file
+        gate = FsyncGate()
+        monkeypatch.setattr(os, "fsync", gate)
+        first, later = await overlap(log, gate, 2)
+        await asyncio.sleep(0.05)
+        assert rotated_files(log_path) == [log_path], "the file is left only after its fsync"
+        assert [r["requestId"] for r in read_records(log_path)] == ["r-1"]
+        gate.released.set()
+        assert [(await first)["seq"]] + [(await t)["seq"] for t in later] == [1, 2]
+        files = rotated_files(log_path)
+        assert len(files) == 2
+        assert verify_files(files) == audit.VerifyReport(ok=True, records=2, files=2)
+
+    async def test_close_waits_for_the_fsyncs_under_way(
+            self, log_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        log = AuditLog(log_path)
+        log.open()
+        gate = FsyncGate()
+        monkeypatch.setattr(os, "fsync", gate)
+        first, later = await overlap(log, gate, 2, 3)
+        closing = asyncio.create_task(log.close())
+        await asyncio.sleep(0.05)
+        assert not closing.done()
+        gate.released.set()
+        await asyncio.wait_for(closing, 5)
+        assert [(await t)["seq"] for t in [first, *later]] == [1, 2, 3]
+        assert log.fsyncs == 2 and verify_files([log_path]).records == 3
+
+    async def test_head_is_a_durable_record_after_a_failed_fsync(
+            self, log_path: Path, open_log: OpenLog, monkeypatch: pytest.MonkeyPatch) -> None:
+        log = open_log(log_path)
+        durable = await log.append(request(0))
+        gate = FsyncGate(fail_first=True)
+        monkeypatch.setattr(os, "fsync", gate)
+        with capture_logs():
+            first, later = await overlap(log, gate, 2)
+            heading = asyncio.create_task(log.head())
+            await asyncio.sleep(0.05)
+            assert not heading.done()  # it waits for the fsyncs under way
+            gate.released.set()
+            seq, digest = await heading
+            with pytest.raises(AuditUnavailable):
+                await first
+            await later[0]
+        assert (seq, digest) in {(1, durable["hash"]), (2, read_records(log_path)[1]["hash"])}
+
+
 class TestReopen:
     async def test_reopen_continues_seq_and_prev(
         self, log_path: Path, open_log: OpenLog, five_line_log: list[bytes]
