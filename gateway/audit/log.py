@@ -282,10 +282,13 @@ class AuditLog:
 
     def _flush_soon(self) -> None:
         """Starts the flusher, if not under way: its first commit starts on the next turn of
-        the loop, with what this turn appends."""
+        the loop, with what this turn appends. While the commit under way waits for its fsync
+        on the second thread, the next one starts gathering."""
         if not self._flushing:
             self._flushing = True
             running_loop().call_soon(self._next_commit)
+        elif self._commits == 1 and not (self._writing or self._gathering):
+            self._go_on()  # the commit under way is in its fsync: the next one gathers now
 
     def disk_free(self) -> int | None:
         """Bytes an unprivileged writer may still add on the log's volume; None if unknown.
@@ -564,8 +567,8 @@ class AuditLog:
         the open file, wherever its path leads now, and this fsync makes it durable there;
         the next commit with records looks at the path.)
 
-        Overlapping commits: when the next commit is already pending (or an fsync is still
-        running), the fsync is handed to the second thread (`_sync_written`, in the order
+        Overlapping commits: under load (more than one record, the next commit already
+        pending, or an fsync still running), the fsync is handed to the second thread (`_sync_written`, in the order
         written), and this thread is free to write the next commit meanwhile; `_synced`
         settles this one. A record is only acknowledged as durable once every fsync before
         its own has succeeded; after a failed one, the file is cut back to the last durable
@@ -610,7 +613,8 @@ class AuditLog:
         if not self._fsync:
             self._durable = state
             return refused, False
-        if loop is not None and commit is not None and (self._pending or self._syncer.busy):
+        if loop is not None and commit is not None and (
+                len(records) > 1 or self._pending or self._syncer.busy):
             self._syncer.post(loop, self._sync_written, fd, state, refused,
                               done=functools.partial(self._synced, commit))
             return refused, True

@@ -95,11 +95,13 @@ class FsyncGate:
     def __init__(self, *, fail_first: bool = False) -> None:
         self.fail_first = fail_first
         self.calls = 0
+        self.threads: list[str] = []  # the thread of every call
         self.entered = threading.Event()
         self.released = threading.Event()
 
     def __call__(self, fd: int) -> None:
         self.calls += 1
+        self.threads.append(threading.current_thread().name)
         if self.calls == 1:
             self.entered.set()
             self.released.wait(5)
@@ -630,6 +632,39 @@ class TestOverlappingCommits:
         assert log.fsyncs == 2 and gate.calls == 2
         assert verify_files([log_path]).records == 3
 
+    async def test_a_record_alone_is_fsynced_by_the_thread_that_wrote_it(
+            self, log_path: Path, open_log: OpenLog, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A quiet gateway's record takes no second hop between threads."""
+        log = open_log(log_path)
+        gate = FsyncGate()
+        gate.released.set()
+        monkeypatch.setattr(os, "fsync", gate)
+        await log.append(request(1))
+        await log.append(request(2))
+        assert gate.threads == ["audit", "audit"]
+
+    async def test_appends_during_a_handed_on_fsync_are_written_before_it_ends(
+            self, log_path: Path, open_log: OpenLog, monkeypatch: pytest.MonkeyPatch) -> None:
+        log = open_log(log_path)
+        gate = FsyncGate()
+        monkeypatch.setattr(os, "fsync", gate)
+        first, _ = await overlap(log, gate)  # nothing pending: r-1 alone
+        assert gate.threads == ["audit"] and first.done() is False
+        gate.released.set()
+        await first
+        gate = FsyncGate()
+        monkeypatch.setattr(os, "fsync", gate)
+        two = [asyncio.create_task(log.append(request(i))) for i in (2, 3)]  # one commit
+        await gate.wait_entered()
+        assert gate.threads == ["audit-fsync"]  # more than one record: handed on
+        third = asyncio.create_task(log.append(request(4)))  # after r-2 and r-3 are written
+        await until(lambda: len(read_records(log_path)) == 4)
+        assert len(read_records(log_path)) == 4, "r-4 is written while the fsync before runs"
+        assert gate.calls == 1 and not any(t.done() for t in [*two, third])
+        gate.released.set()
+        assert [r["seq"] for r in await asyncio.gather(*two, third)] == [2, 3, 4]
+        assert verify_files([log_path]).records == 4
+
     async def test_a_failed_fsync_cuts_back_the_commit_written_behind_it_which_goes_again(
             self, log_path: Path, open_log: OpenLog, monkeypatch: pytest.MonkeyPatch) -> None:
         log = open_log(log_path)
@@ -639,6 +674,7 @@ class TestOverlappingCommits:
         with capture_logs() as logs:
             first, later = await overlap(log, gate, 2, 3)
             await until(lambda: len(read_records(log_path)) == 4)  # r-2, r-3 behind r-1
+            assert [r["seq"] for r in read_records(log_path)] == [1, 2, 3, 4]
             gate.released.set()
             with pytest.raises(AuditUnavailable):
                 await first
