@@ -107,22 +107,6 @@ _Pending = tuple[dict[str, Any], "asyncio.Future[dict[str, Any]] | None", bool]
 _T = TypeVar("_T")
 
 
-class _Commit:
-    """One group commit, from the loop to the threads and back."""
-
-    __slots__ = ("batch", "started", "unsynced", "unsynced_durable")
-
-    def __init__(self, batch: list[_Pending], unsynced: list[dict[str, Any]]) -> None:
-        self.batch = batch
-        self.unsynced = unsynced  # written by the loop itself, made durable by this commit
-        self.unsynced_durable = False  # set by the thread once they are (before its own write)
-        self.started = time.monotonic()
-
-
-class _CutBack(Exception):
-    """A commit written behind one whose fsync failed: cut back with it, written again."""
-
-
 def hash_user_id(user_id: str) -> str:
     return "sha256:" + hashlib.sha256(user_id.encode("utf-8")).hexdigest()
 
@@ -171,14 +155,7 @@ class AuditLog:
         # (nothing pending, no commit under way); `_quiet` wakes who waits for that (close).
         self._flushing = False
         self._quiet: asyncio.Future[None] | None = None
-        # Commits overlap (see `_write_batch`): one is being written (`_writing`) while the
-        # one before waits for its fsync on the second thread; `_commits` counts those
-        # started and not yet settled (at most 2), `_gathering` the wait before the next.
-        self._writing = self._gathering = False
-        self._commits = 0
         self._worker = Writer()
-        self._syncer = Writer("audit-fsync")
-        self._sync_failed: OSError | None = None  # set by `_syncer`, cleared by `_worker`
         self._opened = self._closed = False
         self._healthy = True
         self._failed_errno: int | None = None  # last failure logged, to log each new one once
@@ -282,13 +259,10 @@ class AuditLog:
 
     def _flush_soon(self) -> None:
         """Starts the flusher, if not under way: its first commit starts on the next turn of
-        the loop, with what this turn appends. While the commit under way waits for its fsync
-        on the second thread, the next one starts gathering."""
+        the loop, with what this turn appends."""
         if not self._flushing:
             self._flushing = True
             running_loop().call_soon(self._next_commit)
-        elif self._commits == 1 and not (self._writing or self._gathering):
-            self._go_on()  # the commit under way is in its fsync: the next one gathers now
 
     def disk_free(self) -> int | None:
         """Bytes an unprivileged writer may still add on the log's volume; None if unknown.
@@ -305,7 +279,7 @@ class AuditLog:
         """seq and hash of the last durable record (0 and 64 zeros before the first)."""
         if self._closed or not self._opened:
             return self._seq, self._prev
-        return await self._in_worker(self._head)
+        return await self._in_worker(lambda: (self._seq, self._prev))
 
     async def probe(self) -> bool:
         """For readiness: when unhealthy, try to make the file writable again (no record)."""
@@ -346,7 +320,6 @@ class AuditLog:
         await self._in_worker(self._close_fd)
         await self._in_worker(self._reserve.close)
         self._worker.stop()
-        self._syncer.stop()
 
     # -- event-loop side ---------------------------------------------------------------------
 
@@ -374,91 +347,42 @@ class AuditLog:
         (`_unsynced`); with nothing left, the log is quiet. Driven by callbacks, not a task:
         the thread's hand-back (`_committed`) settles the commit on its own turn, so the
         callers resume on the next turn with the log's state already as the commit left it;
-        gathering for the next commit starts on that next turn (`_start_gathering`), or,
-        while this commit's fsync runs on the second thread, once it is written (`_wrote`)."""
-        self._gathering = False
+        gathering for the next commit starts on that next turn (`_start_gathering`)."""
         if not (self._pending or self._retained or self._unsynced):
-            if not self._commits:
-                self._now_quiet()
+            self._now_quiet()
             return
         batch = self._retained + self._pending
         self._retained, self._pending = [], []
-        commit = _Commit(batch, self._unsynced)  # written by the loop: this fsync's too
-        self._unsynced = []
+        unsynced, self._unsynced = self._unsynced, []  # written by the loop: this fsync's too
         records = [record for record, _, _ in batch]
-        self._writing = True
-        self._commits += 1
+        done = functools.partial(self._committed, batch, unsynced, time.monotonic())
         try:
             self._worker.call(self._write_batch, records, self._when_written(batch),
-                              bool(commit.unsynced), commit, running_loop(),
-                              done=functools.partial(self._wrote, commit))
+                              bool(unsynced), done=done)
         except Exception as exc:  # noqa: BLE001 - no thread to write with (none could start)
-            self._wrote(commit, None, exc)
+            done(None, exc)
 
-    def _wrote(self, commit: _Commit, result: tuple[dict[int, Exception], bool] | None,
-               error: BaseException | None) -> None:
-        """The thread's hand-back of a commit's write, on the loop: the commit is over, or
-        its fsync runs on the second thread (`_synced` settles it) and the next commit may
-        gather and be written meanwhile."""
-        self._writing = False
-        if error is not None:
-            self._committed(commit, None, error)
-            return
-        assert result is not None
-        refused, syncing = result
-        if syncing:
-            self._go_on()
-        else:
-            self._committed(commit, refused, None)
-
-    def _synced(self, commit: _Commit, refused: dict[int, Exception] | None,
-                error: BaseException | None) -> None:
-        """The second thread's hand-back of a commit's fsync, on the loop. After a failed
-        fsync, the file is cut back to its last durable record before the callers hear of
-        it (and the commit written behind it is written again: `_CutBack`)."""
-        if not isinstance(error, OSError):
-            self._committed(commit, refused, error)
-            return
-        def cut_back(_: object, __: BaseException | None) -> None:
-            self._committed(commit, None, error)
-        try:
-            self._worker.call(self._settle_syncs, done=cut_back)
-        except Exception:  # noqa: BLE001 - no thread: the next commit cuts it back
-            cut_back(None, None)
-
-    def _committed(self, commit: _Commit, refused: dict[int, Exception] | None,
+    def _committed(self, batch: list[_Pending], unsynced: list[dict[str, Any]],
+                   started: float, refused: dict[int, Exception] | None,
                    error: BaseException | None) -> None:
-        """A commit settled, on the loop: the callers are resolved (they resume on the next
-        turn), then the flusher goes on (`_go_on`)."""
-        self._commits -= 1
-        batch = commit.batch
-        if isinstance(error, _CutBack):  # its records go again, first in the next commit
-            cut = [] if commit.unsynced_durable else commit.unsynced
-            self._pending[:0] = [(record, None, False) for record in cut] + batch
-            self._go_on()
-            return
+        """The thread's hand-back of a commit, on the loop: the callers are resolved (they
+        resume on the next turn), then the flusher goes on: after a commit, the next one
+        first gathers (`_gather`); after a failure with nothing new pending, the records
+        kept wait for the next append, probe or close."""
         try:
             if error is None:
                 assert refused is not None
-                self._succeeded(batch, refused, commit.started)
+                self._succeeded(batch, refused, started)
             else:
-                self._failed(batch, [] if commit.unsynced_durable else commit.unsynced, error)
+                self._failed(batch, unsynced, error)
         except Exception as exc:  # a bug must not strand the callers, nor stop the flusher
             log.exception("audit.write_error", path=str(self._path))
             _reject(batch, exc)
-        self._go_on(failed=error is not None)
-
-    def _go_on(self, *, failed: bool = False) -> None:
-        """After a commit, the next one first gathers (`_gather`), unless one is already
-        being written or gathered, or two are under way; with nothing left, the log is
-        quiet. After a failure with nothing new pending, the records kept wait for the next
-        append, probe or close."""
-        if self._writing or self._gathering or self._commits > 1:
-            return
-        if self._pending or self._unsynced or (self._retained and not failed):
-            self._gathering = True
+        if error is not None and not self._pending:
+            self._now_quiet()
+        elif self._pending or self._retained or self._unsynced:
             running_loop().call_soon(self._start_gathering)
-        elif not self._commits:
+        else:
             self._now_quiet()
 
     def _succeeded(self, batch: list[_Pending], refused: dict[int, Exception],
@@ -529,11 +453,12 @@ class AuditLog:
         """Callers waiting for a failed commit get `AuditUnavailable`. Records already
         acknowledged as written (their fsync failed, so the write was cut back) are kept for
         the next commit, in their order, as are records kept from an earlier failure; the
-        records the loop wrote itself before the batch and the failure cut back (`unsynced`:
-        those it did not make durable in the file they were left in) go first."""
+        records the loop wrote itself before the batch (`unsynced`) go first, those the
+        failure cut back (the ones it did not make durable in the file they were left in)."""
         kept = [(record, None, False) for record, future, durable in batch
                 if future is None or (not durable and _acknowledged(future))]
-        cut: list[_Pending] = [(record, None, False) for record in unsynced]
+        durable_seq = self._durable[1]  # (the thread is done: its state can be read)
+        cut = [(record, None, False) for record in unsynced if record["seq"] > durable_seq]
         self._retained = cut + kept + self._retained
         _reject(batch, cause)
 
@@ -556,112 +481,47 @@ class AuditLog:
 
     def _write_batch(self, records: list[dict[str, Any]],
                      written: Callable[[dict[int, Exception]], None] | None = None,
-                     sync: bool = False, commit: _Commit | None = None,
-                     loop: asyncio.AbstractEventLoop | None = None
-                     ) -> tuple[dict[int, Exception], bool]:
+                     sync: bool = False) -> dict[int, Exception]:
         """Chain `records` onto the last one written, write them at once (then call
         `written`) and fsync; returns the records that cannot be encoded (by index), which
-        are left out of the chain, and whether the fsync was handed on. `sync`: records the
-        loop wrote itself wait for this fsync, which then runs even with nothing to write.
-        (One look at the path a commit with records: with none, what the loop wrote is in
-        the open file, wherever its path leads now, and this fsync makes it durable there;
-        the next commit with records looks at the path.)
-
-        Overlapping commits: under load (more than one record, the next commit already
-        pending, or an fsync still running), the fsync is handed to the second thread (`_sync_written`, in the order
-        written), and this thread is free to write the next commit meanwhile; `_synced`
-        settles this one. A record is only acknowledged as durable once every fsync before
-        its own has succeeded; after a failed one, the file is cut back to the last durable
-        record (`_settle_syncs`) and what was written behind it goes again (`_CutBack`). The
-        file is never left, cut or closed while an fsync runs on it."""
-        if self._sync_failed is not None:
-            self._settle_syncs()  # the fsync of an earlier commit failed: cut back first
+        are left out of the chain. `sync`: records the loop wrote itself wait for this
+        fsync, which then runs even with nothing to write. (One look at the path a commit
+        with records: with none, what the loop wrote is in the open file, wherever its path
+        leads now, and this fsync makes it durable there; the next commit with records looks
+        at the path.)"""
         current = self._fd is not None and (not records or self._still_current())
         if sync and self._fd is not None and not current:
             self._sync(self._fd)  # they are in the file being left (moved or replaced)
-            if commit is not None:
-                commit.unsynced_durable = True
         fd = self._writable_fd(current)
         data, refused = self._chain(records, first_in_file=not self._size)
         if not data and not sync:
             if written is not None:
                 written(refused)
-            return refused, False
+            return refused
         if data and self._size and self._size + len(data) > self._max_bytes:
-            if self._settle_syncs():  # (a failed fsync cut the file back: chained anew)
-                fd = self._writable_fd(True)
-                data, refused = self._chain(records, first_in_file=not self._size)
-            if self._size and self._size + len(data) > self._max_bytes:
-                if sync:  # what the loop wrote here is made durable before it is rotated
-                    self._sync(fd)
-                    if commit is not None:
-                        commit.unsynced_durable = True
-                fd = self._rotate()
-                data, refused = self._chain(records, first_in_file=True)
-        if data:
-            with self._io_lock:  # see `halt()`
-                try:
+            if sync:  # what the loop wrote here is made durable before the file is rotated
+                self._sync(fd)
+            fd = self._rotate()
+            data, refused = self._chain(records, first_in_file=True)
+        with self._io_lock:  # see `halt()`
+            try:
+                if data:
                     _write_all(fd, data)
-                except OSError:
-                    self._undo_partial(fd)
-                    raise
+                if written is not None:
+                    written(refused)
+                if self._fsync:
+                    os.fsync(fd)
+                    self.fsyncs += 1
+            except OSError:
+                self._undo_partial(fd)
+                raise
+        if data:
             self._size += len(data)
             self._seq, self._prev = seq_and_hash(records, refused)
-        if written is not None:
-            written(refused)
-        state = (self._size, self._seq, self._prev)
-        if not self._fsync:
-            self._durable = state
-            return refused, False
-        if loop is not None and commit is not None and (
-                len(records) > 1 or self._pending or self._syncer.busy):
-            self._syncer.post(loop, self._sync_written, fd, state, refused,
-                              done=functools.partial(self._synced, commit))
-            return refused, True
-        try:
-            os.fsync(fd)
-        except OSError:
-            self._undo_partial(fd)
-            raise
-        self.fsyncs += 1
-        self._durable = state
-        return refused, False
-
-    def _sync_written(self, fd: int, state: tuple[int, int, str],
-                      refused: dict[int, Exception]) -> dict[int, Exception]:
-        """On the second thread, in the order written: the fsync of a commit. After a failed
-        one, those behind it fail without an fsync (one that succeeds after a failure does
-        not make what the failure lost durable), until the log's thread cuts back."""
-        if self._sync_failed is not None:
-            raise _CutBack
-        try:
-            os.fsync(fd)
-        except OSError as exc:
-            self._sync_failed = exc
-            raise
-        self.fsyncs += 1
-        self._durable = state
+        self._durable = (self._size, self._seq, self._prev)
         return refused
 
-    def _settle_syncs(self) -> bool:
-        """On the log's thread: waits for the fsyncs handed on; after a failed one, cuts the
-        file back to its last durable record (True)."""
-        self._syncer.drain()
-        if self._sync_failed is None:
-            return False
-        if self._fd is not None:
-            self._undo_partial(self._fd)
-        else:
-            self._sync_failed = None
-            self._size, self._seq, self._prev = self._durable
-        return True
-
-    def _head(self) -> tuple[int, str]:
-        self._settle_syncs()
-        return self._seq, self._prev
-
     def _sync(self, fd: int) -> None:
-        self._settle_syncs()
         with self._io_lock:
             try:
                 os.fsync(fd)
@@ -747,7 +607,6 @@ class AuditLog:
         """The open descriptor of the current file, reopened if lost, removed or replaced.
         `current`: whether the path still leads to it (`_still_current`, just looked at)."""
         if self._fd is not None and not current:
-            self._settle_syncs()  # (a cut back closes it too)
             log.error("audit.reopened", path=str(self._path), reason="removed or replaced")
             self._close_fd()
             self._identity = None
@@ -782,8 +641,6 @@ class AuditLog:
 
     def _undo_partial(self, fd: int) -> None:
         """Cut the file back to its durable size and drop the descriptor: retries reopen."""
-        self._syncer.drain()  # (its fsyncs are over: the durable size is known)
-        self._sync_failed = None
         size, self._seq, self._prev = self._durable
         self._size = size
         try:
@@ -802,7 +659,6 @@ class AuditLog:
         return self._reopen()  # fsyncs the directory: the rename and the new file are durable
 
     def _probe_sync(self) -> None:
-        self._settle_syncs()
         self._close_fd()  # a fresh descriptor: the old one may be what broke
         fd = self._reopen()
         with self._io_lock:
@@ -819,7 +675,6 @@ class AuditLog:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     def _close_fd(self) -> None:
-        self._syncer.drain()  # no fsync runs on it any more
         if self._fd is not None:
             fd, self._fd = self._fd, None
             os.close(fd)

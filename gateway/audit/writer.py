@@ -1,10 +1,9 @@
-"""The audit file's own threads (`Writer`): one call at a time, in order, off the event loop.
+"""The audit file's own thread (`Writer`): one call at a time, in order, off the event loop.
 
-`AuditLog` runs every write, rotation and reopening on one of them, so none of them blocks
-the event loop and none runs concurrently with another; an fsync runs there too, or, while
-the next commit is ready to be written, on a second one (see `AuditLog._write_batch`). Each
-result goes back to the loop with one wake-up: a queue in, `call_soon_threadsafe` out, about
-half the CPU of a `ThreadPoolExecutor` round trip.
+`AuditLog` runs every write, fsync, rotation and reopening here, so none of them blocks the
+event loop and none runs concurrently with another. Each result goes back to the loop with
+one wake-up: a queue in, `call_soon_threadsafe` out, about half the CPU of a
+`ThreadPoolExecutor` round trip.
 """
 
 from __future__ import annotations
@@ -32,15 +31,11 @@ def set_exception(future: asyncio.Future[Any], error: BaseException) -> None:
 class Writer:
     """A thread started with the first call; `stop()` ends it after the calls queued."""
 
-    def __init__(self, name: str = "audit") -> None:
-        self._name = name
+    def __init__(self) -> None:
         self._jobs: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         # Calls given and not yet handed back to the event loop; moved on the loop only.
         self.running = 0
-        # Calls given (`call` or `post`) and not yet over, for `drain()`.
-        self._backlog = 0
-        self._over = threading.Condition(threading.Lock())
 
     @property
     def idle(self) -> bool:
@@ -64,66 +59,33 @@ class Writer:
         awaitable (the audit log's flusher) goes on from there on the same turn. Nothing runs
         when the loop has closed meanwhile."""
         loop = running_loop()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._serve, name="audit", daemon=True)
+            self._thread.start()
         self.running += 1
-        self._put(loop, func, args, done, self._settle)
-
-    def post(self, loop: asyncio.AbstractEventLoop, func: Callable[..., _T], *args: Any,
-             done: Callable[[_T | None, BaseException | None], None]) -> None:
-        """As `call`, from any thread (the audit log's own, handing an fsync on), with the
-        loop to hand back to; not counted in `running`."""
-        self._put(loop, func, args, done, _hand_back)
-
-    def drain(self) -> None:
-        """From another thread: returns once every call given so far is over (its result
-        may still be on its way to the loop)."""
-        with self._over:
-            while self._backlog:
-                self._over.wait()
-
-    @property
-    def busy(self) -> bool:
-        """A call given and not yet over (read from any thread)."""
-        return self._backlog != 0
+        self._jobs.put((loop, func, args, done))
 
     def stop(self) -> None:
         if self._thread is not None:
             self._jobs.put(None)
             self._thread = None
 
-    def _put(self, loop: asyncio.AbstractEventLoop, func: Callable[..., Any],
-             args: tuple[Any, ...], done: Callable[[Any, BaseException | None], None],
-             settle: Callable[..., None]) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._serve, name=self._name, daemon=True)
-            self._thread.start()
-        with self._over:
-            self._backlog += 1
-        self._jobs.put((loop, func, args, done, settle))
-
     def _serve(self) -> None:
         while (job := self._jobs.get()) is not None:
-            loop, func, args, done, settle = job
+            loop, func, args, done = job
             try:
                 result, error = func(*args), None
             except Exception as exc:  # noqa: BLE001 - handed to `done`
                 result, error = None, exc
             try:
-                loop.call_soon_threadsafe(settle, done, result, error)
+                loop.call_soon_threadsafe(self._settle, done, result, error)
             except RuntimeError:
                 pass  # the loop is closed: nobody waits any more
-            with self._over:  # after the hand-back: results reach the loop in their order
-                self._backlog -= 1
-                self._over.notify_all()
 
     def _settle(self, done: Callable[[Any, BaseException | None], None], result: Any,
                 error: BaseException | None) -> None:
         self.running -= 1  # on the loop, once the call is over
         done(result, error)
-
-
-def _hand_back(done: Callable[[Any, BaseException | None], None], result: Any,
-               error: BaseException | None) -> None:
-    done(result, error)
 
 
 def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
