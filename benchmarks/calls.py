@@ -46,7 +46,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import CodeType, FrameType
@@ -195,20 +195,30 @@ def serve(out: Path, module: str, argv: list[str]) -> None:
     afresh, SIGUSR2 writes it to `out` (then to `out` again on each SIGUSR2)."""
     profiler = cProfile.Profile()
 
-    def restart(*_: object) -> None:
+    def restart() -> None:
         profiler.disable()
         profiler.clear()
         profiler.enable()
 
-    def dump(*_: object) -> None:
+    def dump(part: str) -> None:
         profiler.disable()
-        profiler.dump_stats(str(out) + ".part")
+        profiler.dump_stats(part)
+
+    _run_counted(out, module, argv, restart, dump, profiler.enable)
+
+
+def _run_counted(out: Path, module: str, argv: list[str], restart: Callable[[], None],
+                 dump: Callable[[str], None], start: Callable[[], None]) -> None:
+    """Runs `python -m module argv…` after `start()`: SIGUSR1 calls `restart()`, SIGUSR2
+    `dump(part)`, which writes the count to the file `part`, moved onto `out` once whole."""
+    def write(*_: object) -> None:
+        dump(str(out) + ".part")
         os.replace(str(out) + ".part", out)
 
-    signal.signal(signal.SIGUSR1, restart)
-    signal.signal(signal.SIGUSR2, dump)
+    signal.signal(signal.SIGUSR1, lambda *_: restart())
+    signal.signal(signal.SIGUSR2, write)
     sys.argv = [module, *argv]
-    profiler.enable()
+    start()
     runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 
@@ -246,16 +256,11 @@ def serve_opcodes(out: Path, module: str, argv: list[str]) -> None:
     SIGUSR2 writes the rows as JSON."""
     counter = OpcodeCounter()
 
-    def dump(*_: object) -> None:
+    def dump(part: str) -> None:
         counter.counting = False
-        Path(str(out) + ".part").write_text(json.dumps(counter.rows()))
-        os.replace(str(out) + ".part", out)
+        Path(part).write_text(json.dumps(counter.rows()))
 
-    signal.signal(signal.SIGUSR1, lambda *_: counter.restart())
-    signal.signal(signal.SIGUSR2, dump)
-    sys.argv = [module, *argv]
-    counter.install()
-    runpy.run_module(module, run_name="__main__", alter_sys=True)
+    _run_counted(out, module, argv, counter.restart, dump, counter.install)
 
 
 async def _count(name: str, server: Server, ready_path: str, headers: dict[str, str],
