@@ -1,0 +1,148 @@
+"""`python -m benchmarks.runs [DIR]`: every kept harness run with the contract's peers, in one view.
+
+A harness run meets a timed target or misses it by a margin that this shared host moves from
+one run to the next, so one run settles little. This reads every run a directory keeps
+(`docs/benchmarks` by default: each `.json` that `python -m benchmarks` wrote with the floor +
+audit I/O and the contract minimum beside the gateway) and prints, oldest first:
+
+- each run's four timed targets: the gateway's figure, the contract minimum's and the floor +
+  audit I/O's (the contract's audit writes alone), with the floor's own p50;
+- for each target, in how many runs each of the three met the limit, and the medians;
+- for p50, the gateway's distance to the contract minimum (what the gateway does beyond the
+  contract's barest form), against what the limit leaves it once the minimum is paid, over
+  every run and over the runs of the faster and the slower half of the host's windows (by the
+  floor's own p50).
+
+Reads files only; starts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DEFAULT_DIR = Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
+TIMED = ("cpu_ratio_floor", "throughput_ratio_floor", "over_floor_p50_ms", "over_floor_p99_ms")
+HEADS = {"cpu_ratio_floor": "CPU ÷ floor", "throughput_ratio_floor": "throughput ÷ floor",
+         "over_floor_p50_ms": "p50 over floor (ms)", "over_floor_p99_ms": "p99 over floor (ms)"}
+P50 = "over_floor_p50_ms"
+SUMMARY_HEAD = ("| target | limit | gateway met | minimum met | audit I/O met "
+                "| medians: gateway / minimum / audit I/O |")
+BUDGET_HEAD = ("p50: the gateway over the contract minimum, against what the limit leaves once "
+               "the minimum is paid (limit − minimum; ms):")
+
+
+@dataclass(frozen=True)
+class Figure:
+    gateway: float
+    minimum: float
+    audit_io: float
+    limit: float
+    kind: str  # "max" or "min"
+
+    def met(self, value: float) -> bool:
+        return value <= self.limit if self.kind == "max" else value >= self.limit
+
+
+@dataclass(frozen=True)
+class Run:
+    when: str
+    label: str
+    floor_p50_ms: float
+    figures: dict[str, Figure]
+
+
+def load_runs(directory: Path) -> list[Run]:
+    """The harness runs in `directory` that timed the contract's two peers, oldest first."""
+    runs = []
+    for path in sorted(directory.glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        run = _run(data) if isinstance(data, dict) else None
+        if run is not None:
+            runs.append(run)
+    return sorted(runs, key=lambda run: (run.when, run.label))
+
+
+def _run(data: dict[str, Any]) -> Run | None:
+    targets = {t.get("key"): t for t in data.get("targets") or () if isinstance(t, dict)}
+    try:
+        figures = {key: Figure(float(targets[key]["value"]),
+                               float(targets[key]["contract_minimum"]),
+                               float(targets[key]["contract_io"]),
+                               float(targets[key]["limit"]), str(targets[key]["kind"]))
+                   for key in TIMED}
+        floor_p50 = float(data["latency_200"]["floor"]["p50_ms"])
+    except (KeyError, TypeError, ValueError):  # another tool's file, or a run before the peers
+        return None
+    return Run(str(data.get("when", "")), str(data.get("label", "")), floor_p50, figures)
+
+
+def report(runs: Sequence[Run]) -> str:
+    if not runs:
+        return "no harness run with the contract's peers found\n"
+    heads = " | ".join(f"{HEADS[key]}: gateway / minimum / audit I/O" for key in TIMED)
+    lines = [f"| run | when | floor p50 (ms) | {heads} |",
+             "|---|---|---:|" + "---:|" * len(TIMED)]
+    for run in runs:
+        cells = " | ".join(_triple(run.figures[key]) for key in TIMED)
+        lines.append(f"| `{run.label}` | {run.when} | {run.floor_p50_ms:.3f} | {cells} |")
+    lines += ["", f"{len(runs)} runs. Limits met, and the medians:", "", SUMMARY_HEAD,
+              "|---|---:|---:|---:|---:|---:|"]
+    for key in TIMED:
+        figures = [run.figures[key] for run in runs]
+        first = figures[0]
+        sign = "≤" if first.kind == "max" else "≥"
+        counts = [sum(f.met(getattr(f, who)) for f in figures)
+                  for who in ("gateway", "minimum", "audit_io")]
+        medians = " / ".join(f"{statistics.median(getattr(f, who) for f in figures):.3f}"
+                             for who in ("gateway", "minimum", "audit_io"))
+        lines.append(f"| {HEADS[key]} | {sign} {first.limit:g} | "
+                     + " | ".join(f"{c} of {len(runs)}" for c in counts) + f" | {medians} |")
+    lines += ["", BUDGET_HEAD, ""]
+    ordered = sorted(runs, key=lambda run: run.floor_p50_ms)
+    half = len(ordered) // 2
+    groups = [("every run", ordered)]
+    if half:
+        groups += [(f"the faster half (floor p50 ≤ {ordered[half - 1].floor_p50_ms:.3f} ms)",
+                    ordered[:half]),
+                   (f"the slower half (floor p50 ≥ {ordered[half].floor_p50_ms:.3f} ms)",
+                    ordered[half:])]
+    for name, group in groups:
+        beyond = [r.figures[P50].gateway - r.figures[P50].minimum for r in group]
+        left = [r.figures[P50].limit - r.figures[P50].minimum for r in group]
+        lines.append(f"- {name}, {len(group)} runs: the gateway is "
+                     f"{statistics.median(beyond):+.3f} over the minimum (median; "
+                     f"{min(beyond):+.3f} to {max(beyond):+.3f}); the limit leaves "
+                     f"{statistics.median(left):+.3f} (median; {min(left):+.3f} to "
+                     f"{max(left):+.3f})")
+    return "\n".join(lines) + "\n"
+
+
+def _triple(figure: Figure) -> str:
+    return " / ".join(("**{:.3f}**" if figure.met(value) else "{:.3f}").format(value)
+                      for value in (figure.gateway, figure.minimum, figure.audit_io))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.runs",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("directory", nargs="?", type=Path, default=DEFAULT_DIR,
+                        help="where the harness runs are kept (default docs/benchmarks)")
+    args = parser.parse_args(argv)
+    if not args.directory.is_dir():
+        parser.error(f"{args.directory}: not a directory")
+    sys.stdout.write(report(load_runs(args.directory)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
