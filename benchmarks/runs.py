@@ -32,6 +32,7 @@ TIMED = ("cpu_ratio_floor", "throughput_ratio_floor", "over_floor_p50_ms", "over
 HEADS = {"cpu_ratio_floor": "CPU ÷ floor", "throughput_ratio_floor": "throughput ÷ floor",
          "over_floor_p50_ms": "p50 over floor (ms)", "over_floor_p99_ms": "p99 over floor (ms)"}
 P50 = "over_floor_p50_ms"
+SERVERS = ("gateway", "minimum", "audit_io")  # the fields of a `Figure`, in the tables' order
 SUMMARY_HEAD = ("| target | limit | gateway met | minimum met | audit I/O met "
                 "| medians: gateway / minimum / audit I/O |")
 BUDGET_HEAD = ("p50: the gateway over the contract minimum, against what the limit leaves once "
@@ -40,6 +41,8 @@ BUDGET_HEAD = ("p50: the gateway over the contract minimum, against what the lim
 
 @dataclass(frozen=True)
 class Figure:
+    """One timed target of one run: the three servers' figures and the target's limit."""
+
     gateway: float
     minimum: float
     audit_io: float
@@ -52,6 +55,8 @@ class Figure:
 
 @dataclass(frozen=True)
 class Run:
+    """One harness run: when, its label, the floor's own p50 and the four timed targets."""
+
     when: str
     label: str
     floor_p50_ms: float
@@ -89,25 +94,36 @@ def _run(data: dict[str, Any]) -> Run | None:
 def report(runs: Sequence[Run]) -> str:
     if not runs:
         return "no harness run with the contract's peers found\n"
+    lines = [*_per_run(runs), "", f"{len(runs)} runs. Limits met, and the medians:", "",
+             *_limits_met(runs), "", BUDGET_HEAD, "", *_p50_budget(runs)]
+    return "\n".join(lines) + "\n"
+
+
+def _per_run(runs: Sequence[Run]) -> list[str]:
     heads = " | ".join(f"{HEADS[key]}: gateway / minimum / audit I/O" for key in TIMED)
-    lines = [f"| run | when | floor p50 (ms) | {heads} |",
-             "|---|---|---:|" + "---:|" * len(TIMED)]
+    lines = [f"| run | when | floor p50 (ms) | {heads} |", "|---|---|---:|" + "---:|" * len(TIMED)]
     for run in runs:
         cells = " | ".join(_triple(run.figures[key]) for key in TIMED)
         lines.append(f"| `{run.label}` | {run.when} | {run.floor_p50_ms:.3f} | {cells} |")
-    lines += ["", f"{len(runs)} runs. Limits met, and the medians:", "", SUMMARY_HEAD,
-              "|---|---:|---:|---:|---:|---:|"]
+    return lines
+
+
+def _limits_met(runs: Sequence[Run]) -> list[str]:
+    lines = [SUMMARY_HEAD, "|---|---:|---:|---:|---:|---:|"]
     for key in TIMED:
         figures = [run.figures[key] for run in runs]
         first = figures[0]
         sign = "≤" if first.kind == "max" else "≥"
-        counts = [sum(f.met(getattr(f, who)) for f in figures)
-                  for who in ("gateway", "minimum", "audit_io")]
+        counts = " | ".join(f"{sum(f.met(getattr(f, who)) for f in figures)} of {len(runs)}"
+                            for who in SERVERS)
         medians = " / ".join(f"{statistics.median(getattr(f, who) for f in figures):.3f}"
-                             for who in ("gateway", "minimum", "audit_io"))
-        lines.append(f"| {HEADS[key]} | {sign} {first.limit:g} | "
-                     + " | ".join(f"{c} of {len(runs)}" for c in counts) + f" | {medians} |")
-    lines += ["", BUDGET_HEAD, ""]
+                             for who in SERVERS)
+        lines.append(f"| {HEADS[key]} | {sign} {first.limit:g} | {counts} | {medians} |")
+    return lines
+
+
+def _p50_budget(runs: Sequence[Run]) -> list[str]:
+    """The gateway over the minimum at p50, and the room left, over all runs and each half."""
     ordered = sorted(runs, key=lambda run: run.floor_p50_ms)
     half = len(ordered) // 2
     groups = [("every run", ordered)]
@@ -116,6 +132,7 @@ def report(runs: Sequence[Run]) -> str:
                     ordered[:half]),
                    (f"the slower half (floor p50 ≥ {ordered[half].floor_p50_ms:.3f} ms)",
                     ordered[half:])]
+    lines = []
     for name, group in groups:
         beyond = [r.figures[P50].gateway - r.figures[P50].minimum for r in group]
         left = [r.figures[P50].limit - r.figures[P50].minimum for r in group]
@@ -124,12 +141,12 @@ def report(runs: Sequence[Run]) -> str:
                      f"{min(beyond):+.3f} to {max(beyond):+.3f}); the limit leaves "
                      f"{statistics.median(left):+.3f} (median; {min(left):+.3f} to "
                      f"{max(left):+.3f})")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _triple(figure: Figure) -> str:
     return " / ".join(("**{:.3f}**" if figure.met(value) else "{:.3f}").format(value)
-                      for value in (figure.gateway, figure.minimum, figure.audit_io))
+                      for value in (getattr(figure, who) for who in SERVERS))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
