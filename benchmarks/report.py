@@ -36,6 +36,11 @@ TARGETS: tuple[tuple[str, str, float, str], ...] = (
 )
 
 
+def within(value: float, limit: float, kind: str) -> bool:
+    """Whether `value` meets a target's `limit`: at or under it ("max"), at or over it ("min")."""
+    return value <= limit if kind == "max" else value >= limit
+
+
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     lat = results["latency_200"]
     figures = {
@@ -56,7 +61,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     for key, what, limit, kind in TARGETS:
         value = figures[key]
-        met = None if value is None else (value <= limit if kind == "max" else value >= limit)
+        met = None if value is None else within(value, limit, kind)
         out.append({"key": key, "what": what, "value": value, "limit": limit, "kind": kind,
                     "met": met, "contract_io": bare[CONTRACT].get(key),
                     "contract_minimum": bare[MINIMUM].get(key)})

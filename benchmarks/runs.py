@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks.report import within
+
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
 TIMED = ("cpu_ratio_floor", "throughput_ratio_floor", "over_floor_p50_ms", "over_floor_p99_ms")
 HEADS = {"cpu_ratio_floor": "CPU ÷ floor", "throughput_ratio_floor": "throughput ÷ floor",
@@ -50,7 +52,7 @@ class Figure:
     kind: str  # "max" or "min"
 
     def met(self, value: float) -> bool:
-        return value <= self.limit if self.kind == "max" else value >= self.limit
+        return within(value, self.limit, self.kind)
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,7 @@ class Run:
 def load_runs(directory: Path) -> list[Run]:
     """The harness runs in `directory` that timed the contract's two peers, oldest first."""
     runs = []
-    for path in sorted(directory.glob("*.json")):
+    for path in directory.glob("*.json"):  # (sorted by run below)
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
