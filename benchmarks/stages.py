@@ -5,10 +5,13 @@ Starts the benchmark's stub and one gateway worker (every feature on, the config
 second for `--seconds` (open loop, as the harness's latency figures), and prints, for each mark
 a request passes, its median and p90 offset from the moment the request entered the gateway's
 middleware, and the median of each stage (from the mark before). Also: the median time of the
-audit thread's write + fsync of one commit, what the paced client saw end to end, and, for the
-gateway, a second table of the `requested` record's commit (`COMMIT_MARKS`): the record handed
-to the log's thread, taken by it, its file's path looked at, the records chained, written and
-fsynced there, and the event loop resumed by the thread's hand-back. Those marks are set on the
+audit thread's write + fsync of one commit and of every `os.fsync` call (the system call and
+the GIL taken back after it, beside the calling thread's CPU time: the same call in both
+targets, so what the disk and the kernel take can be told from the code around them), what
+the paced client saw end to end, and, for the gateway, a second table of the `requested`
+record's commit (`COMMIT_MARKS`): the record handed to the log's thread, taken by it, its
+file's path looked at, the records chained, written and fsynced there, and the event loop
+resumed by the thread's hand-back. Those marks are set on the
 loop and on the thread by the record's identity, so they are the record's own commit's. Last,
 two of the thread's steps (`THREAD_STEPS`) with the thread's own CPU time beside the wall
 clock's, and the same call timed warm, in a loop after the run: CPU time as long as the wall
@@ -33,6 +36,7 @@ import argparse
 import asyncio
 import contextvars
 import json
+import os
 import secrets
 import statistics
 import sys
@@ -41,11 +45,14 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from benchmarks import load, peers, stubs
 from benchmarks.procs import Server, start, wait_status
+
+if TYPE_CHECKING:
+    from _typeshed import HasFileno
 
 READY_TIMEOUT_S = 20.0
 POLL_S = 0.05  # how often the gateway process looks for a request for its samples
@@ -53,6 +60,9 @@ POLL_S = 0.05  # how often the gateway process looks for a request for its sampl
 MARKS = ("authenticated", "body read", "deactivation begun", "requested record durable",
          "Kore.ai answered", "terminal record appended", "answer ready")
 THREAD = "audit thread: write + fsync of a commit"
+# Every `os.fsync` of the served process, timed around the call (`_time_fsync`): the system
+# call, and the GIL taken back after it; beside it the calling thread's CPU time.
+FSYNC = "every fsync call, p50 µs: wall / CPU of its thread"
 # Inside "requested record durable" (the gateway only): the `requested` record's commit, from
 # its hand-over to the log's thread to the loop resumed by the thread's hand-back.
 COMMIT_MARKS = ("record handed to the thread", "thread took it", "path looked at",
@@ -122,6 +132,7 @@ def instrument(out: Path) -> None:
 
     samples: list[dict[str, float]] = []
     commits: list[float] = []
+    fsyncs = _time_fsync()
     app.envelope_middleware = _timed(app.envelope_middleware, samples)
     # The simplified route's common case calls the authenticator and `plain_simplified`
     # inline; its other cases go through `authenticated` and `read_json`.
@@ -189,7 +200,7 @@ def instrument(out: Path) -> None:
     audit._settle = settled
     steps = {mark: _timed_step(audit.AuditLog, method, mark, in_commit)
              for mark, method in THREAD_STEPS}
-    _dump_when_asked(out, samples, commits, steps)
+    _dump_when_asked(out, samples, commits, steps, fsyncs)
 
 
 def _timed_step(owner: Any, method: str, mark: str, in_commit: threading.local
@@ -266,8 +277,24 @@ def _timed(middleware: Any, samples: list[dict[str, float]]) -> Any:
     return timed_middleware
 
 
+def _time_fsync() -> list[tuple[float, float]]:
+    """`os.fsync` in this process, timed: each call's wall and its thread's CPU time (µs).
+    Both targets' logs call it through the module (`os.fsync(fd)`), so both are timed."""
+    calls: list[tuple[float, float]] = []
+    fsync = os.fsync
+
+    def timed(fd: int | HasFileno) -> None:
+        wall, cpu = time.perf_counter(), time.thread_time()
+        fsync(fd)
+        calls.append(((time.perf_counter() - wall) * 1e6, (time.thread_time() - cpu) * 1e6))
+
+    os.fsync = timed
+    return calls
+
+
 def _dump_when_asked(out: Path, samples: list[dict[str, float]], commits: list[float],
-                     steps: dict[str, dict[str, Any]] | None = None) -> None:
+                     steps: dict[str, dict[str, Any]] | None = None,
+                     fsyncs: list[tuple[float, float]] | None = None) -> None:
     def dump() -> None:  # only when asked: encoding the samples holds the GIL
         want = _wanted(out)
         while True:
@@ -276,7 +303,7 @@ def _dump_when_asked(out: Path, samples: list[dict[str, float]], commits: list[f
                 thread = {mark: {"wall": list(step["wall"]), "cpu": list(step["cpu"]),
                                  "warm": step["warm"]()} for mark, step in (steps or {}).items()}
                 out.write_text(json.dumps({"samples": list(samples), "commits": list(commits),
-                                           "thread": thread}))
+                                           "thread": thread, "fsync": list(fsyncs or ())}))
                 want.unlink()
 
     threading.Thread(target=dump, name="stages-dump", daemon=True).start()
@@ -306,6 +333,7 @@ def serve_minimum(out: Path, floor_argv: list[str]) -> int:
 
     samples: list[dict[str, float]] = []
     commits: list[float] = []
+    fsyncs = _time_fsync()
     module = types.ModuleType("benchmarks.floor_marked")
     module.__dict__.update(
         _mark=_mark,
@@ -321,7 +349,7 @@ def serve_minimum(out: Path, floor_argv: list[str]) -> int:
         return served
 
     module.__dict__["make_app"] = marked_app
-    _dump_when_asked(out, samples, commits)
+    _dump_when_asked(out, samples, commits, fsyncs=fsyncs)
     result: int = module.__dict__["main"](floor_argv)
     return result
 
@@ -344,14 +372,19 @@ async def _collect(out: Path) -> dict[str, Any]:
 
 
 def summary(samples: Sequence[dict[str, float]], commits: Sequence[float],
-            thread: dict[str, dict[str, Any]] | None = None) -> list[str]:
-    """The table: each mark's median and p90 offset, and the median of its stage; then, when
-    the samples have them, the same for the `requested` record's commit (`COMMIT_MARKS`), and
-    the thread's steps (`THREAD_STEPS`): wall and CPU time in the run, and warm."""
+            thread: dict[str, dict[str, Any]] | None = None,
+            fsyncs: Sequence[Sequence[float]] = ()) -> list[str]:
+    """The table: each mark's median and p90 offset, and the median of its stage; the median
+    commit and fsync call; then, when the samples have them, the same table for the
+    `requested` record's commit (`COMMIT_MARKS`), and the thread's steps (`THREAD_STEPS`):
+    wall and CPU time in the run, and warm."""
     lines = _table(samples, MARKS, "start")
     if commits:
         lines.append(f"{THREAD}: p50 {statistics.median(commits):.3f} ms "
                      f"({len(commits)} commits)")
+    if fsyncs:
+        wall, cpu = (statistics.median(call[i] for call in fsyncs) for i in (0, 1))
+        lines.append(f"{FSYNC}: {wall:.1f} / {cpu:.1f} ({len(fsyncs)} calls)")
     committed = [s for s in samples if all(mark in s for mark in COMMIT_MARKS)]
     if committed:
         lines.append(f"the requested record's commit ({len(committed)} deactivations), "
@@ -419,10 +452,11 @@ async def _measure(directory: Path, seconds: float, rate: float, target: str = "
         url = urlsplit(gateway.url)
         host, port = url.hostname or "127.0.0.1", url.port or 80
         await load.paced(host, port, request, rate=rate, duration_s=min(1.0, seconds))  # warm-up
-        warm = len((await _collect(out))["samples"])
+        warmed = await _collect(out)
         result = await load.paced(host, port, request, rate=rate, duration_s=seconds)
         data = await _collect(out)
-        data["samples"] = data["samples"][warm:]
+        for key in ("samples", "fsync"):  # the run's alone, not the warm-up's or start-up's
+            data[key] = data[key][len(warmed[key]):]
         return result, data
     finally:
         if gateway is not None:
@@ -438,8 +472,8 @@ def run(seconds: float, rate: float, target: str = "gateway") -> str:
     head = (f"{name}, 1 worker, paced {rate:g} req/s for {seconds:g} s: {result.ok} answered, "
             f"{result.failed} failed; client p50 {load.percentile(seen, 50):.3f} ms, "
             f"p99 {load.percentile(seen, 99):.3f} ms")
-    return "\n".join([head, *summary(data["samples"], data["commits"],
-                                      data.get("thread"))]) + "\n"
+    return "\n".join([head, *summary(data["samples"], data["commits"], data.get("thread"),
+                                      data["fsync"])]) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,6 +10,7 @@ import pytest
 from benchmarks import floor
 from benchmarks.stages import (
     COMMIT_MARKS,
+    FSYNC,
     MARKS,
     MINIMUM_MARKS,
     THREAD,
@@ -28,6 +29,13 @@ def test_summary_gives_each_mark_its_offset_and_stage() -> None:
     assert lines[1].split() == ["authenticated", "2.000", "3.000", "2.000"]
     assert lines[len(MARKS)].split()[-3:] == ["14.000", "21.000", "2.000"]  # answer ready
     assert lines[-1] == f"{THREAD}: p50 0.400 ms (3 commits)"
+
+
+def test_the_fsync_calls_median_wall_and_cpu_follow_the_commits() -> None:
+    lines = summary([], [0.3], None, [[150.0, 40.0], [170.0, 30.0], [900.0, 50.0]])
+    assert lines[-2] == f"{THREAD}: p50 0.300 ms (1 commits)"
+    assert lines[-1] == f"{FSYNC}: 170.0 / 40.0 (3 calls)"
+    assert FSYNC not in "\n".join(summary([], [0.3]))
 
 
 def test_a_mark_never_reached_is_shown_as_missing_and_skipped() -> None:
@@ -86,6 +94,10 @@ def assert_every_mark_timed_in_order(text: str) -> None:
         offsets.append(float(found[1]))
     assert offsets == sorted(offsets) and offsets[0] > 0, text
     assert re.search(rf"{re.escape(THREAD)}: p50 [\d.]+ ms \(\d+ commits\)", text), text
+    # Every fsync call of the run, timed in the served process (at least one a deactivation).
+    found = re.search(rf"^{re.escape(FSYNC)}: ([\d.]+) / ([\d.]+) \((\d+) calls\)$", text,
+                      re.MULTILINE)
+    assert found and float(found[1]) > 0 and int(found[3]) >= 50, text
 
 
 def test_every_mark_of_a_real_deactivation_is_timed_in_order() -> None:
