@@ -16,7 +16,13 @@ loop and on the thread by the record's identity, so they are the record's own co
 two of the thread's steps (`THREAD_STEPS`) with the thread's own CPU time beside the wall
 clock's, and the same call timed warm, in a loop after the run: CPU time as long as the wall
 clock's says the thread was computing, not waiting for the GIL; warm against the run's is what
-running once a request, with cold caches, costs the same code.
+running once a request, with cold caches, costs the same code. And the scheduler's account of
+the served process over the timed run (`/proc/<pid>/task/*/schedstat`, Linux), per
+deactivation: the event loop's thread and the process's other threads together (the audit's,
+uvloop's helpers, and this tool's own, which looks for a request for samples every `POLL_S`),
+each with its time on a CPU, its time runnable but waiting for a CPU, and how many times it was
+run. Time on a CPU is the thread's running, cold caches and all; waiting for a CPU is what
+other work on the machine made it wait.
 
 The timers wrap the gateway's own functions in this process before `serve` starts (one worker,
 served in-process); each request keeps its marks in a context variable, so requests that
@@ -63,6 +69,7 @@ THREAD = "audit thread: write + fsync of a commit"
 # Every `os.fsync` of the served process, timed around the call (`_time_fsync`): the system
 # call, and the GIL taken back after it; beside it the calling thread's CPU time.
 FSYNC = "every fsync call, p50 µs: wall / CPU of its thread"
+SCHED = "the scheduler's account of the served process, per deactivation"
 # Inside "requested record durable" (the gateway only): the `requested` record's commit, from
 # its hand-over to the log's thread to the loop resumed by the thread's hand-back.
 COMMIT_MARKS = ("record handed to the thread", "thread took it", "path looked at",
@@ -354,6 +361,40 @@ def serve_minimum(out: Path, floor_argv: list[str]) -> int:
     return result
 
 
+# A thread's /proc schedstat: ns on a CPU, ns runnable but waiting for one, times it was run.
+Sched = dict[int, tuple[int, int, int]]
+
+
+def thread_sched(pid: int, proc: Path = Path("/proc")) -> Sched:
+    """Each thread of `pid` (by thread ID): its schedstat. Empty where /proc has none (not
+    Linux, or a kernel without schedstats); a thread that ends while read is passed over."""
+    threads: Sched = {}
+    for task in sorted((proc / str(pid) / "task").glob("*")):
+        try:
+            on_cpu, waiting, runs = (int(x) for x in (task / "schedstat").read_text().split())
+        except (OSError, ValueError):
+            continue
+        threads[int(task.name)] = (on_cpu, waiting, runs)
+    return threads
+
+
+def sched_lines(before: Sched, after: Sched, main: int, requests: int) -> list[str]:
+    """What the scheduler accounted between two `thread_sched` readings, per request: for the
+    event loop's thread (the process's main thread, `main`) and for every other thread
+    together (the audit's, the event loop's helpers), the time on a CPU, the time runnable
+    but waiting for a CPU, and how many times it was run (each a wake-up, or a preemption)."""
+    if main not in before or main not in after or requests < 1:
+        return []
+    lines = [f"{SCHED} (ms on a CPU / ms waiting for one / times run):"]
+    groups = {"event loop thread": [main],
+              "other threads": [tid for tid in after if tid in before and tid != main]}
+    for name, tids in groups.items():
+        spent = [sum(after[tid][i] - before[tid][i] for tid in tids) for i in range(3)]
+        lines.append(f"{name:28} {spent[0] / 1e6 / requests:8.3f} "
+                     f"{spent[1] / 1e6 / requests:8.3f} {spent[2] / requests:8.1f}")
+    return lines
+
+
 def _wanted(out: Path) -> Path:
     return out.with_suffix(".wanted")
 
@@ -453,8 +494,11 @@ async def _measure(directory: Path, seconds: float, rate: float, target: str = "
         host, port = url.hostname or "127.0.0.1", url.port or 80
         await load.paced(host, port, request, rate=rate, duration_s=min(1.0, seconds))  # warm-up
         warmed = await _collect(out)
+        before = thread_sched(gateway.proc.pid)
         result = await load.paced(host, port, request, rate=rate, duration_s=seconds)
+        after = thread_sched(gateway.proc.pid)
         data = await _collect(out)
+        data["sched"] = sched_lines(before, after, gateway.proc.pid, result.ok)
         for key in ("samples", "fsync"):  # the run's alone, not the warm-up's or start-up's
             data[key] = data[key][len(warmed[key]):]
         return result, data
@@ -473,7 +517,7 @@ def run(seconds: float, rate: float, target: str = "gateway") -> str:
             f"{result.failed} failed; client p50 {load.percentile(seen, 50):.3f} ms, "
             f"p99 {load.percentile(seen, 99):.3f} ms")
     return "\n".join([head, *summary(data["samples"], data["commits"], data.get("thread"),
-                                      data["fsync"])]) + "\n"
+                                      data["fsync"]), *data["sched"]]) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

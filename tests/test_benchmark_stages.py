@@ -13,10 +13,13 @@ from benchmarks.stages import (
     FSYNC,
     MARKS,
     MINIMUM_MARKS,
+    SCHED,
     THREAD,
     minimum_source,
     run,
+    sched_lines,
     summary,
+    thread_sched,
 )
 
 FLOOR_SOURCE = Path(floor.__file__).read_text(encoding="utf-8")
@@ -36,6 +39,26 @@ def test_the_fsync_calls_median_wall_and_cpu_follow_the_commits() -> None:
     assert lines[-2] == f"{THREAD}: p50 0.300 ms (1 commits)"
     assert lines[-1] == f"{FSYNC}: 170.0 / 40.0 (3 calls)"
     assert FSYNC not in "\n".join(summary([], [0.3]))
+
+
+def test_each_threads_schedstat_is_read_and_a_vanished_one_passed_over(tmp_path: Path) -> None:
+    for tid, text in ((41, "3000000 20000 7\n"), (42, "1000 2000 3\n"), (43, "garbled\n")):
+        (tmp_path / "40" / "task" / str(tid)).mkdir(parents=True)
+        (tmp_path / "40" / "task" / str(tid) / "schedstat").write_text(text)
+    (tmp_path / "40" / "task" / "44").mkdir()  # ended while read: no schedstat left
+    assert thread_sched(40, tmp_path) == {41: (3000000, 20000, 7), 42: (1000, 2000, 3)}
+    assert thread_sched(99, tmp_path) == {}
+
+
+def test_the_schedulers_account_is_per_request_loop_thread_and_the_others() -> None:
+    before = {10: (1_000_000, 0, 5), 11: (0, 0, 0), 12: (500_000, 100_000, 2)}
+    after = {10: (5_000_000, 40_000, 13), 11: (1_000_000, 200_000, 6),
+             12: (700_000, 100_000, 4), 13: (9_000_000, 0, 9)}  # 13: started meanwhile
+    lines = sched_lines(before, after, 10, requests=2)
+    assert lines[0].startswith(SCHED)
+    assert lines[1].split() == ["event", "loop", "thread", "2.000", "0.020", "4.0"]
+    assert lines[2].split() == ["other", "threads", "0.600", "0.100", "4.0"]
+    assert sched_lines({}, after, 10, 2) == [] and sched_lines(before, after, 10, 0) == []
 
 
 def test_a_mark_never_reached_is_shown_as_missing_and_skipped() -> None:
@@ -71,8 +94,8 @@ def test_the_threads_steps_show_wall_cpu_and_warm_times() -> None:
 
 def assert_commit_timed_in_order(text: str) -> None:
     """The requested record's commit: each mark after the one before, durable last."""
-    table, steps = text.split("the requested record's commit (", 1)[1].split(
-        "the audit thread's steps of a commit")
+    commit = text.split("the requested record's commit (", 1)[1].split(SCHED, 1)[0]
+    table, steps = commit.split("the audit thread's steps of a commit")
     table = table.splitlines()[1:]
     offsets = [float(line.split()[-3]) for line in table]
     assert len(offsets) == len(COMMIT_MARKS) + 1, text
@@ -98,6 +121,10 @@ def assert_every_mark_timed_in_order(text: str) -> None:
     found = re.search(rf"^{re.escape(FSYNC)}: ([\d.]+) / ([\d.]+) \((\d+) calls\)$", text,
                       re.MULTILINE)
     assert found and float(found[1]) > 0 and int(found[3]) >= 50, text
+    # The scheduler's account: the event loop thread ran at least once a deactivation.
+    loop = re.search(r"^event loop thread\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", text, re.MULTILINE)
+    assert loop and float(loop[1]) > 0 and float(loop[3]) >= 1, text
+    assert re.search(r"^other threads\s+[\d.]+\s+[\d.]+\s+[\d.]+$", text, re.MULTILINE), text
 
 
 def test_every_mark_of_a_real_deactivation_is_timed_in_order() -> None:
