@@ -11,12 +11,12 @@ targets, so what the disk and the kernel take can be told from the code around t
 the paced client saw end to end, and, for the gateway, a second table of the `requested`
 record's commit (`COMMIT_MARKS`): the record handed to the log's thread, taken by it, its
 file's path looked at, the records chained, written and fsynced there, and the event loop
-resumed by the thread's hand-back. Those marks are set on the
-loop and on the thread by the record's identity, so they are the record's own commit's. Last,
-two of the thread's steps (`THREAD_STEPS`) with the thread's own CPU time beside the wall
-clock's, and the same call timed warm, in a loop after the run: CPU time as long as the wall
-clock's says the thread was computing, not waiting for the GIL; warm against the run's is what
-running once a request, with cold caches, costs the same code. And the scheduler's account of
+resumed by the thread's hand-back. Those marks are set on the loop and on the thread by the
+record's identity, so they are the record's own commit's. Last, two of the thread's steps
+(`THREAD_STEPS`) with the thread's own CPU time beside the wall clock's, and the same call
+timed warm, in a loop after the run: CPU time as long as the wall clock's says the thread was
+computing, not waiting for the GIL; warm against the run's is what running once a request,
+with cold caches, costs the same code. And the scheduler's account of
 the served process over the timed run (`/proc/<pid>/task/*/schedstat`, Linux), per
 deactivation: the event loop's thread and the process's other threads together (the audit's,
 uvloop's helpers, and this tool's own, which looks for a request for samples every `POLL_S`),
@@ -380,9 +380,10 @@ def thread_sched(pid: int, proc: Path = Path("/proc")) -> Sched:
 
 def sched_lines(before: Sched, after: Sched, main: int, requests: int) -> list[str]:
     """What the scheduler accounted between two `thread_sched` readings, per request: for the
-    event loop's thread (the process's main thread, `main`) and for every other thread
-    together (the audit's, the event loop's helpers), the time on a CPU, the time runnable
-    but waiting for a CPU, and how many times it was run (each a wake-up, or a preemption)."""
+    event loop's thread (the process's main thread, `main`) and for the other threads that
+    lived through both readings, together (the audit's, the event loop's helpers), the time
+    on a CPU, the time runnable but waiting for a CPU, and how many times it was run (each a
+    wake-up, or a preemption)."""
     if main not in before or main not in after or requests < 1:
         return []
     lines = [f"{SCHED} (ms on a CPU / ms waiting for one / times run):"]
