@@ -29,6 +29,11 @@ served in-process); each request keeps its marks in a context variable, so reque
 overlap do not mix. They cost a few microseconds a mark; the figures are for comparing stages
 with each other, not for the targets (those are `python -m benchmarks`'s).
 
+`--without PART[,PART…]` times the gateway with those parts of its request path removed in
+its process (`benchmarks.without`: the optional parts, the look at the audit path before a
+write, the terminal record written before the answer), for what they cost a paced request,
+stage by stage; never a way to run the gateway.
+
 `--target minimum` times the harness's contract minimum (`benchmarks.floor --contract-minimum`,
 one worker) the same way, stage for stage: its handler is one function, so its marks are
 inserted into a copy of `benchmarks/floor.py`'s source before the lines named in
@@ -54,7 +59,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from benchmarks import load, peers, stubs
+from benchmarks import load, peers, stubs, without
 from benchmarks.procs import Server, start, wait_status
 
 if TYPE_CHECKING:
@@ -460,11 +465,12 @@ def _table(samples: Sequence[dict[str, float]], marks: Sequence[str], first: str
 
 
 def _start_target(target: str, directory: Path, stub_url: str, creds: peers.Credentials,
-                  out: Path) -> tuple[Server, str]:
+                  out: Path, parts: str = "") -> tuple[Server, str]:
     """The served process and the path that tells it is ready."""
     if target == "gateway":
         config = peers.gateway_config(directory / "gateway", stub_url, creds)
-        argv = [sys.executable, "-m", "benchmarks.stages", "--serve", str(config), str(out)]
+        argv = [sys.executable, "-m", "benchmarks.stages", "--serve", str(config), str(out),
+                "--without", parts]
         return start("gateway", argv, peers.listen_url(config),
                      directory / "gateway.log"), "/readyz"
     from benchmarks.harness import _static_jwt
@@ -475,7 +481,8 @@ def _start_target(target: str, directory: Path, stub_url: str, creds: peers.Cred
                              launcher=launcher), "/healthz"
 
 
-async def _measure(directory: Path, seconds: float, rate: float, target: str = "gateway"
+async def _measure(directory: Path, seconds: float, rate: float, target: str = "gateway",
+                   parts: str = ""
                    ) -> tuple[load.PacedResult, dict[str, Any]]:
     creds = peers.Credentials("cs-stages", secrets.token_urlsafe(32),
                               "kgw_" + secrets.token_hex(16))
@@ -485,7 +492,7 @@ async def _measure(directory: Path, seconds: float, rate: float, target: str = "
     gateway: Server | None = None
     try:
         await wait_status(stub, "/healthz", READY_TIMEOUT_S)
-        gateway, ready = _start_target(target, directory, stub.url, creds, out)
+        gateway, ready = _start_target(target, directory, stub.url, creds, out, parts)
         await wait_status(gateway, ready, READY_TIMEOUT_S)
         request = load.Request("POST", f"/v1/bots/{peers.BOT}/sessions/deactivate",
                                b'{"userId":"u-1001","channel":"rtm"}',
@@ -509,11 +516,17 @@ async def _measure(directory: Path, seconds: float, rate: float, target: str = "
         stub.stop()
 
 
-def run(seconds: float, rate: float, target: str = "gateway") -> str:
+def run(seconds: float, rate: float, target: str = "gateway", parts: str = "") -> str:
+    """One timed run; `parts`: `benchmarks.without`'s parts (comma-separated) removed from
+    the gateway's process, to see what they cost a paced request stage by stage."""
     with tempfile.TemporaryDirectory(prefix="kgw-stages-") as name:
-        result, data = asyncio.run(_measure(Path(name), seconds, rate, target))
+        result, data = asyncio.run(_measure(Path(name), seconds, rate, target, parts))
     seen = result.latencies_ms
     name = "gateway" if target == "gateway" else "contract minimum"
+    if parts:
+        from benchmarks.instructions import without_name
+
+        name += " " + without_name(parts)
     head = (f"{name}, 1 worker, paced {rate:g} req/s for {seconds:g} s: {result.ok} answered, "
             f"{result.failed} failed; client p50 {load.percentile(seen, 50):.3f} ms, "
             f"p99 {load.percentile(seen, 99):.3f} ms")
@@ -529,13 +542,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--target", choices=TARGETS, default="gateway",
                         help="the gateway, or the harness's contract minimum "
                              "(default %(default)s)")
+    parser.add_argument("--without", default="", metavar="PART[,PART…]",
+                        help="the gateway without these parts of its request path, removed in "
+                             f"its process only (one of {', '.join(without.PARTS)})")
     parser.add_argument("--serve", nargs=2, metavar=("CONFIG", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--serve-minimum", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    parts = [part for part in args.without.split(",") if part]
+    unknown = set(parts) - set(without.PARTS)
+    if unknown:
+        parser.error(f"--without: unknown part(s) {', '.join(sorted(unknown))}")
+    if parts and args.target != "gateway":
+        parser.error("--without applies to the gateway only")
     if args.serve_minimum:  # the contract minimum's process: OUT, then the floor's arguments
         return serve_minimum(Path(args.serve_minimum[0]), args.serve_minimum[1:])
     if args.serve:  # the gateway process itself, with its timers
         config, out = args.serve
+        without.remove(parts)  # before the timers wrap what they replace
         instrument(Path(out))
         from gateway.cli import main as gateway_main
 
@@ -543,7 +566,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if not 0 < args.seconds <= 60 or not 0 < args.rate <= 2000:
         parser.error("--seconds must be in (0, 60] and --rate in (0, 2000]")
-    print(run(args.seconds, args.rate, args.target), end="")
+    print(run(args.seconds, args.rate, args.target, ",".join(parts)), end="")
     return 0
 
 

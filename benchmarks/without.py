@@ -1,5 +1,6 @@
 """`python -m benchmarks.without PARTS ARGS…`: `python -m gateway ARGS…` with parts of the request
-path removed (PARTS: comma-separated names of `PARTS`), for `benchmarks.instructions --without`.
+path removed (PARTS: comma-separated names of `PARTS`), for `benchmarks.instructions --without`;
+`benchmarks.stages --without` removes them the same way in the process it times.
 
 A part the gateway has no setting for is priced by counting the gateway without it: each is
 replaced, in this process only, by the cheapest stand-in that still lets a deactivation
@@ -65,6 +66,29 @@ def _breaker() -> None:
              record=lambda _self, _ticket, ok: None, release=lambda _self, _ticket: None)
 
 
+def _audit_path_look() -> None:
+    from gateway.audit.log import AuditLog
+
+    # The path is taken to lead to the open file still: no `stat` before a write.
+    _replace(AuditLog, _still_current=lambda _self: True)
+
+
+def _terminal_record_wait() -> None:
+    from gateway.audit.log import AuditLog
+
+    append = AuditLog.append
+
+    async def queued(self: AuditLog, record: Any, *, durable: bool = True) -> Any:
+        if durable or self._closed or not self._opened:
+            return await append(self, record, durable=durable)
+        prepared = self._prepare(record)
+        self._pending.append((prepared, None, False))
+        self._flush_soon()  # written and fsynced by the log's thread, later
+        return prepared
+
+    _replace(AuditLog, append=queued)
+
+
 # name → (what the count leaves out, how)
 PARTS: dict[str, tuple[str, Callable[[], None]]] = {
     "access-line": ("the access line (none written)", _access_line),
@@ -73,6 +97,10 @@ PARTS: dict[str, tuple[str, Callable[[], None]]] = {
                          _connection_guard),
     "caller-key": ("the caller key's hash and comparisons (once per key)", _caller_key),
     "breaker": ("the circuit breaker (always closed)", _breaker),
+    "audit-path-look": ("the look at the audit file's path before each write (never moved)",
+                        _audit_path_look),
+    "terminal-record-wait": (("the terminal record in the file before the answer (queued "
+                              "for the log's thread instead)"), _terminal_record_wait),
 }
 
 

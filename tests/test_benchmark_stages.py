@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import floor
+from benchmarks import floor, without
 from benchmarks.stages import (
     COMMIT_MARKS,
     FSYNC,
@@ -15,6 +15,7 @@ from benchmarks.stages import (
     MINIMUM_MARKS,
     SCHED,
     THREAD,
+    main,
     minimum_source,
     run,
     sched_lines,
@@ -132,6 +133,26 @@ def test_every_mark_of_a_real_deactivation_is_timed_in_order() -> None:
     assert text.startswith("gateway, 1 worker"), text
     assert_every_mark_timed_in_order(text)
     assert_commit_timed_in_order(text)
+
+
+def test_the_gateway_without_its_parts_is_timed_at_the_same_marks() -> None:
+    parts = ",".join(without.PARTS)
+    text = run(seconds=1.0, rate=50, parts=parts)
+    assert text.startswith("gateway without access-line + metrics + connection-guard + "
+                           "caller-key + breaker + audit-path-look + terminal-record-wait, "
+                           "1 worker"), text
+    assert_every_mark_timed_in_order(text)
+    assert_commit_timed_in_order(text)
+
+
+@pytest.mark.parametrize(("argv", "said"), [
+    (["--without", "nope"], "unknown part(s) nope"),
+    (["--without", "metrics", "--target", "minimum"], "applies to the gateway only")])
+def test_a_part_it_cannot_remove_is_refused(argv: list[str], said: str,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2 and said in capsys.readouterr().err
 
 
 def test_the_contract_minimum_is_timed_at_the_same_marks() -> None:

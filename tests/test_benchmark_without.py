@@ -10,10 +10,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from benchmarks import peers, stubs
+from benchmarks import peers, stubs, without
 from benchmarks.instructions import gateway_argv, report, without_name
 from benchmarks.procs import start, wait_status
 from benchmarks.without import PARTS, remove
+from gateway.audit.log import AuditLog
 
 ALL = ",".join(PARTS)
 
@@ -21,6 +22,60 @@ ALL = ",".join(PARTS)
 def test_an_unknown_part_is_refused_by_name() -> None:
     with pytest.raises(ValueError, match=r"unknown part\(s\) nope; known: access-line"):
         remove(["nope"])
+
+
+@pytest.fixture
+def undone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parts removed in this test only: each replacement is undone after it."""
+    def replace(owner: object, **attributes: object) -> None:
+        for name, value in attributes.items():
+            monkeypatch.setattr(owner, name, value)
+
+    monkeypatch.setattr(without, "_replace", replace)
+
+
+def _first_lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+@pytest.mark.usefixtures("undone")
+async def test_without_the_terminal_records_wait_the_record_comes_after_the_answer(
+        tmp_path: Path) -> None:
+    log = AuditLog(tmp_path / "audit.jsonl")
+    log.open()
+    await log.append({"event": "deactivate.requested"})
+    remove(["terminal-record-wait"])
+    record = await log.append({"event": "deactivate.completed"}, durable=False)
+    assert record["event"] == "deactivate.completed"
+    assert len(_first_lines(log.path)) == 1  # not in the file when the caller has it
+    await log.close()
+    assert len(_first_lines(log.path)) == 2  # written (and fsynced) by the log's thread
+
+
+@pytest.mark.usefixtures("undone")
+async def test_without_the_path_look_a_removed_file_is_not_followed(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path / "audit.jsonl")
+    log.open()
+    await log.append({"event": "deactivate.requested"})
+    remove(["audit-path-look"])
+    log.path.unlink()
+    await log.append({"event": "deactivate.requested"})
+    assert not log.path.exists()  # the record went into the removed file: nobody looked
+    await log.close()
+
+
+async def test_as_it_ships_the_log_follows_the_path_and_writes_before_the_answer(
+        tmp_path: Path) -> None:
+    """The control (and proof that the tests above put both parts back)."""
+    log = AuditLog(tmp_path / "audit.jsonl")
+    log.open()
+    await log.append({"event": "deactivate.requested"})
+    log.path.unlink()
+    await log.append({"event": "deactivate.requested"})
+    assert len(_first_lines(log.path)) == 1  # the path was looked at: a new file
+    await log.append({"event": "deactivate.completed"}, durable=False)
+    assert len(_first_lines(log.path)) == 2  # in the file when the caller has it
+    await log.close()
 
 
 def test_the_runner_is_chosen_by_the_parts() -> None:
