@@ -34,7 +34,7 @@ def undone(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(without, "_replace", replace)
 
 
-def _first_lines(path: Path) -> list[str]:
+def _lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
@@ -47,9 +47,9 @@ async def test_without_the_terminal_records_wait_the_record_comes_after_the_answ
     remove(["terminal-record-wait"])
     record = await log.append({"event": "deactivate.completed"}, durable=False)
     assert record["event"] == "deactivate.completed"
-    assert len(_first_lines(log.path)) == 1  # not in the file when the caller has it
+    assert len(_lines(log.path)) == 1  # not in the file when the caller has it
     await log.close()
-    assert len(_first_lines(log.path)) == 2  # written (and fsynced) by the log's thread
+    assert len(_lines(log.path)) == 2  # written (and fsynced) by the log's thread
 
 
 @pytest.mark.usefixtures("undone")
@@ -72,9 +72,9 @@ async def test_as_it_ships_the_log_follows_the_path_and_writes_before_the_answer
     await log.append({"event": "deactivate.requested"})
     log.path.unlink()
     await log.append({"event": "deactivate.requested"})
-    assert len(_first_lines(log.path)) == 1  # the path was looked at: a new file
+    assert len(_lines(log.path)) == 1  # the path was looked at: a new file
     await log.append({"event": "deactivate.completed"}, durable=False)
-    assert len(_first_lines(log.path)) == 2  # in the file when the caller has it
+    assert len(_lines(log.path)) == 2  # in the file when the caller has it
     await log.close()
 
 
