@@ -225,9 +225,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                              f"process only (repeatable; one of {', '.join(without.PARTS)})")
     parser.add_argument("--json", type=Path, default=None, help="also write the counts here")
     args = parser.parse_args(argv)
-    unknown = {p for parts in args.without for p in parts.split(",")} - set(without.PARTS)
+    unknown = without.unknown(p for parts in args.without for p in parts.split(","))
     if unknown:
-        parser.error(f"--without: unknown part(s) {', '.join(sorted(unknown))}")
+        parser.error(f"--without: unknown part(s) {', '.join(unknown)}")
     if not (1 <= args.requests <= 100_000 and 0 <= args.warmup <= 10_000
             and 1 <= args.concurrency <= 256):
         parser.error("--requests 1..100000, --warmup 0..10000, --concurrency 1..256")

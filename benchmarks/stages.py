@@ -549,9 +549,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--serve-minimum", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     parts = [part for part in args.without.split(",") if part]
-    unknown = set(parts) - set(without.PARTS)
+    unknown = without.unknown(parts)
     if unknown:
-        parser.error(f"--without: unknown part(s) {', '.join(sorted(unknown))}")
+        parser.error(f"--without: unknown part(s) {', '.join(unknown)}")
     if parts and args.target != "gateway":
         parser.error("--without applies to the gateway only")
     if args.serve_minimum:  # the contract minimum's process: OUT, then the floor's arguments

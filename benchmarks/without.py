@@ -104,12 +104,17 @@ PARTS: dict[str, tuple[str, Callable[[], None]]] = {
 }
 
 
+def unknown(parts: Iterable[str]) -> list[str]:
+    """The names among `parts` that `PARTS` does not know, sorted."""
+    return sorted(set(parts) - set(PARTS))
+
+
 def remove(parts: Iterable[str]) -> None:
     """Replaces each named part; raises ValueError for a name `PARTS` does not know."""
     wanted = list(parts)
-    unknown = [name for name in wanted if name not in PARTS]
-    if unknown:
-        raise ValueError(f"unknown part(s) {', '.join(unknown)}; known: {', '.join(PARTS)}")
+    if unknown(wanted):
+        raise ValueError(f"unknown part(s) {', '.join(unknown(wanted))}; "
+                         f"known: {', '.join(PARTS)}")
     for name in wanted:
         PARTS[name][1]()
 
