@@ -12,6 +12,9 @@ requires; and so is the contract minimum (`floor.py --contract-minimum`): every 
 duty of the contract in its barest form. `--variant` adds gateway runs with one feature switched off by its config key, which
 prices that feature; `--without` adds runs with parts that have no setting removed in the
 counted process only (`benchmarks.without`: a price, not a way to run the gateway).
+`--by-function N` shows where the gateway's instructions differ from the contract minimum's:
+by kind of work (the eval loop, calls, lookups, allocation, C libraries) and by C function
+(`benchmarks.callgrind`).
 
 Needs valgrind (`apt-get install -y valgrind`) besides the benchmark's own needs; a run takes a
 minute or two per variant (everything under callgrind runs about fifty times slower).
@@ -35,7 +38,7 @@ from pathlib import Path
 
 import aiohttp
 
-from benchmarks import peers, stubs, without
+from benchmarks import callgrind, peers, stubs, without
 from benchmarks.harness import _static_jwt
 from benchmarks.ports import free_port
 from benchmarks.procs import Server, start, wait_status
@@ -223,21 +226,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--without", action="append", default=[], metavar="PART[,PART…]",
                         help="also run the gateway without these parts, removed in the counted "
                              f"process only (repeatable; one of {', '.join(without.PARTS)})")
+    parser.add_argument("--by-function", type=int, default=0, metavar="N",
+                        help="also show where the gateway's instructions differ from the "
+                             "contract minimum's, by kind of work and the N C functions that "
+                             "grew most (`benchmarks.callgrind`)")
     parser.add_argument("--json", type=Path, default=None, help="also write the counts here")
     args = parser.parse_args(argv)
     unknown = without.unknown(p for parts in args.without for p in parts.split(","))
     if unknown:
         parser.error(f"--without: unknown part(s) {', '.join(unknown)}")
     if not (1 <= args.requests <= 100_000 and 0 <= args.warmup <= 10_000
-            and 1 <= args.concurrency <= 256):
-        parser.error("--requests 1..100000, --warmup 0..10000, --concurrency 1..256")
+            and 1 <= args.concurrency <= 256 and 0 <= args.by_function <= 1000):
+        parser.error("--requests 1..100000, --warmup 0..10000, --concurrency 1..256, "
+                     "--by-function 0..1000")
     for tool in ("valgrind", "callgrind_control"):
         if shutil.which(tool) is None:
             print(f"{tool} is not installed: apt-get install -y valgrind", file=sys.stderr)
             return 2
     with tempfile.TemporaryDirectory(prefix="kgw-instructions-") as name:
         counts = asyncio.run(measure(args, Path(name)))
-    text = report(counts, args)
+        text = report(counts, args)
+        if args.by_function:
+            text += "\n" + callgrind.report(
+                callgrind.dumped_self_costs(Path(name), "floor_minimum"),
+                callgrind.dumped_self_costs(Path(name), "gateway"), args.requests,
+                args.by_function)
     print(text)
     if args.json is not None:
         args.json.write_text(json.dumps(
