@@ -9,8 +9,9 @@ between two programs is a hotspot in C or the interpreter running more Python.
 
 The callgrind format (valgrind's "Callgrind Format Specification"): `fn=`, `ob=` and the
 like name the current function and object file, compressed to `(id)` after their first use;
-a cost line is a position and the event count (`Ir`); the line after `calls=` is the
-inclusive cost of that call, which belongs to the callee and is not the caller's own.
+a cost line is its positions (`positions:`, the line by default) and the event counts, `Ir`
+first; the line after `calls=` is the inclusive cost of that call, which belongs to the callee
+and is not the caller's own.
 """
 
 from __future__ import annotations
@@ -60,16 +61,20 @@ def self_costs(dump: Path) -> Counter[str]:
     function = "?"
     library = "?"
     after_calls = False
+    positions = 1  # columns before the first event's count (`positions: line` by default)
     with dump.open(errors="replace") as lines:
         for line in lines:
             first = line[:1]
             if first.isdigit() or first in "+-*":
                 fields = line.split()
-                if len(fields) >= 2:
+                if len(fields) > positions:
                     if after_calls:  # the call's inclusive cost: the callee's
                         after_calls = False
                     else:
-                        costs[f"{function} [{library}]"] += int(fields[1])
+                        costs[f"{function} [{library}]"] += int(fields[positions])
+                continue
+            if line.startswith("positions:"):
+                positions = len(line.split()) - 1
                 continue
             key, sep, rest = line.rstrip("\n").partition("=")
             if not sep:
@@ -94,15 +99,23 @@ def self_costs(dump: Path) -> Counter[str]:
     return costs
 
 
-def dumped_self_costs(directory: Path, prefix: str) -> Counter[str]:
-    """`self_costs` summed over the dumps `benchmarks.instructions` counts (those requested
-    with `callgrind_control -d`, not the one written at exit)."""
-    total: Counter[str] = Counter()
+def counted_dumps(directory: Path, prefix: str) -> list[Path]:
+    """The dumps `benchmarks.instructions` counts, of every process whose files start with
+    `prefix`: those requested with `callgrind_control -d`, not the one written at exit
+    (start-up and shutdown are in it)."""
+    counted = []
     for dump in sorted(directory.glob(f"callgrind-{prefix}.*")):
         with dump.open(errors="replace") as lines:
             head = itertools.islice(lines, HEAD_LINES)
-            if any("Trigger: Program termination" in line for line in head):
-                continue
+            if not any("Trigger: Program termination" in line for line in head):
+                counted.append(dump)
+    return counted
+
+
+def dumped_self_costs(directory: Path, prefix: str) -> Counter[str]:
+    """`self_costs` summed over the `counted_dumps`."""
+    total: Counter[str] = Counter()
+    for dump in counted_dumps(directory, prefix):
         total.update(self_costs(dump))
     return total
 

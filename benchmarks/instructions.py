@@ -78,13 +78,7 @@ def callgrind_total(dump: Path) -> int:
 def dumped_total(directory: Path, prefix: str) -> int:
     """The instructions of the dumps requested with `callgrind_control -d` (not the one
     written at exit), summed over the processes that wrote them."""
-    total = 0
-    for dump in sorted(directory.glob(f"callgrind-{prefix}.*")):
-        text = dump.read_text(errors="replace")
-        if "Trigger: Program termination" in text:
-            continue
-        total += callgrind_total(dump)
-    return total
+    return sum(callgrind_total(dump) for dump in callgrind.counted_dumps(directory, prefix))
 
 
 def _valgrind(directory: Path, prefix: str) -> list[str]:

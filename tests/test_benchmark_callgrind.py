@@ -129,3 +129,11 @@ def test_instructions_refuses_a_list_it_would_not_bound() -> None:
     with pytest.raises(SystemExit) as refused:
         main(["--by-function", "5000"])
     assert refused.value.code == 2
+
+
+def test_a_dump_with_two_position_columns_is_read_by_its_header(tmp_path: Path) -> None:
+    """`--dump-instr=yes` writes `positions: instr line`: the count is the third column."""
+    dump = tmp_path / "callgrind-gateway.7.1"
+    dump.write_text("positions: instr line\nevents: Ir\nob=(1) libpython3.11.so.1.0\n"
+                    "fn=(1) _PyFrame_Clear\n0x4a10 12 7\n+3 +1 5\n")
+    assert self_costs(dump) == {"_PyFrame_Clear [libpython3.11.so.1.0]": 12}
