@@ -137,10 +137,6 @@ def gateway_argv(config: Path, parts: str = "") -> list[str]:
     return [sys.executable, "-m", *runner, "serve", "--config", str(config), "--workers", "1"]
 
 
-def without_name(parts: str) -> str:
-    return "without " + " + ".join(parts.split(","))
-
-
 async def measure(args: argparse.Namespace, directory: Path) -> list[Count]:
     creds = peers.Credentials("cs-instructions", secrets.token_urlsafe(32),
                               "kgw_" + secrets.token_hex(16))
@@ -172,7 +168,7 @@ async def measure(args: argparse.Namespace, directory: Path) -> list[Count]:
                                        prefix))
         # (name, file prefix, a config variant, parts removed)
         runs = [(variant, variant, variant, "") for variant in ["gateway", *args.variant]]
-        runs += [(without_name(parts), f"without{number}", "gateway", parts)
+        runs += [(without.label(parts), f"without{number}", "gateway", parts)
                  for number, parts in enumerate(args.without)]
         for name, prefix, variant, parts in runs:
             config = peers.gateway_config(directory / prefix, stub.url, creds)

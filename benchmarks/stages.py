@@ -524,9 +524,7 @@ def run(seconds: float, rate: float, target: str = "gateway", parts: str = "") -
     seen = result.latencies_ms
     name = "gateway" if target == "gateway" else "contract minimum"
     if parts:
-        from benchmarks.instructions import without_name
-
-        name += " " + without_name(parts)
+        name += " " + without.label(parts)
     head = (f"{name}, 1 worker, paced {rate:g} req/s for {seconds:g} s: {result.ok} answered, "
             f"{result.failed} failed; client p50 {load.percentile(seen, 50):.3f} ms, "
             f"p99 {load.percentile(seen, 99):.3f} ms")

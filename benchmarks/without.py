@@ -109,12 +109,17 @@ def unknown(parts: Iterable[str]) -> list[str]:
     return sorted(set(parts) - set(PARTS))
 
 
+def label(parts: str) -> str:
+    """How a run without `parts` (comma-separated) is named in the counts and timings."""
+    return "without " + " + ".join(parts.split(","))
+
+
 def remove(parts: Iterable[str]) -> None:
     """Replaces each named part; raises ValueError for a name `PARTS` does not know."""
     wanted = list(parts)
-    if unknown(wanted):
-        raise ValueError(f"unknown part(s) {', '.join(unknown(wanted))}; "
-                         f"known: {', '.join(PARTS)}")
+    strangers = unknown(wanted)
+    if strangers:
+        raise ValueError(f"unknown part(s) {', '.join(strangers)}; known: {', '.join(PARTS)}")
     for name in wanted:
         PARTS[name][1]()
 

@@ -11,9 +11,9 @@ import aiohttp
 import pytest
 
 from benchmarks import peers, stubs, without
-from benchmarks.instructions import gateway_argv, report, without_name
+from benchmarks.instructions import gateway_argv, report
 from benchmarks.procs import start, wait_status
-from benchmarks.without import PARTS, remove
+from benchmarks.without import PARTS, label, remove
 from gateway.audit.log import AuditLog
 
 ALL = ",".join(PARTS)
@@ -83,7 +83,7 @@ def test_the_runner_is_chosen_by_the_parts() -> None:
     assert gateway_argv(config)[1:3] == ["-m", "gateway"]
     assert gateway_argv(config, "metrics,breaker")[1:4] == ["-m", "benchmarks.without",
                                                            "metrics,breaker"]
-    assert without_name("metrics,breaker") == "without metrics + breaker"
+    assert label("metrics,breaker") == "without metrics + breaker"
 
 
 def test_a_run_without_parts_is_priced_against_the_gateway() -> None:
@@ -92,7 +92,7 @@ def test_a_run_without_parts_is_priced_against_the_gateway() -> None:
     from benchmarks.instructions import Count
 
     counts = [Count("aiohttp floor", 10, 7_000_000), Count("gateway", 10, 10_000_000),
-              Count(without_name("access-line,breaker"), 10, 9_500_000)]
+              Count(label("access-line,breaker"), 10, 9_500_000)]
     text = report(counts, Namespace(requests=10, concurrency=8, warmup=0))
     assert ("| without access-line + breaker | 950,000 | 1.36 | 50,000 (the access line (none "
             "written); the circuit breaker (always closed)) |") in text
