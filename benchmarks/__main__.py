@@ -20,7 +20,7 @@ from benchmarks.harness import Settings, run
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = {"connections": 4, "saturation_s": 1.0, "warmup_s": 1.0, "rounds": 1, "rate": 50.0,
-         "latency_s": 1.0}
+         "latency_s": 1.0, "disk_probes": 20}
 
 
 def _parser() -> argparse.ArgumentParser:

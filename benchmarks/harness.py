@@ -5,12 +5,13 @@ Phases, each bounded in time: start-up (ready times) → warm-up → `rounds` sa
 nginx, aiohttp floor, floor with the contract's audit I/O, contract minimum and gateway
 alternating (wrk; CPU time and RSS sampled around each) → `rounds` latency rounds at a fixed
 rate, direct-to-stub / nginx / floor / floor with audit I/O / contract minimum / gateway
-alternating → shut down (the gateway must exit 0 and every worker's audit chain must verify,
-the contract minimum's too) → figures. The targets are checked against the floor of the same
-run (`report.targets`); the floor with the contract's audit I/O (`floor.AuditIO`) shows how
-much of each target's budget the contract's disk writes take before any of the gateway's code
-runs, and the contract minimum (`floor.minimum`) the least any gateway bound by the contract
-can reach on this stack.
+alternating, with the audit disk's own fsync timed right before and after them
+(`benchmarks.disk.probe`) → shut down (the gateway must exit 0 and every worker's audit chain
+must verify, the contract minimum's too) → figures. The targets are checked against the floor
+of the same run (`report.targets`); the floor with the contract's audit I/O (`floor.AuditIO`)
+shows how much of each target's budget the contract's disk writes take before any of the
+gateway's code runs, and the contract minimum (`floor.minimum`) the least any gateway bound by
+the contract can reach on this stack.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from typing import Any
 import aiohttp
 import jwt
 
-from benchmarks import load, peers, stubs
+from benchmarks import disk, load, peers, stubs
 from benchmarks.nginx import nginx_binary
 from benchmarks.procs import RssSampler, Server, wait_status
 from benchmarks.report import BARE, CONTRACT, MINIMUM, PEERS, targets
@@ -57,6 +58,7 @@ class Settings:
     latency_s: float = 5.0
     stub: str = "auto"  # "auto", "nginx" or "sandbox"
     label: str = "latest"
+    disk_probes: int = disk.PROBE_COUNT  # fsynced appends timed before and after the paced phase
 
 
 @dataclass
@@ -209,6 +211,11 @@ class Bench:
                        "generator_late_ms_max": round(late[name], 3)}
                 for name, values in samples.items()}
 
+    def disk_probe(self) -> dict[str, Any]:
+        """What one durable append costs on the audit files' disk now (`benchmarks.disk`): the
+        part of the p50 limit that no code can take back."""
+        return disk.probe(self.dir / "disk", count=self.s.disk_probes)
+
     # --- the gateway's own record ----------------------------------------------------------
 
     async def scrape(self) -> dict[str, float]:
@@ -324,8 +331,10 @@ async def run(settings: Settings, *, keep: bool = False) -> dict[str, Any]:
             scrapes = [await bench.scrape()]
             saturation = await asyncio.to_thread(bench.saturate)
             scrapes.append(await bench.scrape())
+            disk_before = await asyncio.to_thread(bench.disk_probe)
             latency = await bench.latency()
             scrapes.append(await bench.scrape())
+            disk_after = await asyncio.to_thread(bench.disk_probe)
             elapsed = time.monotonic() - gw.started
             mints = bench.mints(elapsed)
             mints["mints_from_metrics"] = scrapes[-1].get(MINTS_METRIC)
@@ -337,6 +346,8 @@ async def run(settings: Settings, *, keep: bool = False) -> dict[str, Any]:
                  f"records_per_commit_{settings.rate:g}_rps": per_commit(scrapes[1], scrapes[2])}
         results = _figures(settings, bench, ready, saturation, latency, mints, audit, codes,
                            workers, supervisor_rss, directory)
+        results["disk"] = {"before_paced": disk_before, "after_paced": disk_after,
+                           "gap_ms": disk.PROBE_GAP_S * 1000, "line_bytes": disk.LINE_BYTES}
         results["duration_s"] = round(time.monotonic() - began, 1)
         results["machine"]["loadavg_1m_at_start"] = round(load_at_start, 2)
         return results

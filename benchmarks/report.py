@@ -158,7 +158,20 @@ def _notes(results: dict[str, Any]) -> str:
             f"their chains {_chains(audit.get('minimum_chains_ok'))}. JWT mints: "
             f"{tok['mints']} in {tok['requests']:,} requests "
             f"({tok['allowed_per_worker_and_app']} allowed per worker and app in "
-            f"{tok['elapsed_s']:g} s).")
+            f"{tok['elapsed_s']:g} s).{_disk_note(results.get('disk'))}")
+
+
+def _disk_note(probed: dict[str, Any] | None) -> str:
+    """The audit disk's own fsync, before and after the paced phase (`benchmarks.disk`): every
+    paced deactivation waits for one, whatever code runs around it."""
+    if not probed:
+        return ""
+    before, after = probed.get("before_paced") or {}, probed.get("after_paced") or {}
+    return (f" The audit files' disk alone (`benchmarks.disk`: a {probed.get('line_bytes')}-byte "
+            f"append and its fsync, {before.get('count')} times {probed.get('gap_ms'):g} ms "
+            f"apart): p50 {_fmt(before.get('p50_ms'), 3)} / p99 {_fmt(before.get('p99_ms'), 3)} "
+            f"ms before the paced phase, {_fmt(after.get('p50_ms'), 3)} / "
+            f"{_fmt(after.get('p99_ms'), 3)} ms after it.")
 
 
 def _chains(ok: bool | None) -> str:

@@ -6,7 +6,8 @@ one run to the next, so one run settles little. This reads every run a directory
 audit I/O and the contract minimum beside the gateway) and prints, oldest first:
 
 - each run's four timed targets: the gateway's figure, the contract minimum's and the floor +
-  audit I/O's (the contract's audit writes alone), with the floor's own p50;
+  audit I/O's (the contract's audit writes alone), with the floor's own p50 and, for runs that
+  timed it (`benchmarks.disk`), the audit disk's own fsync p50 before and after the paced phase;
 - for each target, in how many runs each of the three met the limit, and the medians;
 - for p50, the gateway's distance to the contract minimum (what the gateway does beyond the
   contract's barest form), against what the limit leaves it once the minimum is paid, over
@@ -63,6 +64,7 @@ class Run:
     label: str
     floor_p50_ms: float
     figures: dict[str, Figure]
+    fsync_p50_ms: tuple[float, float] | None = None  # the disk alone, before and after paced
 
 
 def load_runs(directory: Path) -> list[Run]:
@@ -90,7 +92,16 @@ def _run(data: dict[str, Any]) -> Run | None:
         floor_p50 = float(data["latency_200"]["floor"]["p50_ms"])
     except (KeyError, TypeError, ValueError):  # another tool's file, or a run before the peers
         return None
-    return Run(str(data.get("when", "")), str(data.get("label", "")), floor_p50, figures)
+    return Run(str(data.get("when", "")), str(data.get("label", "")), floor_p50, figures,
+               _fsync_p50(data.get("disk")))
+
+
+def _fsync_p50(probed: Any) -> tuple[float, float] | None:
+    """The disk's fsync p50 before and after the paced phase, if the run timed it."""
+    try:
+        return (float(probed["before_paced"]["p50_ms"]), float(probed["after_paced"]["p50_ms"]))
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def report(runs: Sequence[Run]) -> str:
@@ -103,10 +114,12 @@ def report(runs: Sequence[Run]) -> str:
 
 def _per_run(runs: Sequence[Run]) -> list[str]:
     heads = " | ".join(f"{HEADS[key]}: gateway / minimum / audit I/O" for key in TIMED)
-    lines = [f"| run | when | floor p50 (ms) | {heads} |", "|---|---|---:|" + "---:|" * len(TIMED)]
+    lines = [f"| run | when | floor p50 (ms) | disk fsync p50, before / after (ms) | {heads} |",
+             "|---|---|---:|---:|" + "---:|" * len(TIMED)]
     for run in runs:
         cells = " | ".join(_triple(run.figures[key]) for key in TIMED)
-        lines.append(f"| `{run.label}` | {run.when} | {run.floor_p50_ms:.3f} | {cells} |")
+        fsync = "–" if run.fsync_p50_ms is None else "{:.3f} / {:.3f}".format(*run.fsync_p50_ms)
+        lines.append(f"| `{run.label}` | {run.when} | {run.floor_p50_ms:.3f} | {fsync} | {cells} |")
     return lines
 
 

@@ -52,12 +52,15 @@ def test_the_report_counts_the_limits_met_and_prices_the_gateway_over_the_minimu
         tmp_path: Path) -> None:
     write(tmp_path, "a.json", harness_json("fast", "2026-12-05 10:00 UTC", 0.5,
                                            (0.45, 0.3, 0.25), cpu=(1.6, 1.3, 1.2)))
-    write(tmp_path, "b.json", harness_json("slow", "2026-12-06 10:00 UTC", 1.0,
-                                           (0.8, 0.45, 0.3)))
+    slow = harness_json("slow", "2026-12-06 10:00 UTC", 1.0, (0.8, 0.45, 0.3))
+    slow["disk"] = {"before_paced": {"p50_ms": 0.6541}, "after_paced": {"p50_ms": 1.1}}
+    write(tmp_path, "b.json", slow)
     text = runs.report(runs.load_runs(tmp_path))
-    # Met figures in bold: the fast run's CPU missed by the gateway, met by the two peers.
-    assert ("| `fast` | 2026-12-05 10:00 UTC | 0.500 | 1.600 / **1.300** / **1.200** | "
+    # Met figures in bold: the fast run's CPU missed by the gateway, met by the two peers. It
+    # did not time the disk; the slow run did.
+    assert ("| `fast` | 2026-12-05 10:00 UTC | 0.500 | – | 1.600 / **1.300** / **1.200** | "
             "0.600 / **0.800** / **0.900** | **0.450** / **0.300** / **0.250** |") in text
+    assert "| `slow` | 2026-12-06 10:00 UTC | 1.000 | 0.654 / 1.100 | **1.400** / " in text
     assert "| p50 over floor (ms) | ≤ 0.5 | 1 of 2 | 2 of 2 | 2 of 2 |" in text
     assert "| throughput ÷ floor | ≥ 0.67 | 0 of 2 | 2 of 2 | 2 of 2 |" in text
     # Over the minimum: 0.15 and 0.35 (median 0.25); the limit leaves 0.2 and 0.05.

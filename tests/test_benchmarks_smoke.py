@@ -65,6 +65,16 @@ def test_every_figure_is_measured(smoke: dict[str, Any]) -> None:
     assert r["settings"]["stub"] == "nginx" and r["settings"]["peer"] is True
 
 
+def test_the_audit_disk_is_timed_around_the_paced_phase(smoke: dict[str, Any]) -> None:
+    """The disk's own fsync, the part of the p50 limit no code takes back, in every run."""
+    probed = smoke["disk"]
+    for phase in ("before_paced", "after_paced"):
+        figures = probed[phase]
+        assert figures["count"] == 20  # --smoke's reading
+        assert 0 < figures["p50_ms"] <= figures["p90_ms"] <= figures["p99_ms"]
+    assert "The audit files' disk alone" in smoke["_stdout"]
+
+
 def test_targets_are_judged_against_the_floor_of_the_same_run(smoke: dict[str, Any]) -> None:
     by_key = {t["key"]: t for t in smoke["targets"]}
     cpu = smoke["cpu_us_per_request"]
