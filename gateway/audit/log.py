@@ -105,6 +105,9 @@ log = structlog.get_logger(__name__)
 # for the fsync (True) or only for the write (False).
 _Pending = tuple[dict[str, Any], "asyncio.Future[dict[str, Any]] | None", bool]
 _T = TypeVar("_T")
+# A commit's records chained on the loop (`AuditLog._look_and_chain`): their lines, the records
+# that cannot be encoded (by index), and the file's size they were chained for.
+_Chained = tuple[bytes, dict[int, Exception], int]
 
 
 def hash_user_id(user_id: str) -> str:
@@ -114,11 +117,13 @@ def hash_user_id(user_id: str) -> str:
 class AuditLog:
     """The append-only audit file: durable, group-committed, hash-chained appends.
 
-    File state (descriptor, size, last seq and hash) is only touched by `open()` at start-up
-    and then by the log's own thread (`writer.Writer`), so writes, fsyncs, rotation and
-    reopening never block the event loop and never run concurrently. Records are chained by
-    that thread just before they are written, so a failed batch leaves no gap: the next batch
-    chains onto the last durable record.
+    File state (descriptor, size, last seq and hash) is only changed by `open()` at start-up
+    and then by the log's own thread (`writer.Writer`), so fsyncs, rotation and reopening
+    never block the event loop and never run concurrently. The loop reads it only while the
+    thread has nothing to do: to chain a commit's records before handing them over
+    (`_look_and_chain`), and to write a record that need not wait for its fsync itself
+    (`_write_now`). A commit's records are chained onto the last record written, so a failed
+    batch leaves no gap: the next batch chains onto the last durable record.
     """
 
     def __init__(
@@ -356,11 +361,33 @@ class AuditLog:
         unsynced, self._unsynced = self._unsynced, []  # written by the loop: this fsync's too
         records = [record for record, _, _ in batch]
         done = functools.partial(self._committed, batch, unsynced, time.monotonic())
+        looked, chained = self._look_and_chain(records)
         try:
             self._worker.call(self._write_batch, records, self._when_written(batch),
-                              bool(unsynced), done=done)
+                              bool(unsynced), looked, chained, done=done)
         except Exception as exc:  # noqa: BLE001 - no thread to write with (none could start)
             done(None, exc)
+
+    def _look_and_chain(self, records: list[dict[str, Any]]
+                        ) -> tuple[bool | None, _Chained | None]:
+        """On the loop, while the log's thread has nothing to do (so neither touches the file
+        or the chain state at the same time): the look at the path, and the records chained
+        onto the last one written, for the thread to write as they are (`_write_batch`).
+
+        The thread would run both right after waking up, on a CPU that idled: at 200 req/s
+        they took it 60 µs a commit there, against a few on the loop, which has just run the
+        request (docs/benchmarks/README.md). (None, None): the thread does both itself (no
+        records, no file, or the thread busy); (False, None): the path no longer leads to the
+        open file, and the thread reopens it and chains the records itself."""
+        if not records or self._fd is None or not self._worker.idle:
+            return None, None
+        try:
+            if not self._still_current():
+                return False, None
+            data, refused = self._chain(records, first_in_file=not self._size)
+        except Exception:  # noqa: BLE001 - a bug: the thread chains them again, and fails them
+            return None, None
+        return True, (data, refused, self._size)
 
     def _committed(self, batch: list[_Pending], unsynced: list[dict[str, Any]],
                    started: float, refused: dict[int, Exception] | None,
@@ -481,19 +508,28 @@ class AuditLog:
 
     def _write_batch(self, records: list[dict[str, Any]],
                      written: Callable[[dict[int, Exception]], None] | None = None,
-                     sync: bool = False) -> dict[int, Exception]:
+                     sync: bool = False, looked: bool | None = None,
+                     chained: _Chained | None = None) -> dict[int, Exception]:
         """Chain `records` onto the last one written, write them at once (then call
         `written`) and fsync; returns the records that cannot be encoded (by index), which
         are left out of the chain. `sync`: records the loop wrote itself wait for this
         fsync, which then runs even with nothing to write. (One look at the path a commit
         with records: with none, what the loop wrote is in the open file, wherever its path
         leads now, and this fsync makes it durable there; the next commit with records looks
-        at the path.)"""
-        current = self._fd is not None and (not records or self._still_current())
+        at the path.) `looked` and `chained`: the look and the chain the loop made before
+        handing the commit over (`_look_and_chain`); the lines are written as they are when
+        the file is still the one they were chained for, else the records are chained again."""
+        if looked is None:
+            current = self._fd is not None and (not records or self._still_current())
+        else:
+            current = looked and self._fd is not None
         if sync and self._fd is not None and not current:
             self._sync(self._fd)  # they are in the file being left (moved or replaced)
         fd = self._writable_fd(current)
-        data, refused = self._chain(records, first_in_file=not self._size)
+        if chained is not None and current and chained[2] == self._size:
+            data, refused = chained[0], chained[1]
+        else:
+            data, refused = self._chain(records, first_in_file=not self._size)
         if not data and not sync:
             if written is not None:
                 written(refused)

@@ -482,6 +482,95 @@ class TestWrittenOnTheLoop:
         assert verify_files([log_path]).records == 2
 
 
+class TestChainedOnTheLoop:
+    """A commit's records are looked at and chained by the loop while the log's thread is idle
+    (`_look_and_chain`): the thread, which would run them cold after waking up, only writes
+    and fsyncs; whatever changed in between makes it chain them again itself."""
+
+    @staticmethod
+    def chains_by_thread(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+        counts = {"loop": 0, "thread": 0}
+        chain = AuditLog._chain
+        loop_thread = threading.get_ident()
+
+        def counted(self: AuditLog, *args: Any, **kwargs: Any) -> Any:
+            counts["loop" if threading.get_ident() == loop_thread else "thread"] += 1
+            return chain(self, *args, **kwargs)
+
+        monkeypatch.setattr(AuditLog, "_chain", counted)
+        return counts
+
+    async def test_the_thread_writes_what_the_loop_chained(
+            self, log_path: Path, open_log: OpenLog, monkeypatch: pytest.MonkeyPatch) -> None:
+        counts = self.chains_by_thread(monkeypatch)
+        log = open_log(log_path)
+        written = [await log.append(request(i)) for i in range(3)]
+        assert counts == {"loop": 3, "thread": 0}
+        assert [r["seq"] for r in written] == [1, 2, 3]
+        assert read_records(log_path) == written
+        assert verify_files([log_path]).records == 3
+
+    async def test_a_busy_thread_chains_the_commit_itself(
+            self, log_path: Path, open_log: OpenLog, monkeypatch: pytest.MonkeyPatch) -> None:
+        log = open_log(log_path)
+        await log.append(request(0))
+        gate = FsyncGate()
+        monkeypatch.setattr(os, "fsync", gate)
+        first = asyncio.ensure_future(log.append(request(1)))
+        await gate.wait_entered()  # the thread is held in that commit's fsync
+        counts = self.chains_by_thread(monkeypatch)
+        assert log._look_and_chain([dict(request(2))]) == (None, None)
+        second = asyncio.ensure_future(log.append(request(2)))
+        await asyncio.sleep(0.02)
+        gate.released.set()
+        await asyncio.gather(first, second)
+        assert verify_files([log_path]).records == 3
+        assert counts["loop"] == 1  # the next commit, once the thread was idle again
+
+    async def test_lines_chained_for_another_file_size_are_chained_again(
+            self, log_path: Path, open_log: OpenLog) -> None:
+        log = open_log(log_path)
+        await log.append(request(0))
+        records = [log._prepare(request(1))]
+        looked, chained = log._look_and_chain(records)
+        assert looked is True and chained is not None and chained[2] == log._size
+        stale: tuple[bytes, dict[int, Exception], int] = (b'{"not":"these lines"}\n', {},
+                                                          log._size + 1)
+        log._write_batch(records, None, False, True, stale)  # (no commit under way)
+        assert [r["requestId"] for r in read_records(log_path)] == ["r-0", "r-1"]
+        assert verify_files([log_path]).records == 2
+
+    async def test_a_path_that_moved_is_left_to_the_thread_which_reopens_it(
+            self, log_path: Path, open_log: OpenLog, monkeypatch: pytest.MonkeyPatch) -> None:
+        log = open_log(log_path)
+        await log.append(request(0))
+        moved = log_path.with_name("moved.jsonl")
+        os.rename(log_path, moved)
+        assert log._look_and_chain([log._prepare(request(9))]) == (False, None)
+        counts = self.chains_by_thread(monkeypatch)
+        with capture_logs() as logs:
+            written = await log.append(request(1))
+        assert counts == {"loop": 0, "thread": 1}
+        assert read_records(log_path) == [written]
+        assert [r["requestId"] for r in read_records(moved)] == ["r-0"]
+        assert [e["event"] for e in logs] == ["audit.reopened"]
+
+    async def test_a_failure_to_chain_on_the_loop_leaves_it_to_the_thread(
+            self, log_path: Path, open_log: OpenLog, monkeypatch: pytest.MonkeyPatch) -> None:
+        chain = AuditLog._chain
+        loop_thread = threading.get_ident()
+
+        def broken_on_the_loop(self: AuditLog, *args: Any, **kwargs: Any) -> Any:
+            if threading.get_ident() == loop_thread:
+                raise RuntimeError("a bug")
+            return chain(self, *args, **kwargs)
+
+        monkeypatch.setattr(AuditLog, "_chain", broken_on_the_loop)
+        log = open_log(log_path)
+        written = await log.append(request(0))
+        assert written["seq"] == 1 and read_records(log_path) == [written]
+
+
 class TestGroupCommit:
     async def test_concurrent_appends_share_fsyncs(self, log_path: Path, open_log: OpenLog) -> None:
         log = open_log(log_path)
