@@ -9,14 +9,15 @@ audit thread's write + fsync of one commit and of every `os.fsync` call (the sys
 the GIL taken back after it, beside the calling thread's CPU time: the same call in both
 targets, so what the disk and the kernel take can be told from the code around them), what
 the paced client saw end to end, and, for the gateway, a second table of the `requested`
-record's commit (`COMMIT_MARKS`): the record handed to the log's thread, taken by it, its
-file's path looked at, the records chained, written and fsynced there, and the event loop
+record's commit (`COMMIT_MARKS`): its file's path looked at and the records chained (by the
+loop before it hands them over, while the log's thread is idle; else by the thread), the
+record handed to the log's thread, taken by it, written and fsynced there, and the event loop
 resumed by the thread's hand-back. Those marks are set on the loop and on the thread by the
-record's identity, so they are the record's own commit's. Last, two of the thread's steps
-(`THREAD_STEPS`) with the thread's own CPU time beside the wall clock's, and the same call
-timed warm, in a loop after the run: CPU time as long as the wall clock's says the thread was
-computing, not waiting for the GIL; warm against the run's is what running once a request,
-with cold caches, costs the same code. And the scheduler's account of
+record's identity, so they are the record's own commit's. Last, those two steps of a commit
+(`THREAD_STEPS`) with the CPU time of the thread that ran them beside the wall clock's, and
+the same call timed warm, in a loop after the run: CPU time as long as the wall clock's says
+the thread was computing, not waiting for the GIL; warm against the run's is what running once
+a request, with cold caches, costs the same code. And the scheduler's account of
 the served process over the timed run (`/proc/<pid>/task/*/schedstat`, Linux), per
 deactivation: the event loop's thread and the process's other threads together (the audit's,
 uvloop's helpers, and this tool's own, which looks for a request for samples every `POLL_S`),
@@ -76,13 +77,17 @@ THREAD = "audit thread: write + fsync of a commit"
 FSYNC = "every fsync call, p50 µs: wall / CPU of its thread"
 SCHED = "the scheduler's account of the served process, per deactivation"
 # Inside "requested record durable" (the gateway only): the `requested` record's commit, from
-# its hand-over to the log's thread to the loop resumed by the thread's hand-back.
-COMMIT_MARKS = ("record handed to the thread", "thread took it", "path looked at",
-                "records chained", "record written", "record fsynced",
+# the look at its file's path and the records chained (on the loop, while the log's thread is
+# idle: `AuditLog._look_and_chain`; by the thread itself after it took them otherwise) to the
+# loop resumed by the thread's hand-back.
+COMMIT_MARKS = ("path looked at", "records chained", "record handed to the thread",
+                "thread took it", "record written", "record fsynced",
                 "loop resumed by the thread")
-# Two steps of the thread's commit, timed on the thread (wall clock and the thread's CPU time)
-# and again warm, in a loop of `WARM_CALLS` once the run is over: (mark, AuditLog method).
+# Two steps of a commit, timed on the thread that runs them (wall clock and that thread's CPU
+# time) and again warm, in a loop of `WARM_CALLS` once the run is over: (mark, AuditLog method).
 THREAD_STEPS = (("path looked at", "_still_current"), ("records chained", "_chain"))
+STEPS = ("a commit's look and chain, p50 µs: in the run (wall / CPU of the thread that ran "
+         "them) and warm (the same call in a loop, after the run):")
 WARM_CALLS = 200
 TARGETS = ("gateway", "minimum")
 # The contract minimum's marks: (a line of benchmarks/floor.py, the mark set just before it).
@@ -170,7 +175,19 @@ def instrument(out: Path) -> None:
     audit.AuditLog.append = appended  # type: ignore[method-assign]
     _after(client.KoreClient, "_send", lambda *a, **k: "Kore.ai answered")
     write_batch = audit.AuditLog._write_batch
-    in_commit = threading.local()  # the records the audit thread is writing
+    in_commit = threading.local()  # the records being looked at, chained or written
+    look_and_chain = audit.AuditLog._look_and_chain
+
+    def timed_look(self: Any, records: list[dict[str, Any]]) -> Any:
+        for record in records:  # the commit's marks start here, on the loop
+            _stamps[id(record)] = {}
+        in_commit.records = records
+        try:
+            return look_and_chain(self, records)
+        finally:
+            in_commit.records = None
+
+    audit.AuditLog._look_and_chain = timed_look  # type: ignore[method-assign]
 
     def timed_write(self: Any, records: list[dict[str, Any]], *args: Any, **kwargs: Any
                     ) -> Any:
@@ -197,9 +214,7 @@ def instrument(out: Path) -> None:
 
     def handed(self: Any, func: Any, *args: Any, **kwargs: Any) -> Any:
         if getattr(func, "__func__", None) is timed_write:  # a commit: its records
-            now = time.perf_counter()
-            for record in args[0]:
-                _stamps[id(record)] = {COMMIT_MARKS[0]: now}
+            _stamp(args[0], "record handed to the thread", time.perf_counter())
         return call(self, func, *args, **kwargs)
 
     writer.Writer.call = handed  # type: ignore[method-assign]
@@ -224,7 +239,8 @@ def _timed_step(owner: Any, method: str, mark: str, in_commit: threading.local
 
     def step(self: Any, *args: Any, **kwargs: Any) -> Any:
         records = getattr(in_commit, "records", None)
-        if not records:  # the loop's own write (`_write_now`), or a commit of its fsync only
+        if not records:  # the loop's own write (`_write_now`), or a commit of its fsync only;
+            # or, on the thread, the look a commit the loop looked at needs no more
             return original(self, *args, **kwargs)
         wall, cpu = time.perf_counter(), time.thread_time()
         result = original(self, *args, **kwargs)
@@ -440,8 +456,7 @@ def summary(samples: Sequence[dict[str, float]], commits: Sequence[float],
                         "deactivation begun")[1:]
     timed = {mark: step for mark, step in (thread or {}).items() if step["wall"]}
     if timed:
-        lines.append("the audit thread's steps of a commit, p50 µs: in the run (wall / CPU of "
-                     "the thread) and warm (the same call in a loop, after the run):")
+        lines.append(STEPS)
         for mark, step in timed.items():
             warm = f"{step['warm']:.1f}" if step.get("warm") is not None else "–"
             lines.append(f"{mark:28} {statistics.median(step['wall']):8.1f} "

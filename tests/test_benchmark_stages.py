@@ -14,6 +14,7 @@ from benchmarks.stages import (
     MARKS,
     MINIMUM_MARKS,
     SCHED,
+    STEPS,
     THREAD,
     main,
     minimum_source,
@@ -75,7 +76,7 @@ def test_the_requested_records_commit_is_tabled_from_deactivation_begun() -> Non
     head = lines.index("the requested record's commit (1 deactivations), from deactivation "
                        "begun:")
     rows = [line.split() for line in lines[head + 1:]]
-    assert rows[0][-3:] == ["2.000", "2.000", "1.000"]  # record handed to the thread
+    assert rows[0][-3:] == ["2.000", "2.000", "1.000"]  # path looked at
     assert rows[6][-3:] == ["8.000", "8.000", "1.000"]  # loop resumed by the thread
     assert rows[7][-3:] == ["11.000", "11.000", "3.000"]  # requested record durable
     assert "requested record's commit" not in "\n".join(summary([dict(marks)], []))
@@ -87,16 +88,16 @@ def test_the_threads_steps_show_wall_cpu_and_warm_times() -> None:
               "records chained": {"wall": [5.0], "cpu": [4.0], "warm": None},
               "never": {"wall": [], "cpu": [], "warm": None}}
     lines = summary([], [], thread)
-    assert lines[-3].startswith("the audit thread's steps of a commit, p50 µs")
+    assert lines[-3] == STEPS
     assert lines[-2].split() == ["path", "looked", "at", "20.0", "19.0", "2.5"]
     assert lines[-1].split() == ["records", "chained", "5.0", "4.0", "–"]
-    assert "steps of a commit" not in "\n".join(summary([], [], {}))
+    assert STEPS not in summary([], [], {})
 
 
 def assert_commit_timed_in_order(text: str) -> None:
     """The requested record's commit: each mark after the one before, durable last."""
     commit = text.split("the requested record's commit (", 1)[1].split(SCHED, 1)[0]
-    table, steps = commit.split("the audit thread's steps of a commit")
+    table, steps = commit.split(STEPS)
     table = table.splitlines()[1:]
     offsets = [float(line.split()[-3]) for line in table]
     assert len(offsets) == len(COMMIT_MARKS) + 1, text
