@@ -239,8 +239,7 @@ def _timed_step(owner: Any, method: str, mark: str, in_commit: threading.local
 
     def step(self: Any, *args: Any, **kwargs: Any) -> Any:
         records = getattr(in_commit, "records", None)
-        if not records:  # the loop's own write (`_write_now`), or a commit of its fsync only;
-            # or, on the thread, the look a commit the loop looked at needs no more
+        if not records:  # the loop's own write (`_write_now`), or a commit of its fsync only
             return original(self, *args, **kwargs)
         wall, cpu = time.perf_counter(), time.thread_time()
         result = original(self, *args, **kwargs)

@@ -117,11 +117,11 @@ def hash_user_id(user_id: str) -> str:
 class AuditLog:
     """The append-only audit file: durable, group-committed, hash-chained appends.
 
-    File state (descriptor, size, last seq and hash) is only changed by `open()` at start-up
-    and then by the log's own thread (`writer.Writer`), so fsyncs, rotation and reopening
-    never block the event loop and never run concurrently. The loop reads it only while the
-    thread has nothing to do: to chain a commit's records before handing them over
-    (`_look_and_chain`), and to write a record that need not wait for its fsync itself
+    File state (descriptor, size, last seq and hash) is touched by `open()` at start-up and
+    then by the log's own thread (`writer.Writer`), so fsyncs, rotation and reopening never
+    block the event loop and never run concurrently. The loop touches it only while the thread
+    has nothing to do: it reads it to chain a commit's records before handing them over
+    (`_look_and_chain`), and writes a record that need not wait for its fsync itself
     (`_write_now`). A commit's records are chained onto the last record written, so a failed
     batch leaves no gap: the next batch chains onto the last durable record.
     """
