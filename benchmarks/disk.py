@@ -38,6 +38,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks import load
+
 LINE_BYTES = 400  # about one audit record
 BLOCK = 4096  # O_DIRECT's alignment on this file system
 MAX_COUNT = 10_000
@@ -164,17 +166,13 @@ def _make(name: str, directory: Path, count: int, line: bytes) -> _Way:
 
 
 def summary(seconds: Sequence[float]) -> dict[str, Any]:
-    """Count, p50, p90 and p99 in ms (nearest rank)."""
-    ordered = sorted(seconds)
-    if not ordered:
+    """Count, p50, p90 and p99 in ms (nearest rank, `load.percentile`), and the mean."""
+    if not seconds:
         return {"count": 0, "p50_ms": None, "p90_ms": None, "p99_ms": None}
-
-    def rank(q: float) -> float:
-        return round(ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
-                     * 1000, 3)
-
-    return {"count": len(ordered), "p50_ms": rank(0.5), "p90_ms": rank(0.9),
-            "p99_ms": rank(0.99), "mean_ms": round(statistics.fmean(ordered) * 1000, 3)}
+    ms = [s * 1000 for s in seconds]
+    return {"count": len(ms), **{f"p{q}_ms": round(load.percentile(ms, q), 3)
+                                 for q in (50, 90, 99)},
+            "mean_ms": round(statistics.fmean(ms), 3)}
 
 
 def _bounded(count: int, gap_s: float) -> None:
