@@ -375,8 +375,8 @@ class AuditLog:
         onto the last one written, for the thread to write as they are (`_write_batch`).
 
         The thread would run both right after waking up, on a CPU that idled: at 200 req/s
-        they took it 60 µs a commit there, against a few on the loop, which has just run the
-        request (docs/benchmarks/README.md). (None, None): the thread does both itself (no
+        they took it 43–46 µs a commit there, against 27–28 µs on the loop, which has just run
+        the request (docs/benchmarks/README.md). (None, None): the thread does both itself (no
         records, no file, or the thread busy); (False, None): the path no longer leads to the
         open file, and the thread reopens it and chains the records itself."""
         if not records or self._fd is None or not self._worker.idle:
