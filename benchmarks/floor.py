@@ -35,6 +35,16 @@ route, status and caller, a duration histogram, the requests in flight). No conf
 failure handling beyond answering, no recovery; refusals are answered, logged and counted, not
 audited. What it costs above the floor is the least any gateway bound by the contract spends on
 its features, a lower bound for the gateway's.
+
+With `--kept-behaviours` as well it is the **contract minimum with the gateway's two kept
+behaviours**, the two things the gateway does on a successful deactivation beyond the contract,
+in their cheapest form: the audit file's path looked at (`os.stat`, compared with the open
+file's device and inode; a moved or replaced file is reopened) before each write, by the event
+loop while the writer thread has nothing to do, else by the thread; and the terminal record
+written into the file by the event loop itself before the answer while the thread has nothing
+to do (the thread then fsyncs it, not waited for), else handed to the thread as before. What it
+costs above the contract minimum is what those two behaviours cost any gateway, and a lower
+bound for the gateway with them.
 """
 
 from __future__ import annotations
@@ -85,16 +95,41 @@ COMPLETED = (b"{" + _FIELDS % b"completed" + b',"outcome":"success","status":200
 
 class AuditIO:
     """The contract's audit I/O alone: lines appended by the event loop, written and fsynced
-    by one thread in group commits; `durable(line)` resolves once its line is on the disk."""
+    by one thread in group commits; `durable(line)` resolves once its line is on the disk.
 
-    def __init__(self, path: str) -> None:
+    `kept`: the gateway's two kept behaviours (`--kept-behaviours`): the path looked at before
+    each write (`_follow`), and `write_now` for a terminal record."""
+
+    def __init__(self, path: str, kept: bool = False) -> None:
         self.loop = asyncio.get_running_loop()
-        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        self.waiting: list[tuple[bytes, asyncio.Future[None] | None]] = []
+        self.path, self.kept = path, kept
+        self.fd = self._open()
+        # Each line: its future (None: nobody waits) and whether its look was made already.
+        self.waiting: list[tuple[bytes, asyncio.Future[None] | None, bool]] = []
         self.ready = threading.Condition()
+        self.committing = False  # the thread has taken a batch and not finished it
         self.closed = False
         self.thread = threading.Thread(target=self._commits, name="audit-io", daemon=True)
         self.thread.start()
+
+    def _open(self) -> int:
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        st = os.fstat(fd)
+        self.identity = (st.st_dev, st.st_ino)
+        return fd
+
+    def _follow(self) -> None:
+        """The look at the path: a moved, removed or replaced file is left for a new one
+        there. Called by whoever touches the file now (the loop only while the thread is
+        idle, under the lock)."""
+        try:
+            st = os.stat(self.path)
+            current = (st.st_dev, st.st_ino) == self.identity
+        except OSError:
+            current = False
+        if not current:
+            os.close(self.fd)
+            self.fd = self._open()
 
     def durable(self, line: bytes) -> asyncio.Future[None]:
         future: asyncio.Future[None] = self.loop.create_future()
@@ -106,8 +141,25 @@ class AuditIO:
 
     def _append(self, line: bytes, future: asyncio.Future[None] | None) -> None:
         with self.ready:
-            self.waiting.append((line, future))
+            looked = False
+            if self.kept and not self.waiting and not self.committing:
+                self._follow()  # on the loop: the thread has nothing to do
+                looked = True
+            self.waiting.append((line, future, looked))
             self.ready.notify()
+
+    def write_now(self, line: bytes) -> bool:
+        """The line written by the loop itself, now, when the thread has nothing to do; its
+        fsync is handed to the thread and not waited for. False: the thread is at work (or
+        has work), and the line must go the usual way."""
+        with self.ready:
+            if self.waiting or self.committing:
+                return False
+            self._follow()
+            os.write(self.fd, line)
+            self.waiting.append((b"", None, True))
+            self.ready.notify()
+        return True
 
     def _commits(self) -> None:
         while True:
@@ -117,13 +169,20 @@ class AuditIO:
                 if not self.waiting:
                     return
                 batch, self.waiting = self.waiting, []
+                self.committing = self.kept
             failed: OSError | None = None
             try:
-                os.write(self.fd, b"".join(line for line, _ in batch))
+                data = b"".join(line for line, _, _ in batch)
+                if self.kept and data and not all(looked for _, _, looked in batch):
+                    self._follow()  # the thread's look: the loop could not make it
+                os.write(self.fd, data)
                 os.fsync(self.fd)
             except OSError as exc:  # the waiting requests fail (500): never left hanging
                 failed = exc
-            futures = [f for _, f in batch if f is not None]
+            if self.kept:
+                with self.ready:
+                    self.committing = False
+            futures = [f for _, f, _ in batch if f is not None]
             if futures:
                 self.loop.call_soon_threadsafe(_release, futures, failed)
 
@@ -388,7 +447,9 @@ async def minimum(request: web.Request) -> web.Response:
         record["attempts"] = 1
         record["durationMs"] = round((time.monotonic() - started) * 1000, 3)
         record["error"] = None if ok else "upstream_unavailable"
-        audit.later(_chained(record))  # the terminal record: the answer does not wait for it
+        line = _chained(record)  # the terminal record: the answer does not wait for it
+        if not (audit.io.kept and not audit.lines and audit.io.write_now(line)):
+            audit.later(line)  # (with the kept behaviours: in the file before the answer)
         if ok:
             if failures is not None:
                 _failures.pop(bot_id, None)
@@ -431,24 +492,26 @@ async def _session(app: web.Application) -> Any:
     await app[SESSION].close()
 
 
-def _audit_io(directory: str) -> Any:
+def _audit_io(directory: str, kept: bool = False) -> Any:
     async def ctx(app: web.Application) -> Any:
-        app[AUDIT] = AuditIO(os.path.join(directory, f"audit-{os.getpid()}.jsonl"))
+        app[AUDIT] = AuditIO(os.path.join(directory, f"audit-{os.getpid()}.jsonl"), kept)
         yield
         app[AUDIT].close()
     return ctx
 
 
 def make_app(upstream: str, token: str, audit_dir: str | None = None,
-             caller_digest: bytes | None = None) -> web.Application:
+             caller_digest: bytes | None = None, kept: bool = False) -> web.Application:
     """`caller_digest` (the SHA-256 of the caller key) selects the contract minimum, which
-    needs `audit_dir`."""
+    needs `audit_dir`; `kept` adds the gateway's two kept behaviours to it."""
     global _caller_digest, _static_token
+    if kept and caller_digest is None:
+        raise ValueError("the kept behaviours are the contract minimum's")
     app = web.Application()
     app[UPSTREAM], app[TOKEN] = upstream.rstrip("/"), token
     app.cleanup_ctx.append(_session)
     if audit_dir is not None:
-        app.cleanup_ctx.append(_audit_io(audit_dir))
+        app.cleanup_ctx.append(_audit_io(audit_dir, kept))
     handler = deactivate
     if caller_digest is not None:
         if audit_dir is None:
@@ -463,9 +526,10 @@ def make_app(upstream: str, token: str, audit_dir: str | None = None,
 
 
 async def serve(host: str, port: int, upstream: str, token: str,
-                audit_dir: str | None = None, caller_digest: bytes | None = None) -> None:
-    runner = web.AppRunner(make_app(upstream, token, audit_dir, caller_digest), access_log=None,
-                           handle_signals=False)
+                audit_dir: str | None = None, caller_digest: bytes | None = None,
+                kept: bool = False) -> None:
+    runner = web.AppRunner(make_app(upstream, token, audit_dir, caller_digest, kept),
+                           access_log=None, handle_signals=False)
     await runner.setup()
     await web.TCPSite(runner, host, port, reuse_port=True, backlog=1024).start()
     stop = asyncio.Event()
@@ -475,8 +539,8 @@ async def serve(host: str, port: int, upstream: str, token: str,
 
 
 def _worker(host: str, port: int, upstream: str, token: str, audit_dir: str | None,
-            caller_digest: bytes | None) -> None:
-    event_loop.run(serve(host, port, upstream, token, audit_dir, caller_digest))
+            caller_digest: bytes | None, kept: bool) -> None:
+    event_loop.run(serve(host, port, upstream, token, audit_dir, caller_digest, kept))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -489,20 +553,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--contract-minimum", action="store_true",
                         help=f"add every per-request duty of the contract, cheapest form "
                              f"(needs --audit-dir; the caller key in ${CALLER_KEY_ENV})")
+    parser.add_argument("--kept-behaviours", action="store_true",
+                        help="add the gateway's two kept behaviours to the contract minimum "
+                             "(needs --contract-minimum)")
     args = parser.parse_args(argv)
     if args.contract_minimum and args.audit_dir is None:
         parser.error("--contract-minimum needs --audit-dir")
+    if args.kept_behaviours and not args.contract_minimum:
+        parser.error("--kept-behaviours needs --contract-minimum")
     host, port = args.listen.rsplit(":", 1)
     token = os.environ[TOKEN_ENV]
     digest = None
     if args.contract_minimum:
         digest = hashlib.sha256(os.environ[CALLER_KEY_ENV].encode("utf-8")).digest()
     if args.workers == 1:  # served by this process (`benchmarks.instructions` counts it)
-        event_loop.run(serve(host, int(port), args.upstream, token, args.audit_dir, digest))
+        event_loop.run(serve(host, int(port), args.upstream, token, args.audit_dir, digest,
+                             args.kept_behaviours))
         return 0
     ctx = multiprocessing.get_context("fork")
     procs = [ctx.Process(target=_worker,
-                         args=(host, int(port), args.upstream, token, args.audit_dir, digest))
+                         args=(host, int(port), args.upstream, token, args.audit_dir, digest,
+                               args.kept_behaviours))
              for _ in range(args.workers)]
     for proc in procs:
         proc.start()

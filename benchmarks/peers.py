@@ -68,12 +68,16 @@ def start_peer(directory: Path, workers: int, stub_url: str, static_jwt: str) ->
 
 def start_floor(directory: Path, workers: int, stub_url: str, static_jwt: str, *,
                 audit_io: bool = False, contract_minimum: bool = False,
-                caller_key: str | None = None, launcher: Sequence[str] = ()) -> Server:
+                caller_key: str | None = None, launcher: Sequence[str] = (),
+                kept: bool = False) -> Server:
     """The aiohttp floor; with `audit_io`, plus the contract's audit I/O (`floor.AuditIO`);
     with `contract_minimum`, plus every per-request duty of the contract in its cheapest form
-    (audit I/O included; `caller_key`, e.g. `Credentials.caller_key`, is the one key it takes).
+    (audit I/O included; `caller_key`, e.g. `Credentials.caller_key`, is the one key it takes),
+    and with `kept` as well, plus the gateway's two kept behaviours (`--kept-behaviours`).
     `launcher`: the command that takes the floor's arguments, if not `python -m benchmarks.floor`.
     """
+    if kept and not contract_minimum:
+        raise ValueError("the kept behaviours are the contract minimum's")
     from benchmarks.floor import CALLER_KEY_ENV, TOKEN_ENV
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -91,6 +95,9 @@ def start_floor(directory: Path, workers: int, stub_url: str, static_jwt: str, *
         argv.append("--contract-minimum")
         env[CALLER_KEY_ENV] = caller_key
         name = "floor_minimum"
+        if kept:
+            argv.append("--kept-behaviours")
+            name = "floor_minimum_kept"
     return start(name, argv, f"http://{listen}", directory / "floor.log", env=env)
 
 

@@ -40,6 +40,9 @@ one worker) the same way, stage for stage: its handler is one function, so its m
 inserted into a copy of `benchmarks/floor.py`'s source before the lines named in
 `MINIMUM_MARKS` (each must occur there exactly once, or the run stops), and that copy is
 served. Its terminal record is handed to its writer thread, not written before the answer.
+`--target minimum-kept` times it with the gateway's two kept behaviours as well
+(`benchmarks.floor --kept-behaviours`): the audit path looked at before each write, and the
+terminal record written by the event loop before the answer while the writer thread is idle.
 """
 
 from __future__ import annotations
@@ -89,7 +92,7 @@ THREAD_STEPS = (("path looked at", "_still_current"), ("records chained", "_chai
 STEPS = ("a commit's look and chain, p50 µs: in the run (wall / CPU of the thread that ran "
          "them) and warm (the same call in a loop, after the run):")
 WARM_CALLS = 200
-TARGETS = ("gateway", "minimum")
+TARGETS = ("gateway", "minimum", "minimum-kept")
 # The contract minimum's marks: (a line of benchmarks/floor.py, the mark set just before it).
 MINIMUM_MARKS = (
     ('        bot_id = request.match_info["botId"]\n', "authenticated"),
@@ -100,7 +103,7 @@ MINIMUM_MARKS = (
     ("        if ok:\n", "terminal record appended"),
 )
 # Its writer thread's commit, timed as the gateway's `_write_batch` is.
-MINIMUM_COMMIT = ("                os.write(self.fd, b\"\".join(line for line, _ in batch))\n",
+MINIMUM_COMMIT = ("                os.write(self.fd, data)\n",
                   "                os.fsync(self.fd)\n")
 
 _marks: contextvars.ContextVar[dict[str, float] | None] = contextvars.ContextVar(
@@ -492,7 +495,7 @@ def _start_target(target: str, directory: Path, stub_url: str, creds: peers.Cred
     launcher = [sys.executable, "-m", "benchmarks.stages", "--serve-minimum", str(out)]
     return peers.start_floor(directory / "minimum", 1, stub_url, _static_jwt(creds),
                              contract_minimum=True, caller_key=creds.caller_key,
-                             launcher=launcher), "/healthz"
+                             launcher=launcher, kept=target == "minimum-kept"), "/healthz"
 
 
 async def _measure(directory: Path, seconds: float, rate: float, target: str = "gateway",
@@ -536,7 +539,8 @@ def run(seconds: float, rate: float, target: str = "gateway", parts: str = "") -
     with tempfile.TemporaryDirectory(prefix="kgw-stages-") as name:
         result, data = asyncio.run(_measure(Path(name), seconds, rate, target, parts))
     seen = result.latencies_ms
-    name = "gateway" if target == "gateway" else "contract minimum"
+    name = {"gateway": "gateway", "minimum": "contract minimum",
+            "minimum-kept": "contract minimum with the kept behaviours"}[target]
     if parts:
         name += " " + without.label(parts)
     head = (f"{name}, 1 worker, paced {rate:g} req/s for {seconds:g} s: {result.ok} answered, "
@@ -552,8 +556,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rate", type=float, default=200.0, help="requests per second")
     parser.add_argument("--target", choices=TARGETS, default="gateway",
-                        help="the gateway, or the harness's contract minimum "
-                             "(default %(default)s)")
+                        help="the gateway, or the harness's contract minimum, without or "
+                             "with the gateway's two kept behaviours (default %(default)s)")
     parser.add_argument("--without", default="", metavar="PART[,PART…]",
                         help="the gateway without these parts of its request path, removed in "
                              f"its process only (one of {', '.join(without.PARTS)})")

@@ -33,8 +33,13 @@ class Stack:
     audit_dir: Path
 
 
+@pytest.fixture(params=[False, True], ids=["minimum", "kept-behaviours"])
+def kept(request: pytest.FixtureRequest) -> bool:
+    return bool(request.param)
+
+
 @pytest.fixture
-async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
+async def stack(tmp_path: Path, kept: bool) -> AsyncIterator[Stack]:
     now = int(time.time())
     token = jwt.encode({"appId": CLIENT_ID, "sub": "floor-minimum", "iat": now,
                         "exp": now + 3600}, SECRET, algorithm="HS256")
@@ -43,9 +48,9 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
     try:
         await wait_status(stub, "/healthz", START_TIMEOUT_S)
         floor = peers.start_floor(tmp_path / "floor", 1, stub.url, token,
-                                  contract_minimum=True, caller_key=CALLER_KEY)
+                                  contract_minimum=True, caller_key=CALLER_KEY, kept=kept)
         servers.append(floor)
-        assert floor.name == "floor_minimum"
+        assert floor.name == ("floor_minimum_kept" if kept else "floor_minimum")
         await wait_status(floor, "/healthz", START_TIMEOUT_S)
         yield Stack(stub, floor, tmp_path / "floor" / "audit")
     finally:
@@ -117,3 +122,36 @@ async def test_deactivations_are_audited_in_a_verifiable_chain(stack: Stack) -> 
     assert [(a["status"], a["caller"], a["request_id"]) for a in lines] == [
         (200, "bench-caller", ids[0]), (200, "bench-caller", ids[1]),
         (200, "bench-caller", ids[2]), (401, None, headers["X-Request-ID"])]
+
+
+def _records(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_bytes().splitlines()]
+
+
+@pytest.mark.parametrize("kept", [True], ids=["kept-behaviours"])
+async def test_kept_behaviours_terminal_record_before_the_answer_and_a_moved_file_followed(
+        stack: Stack) -> None:
+    """`--kept-behaviours`: each answer finds its `completed` record already in the file (the
+    event loop wrote it: the log's thread was idle), and a file moved away is left for a new one
+    at the path before the next write; the moved file and the new one verify as one chain."""
+    async with aiohttp.ClientSession() as session:
+        (path,) = stack.audit_dir.glob("audit-*.jsonl")
+        for request_id in ("kept-1", "kept-2"):
+            status, _, body = await _post(session, stack.floor.url, CALLER_KEY, request_id)
+            assert status == 200, body
+            mine = [r["event"] for r in _records(path) if r["requestId"] == request_id]
+            assert mine == ["deactivate.requested", "deactivate.completed"]
+        moved = path.with_name("moved.jsonl")
+        path.rename(moved)
+        status, _, body = await _post(session, stack.floor.url, CALLER_KEY, "kept-3")
+        assert status == 200, body
+        assert [r["requestId"] for r in _records(path)] == ["kept-3", "kept-3"]  # a new file
+    assert stack.floor.stop() == 0
+    assert [r["seq"] for r in _records(moved)] == [1, 2, 3, 4]
+    report = verify_files([moved, path])
+    assert report.ok and report.records == 6, report
+
+
+def test_kept_behaviours_need_the_contract_minimum(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="contract minimum"):
+        peers.start_floor(tmp_path, 1, "http://127.0.0.1:9", "token", kept=True)
