@@ -15,7 +15,7 @@ first by `--warmup-s` of wrk at the harness's 64 connections (if wrk is installe
 paced second). Then `--rounds` rounds of `--seconds` paced at `--rate`, the targets in turns, as
 the harness's paced phase runs them. Printed: each target's p50 and p99 over every round, and
 the same over the floor, against the issue's limits (p50 ≤ floor + 0.5 ms, p99 ≤ floor +
-1.5 ms). `--json FILE` also writes the figures.
+1.5 ms). `--json FILE` also writes the figures. The exit status is 1 if any request failed.
 """
 
 from __future__ import annotations
@@ -133,8 +133,10 @@ def figures(samples: dict[str, list[float]], failed: dict[str, int],
 
 def report(result: dict[str, Any]) -> str:
     s = result["settings"]
-    head = (f"Paced {s['rate']:g} req/s, {s['rounds']} rounds of {s['seconds']:g} s a target "
-            f"in turns, {s['workers']} workers each:")
+    rounds = f"{s['rounds']} round{'s' if s['rounds'] != 1 else ''}"
+    workers = f"{s['workers']} worker{'s' if s['workers'] != 1 else ''}"
+    head = (f"Paced {s['rate']:g} req/s, {rounds} of {s['seconds']:g} s a target in turns, "
+            f"{workers} each:")
     columns = ("| target | p50 (ms) | p99 (ms) | p50 over floor (limit +0.5) | "
                "p99 over floor (limit +1.5) | failed |")
     lines = [head, "", columns, "|---|---:|---:|---:|---:|---:|"]

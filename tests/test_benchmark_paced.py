@@ -30,6 +30,8 @@ def test_a_short_run_measures_every_target(tmp_path: Path) -> None:
         assert result[name]["over_floor_p50_ms"] == round(
             result[name]["p50_ms"] - result["floor"]["p50_ms"], 3)
     assert "| contract minimum + kept behaviours |" in done.stdout
+    assert done.stdout.startswith("Paced 200 req/s, 1 round of 0.5 s a target in turns, "
+                                  "1 worker each:")
 
 
 def test_the_report_judges_each_target_against_the_limits() -> None:
@@ -40,6 +42,7 @@ def test_the_report_judges_each_target_against_the_limits() -> None:
     assert result["gateway"]["over_floor_p50_ms"] == 0.6
     assert result["gateway"]["over_floor_p99_ms"] == 2.0
     text = paced.report(result)
+    assert text.startswith("Paced 200 req/s, 3 rounds of 5 s a target in turns, 2 workers each:")
     assert "| contract minimum | 1.400 | 1.400 | +0.400 met | +0.400 met | 0 |" in text
     assert "| contract minimum + kept behaviours | 1.500 | 1.500 | +0.500 met |" in text
     assert "| gateway | 1.600 | 3.000 | +0.600 missed | +2.000 missed | 0 |" in text
