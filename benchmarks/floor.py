@@ -104,10 +104,10 @@ class AuditIO:
         self.loop = asyncio.get_running_loop()
         self.path, self.kept = path, kept
         self.fd = self._open()
-        # Each line: its future (None: nobody waits) and whether its look was made already.
-        self.waiting: list[tuple[bytes, asyncio.Future[None] | None, bool]] = []
+        self.waiting: list[tuple[bytes, asyncio.Future[None] | None]] = []
         self.ready = threading.Condition()
         self.committing = False  # the thread has taken a batch and not finished it
+        self.looked = False  # the loop looked at the path for the lines waiting (`kept`)
         self.closed = False
         self.thread = threading.Thread(target=self._commits, name="audit-io", daemon=True)
         self.thread.start()
@@ -141,11 +141,10 @@ class AuditIO:
 
     def _append(self, line: bytes, future: asyncio.Future[None] | None) -> None:
         with self.ready:
-            looked = False
             if self.kept and not self.waiting and not self.committing:
                 self._follow()  # on the loop: the thread has nothing to do
-                looked = True
-            self.waiting.append((line, future, looked))
+                self.looked = True  # once for the write of every line that joins these
+            self.waiting.append((line, future))
             self.ready.notify()
 
     def write_now(self, line: bytes) -> bool:
@@ -157,7 +156,8 @@ class AuditIO:
                 return False
             self._follow()
             os.write(self.fd, line)
-            self.waiting.append((b"", None, True))
+            self.waiting.append((b"", None))  # its fsync
+            self.looked = True
             self.ready.notify()
         return True
 
@@ -169,11 +169,12 @@ class AuditIO:
                 if not self.waiting:
                     return
                 batch, self.waiting = self.waiting, []
+                looked, self.looked = self.looked, False
                 self.committing = self.kept
             failed: OSError | None = None
             try:
-                data = b"".join(line for line, _, _ in batch)
-                if self.kept and data and not all(looked for _, _, looked in batch):
+                data = b"".join(line for line, _ in batch)
+                if self.kept and data and not looked:
                     self._follow()  # the thread's look: the loop could not make it
                 os.write(self.fd, data)
                 os.fsync(self.fd)
@@ -182,7 +183,7 @@ class AuditIO:
             if self.kept:
                 with self.ready:
                     self.committing = False
-            futures = [f for _, f, _ in batch if f is not None]
+            futures = [f for _, f in batch if f is not None]
             if futures:
                 self.loop.call_soon_threadsafe(_release, futures, failed)
 
