@@ -131,10 +131,7 @@ async def measure(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
             servers[name] = launch(name, root, directory / name, stub.url, creds, args.workers)
         for server in servers.values():
             await wait_status(server, "/readyz", READY_TIMEOUT_S)
-        request = load.Request(
-            "POST", f"/v1/bots/{peers.BOT}/sessions/deactivate",
-            b'{"userId":"u-1001","channel":"rtm"}',
-            {"Content-Type": "application/json", "Authorization": f"Bearer {creds.caller_key}"})
+        request = peers.deactivation(creds.caller_key)
         script = load.wrk_script(request, directory / "deactivate.lua")
         for server in servers.values():  # connection pools, the first JWT, the page cache
             load.run_wrk(server.url + request.path, script, connections=args.connections,

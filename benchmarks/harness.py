@@ -145,20 +145,17 @@ class Bench:
     # --- load ---------------------------------------------------------------------------
 
     def requests(self) -> dict[str, load.Request]:
-        simple = f"/v1/bots/{peers.BOT}/sessions/deactivate"
-        body = b'{"userId":"u-1001","channel":"rtm"}'
-        json_type = {"Content-Type": "application/json"}
-        keyed = {**json_type, "Authorization": f"Bearer {self.creds.caller_key}"}
+        keyed, keyless = peers.deactivation(self.creds.caller_key), peers.deactivation()
         return {
-            "gateway": load.Request("POST", simple, body, keyed),
-            MINIMUM: load.Request("POST", simple, body, keyed),
-            "nginx": load.Request("POST", simple, body, json_type),
-            "floor": load.Request("POST", simple, body, json_type),
-            CONTRACT: load.Request("POST", simple, body, json_type),
+            "gateway": keyed,
+            MINIMUM: keyed,
+            "nginx": keyless,
+            "floor": keyless,
+            CONTRACT: keyless,
             "direct": load.Request(
                 "PUT", f"/api/public/bot/{peers.BOT}/session",
                 b'{"userId":"u-1001","status":"inactive","channel":"rtm"}',
-                {**json_type, "auth": self.static_jwt}),
+                {"Content-Type": "application/json", "auth": self.static_jwt}),
         }
 
     def saturate(self) -> dict[str, Saturation]:

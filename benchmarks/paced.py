@@ -68,11 +68,7 @@ async def start_all(directory: Path, workers: int, stub_url: str, creds: peers.C
 
 def request_for(name: str, creds: peers.Credentials) -> load.Request:
     """The harness's deactivation: keyed for the targets that check a key."""
-    headers = {"Content-Type": "application/json"}
-    if name != "floor":
-        headers["Authorization"] = f"Bearer {creds.caller_key}"
-    return load.Request("POST", f"/v1/bots/{peers.BOT}/sessions/deactivate",
-                        b'{"userId":"u-1001","channel":"rtm"}', headers)
+    return peers.deactivation(None if name == "floor" else creds.caller_key)
 
 
 async def measure(args: argparse.Namespace, directory: Path) -> dict[str, Any]:

@@ -21,12 +21,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks.load import Request
 from benchmarks.nginx import start_nginx
 from benchmarks.ports import free_port
 from benchmarks.procs import Server, start
 from gateway.auth import hash_key
 
 BOT = "st-bench-bot"
+DEACTIVATION_PATH = f"/v1/bots/{BOT}/sessions/deactivate"
+DEACTIVATION_BODY = b'{"userId":"u-1001","channel":"rtm"}'
 APP = "bench"
 TOKEN_TTL_S = 600
 RENEW_BEFORE_S = 60
@@ -39,6 +42,15 @@ class Credentials:
     secret: str
     caller_key: str
 
+
+
+def deactivation(caller_key: str | None = None) -> Request:
+    """The benchmarks' simplified call, the same every time; with the caller's key when the
+    target checks one (the gateway, the contract minimum)."""
+    headers = {"Content-Type": "application/json"}
+    if caller_key is not None:
+        headers["Authorization"] = f"Bearer {caller_key}"
+    return Request("POST", DEACTIVATION_PATH, DEACTIVATION_BODY, headers)
 
 def start_peer(directory: Path, workers: int, stub_url: str, static_jwt: str) -> Server:
     port = free_port()

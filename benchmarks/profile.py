@@ -182,11 +182,7 @@ async def _start(directory: Path, args: argparse.Namespace
 def profile(args: argparse.Namespace, directory: Path) -> str:
     stub, server, creds = asyncio.run(_start(directory, args))
     try:
-        headers = {"Content-Type": "application/json"}
-        if args.target == "gateway":
-            headers["Authorization"] = f"Bearer {creds.caller_key}"
-        request = load.Request("POST", f"/v1/bots/{peers.BOT}/sessions/deactivate",
-                               b'{"userId":"u-1001","channel":"rtm"}', headers)
+        request = peers.deactivation(creds.caller_key if args.target == "gateway" else None)
         script = load.wrk_script(request, directory / "profile.lua")
         url = server.url + request.path
         load.run_wrk(url, script, connections=args.connections, duration_s=2)  # warm-up

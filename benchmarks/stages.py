@@ -511,10 +511,7 @@ async def _measure(directory: Path, seconds: float, rate: float, target: str = "
         await wait_status(stub, "/healthz", READY_TIMEOUT_S)
         gateway, ready = _start_target(target, directory, stub.url, creds, out, parts)
         await wait_status(gateway, ready, READY_TIMEOUT_S)
-        request = load.Request("POST", f"/v1/bots/{peers.BOT}/sessions/deactivate",
-                               b'{"userId":"u-1001","channel":"rtm"}',
-                               {"Content-Type": "application/json",
-                                "Authorization": f"Bearer {creds.caller_key}"})
+        request = peers.deactivation(creds.caller_key)
         url = urlsplit(gateway.url)
         host, port = url.hostname or "127.0.0.1", url.port or 80
         await load.paced(host, port, request, rate=rate, duration_s=min(1.0, seconds))  # warm-up
