@@ -156,8 +156,8 @@ class AuditIO:
                 return False
             self._follow()
             os.write(self.fd, line)
-            self.waiting.append((b"", None))  # its fsync
-            self.looked = True
+            self.waiting.append((b"", None))  # its fsync, which needs no look; a line that
+            self.looked = False  # joins it before the thread takes it is looked at by the thread
             self.ready.notify()
         return True
 
