@@ -13,6 +13,8 @@ median over the rounds and the median of the rounds' ratios (this ÷ base) or di
 - saturation (wrk, `--connections`, `--saturation-s` a round): answers a second, and CPU time
   of the whole process tree per deactivation;
 - a paced `--rate` for `--latency-s` a round (the harness's open-loop client): p50 and p99;
+  with `--together`, both gateways are paced at once, their requests interleaved half a period
+  apart, so drift of the host's load within a round falls on both alike too;
 - the audit records per group commit at saturation (from each gateway's /metrics).
 
 Both audit logs are verified at the end. Bounded: at most 20 rounds of at most 30 s a phase.
@@ -150,11 +152,16 @@ async def measure(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
                     raise RuntimeError(f"{name}: no answer at saturation; see {server.log}")
                 side.rps.append(result.ok / max(1, math.ceil(args.saturation_s)))  # (wrk's)
                 side.cpu_us.append(spent / result.ok * 1e6)
-            for name in order(i):
-                server, side = servers[name], sides[name]
-                host, port = server.url.removeprefix("http://").rsplit(":", 1)
-                paced = await load.paced(host, int(port), request, rate=args.rate,
-                                         duration_s=args.latency_s)
+            if args.together:  # both at once, their requests half a period apart
+                timed = await asyncio.gather(*(
+                    _paced(servers[name], request, args, offset_s=k / (2 * args.rate))
+                    for k, name in enumerate(order(i))))
+                results = dict(zip(order(i), timed, strict=True))
+            else:
+                results = {name: await _paced(servers[name], request, args)
+                           for name in order(i)}
+            for name, paced in results.items():
+                side = sides[name]
                 side.p50_ms.append(load.percentile(paced.latencies_ms, 50))
                 side.p99_ms.append(load.percentile(paced.latencies_ms, 99))
                 side.failed += paced.failed
@@ -163,6 +170,13 @@ async def measure(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
             server.stop()
         stub.stop()
     return {"sides": sides, "audit": {name: audit_ok(directory / name) for name in NAMES}}
+
+
+async def _paced(server: Server, request: load.Request, args: argparse.Namespace, *,
+                 offset_s: float = 0.0) -> load.PacedResult:
+    await asyncio.sleep(offset_s)
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    return await load.paced(host, int(port), request, rate=args.rate, duration_s=args.latency_s)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -176,6 +190,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--saturation-s", type=float, default=8.0)
     parser.add_argument("--rate", type=float, default=200.0)
     parser.add_argument("--latency-s", type=float, default=5.0)
+    parser.add_argument("--together", action="store_true",
+                        help="pace both gateways at once, each at --rate, their requests "
+                             "interleaved (the host's drift then falls on both alike)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     if not (1 <= args.rounds <= 20 and 1 <= args.workers <= 8
