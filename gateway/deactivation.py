@@ -12,7 +12,6 @@ renders the result.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -119,7 +118,7 @@ class Deactivator:
             await self.deny(ask, exc)
             raise
         try:
-            await self.audit.append(ask.record("deactivate.requested", app.name))
+            await self.audit.durable(ask.record("deactivate.requested", app.name))
         except AuditUnavailable:
             self.breaker.release(ticket)
             await self.deny(ask, AuditUnavailable("the audit log cannot be written; "
@@ -202,7 +201,7 @@ async def close_left_open(audit: AuditLog, requested: Sequence[dict[str, Any]]) 
     `"outcome": "unknown"`: whether Kore.ai closed the session cannot be known."""
     if not requested:
         return
-    await asyncio.gather(*(audit.append(closing_record(r)) for r in requested))
+    await audit.append_together(closing_record(r) for r in requested)  # one commit
     log.warning("audit.closed_at_restart", path=str(audit.path), records=len(requested),
                 request_ids=[r.get("requestId") for r in requested[:20]])
 

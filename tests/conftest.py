@@ -3,6 +3,8 @@ loopback port, the real gateway in front of it, a caller key and the audit recor
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import sys
@@ -20,7 +22,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from gateway.auth import hash_key
 from gateway.config.loader import load_config
 from gateway.config.model import Config
-from gateway.http.app import create_app
+from gateway.http.app import RUNTIME, create_app
 from gateway.sandbox.server import KoreSandbox, SandboxApp
 from tests.redis_fixtures import redis_server, redis_server_binary, silent_port  # noqa: F401
 
@@ -135,16 +137,36 @@ def config(make_config: ConfigFactory, sandbox: Sandbox) -> Config:
     return make_config(sandbox.url)
 
 
+def settling(client: TestClient) -> TestClient:
+    """`client` handing each answer to the test once the gateway's audit log has nothing left
+    to commit. A terminal record may follow its answer by a commit (contract §3), and a test
+    that then reads the file synchronously (`read_records`) blocks the event loop the
+    in-process gateway needs to start that commit."""
+    audit = client.server.app[RUNTIME].audit
+    send = client._request
+
+    async def settled(method: str, path: Any, **kwargs: Any) -> Any:
+        response = await send(method, path, **kwargs)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(audit.until_quiet(), SETTLE_S)
+        return response
+
+    client._request = settled  # type: ignore[method-assign]
+    return client
+
+
 @pytest.fixture
 async def gateway(aiohttp_client: Any, config: Config) -> TestClient:
-    return await aiohttp_client(create_app(config), server_kwargs={"host": "127.0.0.1"})
+    return settling(await aiohttp_client(create_app(config),
+                                         server_kwargs={"host": "127.0.0.1"}))
 
 
 @pytest.fixture
 async def gateway_for(aiohttp_client: Any) -> Callable[[Config], Any]:
     """Starts a gateway for a config the test built itself."""
     async def start(config: Config) -> TestClient:
-        return await aiohttp_client(create_app(config), server_kwargs={"host": "127.0.0.1"})
+        return settling(await aiohttp_client(create_app(config),
+                                             server_kwargs={"host": "127.0.0.1"}))
     return start
 
 

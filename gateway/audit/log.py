@@ -220,6 +220,11 @@ class AuditLog:
                      ) -> dict[str, Any]:
         """Write `record` and return it as written, once it is durable (fsynced).
 
+        A record that finds the log idle (no commit under way) is committed at once: its
+        write and fsync start on the thread before this returns to the event loop. One that
+        arrives while a commit runs waits for the next, which gathers everything appended
+        meanwhile (group commit; `_gather`).
+
         With `durable=False`, return once it is written, before the fsync of its group
         commit, when the log's thread is idle (the event loop then writes it itself, and a
         commit started at once fsyncs it: `_write_now`); while a commit is in progress,
@@ -234,23 +239,55 @@ class AuditLog:
         and `ValueError`/`TypeError` for a record that cannot be encoded as JSON (it alone is
         left out of its batch).
         """
+        if durable:
+            return await self.durable(record)
+        prepared = self._accept(record)
+        if self._flushing:  # a commit is under way
+            self._pending.append((prepared, None, False))
+            return prepared
+        if self._healthy and self._fsync and not self._retained and self._worker.idle and (
+                self._write_now(prepared)):
+            return prepared
+        return await self._enqueue(prepared, False)
+
+    def durable(self, record: Mapping[str, Any]) -> asyncio.Future[dict[str, Any]]:
+        """`append(record)` as a future, for a caller on the request path: awaiting it
+        directly resumes one coroutine fewer when the commit hands back. Raises as `append`
+        does; the future fails as `append` would."""
+        return self._enqueue(self._accept(record), True)
+
+    def append_together(self, records: Iterable[Mapping[str, Any]]
+                        ) -> asyncio.Future[list[dict[str, Any]]]:
+        """Several durable records in one commit (as `append` of each from one turn of the
+        loop would be, were the log not idle): the records the start-up closes."""
+        futures = [self._enqueue(self._accept(record), True, commit=False)
+                   for record in records]
+        if futures:
+            self._flush_soon()
+        return asyncio.gather(*futures)
+
+    def _accept(self, record: Mapping[str, Any]) -> dict[str, Any]:
         if not self._opened:
             raise RuntimeError("AuditLog.open() was not called")
         if self._closed:
             raise AuditUnavailable(_UNAVAILABLE)
-        prepared = self._prepare(record)
-        if not durable:
-            if self._flushing:  # a commit is under way
-                self._pending.append((prepared, None, False))
-                return prepared
-            if self._healthy and self._fsync and not self._retained and self._worker.idle and (
-                    self._write_now(prepared)):
-                return prepared
+        return self._prepare(record)
+
+    def _enqueue(self, prepared: dict[str, Any], durable: bool, *, commit: bool = True
+                 ) -> asyncio.Future[dict[str, Any]]:
+        """Queues a prepared record for a commit, its caller waiting: at once when the log is
+        idle (and `commit`), else the flusher's next commit."""
+        # A caller that stops waiting cancels only its future: the record stays in its batch.
         future: asyncio.Future[dict[str, Any]] = running_loop().create_future()
         self._pending.append((prepared, future, durable))
-        self._flush_soon()
-        # A caller that stops waiting cancels only its future: the record stays in its batch.
-        return await future
+        if commit and not self._flushing and self._worker.idle:
+            # Idle: nothing to gather yet, so no turn of the loop is spent waiting for more
+            # (docs/benchmarks/README.md, "The express lane and the idle commit").
+            self._flushing = True
+            self._next_commit()
+        else:
+            self._flush_soon()
+        return future
 
     def retain(self, record: Mapping[str, Any]) -> bool:
         """Keeps a record whose own append failed (`AuditUnavailable`) for the next commit:
@@ -338,6 +375,11 @@ class AuditLog:
         prepared = dict(record)
         prepared["ts"], prepared["seq"], prepared["prev"] = utc_timestamp(), 0, ZERO_HASH
         return prepared
+
+    async def until_quiet(self) -> None:
+        """Waits until every record appended so far is committed (or kept after a failed
+        commit): nothing pending, no commit under way."""
+        await self._until_quiet()
 
     async def _until_quiet(self) -> None:
         """Waits until the flusher has nothing left to commit."""
