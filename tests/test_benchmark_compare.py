@@ -55,7 +55,8 @@ def test_a_base_that_is_not_a_checkout_is_refused(tmp_path: Path) -> None:
     assert done.returncode == 2 and "not a checkout of the project" in done.stderr
 
 
-def test_two_checkouts_served_and_timed_in_turns(tmp_path: Path) -> None:
+@pytest.mark.parametrize("together", [False, True], ids=["in-turns", "paced-together"])
+def test_two_checkouts_served_and_timed_in_turns(tmp_path: Path, together: bool) -> None:
     if MISSING:
         reason = "wrk not installed (apt-get install -y wrk; .ci/run installs it)"
         if os.environ.get("CI"):
@@ -74,12 +75,13 @@ def test_two_checkouts_served_and_timed_in_turns(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks.compare", "--base", str(base), "--rounds", "2",
          "--saturation-s", "1", "--latency-s", "1", "--rate", "40", "--workers", "1",
-         "--connections", "4", "--json", str(out)],
+         "--connections", "4", "--json", str(out), *(["--together"] if together else [])],
         cwd=REPO, capture_output=True, text=True, timeout=180, check=False,
         env={**os.environ, "KGW_COMPARE_MARK": str(mark)})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert set(mark.read_text().splitlines()) == {str(base / "gateway" / "__init__.py")}
     figures = json.loads(out.read_text())
+    assert figures["settings"]["together"] is together
     for name in ("base", "this"):
         rounds = figures["rounds"][name]
         assert len(rounds["rps"]) == len(rounds["p50_ms"]) == 2, name
