@@ -22,9 +22,9 @@ def _replace(owner: Any, **attributes: Any) -> None:
 
 
 def _access_line() -> None:
-    from gateway.http import app
+    from gateway.http import envelope
 
-    _replace(app, access=lambda *_args, **_fields: None)  # the middleware's: no line
+    _replace(envelope, access=lambda *_args, **_fields: None)  # the request's: no line
 
 
 def _metrics() -> None:

@@ -8,11 +8,7 @@ audit and upstream details live in their own modules.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import json
-import math
-import os
-import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -30,8 +26,6 @@ from gateway.deactivation import ROUTE_BATCH, ROUTE_KORE, ROUTE_SIMPLE, Ask
 from gateway.errors import (
     GatewayError,
     InvalidRequest,
-    MethodNotAllowed,
-    NotFound,
     Overloaded,
     PayloadTooLarge,
     RequestTimeout,
@@ -40,20 +34,24 @@ from gateway.errors import (
     UpstreamRejected,
 )
 from gateway.http.connection import handler_options
+from gateway.http.envelope import (
+    REQUEST_ID_VAR,
+    account,
+    cut_short,
+    error_response,
+    from_http,
+    json_answer,
+    request_id_of,
+)
+from gateway.http.express import SIMPLE_PATH, ExpressLane
 from gateway.http.forwarded import budget_key
 from gateway.http.openapi import document as openapi_document
 from gateway.http.runtime import Runtime
-from gateway.jsoncodec import compact
-from gateway.logs import Throttle, access, skip_note
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.metrics import Metrics
 from gateway.validation import Deactivation, parse_json, plain_simplified
 
 log = structlog.get_logger(__name__)
-throttle = Throttle(per_s=20)
-
-REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-
 
 RUNTIME = web.AppKey("runtime", Runtime)
 OPENAPI = web.AppKey("openapi", dict)  # {"config": built for, "body": its JSON bytes}
@@ -79,17 +77,6 @@ def authorization_of(request: web.Request) -> str | None:
     return values[0] if values else None
 
 
-def request_id_of(request: web.Request) -> str:
-    given = request.headers.get("X-Request-ID", "")
-    return given if REQUEST_ID_PATTERN.fullmatch(given) else os.urandom(16).hex()
-
-
-# structlog's own context variable for `request_id` (what `bind_contextvars(request_id=…)`
-# sets), bound in a throwaway context: the middleware sets and resets it directly, one step each.
-_REQUEST_ID_VAR = contextvars.Context().run(
-    structlog.contextvars.bind_contextvars, request_id=None)["request_id"].var
-
-
 @web.middleware
 async def envelope_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request ID, one access line per request, and every error as the contract envelope."""
@@ -97,63 +84,28 @@ async def envelope_middleware(request: web.Request, handler: Handler) -> web.Str
     request_id = request_id_of(request)
     request[REQUEST_ID] = request_id
     request[CLOSE] = False  # set now: looking up a key the request lacks raises inside
-    bound = _REQUEST_ID_VAR.set(request_id)
+    bound = REQUEST_ID_VAR.set(request_id)
     try:
         try:
             response = await handler(request)
         except GatewayError as exc:
             response = error_response(exc, request_id)
         except web.HTTPException as exc:
-            response = error_response(_from_http(exc), request_id, allow=exc.headers.get("Allow"))
+            response = error_response(from_http(exc), request_id, allow=exc.headers.get("Allow"))
         except Exception:
             log.exception("request.unexpected_error", route=_route_of(request))
             response = error_response(
                 GatewayError("an unexpected error occurred; it has been logged"), request_id)
-        response.headers["X-Request-ID"] = request_id
-        rt = request.app[RUNTIME]
-        status = response.status
-        if status == 408 or rt.draining or request[CLOSE]:
-            response.force_close()  # a half-read body, or clients should move to another instance
-        route, caller, seconds = _route_of(request), request.get(CALLER), time.monotonic() - started
-        rt.metrics.request(route, status, caller, seconds)
-        # A keyless flood must not flood the log either: its lines are throttled.
-        skipped = 0 if status != 401 else throttle("request.unauthenticated")
-        if skipped is not None:
-            access("request", method=request.method, route=route, status=status,
-                   caller=caller, duration_ms=round(seconds * 1000, 3), **skip_note(skipped))
+        account(request.app[RUNTIME], request, response, request_id, _route_of(request),
+                request.get(CALLER), time.monotonic() - started, close=request[CLOSE])
         return response
     finally:
-        _REQUEST_ID_VAR.reset(bound)
+        REQUEST_ID_VAR.reset(bound)
 
 
 def _route_of(request: web.Request) -> str:
     info = request.match_info.route.resource
     return info.canonical if info is not None else "unmatched"
-
-
-def _from_http(exc: web.HTTPException) -> GatewayError:
-    if exc.status == 405:
-        return MethodNotAllowed("this method is not allowed on this route")
-    if exc.status == 413:
-        return PayloadTooLarge("the body is larger than server.max_body_bytes")
-    if exc.status == 404:
-        return NotFound("no such route")
-    error = InvalidRequest(exc.reason or "bad request")
-    error.status = exc.status
-    return error
-
-
-def error_response(error: GatewayError, request_id: str, *,
-                   allow: str | None = None) -> web.Response:
-    body = {"error": {**error.as_dict(), "requestId": request_id}}
-    response = web.json_response(body, status=error.status)
-    if error.retry_after_s is not None:
-        response.headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s)))
-    if error.status == 401:
-        response.headers["WWW-Authenticate"] = "Bearer"
-    if allow:
-        response.headers["Allow"] = allow
-    return response
 
 
 # --- deactivation routes --------------------------------------------------------------------
@@ -285,15 +237,6 @@ class InFlight:
             self.rt.leave(self.task)
 
 
-def cut_short(exc: BaseException) -> GatewayError:
-    """What the audit says of a request ended by something other than a GatewayError."""
-    if isinstance(exc, asyncio.CancelledError):
-        return Overloaded("the gateway shut down before this request finished; retry it")
-    if isinstance(exc, web.HTTPException):
-        return _from_http(exc)
-    return GatewayError("an unexpected error occurred; it has been logged")
-
-
 async def deactivate_simplified(request: web.Request) -> web.Response:
     """The route most calls take, its common case carried in one function: the steps of
     `authenticated`, `InFlight` and `_admitted`, inline, with a body that is already whole and
@@ -334,15 +277,6 @@ async def deactivate_simplified(request: web.Request) -> web.Response:
         rt.leave(task)
     return json_answer({"success": True, "botId": d.bot_id, "userId": d.user_id,
                         "channel": d.channel, "requestId": ask.request_id})
-
-
-JSON_TYPE = {"Content-Type": "application/json; charset=utf-8"}
-
-
-def json_answer(body: Any, status: int = 200) -> web.Response:
-    """A JSON answer encoded by orjson (`jsoncodec.compact`: the standard library's bytes
-    where orjson's could differ), with json_response's content type."""
-    return web.Response(body=compact(body), status=status, headers=JSON_TYPE)
 
 
 async def deactivate_kore(request: web.Request) -> web.Response:
@@ -501,13 +435,17 @@ def create_app(config: Config, *, worker: int = 0, workers: int = 1,
     app[RUNTIME] = Runtime(config, worker=worker, workers=workers, metrics=metrics)
     app[OPENAPI] = {}
     app.cleanup_ctx.append(_lifecycle)
-    app.router.add_post("/v1/bots/{botId}/sessions/deactivate", deactivate_simplified,
+    app.router.add_post(SIMPLE_PATH, deactivate_simplified,
                         expect_handler=expect_handler)
     app.router.add_post("/v1/sessions/deactivate", deactivate_batch,
                         expect_handler=expect_handler)
     app.router.add_put("/api/public/bot/{botId}/session", deactivate_kore,
                        expect_handler=expect_handler)
     _operations_routes(app, metrics=not config.server.admin_listen)
+    # Every server of this application (`serve`'s runner, a test server) asks `_handle` for
+    # each request: the express lane answers the common case, and hands aiohttp's own
+    # `_handle` (router, middleware, handlers) everything else.
+    app._handle = ExpressLane(app[RUNTIME], app._handle)  # type: ignore[method-assign]
     return app
 
 

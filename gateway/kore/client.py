@@ -232,6 +232,10 @@ class KoreClient:
                     log.warning("upstream.token_rejected", app=app.name, status=answer.status,
                                 kore_message=kore_message(answer.body))
                     continue
+                body = answer.body
+                if 200 <= answer.status < 300 and type(body) is dict and (
+                        body.get("success") is True):
+                    return body  # `_judge`'s success, without its call (the common case)
                 judged = self._judge(answer)
                 if judged is None:
                     return answer.body

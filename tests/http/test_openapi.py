@@ -13,7 +13,8 @@ from openapi_spec_validator import validate
 from gateway import errors
 from gateway.config.model import Config
 from gateway.errors import GatewayError
-from gateway.http.app import REQUEST_ID_PATTERN, create_app
+from gateway.http.app import create_app
+from gateway.http.envelope import REQUEST_ID_PATTERN
 from gateway.http.openapi import document
 from gateway.validation import CHANNEL_PATTERN, Validator
 from tests.conftest import ConfigFactory
