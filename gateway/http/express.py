@@ -101,9 +101,10 @@ class ExpressLane:
         request_id = request_id_of(request)
         bound = REQUEST_ID_VAR.set(request_id)
         try:
-            ask = Ask(request_id, ROUTE_SIMPLE, started, caller.name,
-                      rt.proxies.client(request.remote, headers.getall(X_FORWARDED_FOR, ())),
-                      bot_id, d.user_id, d.channel)
+            ask = Ask(request_id, ROUTE_SIMPLE, started=started, caller=caller.name,
+                      client=rt.proxies.client(request.remote,
+                                               headers.getall(X_FORWARDED_FOR, ())),
+                      bot_id=bot_id, user_id=d.user_id, channel=d.channel)
             task = asyncio.current_task()
             try:
                 try:
@@ -126,7 +127,7 @@ class ExpressLane:
             except GatewayError as exc:
                 response = error_response(exc, request_id)
             except Exception:
-                log.exception("request.unexpected_error", route=ROUTE_SIMPLE)
+                log.exception("request.unexpected_error", route=SIMPLE_PATH)  # as the middleware
                 response = error_response(
                     GatewayError("an unexpected error occurred; it has been logged"), request_id)
             account(rt, request, response, request_id, SIMPLE_PATH, caller.name,
