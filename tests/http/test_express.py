@@ -5,7 +5,6 @@ the common case and leaves everything else to aiohttp's router untouched."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +19,7 @@ from gateway.config.model import Config
 from gateway.http.app import RUNTIME, create_app
 from gateway.http.express import ExpressLane
 from tests.conftest import BOT, CALLER_KEY, OTHER_KEY, SETTLE_S, read_records
+from tests.integration.sides import raw_http
 
 PATH = f"/v1/bots/{BOT}/sessions/deactivate"
 KEY = ("Authorization", f"Bearer {CALLER_KEY}")
@@ -29,31 +29,6 @@ BODY = b'{"userId":"u-1","channel":"rtm"}'
 UNSTABLE = frozenset({"ts", "seq", "prev", "hash", "durationMs", "chain"})
 
 Headers = Sequence[tuple[str, str]]
-
-
-async def raw(port: int, method: str, target: str, headers: Headers, body: bytes,
-              *, length: bool = True) -> tuple[int, dict[str, str], bytes]:
-    """One request sent as written (repeated headers kept, the target as it stands)."""
-    lines = [f"{method} {target} HTTP/1.1", "Host: 127.0.0.1", "Connection: close"]
-    lines += [f"{name}: {value}" for name, value in headers]
-    if length:
-        lines.append(f"Content-Length: {len(body)}")
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
-        await writer.drain()
-        data = await asyncio.wait_for(reader.read(), timeout=10)
-    finally:
-        writer.close()
-    head, _, rest = data.partition(b"\r\n\r\n")
-    if head.startswith(b"HTTP/1.1 100 "):  # the interim answer to `Expect: 100-continue`
-        head, _, rest = rest.partition(b"\r\n\r\n")
-    status_line, *header_lines = head.decode("latin-1").split("\r\n")
-    parsed = {}
-    for line in header_lines:
-        name, _, value = line.partition(":")
-        parsed[name.strip().lower()] = value.strip()
-    return int(status_line.split()[1]), parsed, rest
 
 
 class Served:
@@ -100,18 +75,18 @@ async def serve(side: Served, sandbox: Any, method: str, target: str, headers: H
     for name, value in (faults or {}).items():
         setattr(sandbox.faults, name, value)
     with structlog.testing.capture_logs() as logs:
-        status, answer_headers, answer = await raw(side.server.port, method, target, headers,
-                                                   body, length=length)
+        answer = await raw_http(side.server.port, method, target, headers, body,
+                                content_length=length)
     for name in faults or {}:  # back to "no fault" for the other side
         setattr(sandbox.faults, name, type(sandbox.faults)().__dict__[name])
     lines = [{k: v for k, v in line.items() if k not in ("duration_ms", "timestamp")}
              for line in logs if line.get("event") == "request"]
     return {
-        "status": status,
-        "headers": {k: v for k, v in answer_headers.items()
-                    if k in ("content-type", "x-request-id", "retry-after", "www-authenticate",
-                             "allow", "connection")},
-        "body": answer,
+        "status": answer.status,
+        "headers": {k.lower(): v for k, v in answer.headers.items()
+                    if k.lower() in ("content-type", "x-request-id", "retry-after",
+                                     "www-authenticate", "allow", "connection")},
+        "body": answer.body,
         "calls": [(c.method, c.path, c.body, c.headers.get("X-Request-ID")) for c in sandbox.calls],
         "records": side.records(),
         "counted": side.counted(),

@@ -196,12 +196,16 @@ class RawResponse:
         return self.headers.get("Content-Type", "").split(";")[0].strip()
 
 
-async def raw_http(port: int, method: str, target: str, headers: Mapping[str, str],
-                   body: bytes = b"") -> RawResponse:
-    """One request written byte for byte: the target is sent exactly as given."""
+async def raw_http(port: int, method: str, target: str,
+                   headers: Mapping[str, str] | Sequence[tuple[str, str]], body: bytes = b"",
+                   *, content_length: bool = True) -> RawResponse:
+    """One request written byte for byte: the target is sent exactly as given, and headers
+    given as pairs may repeat. `content_length=False`: the caller frames the body itself.
+    The interim answer to `Expect: 100-continue` is skipped."""
+    pairs = headers.items() if isinstance(headers, Mapping) else headers
     lines = [f"{method} {target} HTTP/1.1", "Host: 127.0.0.1", "Connection: close"]
-    lines += [f"{name}: {value}" for name, value in headers.items()]
-    if body or method in ("POST", "PUT"):
+    lines += [f"{name}: {value}" for name, value in pairs]
+    if content_length and (body or method in ("POST", "PUT")):
         lines.append(f"Content-Length: {len(body)}")
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
@@ -211,6 +215,8 @@ async def raw_http(port: int, method: str, target: str, headers: Mapping[str, st
     finally:
         writer.close()
     head, _, rest = data.partition(b"\r\n\r\n")
+    if head.startswith(b"HTTP/1.1 100 "):
+        head, _, rest = rest.partition(b"\r\n\r\n")
     status_line, *header_lines = head.decode("latin-1").split("\r\n")
     parsed: CIMultiDict[str] = CIMultiDict()
     for line in header_lines:
