@@ -137,12 +137,14 @@ def config(make_config: ConfigFactory, sandbox: Sandbox) -> Config:
     return make_config(sandbox.url)
 
 
-def settling(client: TestClient) -> TestClient:
+def settling(client: TestClient[Any, Any]) -> TestClient[Any, Any]:
     """`client` handing each answer to the test once the gateway's audit log has nothing left
     to commit. A terminal record may follow its answer by a commit (contract §3), and a test
     that then reads the file synchronously (`read_records`) blocks the event loop the
     in-process gateway needs to start that commit."""
-    audit = client.server.app[RUNTIME].audit
+    app = client.app
+    assert app is not None
+    audit = app[RUNTIME].audit
     send = client._request
 
     async def settled(method: str, path: Any, **kwargs: Any) -> Any:

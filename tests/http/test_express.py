@@ -75,6 +75,7 @@ async def serve(side: Served, sandbox: Any, method: str, target: str, headers: H
     for name, value in (faults or {}).items():
         setattr(sandbox.faults, name, value)
     with structlog.testing.capture_logs() as logs:
+        assert side.server.port is not None
         answer = await raw_http(side.server.port, method, target, headers, body,
                                 content_length=length)
     for name in faults or {}:  # back to "no fault" for the other side
