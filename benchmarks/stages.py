@@ -165,10 +165,9 @@ def instrument(out: Path) -> None:
         return await timed_lane(request, functools.partial(lane_call, self))
 
     express.ExpressLane.__call__ = lane  # type: ignore[method-assign]
-    # The simplified route's common case calls the authenticator and `plain_simplified`
-    # inline; its other cases go through `authenticated` and `read_json`.
+    # The express lane calls the authenticator and `plain_simplified` inline; the general
+    # path goes through `authenticated` and `read_json`.
     _after_call(auth.Authenticator, "authenticate", "authenticated")
-    _after_call(app, "plain_simplified", "body read")
     _after_call(express, "plain_simplified", "body read")
     _after(app, "read_json", lambda *a, **k: "body read")
     original_deactivate = deactivation.Deactivator.deactivate

@@ -353,10 +353,10 @@ class AuditLog:
         if self._closed:
             return
         self._closed = True
-        await self._until_quiet()
+        await self.until_quiet()
         if self._retained:  # one last try for records a failed commit kept
             self._flush_soon()
-            await self._until_quiet()
+            await self.until_quiet()
             if self._retained:
                 log.error("audit.records_lost", path=str(self._path), records=len(self._retained))
         await self._in_worker(self._close_fd)
@@ -379,10 +379,6 @@ class AuditLog:
     async def until_quiet(self) -> None:
         """Waits until every record appended so far is committed (or kept after a failed
         commit): nothing pending, no commit under way."""
-        await self._until_quiet()
-
-    async def _until_quiet(self) -> None:
-        """Waits until the flusher has nothing left to commit."""
         if self._flushing:
             if self._quiet is None:
                 self._quiet = running_loop().create_future()

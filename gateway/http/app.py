@@ -15,7 +15,6 @@ from typing import Any
 
 import structlog
 from aiohttp import web
-from aiohttp.hdrs import CONTENT_ENCODING
 from aiohttp.web_protocol import RequestPayloadError
 from aiohttp.web_urldispatcher import _default_expect_handler
 
@@ -49,7 +48,7 @@ from gateway.http.openapi import document as openapi_document
 from gateway.http.runtime import Runtime
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.metrics import Metrics
-from gateway.validation import Deactivation, parse_json, plain_simplified
+from gateway.validation import Deactivation, parse_json
 
 log = structlog.get_logger(__name__)
 
@@ -150,16 +149,10 @@ async def authenticated(rt: Runtime, request: web.Request, ask: Ask) -> Caller:
     """The caller, before anything counts against `max_in_flight`; a keyless request is
     refused here, within its own budget (`keyless.py`), and audited as one (`audit/keyless.py`)."""
     try:
-        return identified(rt, request, ask)
+        caller = rt.auth.authenticate(authorization_of(request))
     except Unauthenticated as exc:
         await refuse_keyless(rt, request, ask, exc)
         raise
-
-
-def identified(rt: Runtime, request: web.Request, ask: Ask) -> Caller:
-    """The caller, named on the ask and the request; raises `Unauthenticated`, which the
-    caller of this refuses (`refuse_keyless`)."""
-    caller = rt.auth.authenticate(authorization_of(request))
     ask.caller = request[CALLER] = caller.name
     return caller
 
@@ -238,43 +231,14 @@ class InFlight:
 
 
 async def deactivate_simplified(request: web.Request) -> web.Response:
-    """The route most calls take, its common case carried in one function: the steps of
-    `authenticated`, `InFlight` and `_admitted`, inline, with a body that is already whole and
-    plain JSON read by `plain_simplified`. Anything else (a refusal, a body still arriving, an
-    unusual one) goes through those general functions, which decide and audit it."""
-    rt = request.app[RUNTIME]
+    """The simplified route as aiohttp's router serves it: the requests the express lane
+    (`express.py`) leaves to the general path, which decides and audits each of them."""
+    rt = runtime(request)
     ask = new_ask(rt, request, ROUTE_SIMPLE, bot_id=request.match_info["botId"])
-    try:
-        caller = identified(rt, request, ask)  # `authenticated`, without its coroutine
-    except Unauthenticated as exc:
-        await refuse_keyless(rt, request, ask, exc)
-        raise
-    task = asyncio.current_task()
-    try:
-        rt.admit(task)
-    except Overloaded as exc:
-        await rt.deactivator.deny(ask, exc)
-        raise
-    try:
-        d = None
-        bot_id = ask.bot_id
-        if (rt.validator.known_bot(bot_id) and caller.may_touch(bot_id)
-                and request.content.is_eof() and request.content_type == "application/json"
-                and request.charset is None and CONTENT_ENCODING not in request.headers
-                and (request.content_length or 0) <= rt.config.server.max_body_bytes):
-            d = plain_simplified(bot_id, await request.read())
-        if d is None:
-            d = await _admitted(rt, request, ask, caller, rt.validator.simplified)
-        else:
-            ask.learn(d)
+    caller = await authenticated(rt, request, ask)
+    async with InFlight(rt, ask):
+        d = await _admitted(rt, request, ask, caller, rt.validator.simplified)
         await rt.deactivator.deactivate(ask, caller, d)
-    except GatewayError:
-        raise
-    except BaseException as exc:  # as `InFlight` does
-        await rt.deactivator.abandon(ask, cut_short(exc))
-        raise
-    finally:
-        rt.leave(task)
     return json_answer({"success": True, "botId": d.bot_id, "userId": d.user_id,
                         "channel": d.channel, "requestId": ask.request_id})
 
