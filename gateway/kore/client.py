@@ -211,7 +211,7 @@ class KoreClient:
                 trace.grant = await self._retry_slot(d.bot_id, deadline, error)
             token = self.tokens.ready(app) or await self.tokens.token(app)
             if trace.grant is not None:
-                trace.grant = await self.limiter.sending(d.bot_id, trace.grant)
+                trace.grant = await self.limiter.sending(d.bot_id, trace.grant, deadline)
             remaining = deadline - time.monotonic()
             if remaining <= 0:  # spent before this attempt: nothing of it is sent or counted
                 raise UpstreamTimeout(_NOT_SENT_IN_TIME)

@@ -16,7 +16,7 @@ import itertools
 import math
 import time
 from array import array
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -51,7 +51,9 @@ MAX_SPACING_S = 0.1
 # A call held back less than this keeps its slot: `SPACING_MARGIN_S` covers such a delay, and
 # moving a grant in the log on every call would cost each call more than anything else here.
 RESTAMP_MIN_S = SPACING_MARGIN_S / 4
+MAX_ROOM_WAITS = 3  # waits of one call for room its predecessors' late departures took
 AGE_TRIM_EVERY = 4096  # grants of one bot between trims of the stale ones
+MAX_HELD_GRANTS = 4096  # grants one bot's log holds at most while a burst is granted ahead
 STALE_WINDOWS = 2  # grants this many longest windows old are stale (margins included)
 
 
@@ -87,10 +89,13 @@ class RateLimiter(Protocol):
         (a `time.monotonic()` value)."""
         ...
 
-    async def sending(self, bot_id: str, grant: Grant) -> Grant:
+    async def sending(self, bot_id: str, grant: Grant, deadline: float | None = None
+                      ) -> Grant:
         """The call under `grant` leaves now: its place in the windows moves from the slot to
         now when later (the audit write or a busy event loop held it back), as Kore.ai counts
-        a call when it arrives. Returns the grant as it now stands."""
+        a call when it arrives. A call granted ahead whose window an earlier call's late
+        departure has filled first waits for room, when that leaves time for the call before
+        `deadline`. Returns the grant as it now stands."""
         ...
 
     async def refused(self, bot_id: str, grant: Grant, retry_after_s: float | None) -> float:
@@ -119,7 +124,8 @@ class Unlimited:
     async def acquire(self, bot_id: str, deadline: float) -> Grant:
         return Grant()
 
-    async def sending(self, bot_id: str, grant: Grant) -> Grant:
+    async def sending(self, bot_id: str, grant: Grant, deadline: float | None = None
+                      ) -> Grant:
         return grant
 
     async def refused(self, bot_id: str, grant: Grant, retry_after_s: float | None) -> float:
@@ -154,7 +160,8 @@ def spacing_of(windows: Windows) -> float:
 
 class GrantLog:
     """Each bot's recent grant times, oldest first, kept compact: a bare float for a bot with
-    one grant, else an array of doubles holding at most `keep` (+ a little slack), and, every
+    one grant, else an array of doubles holding at most `keep` (+ a little slack; while grants
+    are made ahead, also the last window behind them, up to `max_held`), and, every
     `AGE_TRIM_EVERY` grants, none older than `STALE_WINDOWS` times `idle_s` (so a window of
     more calls than a bot ever makes in it does not keep every grant while the bot is busy).
 
@@ -167,6 +174,7 @@ class GrantLog:
     def __init__(self, keep: int, idle_s: float, max_bots: int = MAX_TRACKED_BOTS) -> None:
         self.keep, self.idle_s, self.max_bots = keep, idle_s, max_bots
         self._slack = max(8, keep // 4)
+        self.max_held = max(4 * (keep + self._slack), MAX_HELD_GRANTS)
         self._bots: dict[str, float | array[float]] = {}
         self._sweep_at = MIN_SWEEP_BOTS
 
@@ -193,7 +201,14 @@ class GrantLog:
         else:
             held.append(at)
             if len(held) > self.keep + self._slack:
-                del held[:len(held) - self.keep]
+                cut = len(held) - self.keep
+                if at > now:
+                    # Grants still to come (a burst granted ahead): the grants of the last
+                    # window behind them stay, for a call that leaves on time after others
+                    # left late (`MemoryRateLimiter.sending`), up to `max_held`.
+                    cut = max(min(cut, bisect_right(held, now - self.idle_s)),
+                              len(held) - self.max_held)
+                del held[:cut]
             elif not len(held) % AGE_TRIM_EVERY:  # a window of many calls: drop the stale
                 del held[:bisect_left(held, now - STALE_WINDOWS * self.idle_s)]
 
@@ -357,6 +372,8 @@ class MemoryRateLimiter:
         self._sleep = sleep
         self.log = GrantLog(max(calls for calls, _ in self.windows),
                             max(per for _, per in self.windows))
+        self._longest_s = max(per for _, per in self.windows)
+        self._moved: dict[str, float] = {}  # bot: the latest time one of its grants moved to
         self.waits = 0
         self.rejections = 0
 
@@ -409,13 +426,58 @@ class MemoryRateLimiter:
                 return Grant(waited, grant.slot, grant.epoch, due=grant.due)
             self.log.forget(bot_id, grant.slot)  # Kore.ai refused meanwhile: ask again
 
-    async def sending(self, bot_id: str, grant: Grant) -> Grant:
+    async def sending(self, bot_id: str, grant: Grant, deadline: float | None = None
+                      ) -> Grant:
         now = self._clock()
-        if grant.remote or now <= grant.slot + RESTAMP_MIN_S:
+        if grant.remote:
             return grant
+        if now > grant.slot + RESTAMP_MIN_S:
+            grant = self._restamp(bot_id, grant, now)
+        # A burst's grants are made at once, each slot counted from the grants before it as
+        # they were granted. When one of those left late, a later call leaving on time could
+        # land inside Kore.ai's window of it: the call waits until its windows, as the calls
+        # before it really left, have room. Only a bot with a grant moved within a window of
+        # this one is looked at (one lookup a call otherwise).
+        for _ in range(MAX_ROOM_WAITS):
+            moved = self._moved.get(bot_id)
+            if moved is None or moved <= grant.slot - self._longest_s:
+                return grant
+            room = self._room(bot_id, grant.slot)
+            if room <= now or (deadline is not None and room + CALL_MARGIN_S > deadline):
+                return grant  # (past the deadline it goes as granted; a refusal is learned)
+            self._metrics.ratelimit_waited()
+            await self._sleep(room - now)
+            now = self._clock()
+            grant = self._restamp(bot_id, grant, now)
+        return grant
+
+    def _restamp(self, bot_id: str, grant: Grant, now: float) -> Grant:
+        """`grant` leaves at `now`: its place in the log, and the bot marked as having a grant
+        moved (`_moved`: at most `MAX_LEARNED_BOTS` bots, the stale first to go)."""
         self.log.restamp(bot_id, grant.slot, now)
         self.store.restamp(bot_id, grant.slot, now)
+        moved = self._moved
+        if bot_id not in moved and len(moved) >= MAX_LEARNED_BOTS:
+            stale = now - self._longest_s
+            for bot in [b for b, at in moved.items() if at <= stale]:
+                del moved[bot]
+            while len(moved) >= MAX_LEARNED_BOTS:
+                del moved[next(iter(moved))]
+        moved[bot_id] = now
         return Grant(grant.wait_s, now, grant.epoch, due=now)
+
+    def _room(self, bot_id: str, at: float) -> float:
+        """The earliest time the grant at `at` fits every window, counting the grants before it
+        in the log as they stand (`at` when the log no longer holds it)."""
+        times = self.log.times(bot_id)
+        i = len(times) - 1
+        while i >= 0 and times[i] != at:  # (from the end: a grant leaving is among the last)
+            i -= 1
+        room = at
+        for calls, per_s in self.windows:
+            if i >= calls:
+                room = max(room, times[i - calls] + per_s)
+        return room
 
     async def refused(self, bot_id: str, grant: Grant, retry_after_s: float | None) -> float:
         now = self._clock()

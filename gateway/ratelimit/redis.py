@@ -430,11 +430,12 @@ class RedisRateLimiter:
             return True  # Redis is gone: the local fallback takes over from the next ask
         return epoch == grant.epoch
 
-    async def sending(self, bot_id: str, grant: Grant) -> Grant:
+    async def sending(self, bot_id: str, grant: Grant, deadline: float | None = None
+                      ) -> Grant:
         """A Redis grant keeps its slot unless the call leaves `RESTAMP_AFTER_S` late: the
         logs' `WINDOW_MARGIN_S` covers the usual wait between grant and send."""
         if not grant.remote:
-            return await self.fallback.sending(bot_id, grant)
+            return await self.fallback.sending(bot_id, grant, deadline)
         if self._clock() - grant.due < RESTAMP_AFTER_S or self.mode != REDIS:
             return grant
         try:

@@ -174,3 +174,27 @@ async def test_the_same_burst_without_pacing_does_get_upstream_429s(
     answers = await burst(start_gateway, sandbox, {"enabled": False}, max_attempts=1)
     assert sandbox.emulator.stats()["upstream_429"] > 0
     assert any(status == 429 for status, _, _ in answers.values())
+
+
+async def test_a_burst_whose_first_calls_leave_late_still_gets_no_upstream_429(
+        start_gateway: Any, sandbox: Any, monkeypatch: Any) -> None:
+    """The burst's grants are made at once, each bot's 21st counted from its 1st as granted.
+    Here the first token takes 0.45 s (as a loaded machine gave once), so each bot's first
+    calls leave more than the spacing margin late: its 21st, on time for its own slot, would
+    land inside Kore.ai's window of them. It waits for room instead (`MemoryRateLimiter.
+    sending`), and Kore.ai refuses nothing."""
+    from gateway.kore.tokens import TokenCache
+
+    token = TokenCache.token
+    ready_at = time.monotonic() + 0.45
+
+    async def slow_first_token(self: TokenCache, app: Any) -> Any:
+        if (late := ready_at - time.monotonic()) > 0:
+            await asyncio.sleep(late)
+        return await token(self, app)
+
+    monkeypatch.setattr(TokenCache, "token", slow_first_token)
+    answers = await burst(start_gateway, sandbox, {"windows": [LIMIT]})
+    assert sandbox.emulator.stats()["upstream_429"] == 0
+    statuses = Counter(status for status, _, _ in answers.values())
+    assert statuses[200] >= 2 * LIMIT["calls"] and set(statuses) <= {200, 429}, statuses

@@ -326,6 +326,69 @@ class TestSending:
         log.restamp(BOT, 2.0, 6.0)
         assert list(log.times(BOT)) == [2.0, 3.0, 4.5, 5.0, 6.0]
 
+    async def test_a_call_granted_ahead_waits_for_a_window_an_earlier_late_call_moved(
+            self, clock: FakeClock) -> None:
+        """A burst is granted at once, its later slots counted from the earlier grants as
+        granted. When the first calls leave late (a token mint, a slow audit write), a later
+        call that leaves on time would land inside Kore.ai's window of those first calls: it
+        waits for the window as the calls before it really left."""
+        lim = make_limiter(clock, calls=2, per_s=1.0)
+        kore = FakeKore(clock, calls=2, per_s=1.0)
+        t0 = clock()
+        grants = [lim.reserve(BOT, t0 + FAR) for _ in range(3)]
+        assert [g.slot - t0 for g in grants] == pytest.approx([0.0, 0.1, 1.0])
+        clock.advance(0.3)  # the first two leave 0.3 s late
+        for grant in grants[:2]:
+            await lim.sending(BOT, grant)
+            assert kore.answer()
+        clock.advance(0.7)  # the third's slot: on time for it, inside Kore.ai's window
+        sent = await lim.sending(BOT, grants[2], clock() + FAR)
+        assert sent.slot - t0 == pytest.approx(1.3) and clock() - t0 == pytest.approx(1.3)
+        assert kore.answer() and kore.refused == []
+        assert [t - t0 for t in lim.log.times(BOT)] == pytest.approx([0.3, 0.3, 1.3])
+
+    async def test_a_burst_longer_than_the_log_keeps_the_window_behind_it(
+            self, clock: FakeClock) -> None:
+        """Thirty grants at once, where the log keeps 2 (+8): the grants still to come keep
+        the window behind them in the log, so the check above still sees the late calls."""
+        lim = make_limiter(clock, calls=2, per_s=1.0)
+        kore = FakeKore(clock, calls=2, per_s=1.0)
+        t0 = clock()
+        grants = [lim.reserve(BOT, t0 + FAR) for _ in range(30)]
+        assert len(lim.log.times(BOT)) == 30
+        clock.advance(0.3)
+        for grant in grants[:2]:
+            await lim.sending(BOT, grant)
+            assert kore.answer()
+        for grant in grants[2:6]:  # each on time for its slot, each moved by the late two
+            clock.advance(max(0.0, grant.slot - clock()))
+            await lim.sending(BOT, grant, clock() + FAR)
+            assert kore.answer(), (grant.slot - t0, clock() - t0)
+        assert kore.refused == []
+        assert lim.reserve(BOT, clock() + FAR) and len(lim.log.times(BOT)) <= lim.log.max_held
+
+    def test_a_log_with_grants_to_come_keeps_the_last_window_behind_them(self) -> None:
+        log = GrantLog(keep=2, idle_s=1.0)
+        for k in range(5):  # granted and gone: trimmed to `keep` (+ slack) as before
+            log.add(BOT, float(k), float(k))
+        for k in range(40):  # a burst at t=10: the grants of (9, 10] and all those to come stay
+            log.add(BOT, 10.0 + 0.5 * k, 10.0)
+        times = list(log.times(BOT))
+        assert times[0] > 9.0 and times[-1] == 29.5 and len(times) == 40
+
+    async def test_no_wait_that_would_leave_no_time_for_the_call(
+            self, clock: FakeClock) -> None:
+        """Past the deadline the call goes as granted: Kore.ai's refusal, if any, is learned."""
+        lim = make_limiter(clock, calls=2, per_s=1.0)
+        t0 = clock()
+        grants = [lim.reserve(BOT, t0 + FAR) for _ in range(3)]
+        clock.advance(0.3)
+        for grant in grants[:2]:
+            await lim.sending(BOT, grant)
+        clock.advance(0.7)
+        sent = await lim.sending(BOT, grants[2], clock() + 0.2)
+        assert sent is grants[2] and clock() - t0 == pytest.approx(1.0)
+
     async def test_an_early_or_remote_grant_is_left_alone(self, clock: FakeClock) -> None:
         lim = make_limiter(clock)
         grant = lim.reserve(BOT, clock() + FAR)
