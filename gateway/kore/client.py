@@ -235,10 +235,8 @@ class KoreClient:
                 body = answer.body
                 if 200 <= answer.status < 300 and type(body) is dict and (
                         body.get("success") is True):
-                    return body  # `_judge`'s success, without its call (the common case)
+                    return body
                 judged = self._judge(answer)
-                if judged is None:
-                    return answer.body
                 paused = isinstance(judged, UpstreamRateLimited) and await self._learn(
                     d.bot_id, trace, answer, judged)
                 error = judged
@@ -280,11 +278,9 @@ class KoreClient:
             log.info("upstream.retry_not_started", reason="rate_limit", error=error.code)
             raise error from None
 
-    def _judge(self, answer: Answer) -> UpstreamError | None:
-        """None for a success, else the error this answer means."""
+    def _judge(self, answer: Answer) -> UpstreamError:
+        """The error an answer other than a success (`"success": true`) means."""
         status, body = answer.status, answer.body
-        if 200 <= status < 300 and isinstance(body, dict) and body.get("success") is True:
-            return None
         message = kore_message(body)
         if is_rate_limit_answer(status, body):
             retry = answer.retry_after_s

@@ -246,9 +246,7 @@ class GrantLog:
             return
         if held is None:
             return
-        i = len(held) - 1
-        while i >= 0 and held[i] != at:
-            i -= 1
+        i = last_index(held, at)
         if i < 0:
             return
         del held[i]
@@ -262,6 +260,15 @@ class GrantLog:
             self._bots.pop(bot_id, None)
         else:
             self._bots[bot_id] = times[0] if len(times) == 1 else array("d", times)
+
+
+def last_index(times: Sequence[float], at: float) -> int:
+    """Where the last grant at `at` is in a bot's log, searched from the end (a grant that is
+    leaving or moving is among the last); -1 when the log no longer holds it."""
+    i = len(times) - 1
+    while i >= 0 and times[i] != at:
+        i -= 1
+    return i
 
 
 Fits = Callable[[float], bool]
@@ -470,9 +477,7 @@ class MemoryRateLimiter:
         """The earliest time the grant at `at` fits every window, counting the grants before it
         in the log as they stand (`at` when the log no longer holds it)."""
         times = self.log.times(bot_id)
-        i = len(times) - 1
-        while i >= 0 and times[i] != at:  # (from the end: a grant leaving is among the last)
-            i -= 1
+        i = last_index(times, at)
         room = at
         for calls, per_s in self.windows:
             if i >= calls:
