@@ -14,9 +14,9 @@ answers is cut off once the answer has not moved for that long. A request aiohtt
 refuses (a malformed or over-long line or header) gets a 400 in the contract's envelope and
 one log line naming the error's kind, never the bytes that were sent: those may be a key.
 
-Once an answer is written and nothing else waits on its connection, the worker gives up its
-CPU once (`let_the_caller_run`): the caller, which the answer just woke, then runs before the
-worker's bookkeeping of that answer (docs/choices.md).
+Once an answer is written and no connection of the worker has a request in hand, the worker
+gives up its CPU once (`let_the_caller_run`): the caller, which the answer just woke, then
+runs before the worker's bookkeeping of that answer (docs/choices.md).
 
 The guard relies on aiohttp's `RequestHandler` internals `_messages`, `_waiter`,
 `_request_count`, `_max_msg_queue_size`, `_msg_queue_resume_size`, `_parser` (rebuilt with a
@@ -236,8 +236,10 @@ class GuardedRequestHandler(RequestHandler):
             self.transport.resume_reading()
             self._linger(self.transport)
         elif not self._messages:  # (a pipelined request behind it is answered first)
-            self._guard.gate.idle(self)
-            let_the_caller_run()
+            gate = self._guard.gate
+            gate.idle(self)
+            if gate.all_idle():  # (under load, the other requests' turns are not given away)
+                let_the_caller_run()
         return answered
 
     # -- the gate's view: an idle connection may be closed to make room -------------------------

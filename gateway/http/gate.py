@@ -85,6 +85,10 @@ class ConnectionGate:
             else:
                 line[conn] = None
 
+    def all_idle(self) -> bool:
+        """No open connection has a request being served (or one queued for its handler)."""
+        return len(self._idle) == len(self._open)
+
     def busy(self, conn: Gated) -> None:
         """`conn` has a request to serve: never closed for another until it is idle again."""
         self._idle.pop(conn, None)

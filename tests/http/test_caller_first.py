@@ -20,14 +20,29 @@ REQUEST = b"GET /ping HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 BODY = b'{"pong":true}'
 
 
+RELEASE = web.AppKey("release", asyncio.Event)
+
+
 async def ping(_request: web.Request) -> web.Response:
     return web.Response(body=BODY, content_type="application/json")
 
 
+async def slow(request: web.Request) -> web.Response:
+    await request.app[RELEASE].wait()
+    return web.Response(body=BODY, content_type="application/json")
+
+
 @pytest.fixture
-async def port() -> AsyncIterator[int]:
+def app() -> web.Application:
     app = web.Application()
+    app[RELEASE] = asyncio.Event()
     app.router.add_get("/ping", ping)
+    app.router.add_get("/slow", slow)
+    return app
+
+
+@pytest.fixture
+async def port(app: web.Application) -> AsyncIterator[int]:
     runner = GatewayRunner(app, ServerConfig())
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -53,7 +68,8 @@ class Yields:
             self.readable.append(b"")
 
 
-async def exchange(port: int, data: bytes, answers: int, monkeypatch: Any) -> Yields:
+async def exchange(port: int, data: bytes, answers: int, monkeypatch: Any,
+                   wait_s: float = 0.0) -> Yields:
     loop = asyncio.get_running_loop()
     sock = socket.create_connection(("127.0.0.1", port))
     sock.setblocking(False)
@@ -62,6 +78,7 @@ async def exchange(port: int, data: bytes, answers: int, monkeypatch: Any) -> Yi
     try:
         await loop.sock_sendall(sock, data)
         async with asyncio.timeout(5):
+            await asyncio.sleep(wait_s)
             while not yields.readable:  # nothing read meanwhile: each peek sees every answer
                 await asyncio.sleep(0.005)
             await asyncio.sleep(0.05)  # (no later yield for these answers)
@@ -86,6 +103,25 @@ async def test_pipelined_requests_are_answered_before_the_one_yield(
     yields = await exchange(port, REQUEST * 2, 2, monkeypatch)
     assert len(yields.readable) == 1  # none after the first: the second was waiting
     assert yields.readable[0].count(BODY) == 2
+
+
+async def test_no_yield_while_another_connection_has_a_request_in_hand(
+        app: web.Application, port: int, monkeypatch: Any) -> None:
+    loop = asyncio.get_running_loop()
+    busy = socket.create_connection(("127.0.0.1", port))
+    busy.setblocking(False)
+    try:
+        await loop.sock_sendall(busy, REQUEST.replace(b"/ping", b"/slow"))
+        await asyncio.sleep(0.05)  # its handler now waits
+        quiet = asyncio.create_task(exchange(port, REQUEST, 1, monkeypatch, wait_s=0.3))
+        await asyncio.sleep(0.2)
+        app[RELEASE].set()  # the slow one is answered: then nothing else is in hand
+        yields = await quiet
+        assert len(yields.readable) == 1  # after the slow answer only, not after the ping's
+        async with asyncio.timeout(5):
+            assert BODY in await loop.sock_recv(busy, 65536)
+    finally:
+        busy.close()
 
 
 def test_without_sched_yield_nothing_is_called(monkeypatch: Any) -> None:

@@ -46,6 +46,22 @@ class TestConnectionGate:
         assert gate.admit(Conn("c"), "k") == "max_connections"
         assert not a.evicted and not b.evicted
 
+    def test_all_idle_until_one_has_a_request_and_once_it_is_done_or_closed(self) -> None:
+        gate = ConnectionGate(limit=5, per_client=5)
+        a, b = Conn("a"), Conn("b")
+        assert gate.all_idle()  # (none open)
+        gate.admit(a, "k")
+        gate.admit(b, None)  # exempt ones count too
+        assert gate.all_idle()
+        gate.busy(b)
+        assert not gate.all_idle()
+        gate.idle(b)
+        assert gate.all_idle()
+        gate.busy(a)
+        assert not gate.all_idle()
+        gate.release(a)
+        assert gate.all_idle()
+
     def test_idle_but_not_quiet_connections_are_kept(self) -> None:
         gate = ConnectionGate(limit=1, per_client=10)
         gate.admit(Conn("a", idle=False), "k")
