@@ -95,7 +95,8 @@ class RateLimiter(Protocol):
         now when later (the audit write or a busy event loop held it back), as Kore.ai counts
         a call when it arrives. A call granted ahead whose window an earlier call's late
         departure has filled first waits for room, when that leaves time for the call before
-        `deadline`. Returns the grant as it now stands."""
+        `deadline`, and is refused (`RateLimited`) when it does not. Returns the grant as it
+        now stands."""
         ...
 
     async def refused(self, bot_id: str, grant: Grant, retry_after_s: float | None) -> float:
@@ -450,8 +451,16 @@ class MemoryRateLimiter:
             if moved is None or moved <= grant.slot - self._longest_s:
                 return grant
             room = self._room(bot_id, grant.slot)
-            if room <= now or (deadline is not None and room + CALL_MARGIN_S > deadline):
-                return grant  # (past the deadline it goes as granted; a refusal is learned)
+            if room <= now:
+                return grant
+            if deadline is not None and room + CALL_MARGIN_S > deadline:
+                # No room in time: sent now, the call would land in a window the gateway
+                # counts as full, and Kore.ai would refuse it. It is refused here instead,
+                # and takes no place in the windows.
+                self.log.forget(bot_id, grant.slot)
+                self.rejections += 1
+                self._metrics.ratelimit_rejected()
+                raise rate_limited(bot_id, room - now)
             self._metrics.ratelimit_waited()
             await self._sleep(room - now)
             now = self._clock()

@@ -176,6 +176,35 @@ async def test_the_same_burst_without_pacing_does_get_upstream_429s(
     assert any(status == 429 for status, _, _ in answers.values())
 
 
+async def test_a_burst_stalled_midway_refuses_what_has_no_room_in_time_and_sends_nothing_more(
+        start_gateway: Any, sandbox: Any, monkeypatch: Any) -> None:
+    """The event loop stalls for 0.3 s (a collection, a busy host) just before `burst-20` is
+    sent: it and the calls due during the stall leave late and take their places in the
+    windows as they leave. The calls granted a window after them would land inside Kore.ai's
+    window of them; those that can wait for room within their deadline wait, and the others
+    are refused by the gateway itself (429 `rate_limited`) instead of being sent into a
+    window it counts as full. Kore.ai refuses nothing."""
+    from gateway.kore.client import KoreClient
+
+    deactivate = KoreClient.deactivate
+    stalled: list[str] = []
+
+    async def stall_once(self: KoreClient, app: Any, d: Any, request_id: str,
+                         deadline: float, trace: Any) -> Any:
+        if request_id == "burst-20" and not stalled:
+            stalled.append(request_id)
+            time.sleep(0.3)  # noqa: ASYNC251 - on purpose: the event loop stalls, as in a pause
+        return await deactivate(self, app, d, request_id, deadline, trace)
+
+    monkeypatch.setattr(KoreClient, "deactivate", stall_once)
+    answers = await burst(start_gateway, sandbox, {"windows": [LIMIT]})
+    assert stalled
+    assert sandbox.emulator.stats()["upstream_429"] == 0
+    expect_contract_answers(answers)
+    statuses = Counter(status for status, _, _ in answers.values())
+    assert statuses[200] >= 2 * LIMIT["calls"] and set(statuses) <= {200, 429}, statuses
+
+
 async def test_a_burst_whose_first_calls_leave_late_still_gets_no_upstream_429(
         start_gateway: Any, sandbox: Any, monkeypatch: Any) -> None:
     """The burst's grants are made at once, each bot's 21st counted from its 1st as granted.

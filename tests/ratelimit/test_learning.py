@@ -376,9 +376,10 @@ class TestSending:
         times = list(log.times(BOT))
         assert times[0] > 9.0 and times[-1] == 29.5 and len(times) == 40
 
-    async def test_no_wait_that_would_leave_no_time_for_the_call(
+    async def test_no_room_before_the_deadline_is_refused_here_not_sent(
             self, clock: FakeClock) -> None:
-        """Past the deadline the call goes as granted: Kore.ai's refusal, if any, is learned."""
+        """Room only past the deadline: the call is refused by the gateway (it would land in
+        a window the gateway counts as full), at once, and takes no place in the windows."""
         lim = make_limiter(clock, calls=2, per_s=1.0)
         t0 = clock()
         grants = [lim.reserve(BOT, t0 + FAR) for _ in range(3)]
@@ -386,8 +387,12 @@ class TestSending:
         for grant in grants[:2]:
             await lim.sending(BOT, grant)
         clock.advance(0.7)
-        sent = await lim.sending(BOT, grants[2], clock() + 0.2)
-        assert sent is grants[2] and clock() - t0 == pytest.approx(1.0)
+        with pytest.raises(RateLimited) as refused:
+            await lim.sending(BOT, grants[2], clock() + 0.2)
+        assert refused.value.retry_after_s == pytest.approx(0.3)  # the room, at 1.3
+        assert clock() - t0 == pytest.approx(1.0)  # no wait
+        assert [t - t0 for t in lim.log.times(BOT)] == pytest.approx([0.3, 0.3])
+        assert lim.rejections == 1
 
     async def test_an_early_or_remote_grant_is_left_alone(self, clock: FakeClock) -> None:
         lim = make_limiter(clock)
