@@ -74,8 +74,8 @@ def let_the_caller_run() -> None:
     follows (the access line, the hand-off of the terminal record's fsync, the metrics), and
     the caller would wait for all of it. One `sched_yield` lets the caller run first; with
     nothing else runnable on this CPU it returns at once. Measured at 200 req/s: from the
-    answer written to the caller holding it, 0.16 → 0.08 ms (docs/benchmarks/README.md,
-    "Round 21")."""
+    answer written to the caller holding it, 0.14–0.17 → 0.07–0.10 ms
+    (docs/benchmarks/README.md, "Round 21")."""
     if _sched_yield is not None:
         _sched_yield()
 
