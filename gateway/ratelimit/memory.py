@@ -272,6 +272,16 @@ def last_index(times: Sequence[float], at: float) -> int:
     return i
 
 
+def window_room(windows: Sequence[tuple[int, float]], times: Sequence[float], end: int,
+                at: float) -> float:
+    """The earliest time from `at` that a call after the first `end` grants of `times` fits
+    every window (`calls` per `per_s`)."""
+    for calls, per_s in windows:
+        if end >= calls:
+            at = max(at, times[end - calls] + per_s)
+    return at
+
+
 Fits = Callable[[float], bool]
 
 
@@ -389,10 +399,7 @@ class MemoryRateLimiter:
         slot = now
         if times:
             slot = max(slot, times[-1] + self.spacing_s)
-        for calls, per_s in self.windows:
-            if len(times) >= calls:
-                slot = max(slot, times[-calls] + per_s)
-        return slot
+        return window_room(self.windows, times, len(times), slot)
 
     def next_slot(self, bot_id: str, now: float | None = None) -> float:
         """The earliest time a call for `bot_id` may go out (`now`: one clock read for both)."""
@@ -413,9 +420,7 @@ class MemoryRateLimiter:
         slot, epoch, granted = self.store.reserve(bot_id, self._local_slot(times, now), now,
                                                   times, fits)
         if not granted:
-            self.rejections += 1
-            self._metrics.ratelimit_rejected()
-            raise rate_limited(bot_id, slot - now)
+            raise self._refusal(bot_id, slot - now)
         self.log.add(bot_id, slot, now)
         return Grant(slot - now, slot, epoch, due=slot)
 
@@ -458,9 +463,7 @@ class MemoryRateLimiter:
                 # counts as full, and Kore.ai would refuse it. It is refused here instead,
                 # and takes no place in the windows.
                 self.log.forget(bot_id, grant.slot)
-                self.rejections += 1
-                self._metrics.ratelimit_rejected()
-                raise rate_limited(bot_id, room - now)
+                raise self._refusal(bot_id, room - now)
             self._metrics.ratelimit_waited()
             await self._sleep(room - now)
             now = self._clock()
@@ -486,12 +489,13 @@ class MemoryRateLimiter:
         """The earliest time the grant at `at` fits every window, counting the grants before it
         in the log as they stand (`at` when the log no longer holds it)."""
         times = self.log.times(bot_id)
-        i = last_index(times, at)
-        room = at
-        for calls, per_s in self.windows:
-            if i >= calls:
-                room = max(room, times[i - calls] + per_s)
-        return room
+        return window_room(self.windows, times, last_index(times, at), at)
+
+    def _refusal(self, bot_id: str, wait_s: float) -> RateLimited:
+        """A call refused here, counted: what the caller gets."""
+        self.rejections += 1
+        self._metrics.ratelimit_rejected()
+        return rate_limited(bot_id, wait_s)
 
     async def refused(self, bot_id: str, grant: Grant, retry_after_s: float | None) -> float:
         now = self._clock()
